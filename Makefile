@@ -1,0 +1,57 @@
+# funnelrec: two commands on a fresh machine (Python 3.11 + Java 17):
+#   make demo   set up .venv from the lock, then run the nightly pipeline on bundled data
+#   make test   set up .venv from the lock, then ruff + the whole test suite
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3.11
+VENV ?= .venv
+UV_VERSION := 0.13.8
+BIN := $(VENV)/bin
+# torch is pinned as the CPU build (torch==2.13.0+cpu). uv finds it through find-links:
+# the machine's local wheel folder when pip is configured with one, else PyTorch's CPU index page.
+# On a GPU host see README "GPU hosts" for the CUDA build.
+TORCH_FIND_LINKS ?= $(or $(PIP_FIND_LINKS),https://download.pytorch.org/whl/cpu/torch/)
+DEMO_DATE ?= 2015-09-18
+
+.PHONY: help setup demo test lint format lock clean-demo
+
+help:
+	@echo "make demo   - set up .venv and run the nightly pipeline on bundled data ($(DEMO_DATE))"
+	@echo "make test   - set up .venv, then ruff check and the whole test suite"
+	@echo "make lock   - re-resolve requirements.in into requirements.lock"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(BIN)/uv: | $(BIN)/python
+	$(BIN)/python -m pip install --quiet "uv==$(UV_VERSION)"
+
+# The stamp makes setup a no-op until the lock or pyproject changes.
+$(VENV)/.synced: requirements.lock pyproject.toml | $(BIN)/uv
+	$(BIN)/uv pip sync --python $(BIN)/python --find-links "$(TORCH_FIND_LINKS)" requirements.lock
+	$(BIN)/uv pip install --python $(BIN)/python --no-deps --no-build-isolation -e .
+	touch $@
+
+setup: $(VENV)/.synced
+
+demo: setup
+	$(BIN)/funnelrec nightly --date $(DEMO_DATE)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: lint
+	$(BIN)/python -m pytest
+
+lock: | $(BIN)/uv
+	$(BIN)/uv pip compile requirements.in --find-links "$(TORCH_FIND_LINKS)" \
+	    --python-version 3.11 --python-platform x86_64-manylinux_2_28 -o requirements.lock
+
+clean-demo:
+	rm -rf warehouse

@@ -1,0 +1,267 @@
+"""The table catalogue: every table stages exchange, its columns, location and partitioning.
+
+This module is the one place a schema is written down. Stages talk to each other only through
+these tables (Parquet under the warehouse), never through each other's modules. Column types are
+declared once in a neutral form and rendered for Spark (``spark_schema``) or Arrow
+(``arrow_schema``) on demand, so importing this module needs neither.
+
+Layout under ``paths.warehouse_root``:
+
+- ``events/source=<s>/event_date=<d>/``      canonical events, one partition per source and day
+- ``quarantine/source=<s>/run_date=<d>/``     rows ingest could not accept (under ``quarantine_root``)
+- ``sessionized/ds=<d>/{sessions,session_events}/``  the run's sessionized window
+- ``training/ds=<d>/{interactions,visited,heldout,user_map,item_map,train_events}/`` + ``manifest.json``
+
+A *bundle* (``sessionized``, ``training``) is the set of tables one stage writes for one date; it
+is published as a unit (see ``infra.publish``), so readers never mix tables of two runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+#: Canonical behaviours in funnel order (earlier stage first).
+BEHAVIORS: tuple[str, ...] = ("view", "fav", "cart", "remove_from_cart", "purchase")
+PURCHASE = "purchase"
+#: Behaviours that make an item *visited* for a user: everything but the purchase itself.
+VISIT_BEHAVIORS: tuple[str, ...] = tuple(b for b in BEHAVIORS if b != PURCHASE)
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    dtype: str  # string | int | long | double | bool | timestamp | date
+    nullable: bool
+    doc: str
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str
+    columns: tuple[Column, ...]
+    doc: str
+    partition_by: tuple[str, ...] = ()
+
+    @property
+    def column_names(self) -> list[str]:
+        return [c.name for c in self.columns]
+
+    @property
+    def data_columns(self) -> list[str]:
+        """Columns stored inside the Parquet files (partition columns live in the path)."""
+        return [c.name for c in self.columns if c.name not in self.partition_by]
+
+    def spark_schema(self, include_partitions: bool = True):
+        from pyspark.sql import types as T
+
+        kinds = {
+            "string": T.StringType(),
+            "int": T.IntegerType(),
+            "long": T.LongType(),
+            "double": T.DoubleType(),
+            "bool": T.BooleanType(),
+            "timestamp": T.TimestampType(),
+            "date": T.DateType(),
+        }
+        return T.StructType(
+            [
+                T.StructField(c.name, kinds[c.dtype], c.nullable)
+                for c in self.columns
+                if include_partitions or c.name not in self.partition_by
+            ]
+        )
+
+    def arrow_schema(self, include_partitions: bool = False):
+        import pyarrow as pa
+
+        kinds = {
+            "string": pa.string(),
+            "int": pa.int32(),
+            "long": pa.int64(),
+            "double": pa.float64(),
+            "bool": pa.bool_(),
+            "timestamp": pa.timestamp("us", tz="UTC"),
+            "date": pa.date32(),
+        }
+        return pa.schema(
+            [
+                pa.field(c.name, kinds[c.dtype], c.nullable)
+                for c in self.columns
+                if include_partitions or c.name not in self.partition_by
+            ]
+        )
+
+
+def C(name: str, dtype: str, doc: str, nullable: bool = False) -> Column:
+    return Column(name, dtype, nullable, doc)
+
+
+_EVENT_COLUMNS = (
+    C("event_time", "timestamp", "when the event happened, UTC"),
+    C("user_id", "string", "the source's user id (float-looking ids normalised, e.g. 266079.0 -> 266079)"),
+    C("item_id", "string", "the source's item id, normalised like user_id"),
+    C("behavior", "string", f"one of {', '.join(BEHAVIORS)}"),
+    C("category_id", "string", "item category, when the source has one", nullable=True),
+    C("brand", "string", "item brand, when the source has one", nullable=True),
+    C("price", "double", "price at event time, >= 0, when the source has one", nullable=True),
+    C("source_session_id", "string", "the source's own session id, when it has one", nullable=True),
+)
+
+EVENTS = Table(
+    "events",
+    (
+        *_EVENT_COLUMNS,
+        C("source", "string", "name of the source mapping that produced the row"),
+        C("event_date", "date", "UTC date of event_time"),
+    ),
+    "Canonical behaviour events, exact duplicates removed. Written by `ingest`.",
+    partition_by=("source", "event_date"),
+)
+
+QUARANTINE = Table(
+    "quarantine",
+    (
+        C("file", "string", "input file the row came from"),
+        C("line_number", "long", "1-based line number in that file (header included)"),
+        C("raw_line", "string", "the line as read, without its line ending"),
+        C("reason", "string", "why it was refused: see jobs.ingest.REASONS"),
+        C("detail", "string", "the offending value or a short explanation", nullable=True),
+        C("source", "string", "source mapping name"),
+        C("run_date", "date", "run date of the ingest that refused it"),
+    ),
+    "Input rows ingest refused, with the reason. Nothing is dropped silently.",
+    partition_by=("source", "run_date"),
+)
+
+SESSIONS = Table(
+    "sessions",
+    (
+        C("session_id", "string", "stable id: hash of source, user, session start and source session id"),
+        C("user_id", "string", "user"),
+        C("source", "string", "source mapping name"),
+        C("session_start", "timestamp", "first event time"),
+        C("session_end", "timestamp", "last event time"),
+        C("event_count", "long", "events in the session"),
+        *(C(f"n_{b}", "long", f"{b} events in the session") for b in BEHAVIORS),
+        C("purchased", "bool", "whether the session has a purchase"),
+    ),
+    "Sessions of the run's history window. Written by `sessionize`.",
+)
+
+SESSION_EVENTS = Table(
+    "session_events",
+    (
+        *_EVENT_COLUMNS,
+        C("source", "string", "source mapping name"),
+        C("event_date", "date", "UTC date of event_time"),
+        C("session_id", "string", "the session the event belongs to (sessions.session_id)"),
+        C("seq_in_session", "int", "1-based position of the event in its session"),
+    ),
+    "Events of the run's history window, each with its session. Written by `sessionize`.",
+)
+
+INTERACTIONS = Table(
+    "interactions",
+    (
+        C("user_idx", "int", "contiguous user index (user_map)"),
+        C("item_idx", "int", "contiguous item index (item_map)"),
+        C("behavior", "string", "canonical behaviour"),
+        C("count", "long", "events of this behaviour for the pair in the training period"),
+        C("last_time", "timestamp", "last such event in the training period"),
+    ),
+    "Training-period interactions per (user, item, behaviour). Held-out purchases are absent.",
+)
+
+VISITED = Table(
+    "visited",
+    (
+        C("user_idx", "int", "contiguous user index"),
+        C("item_idx", "int", "an item the user reached through a non-purchase behaviour in training"),
+    ),
+    "Each user's visited set: items with any non-purchase behaviour in the training period.",
+)
+
+HELDOUT = Table(
+    "heldout",
+    (
+        C("user_idx", "int", "contiguous user index"),
+        C("item_idx", "int", "the purchased item"),
+        C("split", "string", "validation | test"),
+        C("event_time", "timestamp", "purchase time (null for benchmarks without times)", nullable=True),
+        C("visited", "bool", "whether the item is in the user's visited set"),
+    ),
+    "Held-out purchases. Validation is carved from training purchases; test is after the cutoff.",
+)
+
+USER_MAP = Table(
+    "user_map",
+    (C("user_id", "string", "source user id"), C("user_idx", "int", "0..n_users-1")),
+    "User id to contiguous index, one-to-one.",
+)
+
+ITEM_MAP = Table(
+    "item_map",
+    (
+        C("item_id", "string", "source item id"),
+        C("item_idx", "int", "0..n_items-1"),
+        C("category_id", "string", "most frequent category seen for the item", nullable=True),
+    ),
+    "Item id to contiguous index, one-to-one; the catalogue every model ranks over.",
+)
+
+TRAIN_EVENTS = Table(
+    "train_events",
+    (
+        C("user_idx", "int", "contiguous user index"),
+        C("item_idx", "int", "contiguous item index"),
+        C("behavior", "string", "canonical behaviour"),
+        C("event_time", "timestamp", "event time (benchmarks without times: null)", nullable=True),
+        C("session_id", "string", "session id (null for benchmarks)", nullable=True),
+    ),
+    "Training-period events in time order per user, for sequence models.",
+)
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """Tables one stage publishes together for one date, under ``<root>/<name>/ds=<date>/``."""
+
+    name: str
+    tables: tuple[Table, ...]
+
+    def dir(self, warehouse_root: Path, ds: date | str) -> Path:
+        return Path(warehouse_root) / self.name / f"ds={ds}"
+
+    def table_dir(self, warehouse_root: Path, ds: date | str, table: Table) -> Path:
+        if table not in self.tables:
+            raise KeyError(f"{table.name} is not part of bundle {self.name}")
+        return self.dir(warehouse_root, ds) / table.name
+
+
+SESSIONIZED = Bundle("sessionized", (SESSIONS, SESSION_EVENTS))
+TRAINING = Bundle("training", (INTERACTIONS, VISITED, HELDOUT, USER_MAP, ITEM_MAP, TRAIN_EVENTS))
+MANIFEST_FILE = "manifest.json"
+
+
+def events_dir(warehouse_root: Path) -> Path:
+    return Path(warehouse_root) / EVENTS.name
+
+
+def quarantine_dir(quarantine_root: Path) -> Path:
+    return Path(quarantine_root)
+
+
+ALL_TABLES: tuple[Table, ...] = (
+    EVENTS,
+    QUARANTINE,
+    SESSIONS,
+    SESSION_EVENTS,
+    INTERACTIONS,
+    VISITED,
+    HELDOUT,
+    USER_MAP,
+    ITEM_MAP,
+    TRAIN_EVENTS,
+)

@@ -1,0 +1,365 @@
+"""Ingest: raw logs + a source mapping -> canonical ``events`` and ``quarantine``.
+
+Every input line ends up in exactly one place: the events table, the quarantine (with file, line
+number, raw text and reason), the duplicate count, or, for snapshot sources, the rows dated after
+the run date that a later run will publish (``deferred``). Above ``ingest.max_bad_fraction`` the
+run fails and publishes no events; the quarantine partition is still written so the failure can
+be inspected.
+
+``parse_lines`` is the pure transform (lines -> parsed rows with a reason); ``run_ingest`` does the
+I/O at the edges.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import date, datetime, time, timedelta, timezone
+from pathlib import Path
+
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql.window import Window
+
+from infra import publish
+from infra.logs import stage
+from infra.settings import Settings
+from infra.tables import EVENTS, QUARANTINE, events_dir, quarantine_dir
+from jobs.sources import SourceMapping, load_mapping, read_first_line, read_header
+
+#: Quarantine reasons, in the order they are tested (the first that applies is recorded).
+REASONS = {
+    "wrong_field_count": "the line has a different number of fields than the header/columns",
+    "truncated_last_line": "the last line of a file is incomplete (a cut-off write)",
+    "missing_user_id": "user id is empty",
+    "missing_item_id": "item id is empty",
+    "bad_id": "an id declared float-like is not an integral number",
+    "missing_time": "event time is empty",
+    "unparseable_time": "event time does not match the mapping's unit/format",
+    "time_out_of_range": "event time is before the mapping's time.not_before",
+    "unknown_behavior": "behaviour value is not in the mapping's behaviors",
+    "non_numeric_price": "price is not a number",
+    "negative_price": "price is below zero",
+    "after_run_date": "event time is after the end of the run date (daily sources)",
+    "late_arrival": "event date is before the run date in a daily drop",
+}
+DEFERRED = "deferred"  # snapshot source rows dated after the run date: published by a later run
+
+
+class BadInputError(RuntimeError):
+    """Too many rows were refused; nothing was published."""
+
+
+@dataclass
+class IngestResult:
+    source: str
+    run_date: date
+    files: list[str]
+    rows_in: int
+    rows_out: int
+    duplicates: int
+    deferred: int
+    quarantined: dict[str, int] = field(default_factory=dict)
+    partitions: list[str] = field(default_factory=list)
+    users: int = 0
+    items: int = 0
+
+    @property
+    def quarantined_total(self) -> int:
+        return sum(self.quarantined.values())
+
+    def to_dict(self) -> dict:
+        return {
+            "source": self.source,
+            "run_date": self.run_date.isoformat(),
+            "files": self.files,
+            "rows_in": self.rows_in,
+            "rows_out": self.rows_out,
+            "duplicates": self.duplicates,
+            "deferred": self.deferred,
+            "quarantined": self.quarantined,
+            "partitions": self.partitions,
+            "users": self.users,
+            "items": self.items,
+        }
+
+
+def _blank_to_null(col):
+    trimmed = F.trim(col)
+    return F.when(trimmed == "", F.lit(None)).otherwise(trimmed)
+
+
+def _parse_time(raw, spec) -> F.Column:
+    if spec.unit is not None:
+        factor = {"s": 1_000_000, "ms": 1_000, "us": 1}[spec.unit]
+        micros = F.round(raw.try_cast("double") * F.lit(factor)).try_cast("long")
+        return F.timestamp_micros(micros)
+    ts = F.try_to_timestamp(raw, F.lit(spec.format))
+    return ts if spec.zone.upper() == "UTC" else F.to_utc_timestamp(ts, spec.zone)
+
+
+def parse_lines(lines: DataFrame, mapping: SourceMapping, header: list[str], run_date: date) -> DataFrame:
+    """Parse raw text lines into canonical columns plus a ``reason`` (null when the row is good).
+
+    Args:
+        lines: rows with ``value`` (the line) and any carried columns (file, offsets).
+        mapping: the source mapping.
+        header: field names in file order (from the header line or ``format.columns``).
+        run_date: the run date; rows after its end are ``after_run_date`` or ``deferred``.
+
+    Returns:
+        ``lines``' columns plus the canonical event columns, ``event_date``, ``reason``, ``detail``.
+    """
+    fmt = mapping.format
+    n = len(header)
+    ddl = ", ".join(f"`f{i}` string" for i in range(n))
+    fields = F.from_csv(F.col("value"), ddl, {"sep": fmt.delimiter, "quote": fmt.quote, "mode": "PERMISSIVE"})
+    # from_csv pads short lines with nulls and drops extra fields, so count fields separately:
+    # strip quoted sections (which may hold the delimiter), then split keeping empty trailers.
+    q = "\\" + fmt.quote
+    unquoted = F.regexp_replace(F.col("value"), f"{q}([^{q}]|{q}{q})*{q}", "")
+    n_fields = F.size(F.split(unquoted, "\\" + fmt.delimiter if not fmt.delimiter.isalnum() else fmt.delimiter, -1))
+
+    def src(canonical: str):
+        name = mapping.columns.get(canonical)
+        return _blank_to_null(fields[f"f{header.index(name)}"]) if name else F.lit(None).cast("string")
+
+    df = lines.withColumn("_n_fields", n_fields)
+    raw = {c: src(c) for c in ("user_id", "item_id", "behavior", "event_time", "category_id", "brand",
+                                "price", "source_session_id")}
+    df = df.select("*", *(raw[c].alias(f"_raw_{c}") for c in raw))
+
+    ids = {}
+    for c in ("user_id", "item_id", "category_id"):
+        col = F.col(f"_raw_{c}")
+        if c in mapping.float_ids:
+            # 266079.0 -> 266079; 266079.5 is not an id.
+            ids[c] = F.when(col.rlike(r"^-?\d+(\.0*)?$"), F.regexp_replace(col, r"\.0*$", "")).otherwise(
+                F.when(col.isNull(), F.lit(None)).otherwise(F.lit("\u0000bad"))
+            )
+        else:
+            ids[c] = col
+    behavior_map = F.create_map(*[F.lit(x) for kv in mapping.behaviors.items() for x in kv])
+    event_time = _parse_time(F.col("_raw_event_time"), mapping.time)
+    price = F.col("_raw_price").try_cast("double")
+    df = df.select(
+        "*",
+        ids["user_id"].alias("user_id"),
+        ids["item_id"].alias("item_id"),
+        ids["category_id"].alias("category_id"),
+        behavior_map[F.col("_raw_behavior")].alias("behavior"),
+        event_time.alias("event_time"),
+        price.alias("price"),
+        F.col("_raw_brand").alias("brand"),
+        F.col("_raw_source_session_id").alias("source_session_id"),
+    ).withColumn("event_date", F.to_date("event_time"))
+
+    end_of_run = datetime.combine(run_date + timedelta(days=1), time(0), tzinfo=timezone.utc)
+    not_before = mapping.time.not_before
+    checks = [
+        (F.col("_n_fields") != n, "wrong_field_count", F.concat(F.lit(f"expected {n} fields, got "),
+                                                               F.col("_n_fields").cast("string"))),
+        (F.col("user_id").isNull(), "missing_user_id", F.lit(None)),
+        (F.col("item_id").isNull(), "missing_item_id", F.lit(None)),
+        ((F.col("user_id") == "\u0000bad") | (F.col("item_id") == "\u0000bad")
+         | (F.col("category_id") == "\u0000bad"), "bad_id",
+         F.concat_ws("|", "_raw_user_id", "_raw_item_id", "_raw_category_id")),
+        (F.col("_raw_event_time").isNull(), "missing_time", F.lit(None)),
+        (F.col("event_time").isNull(), "unparseable_time", F.col("_raw_event_time")),
+        (F.col("event_time") < F.lit(datetime.combine(not_before, time(0), tzinfo=timezone.utc))
+         if not_before else F.lit(False), "time_out_of_range", F.col("event_time").cast("string")),
+        (F.col("behavior").isNull(), "unknown_behavior", F.col("_raw_behavior")),
+        (F.col("_raw_price").isNotNull() & F.col("price").isNull(), "non_numeric_price", F.col("_raw_price")),
+        (F.col("price") < 0, "negative_price", F.col("_raw_price")),
+        (F.col("event_time") >= F.lit(end_of_run), "after_run_date" if mapping.is_daily else DEFERRED,
+         F.col("event_time").cast("string")),
+    ]
+    if mapping.is_daily:
+        checks.append((F.col("event_date") < F.lit(run_date), "late_arrival", F.col("event_date").cast("string")))
+    reason = F.lit(None).cast("string")
+    detail = F.lit(None).cast("string")
+    for cond, name, det in reversed(checks):
+        reason = F.when(cond, F.lit(name)).otherwise(reason)
+        detail = F.when(cond, det).otherwise(detail)
+    df = df.withColumn("reason", reason).withColumn("detail", detail)
+    return df.drop(*[c for c in df.columns if c.startswith("_raw_") or c == "_n_fields"])
+
+
+def _read_lines(spark: SparkSession, files: list[Path], header_lines: set[str]) -> DataFrame:
+    """Raw lines with file, split offset and a per-split ordinal (for line numbers later)."""
+    lines = spark.read.text([str(f) for f in files]).select(
+        F.input_file_name().alias("file"),
+        F.input_file_block_start().alias("_block"),
+        F.monotonically_increasing_id().alias("_mid"),
+        F.col("value"),
+    )
+    lines = lines.withColumn("_is_header", F.col("value").isin(list(header_lines)) if header_lines else F.lit(False))
+    return lines
+
+
+def _line_numbers(chunks: DataFrame) -> DataFrame:
+    """Per (file, split): the line number of its first line and whether it is the file's last split.
+
+    Each split of a file is read by one task in order, so a line's number is the lines in earlier
+    splits of the same file plus its ordinal within its own split.
+    """
+    w = Window.partitionBy("file").orderBy("_block")
+    return (
+        chunks.withColumn("_first_line", F.sum("_lines").over(w) - F.col("_lines") + 1)
+        .withColumn("_last_split", F.col("_block") == F.max("_block").over(Window.partitionBy("file")))
+        .select("file", "_block", "_first_line", "_min_mid", "_max_mid", "_last_split")
+    )
+
+
+def ingest_source(
+    spark: SparkSession, settings: Settings, source: str, run_date: date
+) -> IngestResult:
+    """Ingest one source for one run date; publish its event partitions and quarantine atomically."""
+    mapping = load_mapping(source, settings.paths.data_root)
+    files = mapping.files(settings.paths.data_root, run_date)
+    if not files:
+        raise FileNotFoundError(
+            f"source {mapping.name}: no input files for {run_date} matching "
+            f"{Path(settings.paths.data_root) / mapping.path}"
+        )
+    with stage("ingest", source=mapping.name, date=run_date.isoformat()) as counts:
+        header_lines: set[str] = set()
+        if mapping.format.header:
+            headers = {}
+            for f in files:
+                names = read_header(f, mapping.format.delimiter)
+                headers[str(f)] = names
+                header_lines.add(read_first_line(f))
+            distinct = {tuple(h) for h in headers.values()}
+            if len(distinct) > 1:
+                raise BadInputError(f"source {mapping.name}: files disagree on their header: {headers}")
+            header = list(distinct.pop())
+            if mapping.format.columns and mapping.format.columns != header:
+                raise BadInputError(
+                    f"source {mapping.name}: header {header} differs from format.columns {mapping.format.columns}"
+                )
+            missing = [c for c in mapping.columns.values() if c not in header]
+            if missing:
+                raise BadInputError(f"source {mapping.name}: header {header} lacks mapped columns {missing}")
+        else:
+            header = list(mapping.format.columns or [])
+
+        lines = _read_lines(spark, files, header_lines)
+        parsed = parse_lines(lines, mapping, header, run_date).persist(StorageLevel.MEMORY_AND_DISK)
+        try:
+            result = _publish(spark, settings, mapping, run_date, files, parsed)
+        finally:
+            parsed.unpersist()
+        counts.update(
+            rows_in=result.rows_in,
+            rows_out=result.rows_out,
+            quarantined=result.quarantined_total,
+            duplicates=result.duplicates,
+            deferred=result.deferred,
+            partitions=len(result.partitions),
+            users=result.users,
+            items=result.items,
+            **{f"q_{k}": v for k, v in sorted(result.quarantined.items())},
+        )
+    return result
+
+
+def _publish(spark, settings, mapping, run_date, files, parsed) -> IngestResult:
+    stats = (
+        parsed.groupBy("file", "_block", "_is_header", "reason")
+        .agg(F.count("*").alias("n"), F.min("_mid").alias("mn"), F.max("_mid").alias("mx"))
+        .collect()
+    )
+    chunk_rows: dict[tuple, list] = {}
+    by_reason: dict[str | None, int] = {}
+    for r in stats:
+        key = (r["file"], r["_block"])
+        agg = chunk_rows.setdefault(key, [0, r["mn"], r["mx"]])
+        agg[0] += r["n"]
+        agg[1], agg[2] = min(agg[1], r["mn"]), max(agg[2], r["mx"])
+        if not r["_is_header"]:
+            by_reason[r["reason"]] = by_reason.get(r["reason"], 0) + r["n"]
+    rows_in = sum(by_reason.values())
+    chunks = spark.createDataFrame(
+        [(f, b, n, mn, mx) for (f, b), (n, mn, mx) in chunk_rows.items()],
+        "file string, _block long, _lines long, _min_mid long, _max_mid long",
+    )
+    offsets = _line_numbers(chunks)
+
+    bad = parsed.filter(F.col("reason").isNotNull() & (F.col("reason") != DEFERRED) & ~F.col("_is_header"))
+    bad = bad.join(F.broadcast(offsets), ["file", "_block"]).select(
+        F.col("file"),
+        (F.col("_first_line") + F.col("_mid") - F.col("_min_mid")).alias("line_number"),
+        F.col("value").alias("raw_line"),
+        F.when(
+            (F.col("reason") == "wrong_field_count") & F.col("_last_split") & (F.col("_mid") == F.col("_max_mid")),
+            F.lit("truncated_last_line"),
+        ).otherwise(F.col("reason")).alias("reason"),
+        F.col("detail"),
+    )
+    quarantined: dict[str, int] = {}
+    if any(r is not None and r != DEFERRED for r in by_reason):
+        qdir = quarantine_dir(settings.paths.quarantine_root) / f"source={mapping.name}" / f"run_date={run_date}"
+        with publish.staged_dir(qdir) as staged:
+            bad.select(*QUARANTINE.data_columns).coalesce(1).sortWithinPartitions("file", "line_number").write.parquet(
+                str(staged)
+            )
+        qdf = spark.read.parquet(str(qdir))
+        quarantined = {r["reason"]: r["count"] for r in qdf.groupBy("reason").count().collect()}
+    deferred = by_reason.get(DEFERRED, 0)
+    good = by_reason.get(None, 0)
+    bad_total = sum(quarantined.values())
+    fraction = bad_total / rows_in if rows_in else 0.0
+    if fraction > settings.ingest.max_bad_fraction:
+        detail = ", ".join(f"{k}={v}" for k, v in sorted(quarantined.items(), key=lambda kv: -kv[1]))
+        raise BadInputError(
+            f"source {mapping.name} on {run_date}: {bad_total} of {rows_in} rows ({fraction:.2%}) refused, "
+            f"above ingest.max_bad_fraction={settings.ingest.max_bad_fraction:.2%}; no events published. "
+            f"Reasons: {detail}. Rows are in {quarantine_dir(settings.paths.quarantine_root)}"
+            f"/source={mapping.name}/run_date={run_date}"
+        )
+
+    events = (
+        parsed.filter(F.col("reason").isNull() & ~F.col("_is_header"))
+        .select(*[c for c in EVENTS.column_names if c not in ("source",)])
+        .dropDuplicates([c for c in EVENTS.column_names if c != "source"])
+    )
+    # One sorted file per date: reruns write the same bytes, and readers get few large files.
+    events = events.repartition("event_date").sortWithinPartitions(
+        "event_date", "event_time", "user_id", "item_id", "behavior", "category_id", "brand", "price",
+        "source_session_id",
+    )
+    target = events_dir(settings.paths.warehouse_root) / f"source={mapping.name}"
+    with publish.scratch_dir(target.parent, mapping.name) as staged:
+        events.write.partitionBy("event_date").parquet(str(staged))
+        written = spark.read.parquet(str(staged))
+        summary = written.agg(
+            F.count("*").alias("n"),
+            F.countDistinct("user_id").alias("users"),
+            F.countDistinct("item_id").alias("items"),
+        ).first()
+        partitions = [str(p.relative_to(target)) for p in publish.publish_partitions(staged, target)]
+    return IngestResult(
+        source=mapping.name,
+        run_date=run_date,
+        files=[str(f) for f in files],
+        rows_in=rows_in,
+        rows_out=summary["n"],
+        duplicates=good - summary["n"],
+        deferred=deferred,
+        quarantined=quarantined,
+        partitions=partitions,
+        users=summary["users"],
+        items=summary["items"],
+    )
+
+
+def run_ingest(spark: SparkSession, settings: Settings, run_date: date, sources: list[str] | None = None) -> list[IngestResult]:
+    """Ingest every configured source (or ``sources``) for ``run_date``."""
+    results = [ingest_source(spark, settings, s, run_date) for s in (sources or settings.pipeline.sources)]
+    return results
+
+
+def summary_json(results: list[IngestResult]) -> str:
+    return json.dumps([r.to_dict() for r in results], indent=2)

@@ -1,0 +1,146 @@
+"""Sessionize: canonical events of the run's history window -> ``sessions`` + ``session_events``.
+
+Per user in time order, a new session starts after an inactivity gap (``sessionize.gap_minutes``)
+or, when ``sessionize.use_source_session`` is on, when the source's own session id changes.
+A session id is a hash of (source, user, session start, source session id): the same events give
+the same ids on every run, and a session away from the window's first day keeps its id from one
+run date to the next.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql.window import Window
+
+from infra import publish
+from infra.dates import window_start
+from infra.logs import stage
+from infra.settings import Settings
+from infra.tables import BEHAVIORS, EVENTS, PURCHASE, SESSION_EVENTS, SESSIONIZED, SESSIONS, events_dir
+
+
+
+def behavior_rank() -> F.Column:
+    """Funnel position of each behaviour, used to order events that share a timestamp (view before buy)."""
+    return F.create_map(*[F.lit(x) for i, b in enumerate(BEHAVIORS) for x in (b, i)])[F.col("behavior")]
+
+#: A total order of a user's events, so ties never make session ids depend on the run.
+EVENT_ORDER = ("event_time", "_brank", "item_id", "category_id", "brand", "price", "source_session_id")
+
+
+@dataclass
+class SessionizeResult:
+    run_date: date
+    events: int
+    sessions: int
+    users: int
+
+
+def sessionize_events(events: DataFrame, gap_minutes: int, use_source_session: bool) -> tuple[DataFrame, DataFrame]:
+    """Assign sessions to events.
+
+    Args:
+        events: rows of the ``events`` table (``source`` and ``event_date`` included).
+        gap_minutes: inactivity that ends a session (a gap strictly longer starts a new one).
+        use_source_session: also split when ``source_session_id`` changes between consecutive events.
+
+    Returns:
+        ``(session_events, sessions)`` with the columns of ``SESSION_EVENTS`` and ``SESSIONS``.
+    """
+    user = ("source", "user_id")
+    ordered = Window.partitionBy(*user).orderBy(*EVENT_ORDER)
+    df = events.withColumn("_brank", behavior_rank())
+    prev_time = F.lag("event_time").over(ordered)
+    gap = F.col("event_time").cast("double") - prev_time.cast("double")
+    new_session = prev_time.isNull() | (gap > gap_minutes * 60)
+    if use_source_session:
+        new_session = new_session | ~F.col("source_session_id").eqNullSafe(F.lag("source_session_id").over(ordered))
+    df = df.withColumn("_new", new_session.cast("int"))
+    df = df.withColumn("_sno", F.sum("_new").over(ordered.rowsBetween(Window.unboundedPreceding, 0)))
+    in_session = Window.partitionBy(*user, "_sno").orderBy(*EVENT_ORDER)
+    whole = in_session.rowsBetween(Window.unboundedPreceding, Window.unboundedFollowing)
+    df = df.withColumn("_start", F.first("event_time").over(whole)).withColumn(
+        "_first_src_session", F.first("source_session_id").over(whole)
+    )
+    session_id = F.substring(
+        F.sha2(
+            F.concat_ws(
+                "|",
+                F.col("source"),
+                F.col("user_id"),
+                F.unix_micros(F.col("_start")).cast("string"),
+                F.coalesce(F.col("_first_src_session"), F.lit("")),
+            ),
+            256,
+        ),
+        1,
+        24,
+    )
+    df = df.withColumn("session_id", session_id).withColumn(
+        "seq_in_session", F.row_number().over(in_session).cast("int")
+    )
+    session_events = df.select(*SESSION_EVENTS.column_names)
+    return session_events, sessions_of(session_events)
+
+
+def read_events(spark: SparkSession, settings: Settings, first: date, last: date) -> DataFrame:
+    """Canonical events of the configured sources with ``first <= event_date <= last``."""
+    path = events_dir(settings.paths.warehouse_root)
+    if not path.exists():
+        raise FileNotFoundError(f"no events table at {path}: run `funnelrec ingest` first")
+    df = spark.read.schema(EVENTS.spark_schema()).parquet(str(path))
+    return df.filter(
+        F.col("source").isin(settings.pipeline.sources)
+        & (F.col("event_date") >= F.lit(first))
+        & (F.col("event_date") <= F.lit(last))
+    )
+
+
+def run_sessionize(spark: SparkSession, settings: Settings, run_date: date) -> SessionizeResult:
+    """Sessionize the history window ending on ``run_date`` and publish ``sessionized/ds=<date>``."""
+    cfg = settings.sessionize
+    with stage("sessionize", date=run_date.isoformat()) as counts:
+        events = read_events(spark, settings, window_start(run_date, cfg.history_days), run_date)
+        session_events, _ = sessionize_events(events, cfg.gap_minutes, cfg.use_source_session)
+        parts = int(settings.spark.conf.get("spark.sql.shuffle.partitions", "8"))
+        target = SESSIONIZED.dir(settings.paths.warehouse_root, run_date)
+        with publish.staged_dir(target) as staged:
+            (
+                session_events.repartition(parts, "user_id")
+                .sortWithinPartitions("source", "user_id", "event_time", "seq_in_session")
+                .write.parquet(str(staged / SESSION_EVENTS.name))
+            )
+            # Sessions are aggregated from the written events rather than recomputing the windows.
+            sessions = sessions_of(spark.read.parquet(str(staged / SESSION_EVENTS.name)))
+            (
+                sessions.repartition(parts, "user_id")
+                .sortWithinPartitions("source", "user_id", "session_start")
+                .write.parquet(str(staged / SESSIONS.name))
+            )
+            stats = spark.read.parquet(str(staged / SESSIONS.name)).agg(
+                F.count("*").alias("sessions"),
+                F.sum("event_count").alias("events"),
+                F.countDistinct("user_id").alias("users"),
+            ).first()
+        result = SessionizeResult(run_date, int(stats["events"] or 0), stats["sessions"], stats["users"])
+        counts.update(events=result.events, sessions=result.sessions, users=result.users)
+    return result
+
+
+def sessions_of(session_events: DataFrame) -> DataFrame:
+    """The ``sessions`` rows of sessionized events."""
+    return (
+        session_events.groupBy("session_id", "user_id", "source")
+        .agg(
+            F.min("event_time").alias("session_start"),
+            F.max("event_time").alias("session_end"),
+            F.count("*").alias("event_count"),
+            *(F.count(F.when(F.col("behavior") == b, 1)).alias(f"n_{b}") for b in BEHAVIORS),
+            F.max((F.col("behavior") == PURCHASE).cast("int")).cast("boolean").alias("purchased"),
+        )
+        .select(*SESSIONS.column_names)
+    )

@@ -1,0 +1,361 @@
+"""Split: sessionized events of a date -> leak-free training tables (the ``training`` bundle).
+
+Protocols (``split.protocol``):
+
+- ``global_time`` (default): one cutoff for everybody at the start of the last ``test_days`` of
+  the observation window. Training is everything before it; test is the purchases after it.
+- ``leave_last_purchase``: each user's last purchase (by time) is the test item; training is that
+  user's events before it (a non-purchase event at the same second counts as before).
+
+Validation is carved out of the training purchases: for a seeded sample of users
+(``split.val_user_fraction``, users with at least two purchased items), the last training
+purchase is held out and every training purchase of that (user, item) pair is removed.
+
+A held-out pair that is already among the user's training purchases (a repeat purchase) is
+dropped and counted, as is one whose user or item never appears in training (the models rank a
+fixed catalogue). After that, any held-out pair among training purchases, or any training row at
+or after the cutoff, is a bug: the job fails (``LeakageError``) and publishes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import date, datetime, time, timedelta, timezone
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql.window import Window
+
+from infra import publish
+from infra.dates import window_start
+from infra.logs import stage
+from infra.settings import Settings
+from infra.tables import (
+    HELDOUT,
+    INTERACTIONS,
+    ITEM_MAP,
+    MANIFEST_FILE,
+    PURCHASE,
+    SESSION_EVENTS,
+    SESSIONIZED,
+    TRAIN_EVENTS,
+    TRAINING,
+    USER_MAP,
+    VISITED,
+    Table,
+)
+
+#: What evaluation must mask, recorded in the manifest and later as MLflow tags.
+EVAL_MASK = {"validation": "train_purchases", "test": "train_and_validation_purchases"}
+
+
+class LeakageError(RuntimeError):
+    """Held-out data reached the training tables."""
+
+
+class SplitError(RuntimeError):
+    """The training tables are too small or otherwise unusable."""
+
+
+@dataclass
+class SplitParams:
+    protocol: str
+    cutoff: datetime | None  # global_time only
+    seed: int
+    val_user_fraction: float
+
+
+@dataclass
+class TrainingTables:
+    """The training bundle as DataFrames (``tables``) plus what was dropped on the way."""
+
+    tables: dict[str, DataFrame]
+    dropped: dict[str, DataFrame] = field(default_factory=dict)
+    #: Intermediate frames cached while building; ``release()`` frees them once published.
+    cached: list[DataFrame] = field(default_factory=list)
+
+    def release(self) -> None:
+        for df in self.cached:
+            df.unpersist()
+
+
+def _seeded_sample(col: str, seed: int, fraction: float) -> F.Column:
+    # A hash of the id, not rand(): the sample does not depend on partitioning or row order.
+    return (F.abs(F.xxhash64(F.col(col), F.lit(seed))) % 1_000_000) < int(round(fraction * 1_000_000))
+
+
+def _last_per_user(df: DataFrame) -> DataFrame:
+    w = Window.partitionBy("user_id").orderBy(F.col("event_time").desc(), F.col("item_id").desc())
+    return df.withColumn("_r", F.row_number().over(w)).filter("_r = 1").drop("_r")
+
+
+def split_events(events: DataFrame, params: SplitParams) -> tuple[DataFrame, DataFrame, DataFrame, dict]:
+    """Split events into training events, validation pairs and test pairs (by source ids).
+
+    Returns:
+        ``(train_events, validation, test, dropped)``: training events with the events' columns;
+        validation and test as ``user_id, item_id, event_time`` (one row per pair); ``dropped``
+        maps a reason to a lazily counted DataFrame of dropped held-out pairs.
+    """
+    purchases = events.filter(F.col("behavior") == PURCHASE)
+    if params.protocol == "global_time":
+        cutoff = F.lit(params.cutoff)
+        train = events.filter(F.col("event_time") < cutoff)
+        test = purchases.filter(F.col("event_time") >= cutoff)
+    elif params.protocol == "leave_last_purchase":
+        last = _last_per_user(purchases).select(
+            "user_id", F.col("item_id").alias("_t_item"), F.col("event_time").alias("_t_time")
+        )
+        joined = events.join(last, "user_id", "left")
+        before = (F.col("event_time") < F.col("_t_time")) | (
+            (F.col("event_time") == F.col("_t_time")) & (F.col("behavior") != PURCHASE)
+        )
+        train = joined.filter(F.col("_t_time").isNull() | before).drop("_t_item", "_t_time")
+        test = last.select("user_id", F.col("_t_item").alias("item_id"), F.col("_t_time").alias("event_time"))
+    else:
+        raise ValueError(f"unknown split protocol {params.protocol!r}")
+
+    test = test.groupBy("user_id", "item_id").agg(F.min("event_time").alias("event_time"))
+
+    # Validation: the last training purchase of a seeded sample of users with >= 2 purchased items.
+    train_buys = train.filter(F.col("behavior") == PURCHASE)
+    eligible = (
+        train_buys.groupBy("user_id").agg(F.countDistinct("item_id").alias("_n")).filter("_n >= 2").select("user_id")
+    )
+    eligible = eligible.filter(_seeded_sample("user_id", params.seed, params.val_user_fraction))
+    validation = _last_per_user(train_buys.join(eligible, "user_id")).select("user_id", "item_id", "event_time")
+    train = train.join(
+        validation.select("user_id", "item_id", F.lit(True).alias("_val")), ["user_id", "item_id"], "left"
+    ).filter(~(F.col("_val").isNotNull() & (F.col("behavior") == PURCHASE))).drop("_val")
+
+    bought = train.filter(F.col("behavior") == PURCHASE).select("user_id", "item_id").distinct()
+    known_before_test = bought.unionByName(validation.select("user_id", "item_id")).distinct()
+    repeat = test.join(known_before_test, ["user_id", "item_id"], "left_semi")
+    test = test.join(known_before_test, ["user_id", "item_id"], "left_anti")
+    return train, validation, test, {"test_repeat_purchase": repeat}
+
+
+def build_training_tables(events: DataFrame, params: SplitParams) -> TrainingTables:
+    """The pure transform: sessionized events -> the ``training`` bundle's tables.
+
+    Args:
+        events: ``session_events`` rows of the observation window.
+        params: protocol, cutoff and validation sampling.
+    """
+    train, validation, test, dropped = split_events(events, params)
+    # Every table below derives from these; caching them keeps the lineage from being replayed per table.
+    train, validation, test = (df.persist() for df in (train, validation, test))
+
+    users = train.select("user_id").distinct()
+    user_map = users.withColumn("user_idx", (F.row_number().over(Window.orderBy("user_id")) - 1).cast("int"))
+    cat_counts = train.filter(F.col("category_id").isNotNull()).groupBy("item_id", "category_id").count()
+    top_cat = (
+        cat_counts.withColumn(
+            "_r",
+            F.row_number().over(Window.partitionBy("item_id").orderBy(F.col("count").desc(), "category_id")),
+        )
+        .filter("_r = 1")
+        .select("item_id", "category_id")
+    )
+    item_map = (
+        train.select("item_id")
+        .distinct()
+        .withColumn("item_idx", (F.row_number().over(Window.orderBy("item_id")) - 1).cast("int"))
+        .join(top_cat, "item_id", "left")
+    )
+    user_map, item_map = user_map.persist(), item_map.persist()
+
+    def to_idx(df: DataFrame) -> DataFrame:
+        return df.join(user_map, "user_id").join(item_map.select("item_id", "item_idx"), "item_id")
+
+    train_idx = to_idx(train)
+    interactions = train_idx.groupBy("user_idx", "item_idx", "behavior").agg(
+        F.count("*").alias("count"), F.max("event_time").alias("last_time")
+    )
+    visited = train_idx.filter(F.col("behavior") != PURCHASE).select("user_idx", "item_idx").distinct()
+
+    heldout_ids = validation.withColumn("split", F.lit("validation")).unionByName(
+        test.withColumn("split", F.lit("test"))
+    )
+    heldout = (
+        to_idx(heldout_ids)
+        .join(visited.withColumn("visited", F.lit(True)), ["user_idx", "item_idx"], "left")
+        .select("user_idx", "item_idx", "split", "event_time", F.coalesce("visited", F.lit(False)).alias("visited"))
+    )
+    dropped = dict(dropped)
+    dropped["cold_user_or_item"] = heldout_ids.join(
+        heldout_ids.join(user_map, "user_id").join(item_map.select("item_id"), "item_id"),
+        ["user_id", "item_id", "split"],
+        "left_anti",
+    )
+    train_events = train_idx.select(*TRAIN_EVENTS.column_names)
+    tables = {
+        INTERACTIONS.name: interactions,
+        VISITED.name: visited,
+        HELDOUT.name: heldout,
+        USER_MAP.name: user_map.select(*USER_MAP.column_names),
+        ITEM_MAP.name: item_map.select(*ITEM_MAP.column_names),
+        TRAIN_EVENTS.name: train_events,
+    }
+    return TrainingTables(tables=tables, dropped=dropped, cached=[train, validation, test, user_map, item_map])
+
+
+def check_leakage(tables: dict[str, DataFrame], cutoff: datetime | None) -> dict[str, int]:
+    """Count leakage symptoms; all must be zero.
+
+    - ``heldout_in_train_purchases``: a held-out pair that is also a training purchase;
+    - ``train_rows_after_cutoff``: a training row at or after the global cutoff;
+    - ``train_purchase_after_test``: a training purchase at or after the user's test purchase.
+    """
+    inter, heldout = tables[INTERACTIONS.name], tables[HELDOUT.name]
+    buys = inter.filter(F.col("behavior") == PURCHASE).select("user_idx", "item_idx")
+    out = {"heldout_in_train_purchases": heldout.join(buys, ["user_idx", "item_idx"], "left_semi").count()}
+    if cutoff is not None:
+        out["train_rows_after_cutoff"] = inter.filter(F.col("last_time") >= F.lit(cutoff)).count()
+    first_test = heldout.filter("split = 'test'").groupBy("user_idx").agg(F.min("event_time").alias("_t"))
+    out["train_purchase_after_test"] = (
+        tables[TRAIN_EVENTS.name]
+        .filter(F.col("behavior") == PURCHASE)
+        .join(first_test, "user_idx")
+        .filter(F.col("event_time") >= F.col("_t"))
+        .count()
+    )
+    return out
+
+
+def table_checksum(df: DataFrame) -> tuple[str, int]:
+    """An order-independent content checksum (sum of row hashes mod 2^64, hex) and the row count."""
+    cols = [F.col(c).cast("string") for c in df.columns]
+    row = F.xxhash64(*cols).cast("decimal(38,0)")
+    total = df.agg(F.sum(row).alias("s"), F.count("*").alias("n")).first()
+    return f"{int(total['s'] or 0) % (1 << 64):016x}", int(total["n"])
+
+
+def split_params(settings: Settings, run_date: date) -> SplitParams:
+    cfg = settings.split
+    cutoff = None
+    if cfg.protocol == "global_time":
+        first_test_day = run_date - timedelta(days=cfg.test_days - 1)
+        cutoff = datetime.combine(first_test_day, time(0), tzinfo=timezone.utc)
+    return SplitParams(cfg.protocol, cutoff, settings.seeds.split, cfg.val_user_fraction)
+
+
+def publish_training_tables(
+    spark: SparkSession, settings: Settings, ds: str, built: TrainingTables, manifest: dict
+) -> dict:
+    """Write, check and atomically publish the training bundle; return the completed manifest."""
+    target = TRAINING.dir(settings.paths.warehouse_root, ds)
+    parts = int(settings.spark.conf.get("spark.sql.shuffle.partitions", "8"))
+    sort_keys: dict[str, tuple[str, ...]] = {
+        INTERACTIONS.name: ("user_idx", "item_idx", "behavior"),
+        VISITED.name: ("user_idx", "item_idx"),
+        HELDOUT.name: ("split", "user_idx", "item_idx"),
+        USER_MAP.name: ("user_idx",),
+        ITEM_MAP.name: ("item_idx",),
+        TRAIN_EVENTS.name: ("user_idx", "event_time", "item_idx", "behavior"),
+    }
+    tables_by_name: dict[str, Table] = {t.name: t for t in TRAINING.tables}
+    with publish.staged_dir(target) as staged:
+        written: dict[str, DataFrame] = {}
+        for name, df in built.tables.items():
+            out = df.select(*tables_by_name[name].column_names)
+            # Few, sorted files: reruns give identical files and the torch side reads them quickly.
+            big = name in (TRAIN_EVENTS.name, INTERACTIONS.name)
+            out = out.repartition(parts, "user_idx") if big else out.repartition(1)
+            out.sortWithinPartitions(*sort_keys[name]).write.parquet(str(staged / name))
+            written[name] = spark.read.parquet(str(staged / name))
+        leaks = check_leakage(written, manifest.get("cutoff_dt"))
+        if any(leaks.values()):
+            raise LeakageError(f"training tables for {ds} leak held-out data: {leaks}; nothing published")
+        sums = {name: table_checksum(df) for name, df in written.items()}
+        stats = _stats(written, {name: n for name, (_, n) in sums.items()})
+        if stats["users"] < settings.split.min_users or stats["items"] < settings.split.min_items:
+            raise SplitError(
+                f"training tables for {ds} too small: {stats['users']} users, {stats['items']} items "
+                f"(split.min_users={settings.split.min_users}, split.min_items={settings.split.min_items})"
+            )
+        manifest = {k: v for k, v in manifest.items() if k != "cutoff_dt"}
+        manifest.update(
+            stats=stats,
+            leakage=leaks,
+            dropped={k: v.count() for k, v in built.dropped.items()},
+            checksums={name: f"{h}-{n}" for name, (h, n) in sums.items()},
+            eval_mask=EVAL_MASK,
+        )
+        (staged / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
+def _stats(written: dict[str, DataFrame], rows: dict[str, int]) -> dict:
+    inter, heldout = written[INTERACTIONS.name], written[HELDOUT.name]
+    by_behavior = {r["behavior"]: r["n"] for r in inter.groupBy("behavior").agg(F.count("*").alias("n")).collect()}
+    held = {
+        r["split"]: r
+        for r in heldout.groupBy("split")
+        .agg(
+            F.count("*").alias("pairs"),
+            F.count(F.when(F.col("visited"), 1)).alias("visited"),
+            F.countDistinct("user_idx").alias("users"),
+        )
+        .collect()
+    }
+    return {
+        "users": rows[USER_MAP.name],
+        "items": rows[ITEM_MAP.name],
+        "train_events": rows[TRAIN_EVENTS.name],
+        "interaction_pairs_by_behavior": dict(sorted(by_behavior.items())),
+        "visited_pairs": rows[VISITED.name],
+        "heldout": {
+            split: {
+                "pairs": held[split]["pairs"] if split in held else 0,
+                "visited": held[split]["visited"] if split in held else 0,
+                "unvisited": held[split]["pairs"] - held[split]["visited"] if split in held else 0,
+                "users": held[split]["users"] if split in held else 0,
+            }
+            for split in ("validation", "test")
+        },
+    }
+
+
+def read_session_events(spark: SparkSession, settings: Settings, run_date: date) -> DataFrame:
+    path = SESSIONIZED.table_dir(settings.paths.warehouse_root, run_date, SESSION_EVENTS)
+    if not path.exists():
+        raise FileNotFoundError(f"no sessionized events at {path}: run `funnelrec sessionize --date {run_date}` first")
+    return spark.read.schema(SESSION_EVENTS.spark_schema()).parquet(str(path))
+
+
+def run_split(spark: SparkSession, settings: Settings, run_date: date) -> dict:
+    """Build and publish ``training/ds=<run_date>`` from ``sessionized/ds=<run_date>``."""
+    cfg = settings.split
+    params = split_params(settings, run_date)
+    first_day = window_start(run_date, cfg.observation_days)
+    with stage("split", date=run_date.isoformat(), protocol=cfg.protocol) as counts:
+        events = read_session_events(spark, settings, run_date).filter(F.col("event_date") >= F.lit(first_day))
+        built = build_training_tables(events, params)
+        manifest = {
+            "ds": run_date.isoformat(),
+            "kind": "events",
+            "protocol": cfg.protocol,
+            "cutoff": params.cutoff.isoformat() if params.cutoff else None,
+            "cutoff_dt": params.cutoff,
+            "observation_window": [first_day.isoformat(), run_date.isoformat()],
+            "sources": list(settings.pipeline.sources),
+            "seed": params.seed,
+            "val_user_fraction": params.val_user_fraction,
+        }
+        try:
+            manifest = publish_training_tables(spark, settings, run_date.isoformat(), built, manifest)
+        finally:
+            built.release()
+        st = manifest["stats"]
+        counts.update(
+            users=st["users"],
+            items=st["items"],
+            train_events=st["train_events"],
+            test_pairs=st["heldout"]["test"]["pairs"],
+            test_users=st["heldout"]["test"]["users"],
+            val_pairs=st["heldout"]["validation"]["pairs"],
+            **{f"dropped_{k}": v for k, v in manifest["dropped"].items()},
+        )
+    return manifest
