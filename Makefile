@@ -36,7 +36,7 @@ $(VENV)/.synced: requirements.lock pyproject.toml | $(BIN)/uv
 setup: $(VENV)/.synced
 
 demo: setup
-	$(BIN)/funnelrec nightly --date $(DEMO_DATE)
+	$(BIN)/funnelrec --config infra/demo.yaml nightly --date $(DEMO_DATE)
 
 lint: setup
 	$(BIN)/ruff check .

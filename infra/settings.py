@@ -147,6 +147,7 @@ def load_settings(
     config: str | os.PathLike | None = None,
     environ: dict[str, str] | None = None,
     cwd: Path | None = None,
+    overrides: dict | None = None,
 ) -> Settings:
     """Build the settings from defaults, an optional user YAML and the environment.
 
@@ -154,6 +155,7 @@ def load_settings(
         config: path of a user YAML; when None, ``$FUNNELREC_CONFIG`` is used if set.
         environ: environment to read overrides from (``os.environ`` when None).
         cwd: directory that relative paths are resolved against (the working directory when None).
+        overrides: a nested mapping applied last (tests and DAG tasks use it instead of files).
     """
     environ = dict(os.environ if environ is None else environ)
     cwd = Path.cwd() if cwd is None else cwd
@@ -162,6 +164,7 @@ def load_settings(
     if config:
         merged = _deep_merge(merged, _read_yaml(Path(config)))
     merged = _deep_merge(merged, _env_overrides(environ))
+    merged = _deep_merge(merged, overrides or {})
     settings = Settings.model_validate(merged)
     resolved = {
         name: (p if p.is_absolute() else (cwd / p)).resolve()
