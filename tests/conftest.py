@@ -15,23 +15,27 @@ os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
 
+def settings_under(base_dir: Path, overrides: dict | None = None, data_root: Path = SAMPLE_DATA):
+    """Settings with every output under ``base_dir``; ``overrides`` is a nested mapping."""
+    from infra.settings import _deep_merge, load_settings
+
+    base = {
+        "paths": {
+            "data_root": str(data_root),
+            "warehouse_root": str(base_dir / "warehouse"),
+            "quarantine_root": str(base_dir / "warehouse" / "quarantine"),
+        },
+        "spark": {"master": "local[2]", "conf": {"spark.sql.shuffle.partitions": "2"}},
+    }
+    return load_settings(environ={}, overrides=_deep_merge(base, overrides or {}))
+
+
 @pytest.fixture
 def make_settings(tmp_path):
-    """Settings with every output under this test's tmp dir; ``overrides`` is a nested mapping."""
-    from infra.settings import load_settings
+    """``settings_under`` this test's tmp dir."""
 
     def make(overrides: dict | None = None, data_root: Path = SAMPLE_DATA):
-        base = {
-            "paths": {
-                "data_root": str(data_root),
-                "warehouse_root": str(tmp_path / "warehouse"),
-                "quarantine_root": str(tmp_path / "warehouse" / "quarantine"),
-            },
-            "spark": {"master": "local[2]", "conf": {"spark.sql.shuffle.partitions": "2"}},
-        }
-        from infra.settings import _deep_merge
-
-        return load_settings(environ={}, overrides=_deep_merge(base, overrides or {}))
+        return settings_under(tmp_path, overrides, data_root)
 
     return make
 
