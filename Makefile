@@ -14,7 +14,7 @@ BIN := $(VENV)/bin
 TORCH_FIND_LINKS ?= $(or $(PIP_FIND_LINKS),https://download.pytorch.org/whl/cpu/torch/)
 DEMO_DATE ?= 2015-09-18
 
-.PHONY: help setup demo test lint format lock clean-demo
+.PHONY: help setup setup-gpu demo test lint format lock clean-demo
 
 help:
 	@echo "make demo   - set up .venv and run the nightly pipeline on bundled data ($(DEMO_DATE))"
@@ -34,6 +34,10 @@ $(VENV)/.synced: requirements.lock pyproject.toml | $(BIN)/uv
 	touch $@
 
 setup: $(VENV)/.synced
+
+# PyPI's default Linux torch wheel is the CUDA build; only for hosts with an NVIDIA GPU.
+setup-gpu: setup
+	$(BIN)/uv pip install --python $(BIN)/python --reinstall "torch==2.13.0"
 
 demo: setup
 	$(BIN)/funnelrec --config infra/demo.yaml nightly --date $(DEMO_DATE)

@@ -24,7 +24,17 @@ EXIT_FAILED = 1
 EXIT_NOT_BUILT = 3
 
 #: Stages of the nightly run in order; the ones not built yet are named, never faked.
-NIGHTLY_STAGES = ("ingest", "sessionize", "split", "validate", "train", "evaluate", "promote", "score", "publish")
+NIGHTLY_STAGES = (
+    "ingest",
+    "sessionize",
+    "split",
+    "validate",
+    "train",
+    "evaluate",
+    "promote",
+    "score",
+    "publish",
+)
 NOT_BUILT: dict[str, str] = {
     "validate": "Great Expectations gates (issue: GX gates on events, sessions, training and scored tables)",
     "train": "model training (issue: training and evaluation)",
@@ -73,8 +83,10 @@ def cmd_sessionize(args, settings: Settings) -> int:
     from jobs.sessionize import run_sessionize
 
     r = run_sessionize(get_spark(settings), settings, args.date)
-    print(f"sessions: {r.sessions} over {r.events} events of {r.users} users -> "
-          f"{SESSIONIZED.dir(settings.paths.warehouse_root, args.date)}")
+    print(
+        f"sessions: {r.sessions} over {r.events} events of {r.users} users -> "
+        f"{SESSIONIZED.dir(settings.paths.warehouse_root, args.date)}"
+    )
     return 0
 
 
@@ -142,8 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
         "`quarantine` (quarantine_root/source=S/run_date=D).",
         cmd_ingest,
     )
-    p.add_argument("--source", action="append", help="source mapping name or YAML path (repeatable); "
-                   "default: pipeline.sources")
+    p.add_argument(
+        "--source",
+        action="append",
+        help="source mapping name or YAML path (repeatable); default: pipeline.sources",
+    )
     add(
         "sessionize",
         "Read `events` of the history window ending on --date and write `sessions` and `session_events` "
@@ -164,16 +179,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table", required=True, help="events | sessions | training | scores")
     p = add("train", "Train a model on the training tables of --date (not built yet).", _not_built("train"))
     p.add_argument("--model", required=True, help="model name, e.g. member, popularity, als")
-    add("evaluate", "Evaluate a trained model on held-out purchases of --date (not built yet).",
-        _not_built("evaluate"))
-    add("promote", "Apply mlflow/promotion.yaml to the challenger (not built yet).", _not_built("promote"),
-        dated=False)
+    add(
+        "evaluate",
+        "Evaluate a trained model on held-out purchases of --date (not built yet).",
+        _not_built("evaluate"),
+    )
+    add(
+        "promote",
+        "Apply mlflow/promotion.yaml to the challenger (not built yet).",
+        _not_built("promote"),
+        dated=False,
+    )
     add("rollback", "Restore the previous champion (not built yet).", _not_built("rollback"), dated=False)
     add("score", "Score every active user of --date with @champion (not built yet).", _not_built("score"))
-    add("publish", "Publish scored tables to the analysts' DuckDB file and report (not built yet).",
-        _not_built("publish"))
-    p = add("synth", "Write a seeded synthetic log in the Taobao format (not built yet).", _not_built("synth"),
-            dated=False)
+    add(
+        "publish",
+        "Publish scored tables to the analysts' DuckDB file and report (not built yet).",
+        _not_built("publish"),
+    )
+    p = add(
+        "synth",
+        "Write a seeded synthetic log in the Taobao format (not built yet).",
+        _not_built("synth"),
+        dated=False,
+    )
     p.add_argument("--events", type=int, required=True)
     p.add_argument("--seed", type=int, default=0)
     add(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 
 from pyspark import StorageLevel
@@ -119,15 +119,28 @@ def parse_lines(lines: DataFrame, mapping: SourceMapping, header: list[str], run
     # strip quoted sections (which may hold the delimiter), then split keeping empty trailers.
     q = "\\" + fmt.quote
     unquoted = F.regexp_replace(F.col("value"), f"{q}([^{q}]|{q}{q})*{q}", "")
-    n_fields = F.size(F.split(unquoted, "\\" + fmt.delimiter if not fmt.delimiter.isalnum() else fmt.delimiter, -1))
+    n_fields = F.size(
+        F.split(unquoted, "\\" + fmt.delimiter if not fmt.delimiter.isalnum() else fmt.delimiter, -1)
+    )
 
     def src(canonical: str):
         name = mapping.columns.get(canonical)
         return _blank_to_null(fields[f"f{header.index(name)}"]) if name else F.lit(None).cast("string")
 
     df = lines.withColumn("_n_fields", n_fields)
-    raw = {c: src(c) for c in ("user_id", "item_id", "behavior", "event_time", "category_id", "brand",
-                                "price", "source_session_id")}
+    raw = {
+        c: src(c)
+        for c in (
+            "user_id",
+            "item_id",
+            "behavior",
+            "event_time",
+            "category_id",
+            "brand",
+            "price",
+            "source_session_id",
+        )
+    }
     df = df.select("*", *(raw[c].alias(f"_raw_{c}") for c in raw))
 
     ids = {}
@@ -155,28 +168,45 @@ def parse_lines(lines: DataFrame, mapping: SourceMapping, header: list[str], run
         F.col("_raw_source_session_id").alias("source_session_id"),
     ).withColumn("event_date", F.to_date("event_time"))
 
-    end_of_run = datetime.combine(run_date + timedelta(days=1), time(0), tzinfo=timezone.utc)
+    end_of_run = datetime.combine(run_date + timedelta(days=1), time(0), tzinfo=UTC)
     not_before = mapping.time.not_before
     checks = [
-        (F.col("_n_fields") != n, "wrong_field_count", F.concat(F.lit(f"expected {n} fields, got "),
-                                                               F.col("_n_fields").cast("string"))),
+        (
+            F.col("_n_fields") != n,
+            "wrong_field_count",
+            F.concat(F.lit(f"expected {n} fields, got "), F.col("_n_fields").cast("string")),
+        ),
         (F.col("user_id").isNull(), "missing_user_id", F.lit(None)),
         (F.col("item_id").isNull(), "missing_item_id", F.lit(None)),
-        ((F.col("user_id") == "\u0000bad") | (F.col("item_id") == "\u0000bad")
-         | (F.col("category_id") == "\u0000bad"), "bad_id",
-         F.concat_ws("|", "_raw_user_id", "_raw_item_id", "_raw_category_id")),
+        (
+            (F.col("user_id") == "\u0000bad")
+            | (F.col("item_id") == "\u0000bad")
+            | (F.col("category_id") == "\u0000bad"),
+            "bad_id",
+            F.concat_ws("|", "_raw_user_id", "_raw_item_id", "_raw_category_id"),
+        ),
         (F.col("_raw_event_time").isNull(), "missing_time", F.lit(None)),
         (F.col("event_time").isNull(), "unparseable_time", F.col("_raw_event_time")),
-        (F.col("event_time") < F.lit(datetime.combine(not_before, time(0), tzinfo=timezone.utc))
-         if not_before else F.lit(False), "time_out_of_range", F.col("event_time").cast("string")),
+        (
+            F.col("event_time") < F.lit(datetime.combine(not_before, time(0), tzinfo=UTC))
+            if not_before
+            else F.lit(False),
+            "time_out_of_range",
+            F.col("event_time").cast("string"),
+        ),
         (F.col("behavior").isNull(), "unknown_behavior", F.col("_raw_behavior")),
         (F.col("_raw_price").isNotNull() & F.col("price").isNull(), "non_numeric_price", F.col("_raw_price")),
         (F.col("price") < 0, "negative_price", F.col("_raw_price")),
-        (F.col("event_time") >= F.lit(end_of_run), "after_run_date" if mapping.is_daily else DEFERRED,
-         F.col("event_time").cast("string")),
+        (
+            F.col("event_time") >= F.lit(end_of_run),
+            "after_run_date" if mapping.is_daily else DEFERRED,
+            F.col("event_time").cast("string"),
+        ),
     ]
     if mapping.is_daily:
-        checks.append((F.col("event_date") < F.lit(run_date), "late_arrival", F.col("event_date").cast("string")))
+        checks.append(
+            (F.col("event_date") < F.lit(run_date), "late_arrival", F.col("event_date").cast("string"))
+        )
     reason = F.lit(None).cast("string")
     detail = F.lit(None).cast("string")
     for cond, name, det in reversed(checks):
@@ -194,7 +224,9 @@ def _read_lines(spark: SparkSession, files: list[Path], header_lines: set[str]) 
         F.monotonically_increasing_id().alias("_mid"),
         F.col("value"),
     )
-    lines = lines.withColumn("_is_header", F.col("value").isin(list(header_lines)) if header_lines else F.lit(False))
+    lines = lines.withColumn(
+        "_is_header", F.col("value").isin(list(header_lines)) if header_lines else F.lit(False)
+    )
     return lines
 
 
@@ -212,9 +244,7 @@ def _line_numbers(chunks: DataFrame) -> DataFrame:
     )
 
 
-def ingest_source(
-    spark: SparkSession, settings: Settings, source: str, run_date: date
-) -> IngestResult:
+def ingest_source(spark: SparkSession, settings: Settings, source: str, run_date: date) -> IngestResult:
     """Ingest one source for one run date; publish its event partitions and quarantine atomically."""
     mapping = load_mapping(source, settings.paths.data_root)
     files = mapping.files(settings.paths.data_root, run_date)
@@ -293,18 +323,24 @@ def _publish(spark, settings, mapping, run_date, files, parsed) -> IngestResult:
         (F.col("_first_line") + F.col("_mid") - F.col("_min_mid")).alias("line_number"),
         F.col("value").alias("raw_line"),
         F.when(
-            (F.col("reason") == "wrong_field_count") & F.col("_last_split") & (F.col("_mid") == F.col("_max_mid")),
+            (F.col("reason") == "wrong_field_count")
+            & F.col("_last_split")
+            & (F.col("_mid") == F.col("_max_mid")),
             F.lit("truncated_last_line"),
-        ).otherwise(F.col("reason")).alias("reason"),
+        )
+        .otherwise(F.col("reason"))
+        .alias("reason"),
         F.col("detail"),
     )
     quarantined: dict[str, int] = {}
     if any(r is not None and r != DEFERRED for r in by_reason):
-        qdir = quarantine_dir(settings.paths.quarantine_root) / f"source={mapping.name}" / f"run_date={run_date}"
+        qdir = (
+            quarantine_dir(settings.paths.quarantine_root) / f"source={mapping.name}" / f"run_date={run_date}"
+        )
         with publish.staged_dir(qdir) as staged:
-            bad.select(*QUARANTINE.data_columns).coalesce(1).sortWithinPartitions("file", "line_number").write.parquet(
-                str(staged)
-            )
+            bad.select(*QUARANTINE.data_columns).coalesce(1).sortWithinPartitions(
+                "file", "line_number"
+            ).write.parquet(str(staged))
         qdf = spark.read.parquet(str(qdir))
         quarantined = {r["reason"]: r["count"] for r in qdf.groupBy("reason").count().collect()}
     deferred = by_reason.get(DEFERRED, 0)
@@ -327,7 +363,14 @@ def _publish(spark, settings, mapping, run_date, files, parsed) -> IngestResult:
     )
     # One sorted file per date: reruns write the same bytes, and readers get few large files.
     events = events.repartition("event_date").sortWithinPartitions(
-        "event_date", "event_time", "user_id", "item_id", "behavior", "category_id", "brand", "price",
+        "event_date",
+        "event_time",
+        "user_id",
+        "item_id",
+        "behavior",
+        "category_id",
+        "brand",
+        "price",
         "source_session_id",
     )
     target = events_dir(settings.paths.warehouse_root) / f"source={mapping.name}"
@@ -355,7 +398,9 @@ def _publish(spark, settings, mapping, run_date, files, parsed) -> IngestResult:
     )
 
 
-def run_ingest(spark: SparkSession, settings: Settings, run_date: date, sources: list[str] | None = None) -> list[IngestResult]:
+def run_ingest(
+    spark: SparkSession, settings: Settings, run_date: date, sources: list[str] | None = None
+) -> list[IngestResult]:
     """Ingest every configured source (or ``sources``) for ``run_date``."""
     results = [ingest_source(spark, settings, s, run_date) for s in (sources or settings.pipeline.sources)]
     return results

@@ -23,10 +23,10 @@ from infra.settings import Settings
 from infra.tables import BEHAVIORS, EVENTS, PURCHASE, SESSION_EVENTS, SESSIONIZED, SESSIONS, events_dir
 
 
-
 def behavior_rank() -> F.Column:
     """Funnel position of each behaviour, used to order events that share a timestamp (view before buy)."""
     return F.create_map(*[F.lit(x) for i, b in enumerate(BEHAVIORS) for x in (b, i)])[F.col("behavior")]
+
 
 #: A total order of a user's events, so ties never make session ids depend on the run.
 EVENT_ORDER = ("event_time", "_brank", "item_id", "category_id", "brand", "price", "source_session_id")
@@ -40,7 +40,9 @@ class SessionizeResult:
     users: int
 
 
-def sessionize_events(events: DataFrame, gap_minutes: int, use_source_session: bool) -> tuple[DataFrame, DataFrame]:
+def sessionize_events(
+    events: DataFrame, gap_minutes: int, use_source_session: bool
+) -> tuple[DataFrame, DataFrame]:
     """Assign sessions to events.
 
     Args:
@@ -58,7 +60,9 @@ def sessionize_events(events: DataFrame, gap_minutes: int, use_source_session: b
     gap = F.col("event_time").cast("double") - prev_time.cast("double")
     new_session = prev_time.isNull() | (gap > gap_minutes * 60)
     if use_source_session:
-        new_session = new_session | ~F.col("source_session_id").eqNullSafe(F.lag("source_session_id").over(ordered))
+        new_session = new_session | ~F.col("source_session_id").eqNullSafe(
+            F.lag("source_session_id").over(ordered)
+        )
     df = df.withColumn("_new", new_session.cast("int"))
     df = df.withColumn("_sno", F.sum("_new").over(ordered.rowsBetween(Window.unboundedPreceding, 0)))
     in_session = Window.partitionBy(*user, "_sno").orderBy(*EVENT_ORDER)
@@ -115,17 +119,24 @@ def run_sessionize(spark: SparkSession, settings: Settings, run_date: date) -> S
                 .write.parquet(str(staged / SESSION_EVENTS.name))
             )
             # Sessions are aggregated from the written events rather than recomputing the windows.
-            sessions = sessions_of(spark.read.parquet(str(staged / SESSION_EVENTS.name)))
+            sessions = sessions_of(
+                spark.read.schema(SESSION_EVENTS.spark_schema()).parquet(str(staged / SESSION_EVENTS.name))
+            )
             (
                 sessions.repartition(parts, "user_id")
                 .sortWithinPartitions("source", "user_id", "session_start")
                 .write.parquet(str(staged / SESSIONS.name))
             )
-            stats = spark.read.parquet(str(staged / SESSIONS.name)).agg(
-                F.count("*").alias("sessions"),
-                F.sum("event_count").alias("events"),
-                F.countDistinct("user_id").alias("users"),
-            ).first()
+            stats = (
+                spark.read.schema(SESSIONS.spark_schema())
+                .parquet(str(staged / SESSIONS.name))
+                .agg(
+                    F.count("*").alias("sessions"),
+                    F.sum("event_count").alias("events"),
+                    F.countDistinct("user_id").alias("users"),
+                )
+                .first()
+            )
         result = SessionizeResult(run_date, int(stats["events"] or 0), stats["sessions"], stats["users"])
         counts.update(events=result.events, sessions=result.sessions, users=result.users)
     return result

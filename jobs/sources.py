@@ -29,8 +29,16 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from infra.tables import BEHAVIORS
 
 SHIPPED_DIR = Path(__file__).with_name("sources")
-CANONICAL_FIELDS = ("user_id", "item_id", "behavior", "event_time", "category_id", "brand", "price",
-                    "source_session_id")
+CANONICAL_FIELDS = (
+    "user_id",
+    "item_id",
+    "behavior",
+    "event_time",
+    "category_id",
+    "brand",
+    "price",
+    "source_session_id",
+)
 REQUIRED_FIELDS = ("user_id", "item_id", "behavior", "event_time")
 
 
@@ -81,13 +89,17 @@ class SourceMapping(_Strict):
     def _check(self) -> SourceMapping:
         unknown = set(self.columns) - set(CANONICAL_FIELDS)
         if unknown:
-            raise ValueError(f"columns maps unknown canonical fields {sorted(unknown)}; known: {CANONICAL_FIELDS}")
+            raise ValueError(
+                f"columns maps unknown canonical fields {sorted(unknown)}; known: {CANONICAL_FIELDS}"
+            )
         missing = [f for f in REQUIRED_FIELDS if f not in self.columns]
         if missing:
             raise ValueError(f"columns must map {missing}")
         bad = {v for v in self.behaviors.values() if v not in BEHAVIORS}
         if bad:
-            raise ValueError(f"behaviors maps to unknown canonical behaviours {sorted(bad)}; known: {BEHAVIORS}")
+            raise ValueError(
+                f"behaviors maps to unknown canonical behaviours {sorted(bad)}; known: {BEHAVIORS}"
+            )
         if self.format.columns:
             absent = [c for c in self.columns.values() if c not in self.format.columns]
             if absent:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import UTC, date, datetime, time, timedelta
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -82,7 +82,7 @@ class TrainingTables:
 
 def _seeded_sample(col: str, seed: int, fraction: float) -> F.Column:
     # A hash of the id, not rand(): the sample does not depend on partitioning or row order.
-    return (F.abs(F.xxhash64(F.col(col), F.lit(seed))) % 1_000_000) < int(round(fraction * 1_000_000))
+    return (F.abs(F.xxhash64(F.col(col), F.lit(seed))) % 1_000_000) < round(fraction * 1_000_000)
 
 
 def _last_per_user(df: DataFrame) -> DataFrame:
@@ -121,13 +121,22 @@ def split_events(events: DataFrame, params: SplitParams) -> tuple[DataFrame, Dat
     # Validation: the last training purchase of a seeded sample of users with >= 2 purchased items.
     train_buys = train.filter(F.col("behavior") == PURCHASE)
     eligible = (
-        train_buys.groupBy("user_id").agg(F.countDistinct("item_id").alias("_n")).filter("_n >= 2").select("user_id")
+        train_buys.groupBy("user_id")
+        .agg(F.countDistinct("item_id").alias("_n"))
+        .filter("_n >= 2")
+        .select("user_id")
     )
     eligible = eligible.filter(_seeded_sample("user_id", params.seed, params.val_user_fraction))
-    validation = _last_per_user(train_buys.join(eligible, "user_id")).select("user_id", "item_id", "event_time")
-    train = train.join(
-        validation.select("user_id", "item_id", F.lit(True).alias("_val")), ["user_id", "item_id"], "left"
-    ).filter(~(F.col("_val").isNotNull() & (F.col("behavior") == PURCHASE))).drop("_val")
+    validation = _last_per_user(train_buys.join(eligible, "user_id")).select(
+        "user_id", "item_id", "event_time"
+    )
+    train = (
+        train.join(
+            validation.select("user_id", "item_id", F.lit(True).alias("_val")), ["user_id", "item_id"], "left"
+        )
+        .filter(~(F.col("_val").isNotNull() & (F.col("behavior") == PURCHASE)))
+        .drop("_val")
+    )
 
     bought = train.filter(F.col("behavior") == PURCHASE).select("user_id", "item_id").distinct()
     known_before_test = bought.unionByName(validation.select("user_id", "item_id")).distinct()
@@ -181,7 +190,13 @@ def build_training_tables(events: DataFrame, params: SplitParams) -> TrainingTab
     heldout = (
         to_idx(heldout_ids)
         .join(visited.withColumn("visited", F.lit(True)), ["user_idx", "item_idx"], "left")
-        .select("user_idx", "item_idx", "split", "event_time", F.coalesce("visited", F.lit(False)).alias("visited"))
+        .select(
+            "user_idx",
+            "item_idx",
+            "split",
+            "event_time",
+            F.coalesce("visited", F.lit(False)).alias("visited"),
+        )
     )
     dropped = dict(dropped)
     dropped["cold_user_or_item"] = heldout_ids.join(
@@ -198,7 +213,9 @@ def build_training_tables(events: DataFrame, params: SplitParams) -> TrainingTab
         ITEM_MAP.name: item_map.select(*ITEM_MAP.column_names),
         TRAIN_EVENTS.name: train_events,
     }
-    return TrainingTables(tables=tables, dropped=dropped, cached=[train, validation, test, user_map, item_map])
+    return TrainingTables(
+        tables=tables, dropped=dropped, cached=[train, validation, test, user_map, item_map]
+    )
 
 
 def check_leakage(tables: dict[str, DataFrame], cutoff: datetime | None) -> dict[str, int]:
@@ -237,7 +254,7 @@ def split_params(settings: Settings, run_date: date) -> SplitParams:
     cutoff = None
     if cfg.protocol == "global_time":
         first_test_day = run_date - timedelta(days=cfg.test_days - 1)
-        cutoff = datetime.combine(first_test_day, time(0), tzinfo=timezone.utc)
+        cutoff = datetime.combine(first_test_day, time(0), tzinfo=UTC)
     return SplitParams(cfg.protocol, cutoff, settings.seeds.split, cfg.val_user_fraction)
 
 
@@ -264,7 +281,7 @@ def publish_training_tables(
             big = name in (TRAIN_EVENTS.name, INTERACTIONS.name)
             out = out.repartition(parts, "user_idx") if big else out.repartition(1)
             out.sortWithinPartitions(*sort_keys[name]).write.parquet(str(staged / name))
-            written[name] = spark.read.parquet(str(staged / name))
+            written[name] = spark.read.schema(tables_by_name[name].spark_schema()).parquet(str(staged / name))
         leaks = check_leakage(written, manifest.get("cutoff_dt"))
         if any(leaks.values()):
             raise LeakageError(f"training tables for {ds} leak held-out data: {leaks}; nothing published")
@@ -289,7 +306,9 @@ def publish_training_tables(
 
 def _stats(written: dict[str, DataFrame], rows: dict[str, int]) -> dict:
     inter, heldout = written[INTERACTIONS.name], written[HELDOUT.name]
-    by_behavior = {r["behavior"]: r["n"] for r in inter.groupBy("behavior").agg(F.count("*").alias("n")).collect()}
+    by_behavior = {
+        r["behavior"]: r["n"] for r in inter.groupBy("behavior").agg(F.count("*").alias("n")).collect()
+    }
     held = {
         r["split"]: r
         for r in heldout.groupBy("split")
@@ -321,7 +340,9 @@ def _stats(written: dict[str, DataFrame], rows: dict[str, int]) -> dict:
 def read_session_events(spark: SparkSession, settings: Settings, run_date: date) -> DataFrame:
     path = SESSIONIZED.table_dir(settings.paths.warehouse_root, run_date, SESSION_EVENTS)
     if not path.exists():
-        raise FileNotFoundError(f"no sessionized events at {path}: run `funnelrec sessionize --date {run_date}` first")
+        raise FileNotFoundError(
+            f"no sessionized events at {path}: run `funnelrec sessionize --date {run_date}` first"
+        )
     return spark.read.schema(SESSION_EVENTS.spark_schema()).parquet(str(path))
 
 
@@ -331,7 +352,9 @@ def run_split(spark: SparkSession, settings: Settings, run_date: date) -> dict:
     params = split_params(settings, run_date)
     first_day = window_start(run_date, cfg.observation_days)
     with stage("split", date=run_date.isoformat(), protocol=cfg.protocol) as counts:
-        events = read_session_events(spark, settings, run_date).filter(F.col("event_date") >= F.lit(first_day))
+        events = read_session_events(spark, settings, run_date).filter(
+            F.col("event_date") >= F.lit(first_day)
+        )
         built = build_training_tables(events, params)
         manifest = {
             "ds": run_date.isoformat(),

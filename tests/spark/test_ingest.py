@@ -41,8 +41,15 @@ MAPPING = {
     "name": "drops",
     "path": "drops/{date}.csv",
     "format": {"delimiter": ",", "header": True},
-    "columns": {"user_id": "uid", "item_id": "iid", "category_id": "cat", "behavior": "act",
-                "event_time": "ts", "price": "price", "source_session_id": "sess"},
+    "columns": {
+        "user_id": "uid",
+        "item_id": "iid",
+        "category_id": "cat",
+        "behavior": "act",
+        "event_time": "ts",
+        "price": "price",
+        "source_session_id": "sess",
+    },
     "time": {"unit": "s"},
     "behaviors": {"click": "view", "buy": "purchase"},
     "float_ids": ["user_id", "item_id"],
@@ -67,7 +74,11 @@ def test_every_refused_row_is_quarantined_with_reason_and_line(spark, make_setti
 
     q = spark.read.parquet(str(settings.paths.quarantine_root / "source=drops" / f"run_date={DAY}"))
     got = {r["line_number"]: (r["reason"], r["raw_line"]) for r in q.collect()}
-    expected = {n: (reason, line) for n, (line, reason) in LINES.items() if reason not in (None, "header", "duplicate")}
+    expected = {
+        n: (reason, line)
+        for n, (line, reason) in LINES.items()
+        if reason not in (None, "header", "duplicate")
+    }
     assert got == expected
     assert result.rows_in == len(LINES) - 1
     assert result.duplicates == 1
@@ -75,8 +86,15 @@ def test_every_refused_row_is_quarantined_with_reason_and_line(spark, make_setti
     assert result.quarantined_total == len(expected)
 
     events = spark.read.parquet(str(events_dir(settings.paths.warehouse_root)))
-    rows = sorted((r["user_id"], r["item_id"], r["behavior"], r["price"], r["source_session_id"]) for r in events.collect())
-    assert rows == [("1", "10", "view", 1.5, "s1"), ("2", "12", "view", 3.0, "s,2"), ("266079", "11", "purchase", 2.0, "s1")]
+    rows = sorted(
+        (r["user_id"], r["item_id"], r["behavior"], r["price"], r["source_session_id"])
+        for r in events.collect()
+    )
+    assert rows == [
+        ("1", "10", "view", 1.5, "s1"),
+        ("2", "12", "view", 3.0, "s,2"),
+        ("266079", "11", "purchase", 2.0, "s1"),
+    ]
 
 
 def test_over_threshold_fails_loudly_and_publishes_no_events(spark, make_settings, drop_root):

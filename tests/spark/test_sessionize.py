@@ -3,7 +3,7 @@ REES46's own session ids."""
 
 from __future__ import annotations
 
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 
 import pytest
 from pyspark.sql import functions as F
@@ -14,13 +14,24 @@ from jobs.sessionize import run_sessionize, sessionize_events
 from jobs.split import read_session_events
 
 pytestmark = pytest.mark.spark
-T0 = datetime(2020, 1, 2, 10, 0, tzinfo=timezone.utc)
+T0 = datetime(2020, 1, 2, 10, 0, tzinfo=UTC)
 
 
 def _events(spark, rows):
     """rows: (user, minutes after T0, behavior, source_session_id)."""
     data = [
-        (T0 + timedelta(minutes=m), u, f"i{k}", b, None, None, None, s, "src", (T0 + timedelta(minutes=m)).date())
+        (
+            T0 + timedelta(minutes=m),
+            u,
+            f"i{k}",
+            b,
+            None,
+            None,
+            None,
+            s,
+            "src",
+            (T0 + timedelta(minutes=m)).date(),
+        )
         for k, (u, m, b, s) in enumerate(rows)
     ]
     return spark.createDataFrame(data, EVENTS.spark_schema())
@@ -29,7 +40,7 @@ def _events(spark, rows):
 def _sessions_by_user(session_events):
     out: dict[str, list[list[int]]] = {}
     for r in session_events.orderBy("user_id", "event_time").collect():
-        minutes = int((r["event_time"].replace(tzinfo=timezone.utc) - T0).total_seconds() // 60)
+        minutes = int((r["event_time"].replace(tzinfo=UTC) - T0).total_seconds() // 60)
         groups = out.setdefault(r["user_id"], [])
         if not groups or groups[-1][0] != r["session_id"]:
             groups.append([r["session_id"]])
@@ -38,8 +49,16 @@ def _sessions_by_user(session_events):
 
 
 def test_gap_longer_than_threshold_starts_a_new_session(spark):
-    ev = _events(spark, [("a", 0, "view", None), ("a", 30, "view", None), ("a", 61, "cart", None),
-                         ("a", 62, "purchase", None), ("b", 5, "view", None)])
+    ev = _events(
+        spark,
+        [
+            ("a", 0, "view", None),
+            ("a", 30, "view", None),
+            ("a", 61, "cart", None),
+            ("a", 62, "purchase", None),
+            ("b", 5, "view", None),
+        ],
+    )
     se, sessions = sessionize_events(ev, gap_minutes=30, use_source_session=True)
     # 0 -> 30 is exactly the gap (same session); 30 -> 61 is longer (new session).
     assert _sessions_by_user(se) == {"a": [[0, 30], [61, 62]], "b": [[5]]}
@@ -59,11 +78,15 @@ def test_source_session_change_splits_unless_disabled(spark):
 def test_session_ids_are_stable_whatever_the_input_order(spark):
     rows = [("a", m, "view", None) for m in (0, 3, 50, 51, 200)] + [("b", 1, "view", None)]
     ev = _events(spark, rows)
-    ids1 = {(r["user_id"], r["item_id"]): (r["session_id"], r["seq_in_session"])
-            for r in sessionize_events(ev, 30, True)[0].collect()}
+    ids1 = {
+        (r["user_id"], r["item_id"]): (r["session_id"], r["seq_in_session"])
+        for r in sessionize_events(ev, 30, True)[0].collect()
+    }
     shuffled = ev.repartition(3).orderBy(F.rand(7))
-    ids2 = {(r["user_id"], r["item_id"]): (r["session_id"], r["seq_in_session"])
-            for r in sessionize_events(shuffled, 30, True)[0].collect()}
+    ids2 = {
+        (r["user_id"], r["item_id"]): (r["session_id"], r["seq_in_session"])
+        for r in sessionize_events(shuffled, 30, True)[0].collect()
+    }
     assert ids1 == ids2
     assert len({sid for sid, _ in ids1.values()}) == 4
 
@@ -72,7 +95,9 @@ def _pairwise(spark, se) -> tuple[float, float]:
     """Precision/recall of 'same session' over event pairs of the same user vs the source's ids."""
 
     def pairs(df, keys):
-        return df.groupBy(*keys).count().select(F.sum(F.col("count") * (F.col("count") - 1) / 2)).first()[0] or 0
+        return (
+            df.groupBy(*keys).count().select(F.sum(F.col("count") * (F.col("count") - 1) / 2)).first()[0] or 0
+        )
 
     ours = pairs(se, ["user_id", "session_id"])
     theirs = pairs(se, ["user_id", "source_session_id"])
@@ -92,8 +117,10 @@ def test_rees46_sessions_agree_with_the_source_ids(spark, make_settings, capsys)
     gap_only, _ = sessionize_events(ev, 30, use_source_session=False)
     p_gap, r_gap = _pairwise(spark, gap_only)
     with capsys.disabled():
-        print(f"\nREES46 same-session pairs, defaults: precision={precision:.4f} recall={recall:.4f}; "
-              f"gap only: precision={p_gap:.4f} recall={r_gap:.4f}")
+        print(
+            f"\nREES46 same-session pairs, defaults: precision={precision:.4f} recall={recall:.4f}; "
+            f"gap only: precision={p_gap:.4f} recall={r_gap:.4f}"
+        )
     assert precision >= 0.95 and recall >= 0.95
     # The gap rule alone never splits a source session here (REES46 rotates its ids more often than
     # every 30 idle minutes, so gap-only precision is lower: 0.89 on this slice).
@@ -108,9 +135,13 @@ def test_sessions_table_counts_agree_with_events(spark, make_settings):
     assert r.events == 10_000 and r.users == 114
     from infra.tables import SESSIONIZED, SESSIONS
 
-    sessions = spark.read.parquet(str(SESSIONIZED.table_dir(settings.paths.warehouse_root, run_date, SESSIONS)))
-    agg = sessions.agg(F.sum("event_count"), F.sum(sum(F.col(f"n_{b}") for b in
-                                                      ("view", "fav", "cart", "remove_from_cart", "purchase")))).first()
+    sessions = spark.read.parquet(
+        str(SESSIONIZED.table_dir(settings.paths.warehouse_root, run_date, SESSIONS))
+    )
+    agg = sessions.agg(
+        F.sum("event_count"),
+        F.sum(sum(F.col(f"n_{b}") for b in ("view", "fav", "cart", "remove_from_cart", "purchase"))),
+    ).first()
     assert agg[0] == agg[1] == 10_000
     assert sessions.filter("session_start > session_end").count() == 0
     assert sessions.select("session_id").distinct().count() == sessions.count() == r.sessions

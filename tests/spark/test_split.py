@@ -4,12 +4,21 @@ leakage checks and rerun stability."""
 from __future__ import annotations
 
 import json
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime
 
 import pytest
 from pyspark.sql import functions as F
 
-from infra.tables import EVENTS, HELDOUT, INTERACTIONS, ITEM_MAP, MANIFEST_FILE, TRAINING, USER_MAP, events_dir
+from infra.tables import (
+    EVENTS,
+    HELDOUT,
+    INTERACTIONS,
+    ITEM_MAP,
+    MANIFEST_FILE,
+    TRAINING,
+    USER_MAP,
+    events_dir,
+)
 from jobs.sessionize import run_sessionize
 from jobs.split import LeakageError, check_leakage, publish_training_tables, run_split
 from tests.conftest import settings_under
@@ -19,36 +28,54 @@ RUN = date(2020, 1, 3)
 
 
 def _t(day: int, hour: int) -> datetime:
-    return datetime(2020, 1, day, hour, tzinfo=timezone.utc)
+    return datetime(2020, 1, day, hour, tzinfo=UTC)
 
 
 # (user, item, behavior, time). Day 3 is the run date; with test_days=1 the cutoff is 2020-01-03 00:00.
 EVENTS_ROWS = [
-    ("u1", "A", "view", _t(1, 8)), ("u1", "A", "purchase", _t(1, 9)),
-    ("u1", "B", "view", _t(2, 8)), ("u1", "C", "purchase", _t(2, 9)), ("u1", "D", "view", _t(2, 10)),
-    ("u1", "D", "purchase", _t(3, 9)),   # test, visited (viewed on day 2)
+    ("u1", "A", "view", _t(1, 8)),
+    ("u1", "A", "purchase", _t(1, 9)),
+    ("u1", "B", "view", _t(2, 8)),
+    ("u1", "C", "purchase", _t(2, 9)),
+    ("u1", "D", "view", _t(2, 10)),
+    ("u1", "D", "purchase", _t(3, 9)),  # test, visited (viewed on day 2)
     ("u1", "E", "purchase", _t(3, 10)),  # test, unvisited
     ("u1", "A", "purchase", _t(3, 11)),  # repeat purchase: dropped
-    ("u2", "X", "view", _t(1, 8)), ("u2", "X", "purchase", _t(1, 9)), ("u2", "Y", "purchase", _t(2, 9)),
-    ("u2", "E", "view", _t(2, 12)), ("u2", "C", "view", _t(2, 13)), ("u1", "Y", "view", _t(2, 14)),
-    ("u2", "Z", "purchase", _t(3, 9)),   # cold item: dropped
-    ("u3", "A", "purchase", _t(3, 9)),   # cold user: dropped
+    ("u2", "X", "view", _t(1, 8)),
+    ("u2", "X", "purchase", _t(1, 9)),
+    ("u2", "Y", "purchase", _t(2, 9)),
+    ("u2", "E", "view", _t(2, 12)),
+    ("u2", "C", "view", _t(2, 13)),
+    ("u1", "Y", "view", _t(2, 14)),
+    ("u2", "Z", "purchase", _t(3, 9)),  # cold item: dropped
+    ("u3", "A", "purchase", _t(3, 9)),  # cold user: dropped
 ]
 
 
 def _write_events(spark, settings, rows):
     data = [(t, u, i, b, None, None, None, None, "hand", t.date()) for u, i, b, t in rows]
     df = spark.createDataFrame(data, EVENTS.spark_schema())
-    df.write.partitionBy("source", "event_date").mode("overwrite").parquet(str(events_dir(settings.paths.warehouse_root)))
+    df.write.partitionBy("source", "event_date").mode("overwrite").parquet(
+        str(events_dir(settings.paths.warehouse_root))
+    )
 
 
 @pytest.fixture(scope="module")
 def hand_tables(spark, tmp_path_factory):
-    settings = settings_under(tmp_path_factory.mktemp("hand"), {
-        "pipeline": {"sources": ["hand"]},
-        "split": {"protocol": "global_time", "test_days": 1, "val_user_fraction": 1.0, "observation_days": 30,
-                  "min_users": 1, "min_items": 1},
-    })
+    settings = settings_under(
+        tmp_path_factory.mktemp("hand"),
+        {
+            "pipeline": {"sources": ["hand"]},
+            "split": {
+                "protocol": "global_time",
+                "test_days": 1,
+                "val_user_fraction": 1.0,
+                "observation_days": 30,
+                "min_users": 1,
+                "min_items": 1,
+            },
+        },
+    )
     _write_events(spark, settings, EVENTS_ROWS)
     run_sessionize(spark, settings, RUN)
     manifest = run_split(spark, settings, RUN)
@@ -84,8 +111,11 @@ def test_training_purchases_exclude_heldout_and_post_cutoff_rows(hand_tables):
     buys = {(r["user"], r["item"]) for r in inter if r["behavior"] == "purchase"}
     assert buys == {("u1", "A"), ("u2", "X")}  # C and Y went to validation
     assert all(r["last_time"] < datetime(2020, 1, 3) for r in inter)
-    assert manifest["leakage"] == {"heldout_in_train_purchases": 0, "train_rows_after_cutoff": 0,
-                                   "train_purchase_after_test": 0}
+    assert manifest["leakage"] == {
+        "heldout_in_train_purchases": 0,
+        "train_rows_after_cutoff": 0,
+        "train_purchase_after_test": 0,
+    }
 
 
 def test_id_maps_are_one_to_one_and_contiguous(hand_tables):
@@ -99,6 +129,7 @@ def test_id_maps_are_one_to_one_and_contiguous(hand_tables):
 
 def test_rerun_gives_identical_tables(spark, hand_tables):
     settings, manifest, root, *_ = hand_tables
+
     def contents():
         by_table: dict[str, list[bytes]] = {}
         for p in root.rglob("*.parquet"):
@@ -118,20 +149,30 @@ def test_leakage_is_detected_and_stops_publishing(spark, hand_tables):
     tables = {t.name: spark.read.parquet(str(root / t.name)) for t in TRAINING.tables}
     buy = tables[INTERACTIONS.name].filter("behavior = 'purchase'").first()
     leaked = tables[HELDOUT.name].unionByName(
-        spark.createDataFrame([(buy["user_idx"], buy["item_idx"], "test", datetime(2020, 1, 3, 12), False)],
-                              HELDOUT.spark_schema())
+        spark.createDataFrame(
+            [(buy["user_idx"], buy["item_idx"], "test", datetime(2020, 1, 3, 12), False)],
+            HELDOUT.spark_schema(),
+        )
     )
     late = tables[INTERACTIONS.name].withColumn("last_time", F.lit(datetime(2020, 1, 3, 1)))
     leaks = check_leakage({**tables, HELDOUT.name: leaked, INTERACTIONS.name: late}, datetime(2020, 1, 3))
-    assert leaks["heldout_in_train_purchases"] >= 1 and leaks["train_rows_after_cutoff"] == tables[INTERACTIONS.name].count()
+    assert (
+        leaks["heldout_in_train_purchases"] >= 1
+        and leaks["train_rows_after_cutoff"] == tables[INTERACTIONS.name].count()
+    )
 
     from jobs.split import TrainingTables
 
     before = {p: p.read_bytes() for p in root.rglob("*.parquet")}
     assert before
     with pytest.raises(LeakageError, match="heldout_in_train_purchases"):
-        publish_training_tables(spark, settings, RUN.isoformat(), TrainingTables({**tables, HELDOUT.name: leaked}),
-                                {"cutoff_dt": datetime(2020, 1, 3, tzinfo=timezone.utc)})
+        publish_training_tables(
+            spark,
+            settings,
+            RUN.isoformat(),
+            TrainingTables({**tables, HELDOUT.name: leaked}),
+            {"cutoff_dt": datetime(2020, 1, 3, tzinfo=UTC)},
+        )
     assert {p: p.read_bytes() for p in root.rglob("*.parquet")} == before  # previous tables untouched
 
 
@@ -139,10 +180,12 @@ def test_leave_last_purchase_on_retailrocket(spark, make_settings):
     """The demo protocol on the bundled RetailRocket slice evaluates thousands of users, mostly visited."""
     from jobs.ingest import ingest_source
 
-    settings = make_settings({
-        "sessionize": {"history_days": 140},
-        "split": {"protocol": "leave_last_purchase", "observation_days": 140, "val_user_fraction": 1.0},
-    })
+    settings = make_settings(
+        {
+            "sessionize": {"history_days": 140},
+            "split": {"protocol": "leave_last_purchase", "observation_days": 140, "val_user_fraction": 1.0},
+        }
+    )
     run_date = date(2015, 9, 18)
     r = ingest_source(spark, settings, "retailrocket_mb", run_date)
     assert (r.rows_in, r.rows_out, r.users) == (97_381, 97_381, 2_174)

@@ -44,8 +44,20 @@ def test_stages_not_built_say_so_and_exit_nonzero(name, capsys, tmp_path, monkey
 def test_every_stage_has_help_that_names_its_tables():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    expected = {"ingest", "sessionize", "split", "validate", "train", "evaluate", "promote", "rollback",
-                "score", "publish", "synth", "nightly"}
+    expected = {
+        "ingest",
+        "sessionize",
+        "split",
+        "validate",
+        "train",
+        "evaluate",
+        "promote",
+        "rollback",
+        "score",
+        "publish",
+        "synth",
+        "nightly",
+    }
     assert set(sub.choices) == expected
     assert "events" in sub.choices["ingest"].description
     assert "quarantine" in sub.choices["ingest"].description
