@@ -16,7 +16,7 @@ from datetime import date
 from pathlib import Path
 
 from infra.dates import InvalidDateError, parse_run_date
-from infra.logs import configure, get_logger
+from infra.logs import configure, get_logger, stage
 from infra.settings import Settings, load_settings
 from infra.tables import MANIFEST_FILE, SESSIONIZED, TRAINING, events_dir, quarantine_dir
 
@@ -43,7 +43,6 @@ NOT_BUILT: dict[str, str] = {
     "rollback": "registry rollback (issue: MLflow)",
     "score": "batch scoring of active users (issue: batch scoring)",
     "publish": "analysts' DuckDB marts and daily report (issue: batch scoring)",
-    "synth": "the seeded synthetic log generator (issue: Spark jobs, part 5)",
 }
 
 
@@ -96,9 +95,15 @@ def cmd_split(args, settings: Settings) -> int:
     from infra.spark import get_spark
     from jobs.split import run_split
 
-    manifest = run_split(get_spark(settings), settings, args.date)
+    spark = get_spark(settings)
+    if args.benchmark:
+        from jobs.benchmarks import run_benchmark_split
+
+        manifest = run_benchmark_split(spark, settings, Path(args.benchmark), args.name)
+    else:
+        manifest = run_split(spark, settings, args.date)
     print(json.dumps(manifest["stats"], indent=2))
-    print(f"training tables -> {TRAINING.dir(settings.paths.warehouse_root, args.date)}")
+    print(f"training tables -> {TRAINING.dir(settings.paths.warehouse_root, manifest['ds'])}")
     return 0
 
 
@@ -119,6 +124,21 @@ def cmd_nightly(args, settings: Settings) -> int:
     for name, path in _where(settings, args.date):
         print(f"  {name:<18} {path}")
     print(f"not built yet (not run): {', '.join(pending)}")
+    return 0
+
+
+def cmd_synth(args, settings: Settings) -> int:
+    from jobs.synth import SynthParams, generate
+
+    out = Path(args.out) if args.out else settings.paths.data_root / "synthetic"
+    params = SynthParams(events=args.events, seed=args.seed, end_date=args.end_date, days=args.days)
+    with stage("synth", events=args.events, seed=args.seed) as counts:
+        result = generate(out, params)
+        counts.update(users=result.users, files=len(result.files), **result.counts)
+    print(
+        f"{result.events} events of {result.users} users in {len(result.files)} file(s) under {out} "
+        f"(Taobao format; ingest with the `synthetic` mapping)"
+    )
     return 0
 
 
@@ -165,12 +185,21 @@ def build_parser() -> argparse.ArgumentParser:
         "(warehouse/sessionized/ds=D).",
         cmd_sessionize,
     )
-    add(
+    p = add(
         "split",
         "Read `session_events` of --date and write the training tables: interactions, visited sets, held-out "
-        "purchases labelled visited/unvisited, id maps and a manifest (warehouse/training/ds=D).",
+        "purchases labelled visited/unvisited, id maps and a manifest (warehouse/training/ds=D). With "
+        "--benchmark FOLDER, read an MBGCN/MEMBER benchmark folder instead and reproduce MEMBER's split "
+        "(warehouse/training/ds=NAME).",
         cmd_split,
+        dated=False,
     )
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--date", type=_date, metavar="YYYY-MM-DD", help="run date (UTC day)")
+    which.add_argument(
+        "--benchmark", metavar="FOLDER", help="benchmark folder (user item files per behaviour)"
+    )
+    p.add_argument("--name", help="name of the benchmark's tables (default: the folder name)")
     p = add(
         "validate",
         "Validate a table of --date with its Great Expectations suite (not built yet).",
@@ -199,12 +228,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = add(
         "synth",
-        "Write a seeded synthetic log in the Taobao format (not built yet).",
-        _not_built("synth"),
+        "Write a seeded synthetic log in the Taobao UserBehavior format (power-law items, sessions, "
+        "view -> fav/cart -> purchase funnels, daily rhythm), streamed to part-NNNNN.csv files under --out "
+        "(default <data_root>/synthetic). Reads nothing.",
+        cmd_synth,
         dated=False,
     )
-    p.add_argument("--events", type=int, required=True)
+    p.add_argument("--events", type=int, required=True, help="number of events (1e5 .. 1e8)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="output folder (default <data_root>/synthetic)")
+    p.add_argument("--end-date", type=_date, default=parse_run_date("2017-12-03"), help="last day of the log")
+    p.add_argument("--days", type=int, default=9, help="days the log spans")
     add(
         "nightly",
         "Run every built stage for --date in order (ingest -> sessionize -> split) and print where each "

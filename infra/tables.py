@@ -169,7 +169,12 @@ INTERACTIONS = Table(
         C("item_idx", "int", "contiguous item index (item_map)"),
         C("behavior", "string", "canonical behaviour"),
         C("count", "long", "events of this behaviour for the pair in the training period"),
-        C("last_time", "timestamp", "last such event in the training period"),
+        C(
+            "last_time",
+            "timestamp",
+            "last such event in the training period (null for benchmarks)",
+            nullable=True,
+        ),
     ),
     "Training-period interactions per (user, item, behaviour). Held-out purchases are absent.",
 )

@@ -196,3 +196,26 @@ def test_leave_last_purchase_on_retailrocket(spark, make_settings):
     assert test["visited"] / test["pairs"] > 0.9  # SOURCE.md: 93.7% of last purchases were viewed or carted
     assert m["stats"]["heldout"]["validation"]["users"] >= 200
     assert set(m["leakage"].values()) == {0}
+
+
+def test_member_tmall_split_reproduces_the_pair_counts(spark, make_settings):
+    from jobs.benchmarks import run_benchmark_split
+    from tests.conftest import SAMPLE_DATA
+
+    settings = make_settings({"split": {"val_user_fraction": 0.1}})
+    m = run_benchmark_split(spark, settings, SAMPLE_DATA / "tmall_mbgcn")
+    st = m["stats"]
+    assert (st["users"], st["items"]) == (41_738, 11_953)
+    val, test = st["heldout"]["validation"], st["heldout"]["test"]
+    # MEMBER's training purchases = MBGCN train + test = 255,586 pairs; we hold some out for validation.
+    assert st["interaction_pairs_by_behavior"]["purchase"] + val["pairs"] == 255_586
+    assert (test["pairs"], test["users"]) == (31_572, 29_310)
+    assert m["dropped"]["test_repeat_purchase"] == 0
+    assert 3_000 < val["users"] < 5_000 and val["pairs"] == val["users"]
+    assert (
+        st["interaction_pairs_by_behavior"]["fav"] == 221_514
+        and st["interaction_pairs_by_behavior"]["cart"] == 1_996
+    )
+    # Without the click file most test purchases are unvisited (the notes: visited sets are smaller).
+    assert test["unvisited"] > test["visited"] > 0
+    assert set(m["leakage"].values()) == {0}

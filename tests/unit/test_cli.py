@@ -33,7 +33,6 @@ def test_stages_not_built_say_so_and_exit_nonzero(name, capsys, tmp_path, monkey
     argv = {
         "validate": ["validate", "--table", "events", "--date", "2015-09-18"],
         "train": ["train", "--model", "member", "--date", "2015-09-18"],
-        "synth": ["synth", "--events", "10"],
         "promote": ["promote"],
         "rollback": ["rollback"],
     }.get(name, [name, "--date", "2015-09-18"])

@@ -1,0 +1,312 @@
+"""Benchmark: ingest + sessionize + split on synthetic logs, Spark (the real jobs) against the same
+logic written as DuckDB SQL over the same files, in the same run.
+
+    .venv/bin/python bench/etl.py --events 1000000 10000000 --master 'local[2]'
+
+Prints events/s per stage for both engines, the Spark/DuckDB time ratio, the JVM's peak heap and
+RSS, and DuckDB's peak RSS; saves everything to ``bench/results/etl.json``. Targets (issue: Spark
+jobs): Spark within 3x of DuckDB at 10M events, time growing no faster than linearly from 1M to
+10M, driver heap <= 4 GB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import sys
+import threading
+import time
+from datetime import date, timedelta
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from infra.settings import load_settings  # noqa: E402
+from jobs.synth import SynthParams, generate  # noqa: E402
+
+END = date(2017, 12, 3)
+DAYS = 9
+
+
+class Sampler:
+    """Samples a value in a background thread and keeps the peak."""
+
+    def __init__(self, fn, every: float = 0.25):
+        self.fn, self.every, self.peak = fn, every, 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            # A process can vanish between samples; the peak so far stands.
+            with contextlib.suppress(Exception):
+                self.peak = max(self.peak, int(self.fn()))
+            self._stop.wait(self.every)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+
+def run_spark(data_root: Path, work: Path, master: str) -> dict:
+    from infra.spark import get_spark
+    from jobs.ingest import ingest_source
+    from jobs.sessionize import run_sessionize
+    from jobs.split import run_split
+
+    settings = load_settings(
+        environ={},
+        overrides={
+            "paths": {
+                "data_root": str(data_root),
+                "warehouse_root": str(work / "wh"),
+                "quarantine_root": str(work / "wh" / "q"),
+            },
+            "pipeline": {"sources": ["synthetic"]},
+            "spark": {
+                "master": master,
+                "conf": {"spark.driver.memory": "4g", "spark.sql.shuffle.partitions": "8"},
+            },
+            "sessionize": {"history_days": DAYS},
+            "split": {"protocol": "global_time", "observation_days": DAYS, "test_days": 1},
+        },
+    )
+    t = time.perf_counter()
+    spark = get_spark(settings)
+    startup = time.perf_counter() - t
+    jvm = spark.sparkContext._jvm
+    heap = jvm.java.lang.management.ManagementFactory.getMemoryMXBean()
+    java = [p for p in psutil.Process().children(recursive=True) if "java" in p.name()]
+    out = {"startup_s": startup, "stages": {}}
+    with (
+        Sampler(lambda: heap.getHeapMemoryUsage().getUsed()) as heap_peak,
+        Sampler(lambda: sum(p.memory_info().rss for p in java)) as rss_peak,
+    ):
+        for name, fn in (
+            ("ingest", lambda: ingest_source(spark, settings, "synthetic", END)),
+            ("sessionize", lambda: run_sessionize(spark, settings, END)),
+            ("split", lambda: run_split(spark, settings, END)),
+        ):
+            t = time.perf_counter()
+            result = fn()
+            out["stages"][name] = {"seconds": time.perf_counter() - t}
+            if name == "split":
+                out["split_stats"] = {k: result["stats"][k] for k in ("users", "items", "train_events")}
+                out["split_stats"]["test_pairs"] = result["stats"]["heldout"]["test"]["pairs"]
+    out["jvm_heap_peak_bytes"] = heap_peak.peak
+    out["jvm_rss_peak_bytes"] = rss_peak.peak
+    out["jvm_heap_max_bytes"] = heap.getHeapMemoryUsage().getMax()
+    spark.stop()
+    return out
+
+
+DUCK_SQL = {
+    "ingest": """
+        create or replace table raw as
+        select * from read_csv('{files}', header = false, all_varchar = true, null_padding = true,
+            columns = {{'user_id': 'VARCHAR', 'item_id': 'VARCHAR', 'category_id': 'VARCHAR',
+                        'behavior_type': 'VARCHAR', 'ts': 'VARCHAR'}});
+        create or replace table parsed as
+        select trim(user_id) as user_id, trim(item_id) as item_id, trim(category_id) as category_id,
+               case behavior_type when 'pv' then 'view' when 'fav' then 'fav' when 'cart' then 'cart'
+                                  when 'buy' then 'purchase' end as behavior,
+               to_timestamp(try_cast(ts as double)) as event_time
+        from raw;
+        create or replace table quarantine as select * from parsed
+        where user_id is null or item_id is null or behavior is null or event_time is null
+           or event_time >= timestamp '{end_excl}';
+        create or replace table events as
+        select distinct *, cast(event_time as date) as event_date from parsed
+        where not (user_id is null or item_id is null or behavior is null or event_time is null
+                   or event_time >= timestamp '{end_excl}');
+        copy events to '{out}/events' (format parquet, partition_by (event_date), overwrite_or_ignore);
+    """,
+    "sessionize": """
+        create or replace table session_events as
+        with o as (
+            select *, case behavior when 'view' then 0 when 'fav' then 1 when 'cart' then 2
+                                    when 'remove_from_cart' then 3 else 4 end as brank
+            from events where event_date >= date '{first}'),
+        g as (select *, lag(event_time) over w as prev from o
+              window w as (partition by user_id order by event_time, brank, item_id, category_id)),
+        s as (select *, sum(case when prev is null or epoch(event_time) - epoch(prev) > 1800 then 1 else 0 end)
+                   over (partition by user_id order by event_time, brank, item_id, category_id
+                         rows unbounded preceding) as sno from g)
+        select user_id, item_id, category_id, behavior, event_time, event_date,
+               substr(sha256(user_id || '|' || epoch_us(min(event_time) over (partition by user_id, sno))), 1, 24)
+                   as session_id,
+               row_number() over (partition by user_id, sno order by event_time, brank, item_id, category_id)
+                   as seq_in_session
+        from s;
+        create or replace table sessions as
+        select session_id, user_id, min(event_time) as session_start, max(event_time) as session_end,
+               count(*) as event_count, count(*) filter (behavior = 'purchase') as n_purchase
+        from session_events group by all;
+        copy session_events to '{out}/session_events.parquet' (format parquet);
+        copy sessions to '{out}/sessions.parquet' (format parquet);
+    """,
+    "split": """
+        create or replace table train as select * from session_events where event_time < timestamp '{cutoff}';
+        create or replace table test as
+        select user_id, item_id, min(event_time) as event_time from session_events
+        where event_time >= timestamp '{cutoff}' and behavior = 'purchase' group by all;
+        create or replace table validation as
+        with b as (select * from train where behavior = 'purchase'),
+        e as (select user_id from b group by user_id having count(distinct item_id) >= 2
+              and abs(hash(user_id)) % 1000000 < 100000)
+        select user_id, item_id, event_time from (
+            select b.*, row_number() over (partition by b.user_id order by event_time desc, item_id desc) as r
+            from b join e using (user_id)) where r = 1;
+        create or replace table train2 as
+        select t.* from train t left join validation v using (user_id, item_id)
+        where not (v.user_id is not null and t.behavior = 'purchase');
+        create or replace table user_map as
+        select user_id, row_number() over (order by user_id) - 1 as user_idx from (select distinct user_id from train2);
+        create or replace table item_map as
+        select item_id, row_number() over (order by item_id) - 1 as item_idx from (select distinct item_id from train2);
+        create or replace table interactions as
+        select user_idx, item_idx, behavior, count(*) as count, max(event_time) as last_time
+        from train2 join user_map using (user_id) join item_map using (item_id) group by all;
+        create or replace table visited as
+        select distinct user_idx, item_idx from interactions where behavior <> 'purchase';
+        create or replace table heldout as
+        with h as (select *, 'validation' as split from validation
+                   union all
+                   select t.*, 'test' from test t
+                   anti join (select distinct user_id, item_id from train2 where behavior = 'purchase'
+                              union select user_id, item_id from validation) k using (user_id, item_id))
+        select user_idx, item_idx, split, event_time, v.user_idx is not null as visited
+        from h join user_map using (user_id) join item_map using (item_id)
+        left join visited v using (user_idx, item_idx);
+        copy interactions to '{out}/interactions.parquet' (format parquet);
+        copy visited to '{out}/visited.parquet' (format parquet);
+        copy heldout to '{out}/heldout.parquet' (format parquet);
+        copy user_map to '{out}/user_map.parquet' (format parquet);
+        copy item_map to '{out}/item_map.parquet' (format parquet);
+    """,
+}
+
+
+def run_duckdb(data_root: Path, work: Path, threads: int) -> dict:
+    import duckdb
+
+    out_dir = work / "duck"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect(str(work / "bench.duckdb"))
+    con.execute(f"set threads = {threads}")
+    fmt = {
+        "files": str(data_root / "synthetic" / "*.csv"),
+        "out": str(out_dir),
+        "end_excl": (END + timedelta(days=1)).isoformat(),
+        "first": (END - timedelta(days=DAYS - 1)).isoformat(),
+        "cutoff": END.isoformat(),
+    }
+    proc = psutil.Process()
+    out = {"stages": {}}
+    with Sampler(lambda: proc.memory_info().rss) as rss_peak:
+        for name, sql in DUCK_SQL.items():
+            t = time.perf_counter()
+            con.execute(sql.format(**fmt))
+            out["stages"][name] = {"seconds": time.perf_counter() - t}
+    out["rss_peak_bytes"] = rss_peak.peak
+    out["events"] = con.execute("select count(*) from events").fetchone()[0]
+    out["test_pairs"] = con.execute("select count(*) from heldout where split = 'test'").fetchone()[0]
+    con.close()
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--events", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    ap.add_argument("--master", default="local[2]")
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--work", default=str(REPO / "bench" / "results" / "tmp"))
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "etl.json"))
+    args = ap.parse_args()
+    threads = (
+        int(args.master[len("local[") : -1])
+        if args.master.startswith("local[") and args.master[6:-1].isdigit()
+        else os.cpu_count()
+    )
+    results = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        },
+        "spark_master": args.master,
+        "duckdb_threads": threads,
+        "runs": [],
+    }
+    for n in args.events:
+        work = Path(args.work) / f"n{n}"
+        shutil.rmtree(work, ignore_errors=True)
+        data_root = work / "raw"
+        t = time.perf_counter()
+        synth = generate(
+            data_root / "synthetic", SynthParams(events=n, seed=args.seed, end_date=END, days=DAYS)
+        )
+        synth_s = time.perf_counter() - t
+        duck = run_duckdb(data_root, work, threads)
+        spark = run_spark(data_root, work, args.master)
+        spark_total = sum(s["seconds"] for s in spark["stages"].values())
+        duck_total = sum(s["seconds"] for s in duck["stages"].values())
+        run = {
+            "events": n,
+            "users": synth.users,
+            "synth_seconds": synth_s,
+            "spark": spark,
+            "duckdb": duck,
+            "spark_total_s": spark_total,
+            "duckdb_total_s": duck_total,
+            "spark_events_per_s": n / spark_total,
+            "duckdb_events_per_s": n / duck_total,
+            "ratio_spark_over_duckdb": spark_total / duck_total,
+        }
+        results["runs"].append(run)
+        print(f"\n== {n:,} events ({synth.users:,} users)")
+        print(f"{'stage':<12}{'spark s':>10}{'duckdb s':>10}{'ratio':>8}")
+        for stage in ("ingest", "sessionize", "split"):
+            s, d = spark["stages"][stage]["seconds"], duck["stages"][stage]["seconds"]
+            print(f"{stage:<12}{s:>10.1f}{d:>10.1f}{s / d:>8.2f}")
+        print(f"{'total':<12}{spark_total:>10.1f}{duck_total:>10.1f}{spark_total / duck_total:>8.2f}")
+        print(
+            f"events/s: spark {n / spark_total:,.0f}  duckdb {n / duck_total:,.0f}  "
+            f"(spark start-up {spark['startup_s']:.1f} s not counted)"
+        )
+        print(
+            f"peak memory: JVM heap {spark['jvm_heap_peak_bytes'] / 2**30:.2f} GiB "
+            f"(max {spark['jvm_heap_max_bytes'] / 2**30:.2f}), JVM RSS {spark['jvm_rss_peak_bytes'] / 2**30:.2f} GiB, "
+            f"DuckDB process RSS {duck['rss_peak_bytes'] / 2**30:.2f} GiB"
+        )
+        shutil.rmtree(work, ignore_errors=True)
+    if len(results["runs"]) >= 2:
+        a, b = results["runs"][0], results["runs"][-1]
+        results["scaling"] = {
+            "events_ratio": b["events"] / a["events"],
+            "spark_time_ratio": b["spark_total_s"] / a["spark_total_s"],
+            "duckdb_time_ratio": b["duckdb_total_s"] / a["duckdb_total_s"],
+        }
+        print(
+            f"\nscaling {a['events']:,} -> {b['events']:,}: spark time x{results['scaling']['spark_time_ratio']:.2f}, "
+            f"duckdb time x{results['scaling']['duckdb_time_ratio']:.2f} (events x{results['scaling']['events_ratio']:.0f})"
+        )
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"saved {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
