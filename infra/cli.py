@@ -37,8 +37,6 @@ NIGHTLY_STAGES = (
 )
 NOT_BUILT: dict[str, str] = {
     "validate": "Great Expectations gates (issue: GX gates on events, sessions, training and scored tables)",
-    "train": "model training (issue: training and evaluation)",
-    "evaluate": "full-ranking evaluation (issue: training and evaluation)",
     "promote": "metric-gated champion/challenger promotion (issue: MLflow)",
     "rollback": "registry rollback (issue: MLflow)",
     "score": "batch scoring of active users (issue: batch scoring)",
@@ -107,6 +105,32 @@ def cmd_split(args, settings: Settings) -> int:
     return 0
 
 
+def _ds(args) -> str:
+    return args.benchmark if getattr(args, "benchmark", None) else args.date.isoformat()
+
+
+def cmd_train(args, settings: Settings) -> int:
+    from training.stages import run_train
+
+    meta = run_train(settings, _ds(args), args.model, epochs=args.epochs)
+    print(
+        f"{args.model}: best epoch {meta['best_epoch']} of {meta['epochs_run']} "
+        f"({meta['seconds_per_epoch']:.1f} s/epoch on {meta['device']}, peak RSS {meta['peak_rss_mb']:.0f} MB) "
+        f"-> {meta['path']}"
+    )
+    return 0
+
+
+def cmd_evaluate(args, settings: Settings) -> int:
+    from training.stages import format_metrics, run_evaluate
+
+    metrics = run_evaluate(settings, _ds(args), args.model)
+    for split, values in metrics.items():
+        print(f"\n{args.model} on {split}:")
+        print(format_metrics(values))
+    return 0
+
+
 def cmd_nightly(args, settings: Settings) -> int:
     from infra.spark import get_spark
     from jobs.ingest import run_ingest
@@ -148,6 +172,20 @@ def _not_built(name: str) -> Callable:
         return EXIT_NOT_BUILT
 
     return run
+
+
+def _add_ds(p: argparse.ArgumentParser) -> None:
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument(
+        "--date", type=_date, metavar="YYYY-MM-DD", help="run date whose training tables to use"
+    )
+    which.add_argument("--benchmark", metavar="NAME", help="benchmark tables written by `split --benchmark`")
+
+
+def _models() -> list[str]:
+    from training.models import available_models
+
+    return available_models()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -206,13 +244,27 @@ def build_parser() -> argparse.ArgumentParser:
         _not_built("validate"),
     )
     p.add_argument("--table", required=True, help="events | sessions | training | scores")
-    p = add("train", "Train a model on the training tables of --date (not built yet).", _not_built("train"))
-    p.add_argument("--model", required=True, help="model name, e.g. member, popularity, als")
-    add(
-        "evaluate",
-        "Evaluate a trained model on held-out purchases of --date (not built yet).",
-        _not_built("evaluate"),
+    p = add(
+        "train",
+        "Train one model on the training tables of --date (warehouse/training/ds=D) or of --benchmark NAME "
+        "(warehouse/training/ds=NAME); write its state dict, config and history to "
+        "warehouse/models/ds=D/MODEL.",
+        cmd_train,
+        dated=False,
     )
+    _add_ds(p)
+    p.add_argument("--model", required=True, help="model name: " + ", ".join(_models()))
+    p.add_argument("--epochs", type=int, help="cap on epochs (default: the model's own setting)")
+    p = add(
+        "evaluate",
+        "Rank all items for every user with a held-out purchase (training purchases masked) and write HR, "
+        "NDCG and Recall @10/20/50 per setting (standard, visited, unvisited, long_tail) and split to "
+        "warehouse/models/ds=D/MODEL/metrics.json.",
+        cmd_evaluate,
+        dated=False,
+    )
+    _add_ds(p)
+    p.add_argument("--model", required=True, help="model name")
     add(
         "promote",
         "Apply mlflow/promotion.yaml to the challenger (not built yet).",

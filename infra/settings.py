@@ -66,6 +66,13 @@ class Split(_Section):
     min_items: int = Field(ge=1)
 
 
+class TrainingSettings(_Section):
+    models: list[str]
+    max_epochs: int | None = Field(default=None, gt=0)
+    device: str | None = None
+    eval_batch_size: int = Field(gt=0)
+
+
 class Seeds(_Section):
     split: int
     train: int
@@ -90,6 +97,7 @@ class Settings(_Section):
     ingest: Ingest
     sessionize: Sessionize
     split: Split
+    training: TrainingSettings
     seeds: Seeds
     mlflow: MlflowSettings
     logging: LoggingSettings

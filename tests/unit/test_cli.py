@@ -32,7 +32,6 @@ def test_stages_not_built_say_so_and_exit_nonzero(name, capsys, tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     argv = {
         "validate": ["validate", "--table", "events", "--date", "2015-09-18"],
-        "train": ["train", "--model", "member", "--date", "2015-09-18"],
         "promote": ["promote"],
         "rollback": ["rollback"],
     }.get(name, [name, "--date", "2015-09-18"])

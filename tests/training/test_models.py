@@ -1,0 +1,94 @@
+"""Every model through the one trainer: losses fall, seeds reproduce, MEMBER's gate routes items."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from training.evaluate import evaluate_scores, flatten
+from training.models import available_models, default_config, model_class
+from training.trainer import fit_model
+
+TRAINABLE = [m for m in available_models() if model_class(m).trainable]
+FITTED = [m for m in available_models() if not model_class(m).trainable]
+FAST = {"train": {"batch_size": 64, "epochs": 2, "patience": 5, "lr": 0.01}}
+
+
+def test_registry_finds_every_model_with_commented_defaults():
+    assert {"popularity", "als", "als_multi", "bpr", "bpr_multi", "lightgcn", "member"} <= set(
+        available_models()
+    )
+    for name in available_models():
+        assert model_class(name).name == default_config(name).get("class", name)
+
+
+@pytest.mark.parametrize("name", TRAINABLE)
+def test_loss_falls_over_two_epochs(name, tiny):
+    r = fit_model(name, tiny, seed=3, overrides=FAST, progress=False)
+    losses = [row["loss"] for row in r.history]
+    assert len(losses) == 2 and losses[1] < losses[0], losses
+
+
+@pytest.mark.parametrize("name", [m for m in FITTED if m != "popularity"])
+def test_fitted_models_rank_better_than_chance(name, tiny):
+    r = fit_model(name, tiny, seed=3, progress=False)
+    m = evaluate_scores(r.model.scores, tiny, "test", ks=(10,))
+    # 50 items, 2 masked purchases: a random ranking finds the item in the top 10 about 21% of the time.
+    assert m["standard"]["HR@10"] > 0.3
+
+
+def test_popularity_ranks_items_by_purchases(tiny):
+    import numpy as np
+
+    model = fit_model("popularity", tiny, seed=0, progress=False).model
+    counts = np.asarray(tiny.purchases.sum(0)).ravel()
+    s = model.scores(torch.tensor([0, 5]))
+    assert torch.equal(s[0], s[1])  # not personalised
+    order = torch.argsort(s[0], descending=True, stable=True).numpy()
+    assert (np.diff(counts[order]) <= 0).all()
+
+
+@pytest.mark.parametrize("name", ["member", "lightgcn", "als"])
+def test_same_seed_same_metrics(name, tiny):
+    runs = [fit_model(name, tiny, seed=s, overrides=FAST, progress=False) for s in (5, 5, 6)]
+    metrics = [flatten(evaluate_scores(r.model.scores, tiny, "test")) for r in runs]
+    assert metrics[0] == metrics[1]
+    states = [r.model.state_dict() for r in runs]
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert not all(torch.equal(states[0][k], states[2][k]) for k in states[0])
+
+
+def test_member_gate_sends_visited_items_to_the_visited_expert(tiny):
+    model = fit_model("member", tiny, seed=1, overrides=FAST, progress=False).model
+    users = torch.arange(tiny.n_users)
+    experts = model.expert_scores(users)
+    gated = model.scores(users)
+    visited = torch.from_numpy(tiny.visited.toarray() > 0)
+    assert visited.any() and (~visited).any()
+    assert torch.equal(gated[visited], experts["visited"][visited])
+    assert torch.equal(gated[~visited], experts["unvisited"][~visited])
+    assert not torch.equal(experts["visited"], experts["unvisited"])  # no shared parameters
+    u, i = (
+        torch.tensor([0, 0]),
+        torch.tensor([int(tiny.visited[0].indices[0]), int((~visited[0]).nonzero()[0])]),
+    )
+    ex = model.explain(u, i)
+    assert ex["visited"].tolist() == [True, False]
+    assert ex["w_visited"].tolist() == [1.0, 0.0] and ex["w_unvisited"].tolist() == [0.0, 1.0]
+
+
+def test_member_experts_share_no_parameters(tiny):
+    from training.models import build_model
+
+    model = build_model("member", tiny)
+    v = {id(p) for p in model.V.parameters()}
+    u = {id(p) for p in model.U.parameters()}
+    assert v and u and not (v & u)
+    # The visited expert's contrastive loss touches only the visited expert's parameters.
+    batch = next(iter(model.batches(__import__("numpy").random.default_rng(0), 32)))
+    model.train()
+    losses = model.loss(batch)
+    losses["visited_cl"].backward()
+    assert model.V.loc.grad is not None and model.V.loc.grad.abs().sum() > 0
+    for p in model.U.parameters():
+        assert p.grad is None or not p.grad.any()

@@ -1,0 +1,56 @@
+"""Model registry: models are found by name.
+
+``<name>.yaml`` in this folder holds a model's commented defaults; its optional ``class`` key names
+the module that implements it (default: the name itself), so one implementation can back several
+named configurations (``als`` and ``als_multi``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from training.data import TrainingData
+from training.models.base import Recommender
+
+MODELS_DIR = Path(__file__).parent
+
+
+def available_models() -> list[str]:
+    return sorted(p.stem for p in MODELS_DIR.glob("*.yaml"))
+
+
+def default_config(name: str) -> dict[str, Any]:
+    path = MODELS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise KeyError(f"unknown model {name!r}; available: {', '.join(available_models())}")
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def model_class(name: str) -> type[Recommender]:
+    module = default_config(name).get("class", name)
+    mod = importlib.import_module(f"training.models.{module}")
+    for obj in vars(mod).values():
+        if isinstance(obj, type) and issubclass(obj, Recommender) and obj.name == module:
+            return obj
+    raise KeyError(f"training.models.{module} defines no Recommender named {module!r}")
+
+
+def merged_config(name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Defaults of ``name`` with ``overrides`` applied (one level deep for the ``train`` section)."""
+    config = default_config(name)
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    config["name"] = name
+    return config
+
+
+def build_model(name: str, data: TrainingData, overrides: dict[str, Any] | None = None) -> Recommender:
+    config = merged_config(name, overrides)
+    return model_class(name)(data, config)

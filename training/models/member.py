@@ -1,0 +1,229 @@
+"""MEMBER (Kim et al., CIKM'25, arXiv 2508.19507): a mixture of a visited-item and an unvisited-item
+expert, as the paper describes it (``../shared/notes/member.md`` §2).
+
+- Two experts with no shared parameters. Each has a *global* sub-expert (LightGCN over the union of
+  all behaviour graphs, own embeddings) and a *local* sub-expert (one LightGCN per behaviour graph
+  over shared local embeddings, averaged over behaviours). Expert score:
+  ``s_ui = λ <E_u^glob, H_i^glob> + (1 - λ) <E_u^loc, H_i^loc>``.
+- Hard gating: an item in the user's visited set is scored by the visited expert, any other item
+  by the unvisited expert. No gating network.
+- Visited expert: visit-filtering contrastive loss (InfoNCE, temperature τ) between its local
+  embeddings and its local layer-0 embeddings propagated over E(V) = purchases that were preceded by
+  an auxiliary behaviour.
+- Unvisited expert: novelty-inferring contrastive loss (τ') between its global embeddings and its
+  global layer-0 embeddings propagated over E(R) = all edges minus E(V); and a behaviour-generative
+  loss: for every behaviour pair m before n in the funnel, behaviour n's local embeddings predict
+  the edges of G(m) (BCE against sampled non-edges).
+- BPR on purchases with the gated score. The experts share no parameters, so one optimiser on
+  ``L_BPR + γ1 L_V_CL + γ2 L_U_CL + γ3 L_U_GEN`` gives each expert exactly the gradient of its own
+  objective (paper Eq. 11-13) in a single pass per step.
+
+Speed: every graph is propagated once per step and shared by all losses of the step; the two
+experts' embeddings on a common graph (union, each behaviour) are propagated together as one
+2d-wide sparse product. Nothing dense in users x items is built during training.
+
+Deliberately not copied from the reference code: its 3 passes per epoch with stale embeddings, the
+α-scaled negative in BPR, layer-normalised LightGCN variants, and the dense visited mask.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from infra.tables import BEHAVIORS
+from training.data import TrainingData
+from training.models.base import Recommender, bpr_loss, bpr_triplets
+from training.models.graph import normalized_adjacency, propagate
+
+
+class ExpertParams(nn.Module):
+    """Layer-0 embeddings of one expert: global (union graph) and local (shared across behaviours)."""
+
+    def __init__(self, n_users: int, n_items: int, dim: int, init_std: float):
+        super().__init__()
+        self.glob = nn.Parameter(torch.randn(n_users + n_items, dim) * init_std)
+        self.loc = nn.Parameter(torch.randn(n_users + n_items, dim) * init_std)
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE on cosine similarity: row i of ``a`` should match row i of ``b`` against the others."""
+    a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
+    logits = a @ b.T / temperature
+    return F.cross_entropy(logits, torch.arange(len(a), device=a.device))
+
+
+class Member(Recommender):
+    name = "member"
+    experts = ("visited", "unvisited")
+
+    def __init__(self, data: TrainingData, config: dict):
+        super().__init__(data, config)
+        c = config
+        self.dim, self.layers = int(c["dim"]), int(c["layers"])
+        self.lam = {"visited": float(c["lambda_visited"]), "unvisited": float(c["lambda_unvisited"])}
+        self.n = data.n_users + data.n_items
+        self.behaviors = [b for b in BEHAVIORS if b in data.matrices]  # funnel order, purchase last
+        self.V = ExpertParams(data.n_users, data.n_items, self.dim, float(c["init_std"]))
+        self.U = ExpertParams(data.n_users, data.n_items, self.dim, float(c["init_std"]))
+
+        purchases = data.purchases
+        e_v = visit_filtered_edges(purchases, data.visited)
+        e_r = (data.union - data.union.multiply(e_v)).tocsr()  # every other edge
+        e_r.eliminate_zeros()
+        self._purchases = purchases
+        self._edges = {b: data.matrices[b].tocoo() for b in self.behaviors}
+        self._graphs = {
+            "union": normalized_adjacency(data.union),
+            "E_V": normalized_adjacency(e_v),
+            "E_R": normalized_adjacency(e_r),
+            **{f"b:{b}": normalized_adjacency(data.matrices[b]) for b in self.behaviors},
+        }
+        self._gen_pairs = [(m, n) for i, m in enumerate(self.behaviors) for n in self.behaviors[i + 1 :]]
+        self._gen_rng = np.random.default_rng(int(c.get("seed", 0)))
+        self._cache = None
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._graphs = {k: fn(v) for k, v in self._graphs.items()}
+        return out
+
+    # -- propagation ---------------------------------------------------------------------------
+    def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x[: self.n_users], x[self.n_users :]
+
+    def propagate_all(self) -> dict[str, torch.Tensor]:
+        """Every propagation a step needs, once. Keys: ``{V,U}_glob``, ``{V,U}_loc``,
+        ``{V,U}_b:<behaviour>`` (per-behaviour local outputs), ``V_view`` (E(V)), ``U_view`` (E(R))."""
+        d = self.dim
+        out: dict[str, torch.Tensor] = {}
+        both = propagate(self._graphs["union"], torch.cat([self.V.glob, self.U.glob], 1), self.layers)
+        out["V_glob"], out["U_glob"] = both[:, :d], both[:, d:]
+        loc_v, loc_u = 0.0, 0.0
+        for b in self.behaviors:
+            both = propagate(self._graphs[f"b:{b}"], torch.cat([self.V.loc, self.U.loc], 1), self.layers)
+            out[f"V_b:{b}"], out[f"U_b:{b}"] = both[:, :d], both[:, d:]
+            loc_v = loc_v + out[f"V_b:{b}"]
+            loc_u = loc_u + out[f"U_b:{b}"]
+        out["V_loc"], out["U_loc"] = loc_v / len(self.behaviors), loc_u / len(self.behaviors)
+        if self.training:
+            out["V_view"] = propagate(self._graphs["E_V"], self.V.loc, self.layers)
+            out["U_view"] = propagate(self._graphs["E_R"], self.U.glob, self.layers)
+        return out
+
+    def expert_reps(self, out: dict[str, torch.Tensor], expert: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(user reps, item reps) whose dot product is the expert's score s_ui (Eq. 4)."""
+        key = "V" if expert == "visited" else "U"
+        lam = self.lam[expert]
+        u_g, i_g = self._split(out[f"{key}_glob"])
+        u_l, i_l = self._split(out[f"{key}_loc"])
+        return torch.cat([lam * u_g, (1 - lam) * u_l], 1), torch.cat([i_g, i_l], 1)
+
+    # -- training ------------------------------------------------------------------------------
+    def batches(self, rng: np.random.Generator, batch_size: int):
+        return bpr_triplets(self._purchases, rng, batch_size, self.device)
+
+    def _gated_pair_scores(self, out, users, items) -> torch.Tensor:
+        vu, vi = self.expert_reps(out, "visited")
+        uu, ui = self.expert_reps(out, "unvisited")
+        s_v = (vu[users] * vi[items]).sum(1)
+        s_u = (uu[users] * ui[items]).sum(1)
+        return torch.where(self.is_visited(users, items), s_v, s_u)
+
+    def _generative(self, out: dict[str, torch.Tensor], n_pos: int) -> torch.Tensor:
+        """Behaviour n's local embeddings (unvisited expert) predict the edges of earlier behaviour m."""
+        losses = []
+        neg_per_pos = int(self.config["gen_negatives"])
+        for m, n in self._gen_pairs:
+            edges = self._edges[m]
+            if edges.nnz == 0:
+                continue
+            pick = self._gen_rng.integers(0, edges.nnz, n_pos)
+            pu = torch.from_numpy(edges.row[pick].astype(np.int64)).to(self.device)
+            pi = torch.from_numpy(edges.col[pick].astype(np.int64)).to(self.device)
+            nu = torch.from_numpy(self._gen_rng.integers(0, self.n_users, n_pos * neg_per_pos)).to(
+                self.device
+            )
+            ni = torch.from_numpy(self._gen_rng.integers(0, self.n_items, n_pos * neg_per_pos)).to(
+                self.device
+            )
+            users, items = self._split(out[f"U_b:{n}"])
+            logits = torch.cat([(users[pu] * items[pi]).sum(1), (users[nu] * items[ni]).sum(1)])
+            labels = torch.cat([torch.ones(len(pu)), torch.zeros(len(nu))]).to(self.device)
+            losses.append(F.binary_cross_entropy_with_logits(logits, labels))
+        return torch.stack(losses).mean() if losses else torch.zeros((), device=self.device)
+
+    def _cl_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """At most ``cl_rows`` of the batch's users or items for InfoNCE (its cost is quadratic in rows)."""
+        k = int(self.config["cl_rows"])
+        if len(rows) <= k:
+            return rows
+        return rows[torch.randperm(len(rows), device=rows.device)[:k]]
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        c = self.config
+        out = self.propagate_all()
+        u, p, n = batch["users"], batch["pos"], batch["neg"]
+        rank = bpr_loss(self._gated_pair_scores(out, u, p), self._gated_pair_scores(out, u, n))
+
+        cl_users = self._cl_rows(torch.unique(u))
+        cl_items = self._cl_rows(torch.unique(p)) + self.n_users
+        v_loc, v_view = out["V_loc"], out["V_view"]
+        l_v_cl = 0.5 * (
+            info_nce(v_loc[cl_users], v_view[cl_users], float(c["tau_visited"]))
+            + info_nce(v_loc[cl_items], v_view[cl_items], float(c["tau_visited"]))
+        )
+        u_glob, u_view = out["U_glob"], out["U_view"]
+        l_u_cl = 0.5 * (
+            info_nce(u_glob[cl_users], u_view[cl_users], float(c["tau_unvisited"]))
+            + info_nce(u_glob[cl_items], u_view[cl_items], float(c["tau_unvisited"]))
+        )
+        l_gen = self._generative(out, int(c["gen_positives"]))
+
+        rows = torch.cat([u, p + self.n_users, n + self.n_users])
+        reg = (
+            sum(t[rows].pow(2).sum() for t in (self.V.glob, self.V.loc, self.U.glob, self.U.loc))
+            * float(c["reg"])
+            / len(u)
+        )
+        total = rank + float(c["gamma_visited_cl"]) * l_v_cl + float(c["gamma_unvisited_cl"]) * l_u_cl
+        total = total + float(c["gamma_generative"]) * l_gen + reg
+        return {
+            "loss": total,
+            "bpr": rank,
+            "visited_cl": l_v_cl,
+            "unvisited_cl": l_u_cl,
+            "generative": l_gen,
+            "reg": reg,
+        }
+
+    # -- scoring -------------------------------------------------------------------------------
+    def _reps(self):
+        if self._cache is None or self.training:
+            with torch.no_grad():
+                out = self.propagate_all()
+                self._cache = (*self.expert_reps(out, "visited"), *self.expert_reps(out, "unvisited"))
+        return self._cache
+
+    def expert_scores(self, users: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(B, n_items) scores of each expert, before gating."""
+        vu, vi, uu, ui = self._reps()
+        return {"visited": vu[users] @ vi.T, "unvisited": uu[users] @ ui.T}
+
+    def scores(self, users: torch.Tensor) -> torch.Tensor:
+        s = self.expert_scores(users)
+        return torch.where(self.visited_rows(users), s["visited"], s["unvisited"])
+
+    def explain(self, users: torch.Tensor, items: torch.Tensor) -> dict[str, torch.Tensor]:
+        vis = self.is_visited(users, items)
+        return {"visited": vis, "w_visited": vis.float(), "w_unvisited": (~vis).float()}
+
+
+def visit_filtered_edges(purchases: sp.csr_matrix, visited: sp.csr_matrix) -> sp.csr_matrix:
+    """E(V): purchases whose item is in the user's visited set."""
+    out = purchases.multiply(visited).tocsr()
+    out.eliminate_zeros()
+    return out

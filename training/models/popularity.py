@@ -1,0 +1,30 @@
+"""Popularity: every user gets the items bought most often in training."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from training.data import TrainingData
+from training.models.base import Recommender
+
+
+class Popularity(Recommender):
+    name = "popularity"
+    trainable = False
+
+    def __init__(self, data: TrainingData, config: dict):
+        super().__init__(data, config)
+        self._data = data
+        self.register_buffer("item_score", torch.zeros(data.n_items))
+
+    def fit(self) -> None:
+        weights = self.config.get("behavior_weights", {"purchase": 1.0})
+        score = np.zeros(self.n_items)
+        for behavior, w in weights.items():
+            if behavior in self._data.matrices:
+                score += w * np.asarray(self._data.matrices[behavior].sum(0)).ravel()
+        self.item_score.copy_(torch.from_numpy(np.log1p(score)).float())
+
+    def scores(self, users: torch.Tensor) -> torch.Tensor:
+        return self.item_score.to(users.device).expand(len(users), -1)

@@ -1,0 +1,86 @@
+"""The `train` and `evaluate` stages: what the CLI and the DAG call (I/O at the edges)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from infra.logs import stage
+from infra.settings import Settings
+from training.artifacts import load_trained, model_dir, save_trained, training_dir, write_metrics
+from training.data import load_training_data
+from training.evaluate import KS, METRICS, SETTINGS, evaluate_scores
+from training.trainer import fit_model
+
+
+def run_train(settings: Settings, ds: str, name: str, epochs: int | None = None) -> dict[str, Any]:
+    """Train ``name`` on ``training/ds=<ds>`` and publish it to ``models/ds=<ds>/<name>``."""
+    wh = settings.paths.warehouse_root
+    data = load_training_data(training_dir(wh, ds))
+    cap = epochs or settings.training.max_epochs
+    overrides = {"train": {"epochs": cap}} if cap else {}
+    with stage("train", ds=ds, model=name) as counts:
+        target = model_dir(wh, ds, name)
+        result = fit_model(
+            name,
+            data,
+            settings.seeds.train,
+            overrides,
+            checkpoint_dir=target.parent / ".checkpoints" / name,
+            device=settings.training.device,
+        )
+        path = save_trained(wh, ds, result, data, settings.seeds.train)
+        counts.update(
+            device=result.device,
+            epochs=result.epochs_run,
+            best_epoch=result.best_epoch,
+            best_val=result.best_metric if result.best_metric is not None else "none",
+            s_per_epoch=result.seconds_per_epoch,
+            peak_rss_mb=result.peak_rss_mb,
+        )
+    return {
+        "path": str(path),
+        "device": result.device,
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run,
+        "seconds_per_epoch": result.seconds_per_epoch,
+        "peak_rss_mb": result.peak_rss_mb,
+    }
+
+
+def run_evaluate(
+    settings: Settings, ds: str, name: str, splits: tuple[str, ...] = ("validation", "test")
+) -> dict:
+    """Evaluate a trained model on every held-out split; write ``metrics.json`` beside it."""
+    wh = settings.paths.warehouse_root
+    model, data, meta = load_trained(wh, ds, name, settings.training.device)
+    out: dict[str, Any] = {}
+    with stage("evaluate", ds=ds, model=name) as counts:
+        for split in splits:
+            if split in data.heldout:
+                out[split] = evaluate_scores(
+                    model.scores,
+                    data,
+                    split,
+                    batch_size=settings.training.eval_batch_size,
+                    device=model.device,
+                )
+                counts[f"{split}_users"] = out[split]["standard"]["users"]
+                counts[f"{split}_NDCG@10"] = out[split]["standard"]["NDCG@10"]
+        write_metrics(wh, ds, name, {"model": name, "ds": ds, "eval_mask": meta.get("eval_mask"), **out})
+    return out
+
+
+def format_metrics(values: dict[str, dict[str, float]], ks: tuple[int, ...] = KS) -> str:
+    """A markdown table: one row per setting, columns metric@K."""
+    cols = [f"{m}@{k}" for k in ks for m in METRICS]
+    lines = ["| setting | users | " + " | ".join(cols) + " |", "|---|---:|" + "---:|" * len(cols)]
+    for setting in SETTINGS:
+        if setting in values:
+            v = values[setting]
+            lines.append(f"| {setting} | {v['users']} | " + " | ".join(f"{v[c]:.4f}" for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def models_root(settings: Settings, ds: str) -> Path:
+    return Path(settings.paths.warehouse_root) / "models" / f"ds={ds}"

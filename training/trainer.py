@@ -1,0 +1,241 @@
+"""One trainer for every model: seeded, Adam/AdamW, early stopping on a validation metric,
+CUDA with mixed precision when present (CPU otherwise), a progress bar with loss and ETA, and
+checkpoints saved as state dicts and loaded with ``weights_only=True``.
+
+Models that are not gradient-trained (``trainable = False``) are fitted once with ``fit()`` and
+evaluated the same way, so callers never special-case a model.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from infra.logs import get_logger
+from training.data import TrainingData
+from training.evaluate import evaluate_scores
+from training.models import build_model
+from training.models.base import Recommender
+
+CHECKPOINT = "best.pt"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 8192
+    epochs: int = 100
+    patience: int = 10
+    eval_every: int = 1
+    metric: str = "NDCG@10"  # on the validation split, standard setting
+    eval_batch_size: int = 2048
+
+    @classmethod
+    def from_model_config(cls, config: dict[str, Any]) -> TrainConfig:
+        allowed = set(cls.__dataclass_fields__)
+        section = config.get("train", {}) or {}
+        unknown = set(section) - allowed
+        if unknown:
+            raise ValueError(f"unknown train settings {sorted(unknown)}; known: {sorted(allowed)}")
+        return cls(**section)
+
+
+@dataclass
+class TrainResult:
+    model: Recommender
+    device: str
+    best_epoch: int
+    best_metric: float | None
+    epochs_run: int
+    seconds: float
+    seconds_per_epoch: float
+    peak_rss_mb: float
+    peak_cuda_mb: float | None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def pick_device(prefer: str | None = None) -> torch.device:
+    """``prefer`` if given, else CUDA when present, else the CPU."""
+    if prefer:
+        return torch.device(prefer)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every generator and ask torch for deterministic kernels.
+
+    Without the latter, multi-threaded CPU scatter-adds (embedding gradients with repeated indices)
+    differ in the last bits from run to run, and so do the trained weights.
+    """
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _optimizer(model: Recommender, cfg: TrainConfig) -> torch.optim.Optimizer:
+    kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+    if cfg.optimizer not in kinds:
+        raise ValueError(f"optimizer must be one of {sorted(kinds)}, got {cfg.optimizer!r}")
+    return kinds[cfg.optimizer](model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def validation_metric(model: Recommender, data: TrainingData, cfg: TrainConfig, device) -> float | None:
+    if "validation" not in data.heldout or len(data.heldout["validation"][0]) == 0:
+        return None
+    model.eval()
+    m = evaluate_scores(
+        model.scores,
+        data,
+        "validation",
+        settings=("standard",),
+        batch_size=cfg.eval_batch_size,
+        device=device,
+    )
+    return m["standard"][cfg.metric]
+
+
+def fit_model(
+    name: str,
+    data: TrainingData,
+    seed: int,
+    overrides: dict[str, Any] | None = None,
+    checkpoint_dir: Path | None = None,
+    device: str | None = None,
+    progress: bool | None = None,
+) -> TrainResult:
+    """Seed, build ``name`` with its defaults (+ ``overrides``) and train it on ``data``."""
+    seed_everything(seed)
+    overrides = {**(overrides or {}), "seed": seed}
+    model = build_model(name, data, overrides)
+    return train(model, data, seed, checkpoint_dir, device, progress)
+
+
+def train(
+    model: Recommender,
+    data: TrainingData,
+    seed: int,
+    checkpoint_dir: Path | None = None,
+    device: str | None = None,
+    progress: bool | None = None,
+) -> TrainResult:
+    """Train ``model`` with early stopping on the validation split; return it at its best epoch."""
+    log = get_logger("train")
+    cfg = TrainConfig.from_model_config(model.config)
+    dev = pick_device(device)
+    model.to(dev)
+    start = time.perf_counter()
+    history: list[dict[str, float]] = []
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    if not model.trainable:
+        model.fit()
+        metric = validation_metric(model, data, cfg, dev)
+        seconds = time.perf_counter() - start
+        history.append(
+            {
+                "epoch": 1,
+                "loss": float("nan"),
+                f"val_{cfg.metric}": metric or float("nan"),
+                "seconds": seconds,
+            }
+        )
+        return TrainResult(
+            model, str(dev), 1, metric, 1, seconds, seconds, _peak_rss_mb(), _cuda_peak(dev), history
+        )
+
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+    if checkpoint_dir:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    opt = _optimizer(model, cfg)
+    amp = dev.type == "cuda"
+    best, best_epoch, bad, epoch = None, 0, 0, 0
+    best_state: dict[str, torch.Tensor] | None = None
+    show = sys.stderr.isatty() if progress is None else progress
+    epoch_seconds = []
+    for epoch in range(1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        model.train()
+        batches = list(model.batches(np.random.default_rng([seed, epoch]), cfg.batch_size))
+        parts: dict[str, float] = {}
+        bar = tqdm(batches, desc=f"{model.name} epoch {epoch}", disable=not show, leave=False, unit="step")
+        for batch in bar:
+            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
+                losses = model.loss(batch)
+            opt.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            opt.step()
+            step_loss = float(losses["loss"].detach())
+            for k, v in losses.items():
+                parts[k] = parts.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
+            bar.set_postfix(loss=f"{step_loss:.4f}")
+        row = {"epoch": epoch, **{k: v / max(len(batches), 1) for k, v in parts.items()}}
+        train_seconds = time.perf_counter() - t0
+        metric = None
+        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+            metric = validation_metric(model, data, cfg, dev)
+            if metric is not None:
+                row[f"val_{cfg.metric}"] = metric
+                if best is None or metric > best:
+                    best, best_epoch, bad = metric, epoch, 0
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                    if checkpoint_dir:
+                        torch.save(best_state, checkpoint_dir / CHECKPOINT)
+                else:
+                    bad += 1
+        row["train_seconds"] = train_seconds
+        row["seconds"] = time.perf_counter() - t0
+        epoch_seconds.append(train_seconds)
+        history.append(row)
+        log.info(
+            " ".join(
+                f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}"
+                for k, v in {"model": model.name, **row}.items()
+            )
+        )
+        if best is not None and bad >= cfg.patience:
+            break
+    if best_state is not None:
+        if checkpoint_dir:
+            best_state = torch.load(checkpoint_dir / CHECKPOINT, map_location=dev, weights_only=True)
+        model.load_state_dict(best_state)
+    else:
+        best_epoch = epoch
+    model.eval()
+    seconds = time.perf_counter() - start
+    return TrainResult(
+        model,
+        str(dev),
+        best_epoch,
+        best,
+        epoch,
+        seconds,
+        float(np.mean(epoch_seconds)),
+        _peak_rss_mb(),
+        _cuda_peak(dev),
+        history,
+    )
+
+
+def _cuda_peak(dev: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None
