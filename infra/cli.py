@@ -16,7 +16,7 @@ from datetime import date
 from pathlib import Path
 
 from infra.dates import InvalidDateError, parse_run_date
-from infra.logs import configure, get_logger, stage
+from infra.logs import configure, get_logger
 from infra.settings import Settings, load_settings
 from infra.tables import MANIFEST_FILE, SESSIONIZED, TRAINING, events_dir, quarantine_dir
 
@@ -63,6 +63,7 @@ def _where(settings: Settings, run_date: date) -> list[tuple[str, Path]]:
         ("sessions", SESSIONIZED.dir(wh, run_date)),
         ("training tables", TRAINING.dir(wh, run_date)),
         ("training manifest", TRAINING.dir(wh, run_date) / MANIFEST_FILE),
+        ("trained models", wh / "models" / f"ds={run_date}"),
     ]
 
 
@@ -136,15 +137,26 @@ def cmd_nightly(args, settings: Settings) -> int:
     from jobs.ingest import run_ingest
     from jobs.sessionize import run_sessionize
     from jobs.split import run_split
+    from training.stages import format_metrics, run_evaluate, run_train
 
     log = get_logger()
     spark = get_spark(settings)
+    ds = args.date.isoformat()
     run_ingest(spark, settings, args.date)
     run_sessionize(spark, settings, args.date)
     run_split(spark, settings, args.date)
+    results = {}
+    for name in settings.training.models:
+        run_train(settings, ds, name)
+        results[name] = run_evaluate(settings, ds, name)
+    ran = ["ingest", "sessionize", "split", "train", "evaluate"]
     pending = [s for s in NIGHTLY_STAGES if s in NOT_BUILT]
-    log.info(f"stage=nightly date={args.date} ran=ingest,sessionize,split not_built_yet={','.join(pending)}")
-    print(f"\nnightly {args.date}: ran ingest -> sessionize -> split. Outputs:")
+    log.info(f"stage=nightly date={ds} ran={','.join(ran)} not_built_yet={','.join(pending)}")
+    for name, metrics in results.items():
+        if "test" in metrics:
+            print(f"\n{name} on test ({ds}):")
+            print(format_metrics(metrics["test"]))
+    print(f"\nnightly {ds}: ran {' -> '.join(ran)}. Outputs:")
     for name, path in _where(settings, args.date):
         print(f"  {name:<18} {path}")
     print(f"not built yet (not run): {', '.join(pending)}")
@@ -293,8 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--days", type=int, default=9, help="days the log spans")
     add(
         "nightly",
-        "Run every built stage for --date in order (ingest -> sessionize -> split) and print where each "
-        "output landed; stages not built yet are listed, not run.",
+        "Run every built stage for --date in order (ingest -> sessionize -> split -> train and evaluate each "
+        "model of training.models) and print the test metrics and where each output landed; stages not built "
+        "yet are listed, not run.",
         cmd_nightly,
     )
     return parser

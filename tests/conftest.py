@@ -57,3 +57,33 @@ def spark():
     session = get_spark(settings)
     yield session
     session.stop()
+
+
+DEMO_DATE = "2015-09-18"
+
+
+@pytest.fixture(scope="session")
+def retailrocket(spark, tmp_path_factory):
+    """The demo's chain on the bundled RetailRocket slice (ingest -> sessionize -> split), built once.
+
+    Returns ``(settings, ingest_result, split_manifest)``.
+    """
+    from datetime import date
+
+    from jobs.ingest import ingest_source
+    from jobs.sessionize import run_sessionize
+    from jobs.split import run_split
+
+    settings = settings_under(
+        tmp_path_factory.mktemp("retailrocket"),
+        {
+            "sessionize": {"history_days": 140},
+            "split": {"protocol": "leave_last_purchase", "observation_days": 140, "val_user_fraction": 1.0},
+            "training": {"max_epochs": 2},
+        },
+    )
+    run_date = date.fromisoformat(DEMO_DATE)
+    ingested = ingest_source(spark, settings, "retailrocket_mb", run_date)
+    run_sessionize(spark, settings, run_date)
+    manifest = run_split(spark, settings, run_date)
+    return settings, ingested, manifest

@@ -152,16 +152,13 @@ def train(
         model.fit()
         metric = validation_metric(model, data, cfg, dev)
         seconds = time.perf_counter() - start
-        history.append(
-            {
-                "epoch": 1,
-                "loss": float("nan"),
-                f"val_{cfg.metric}": metric or float("nan"),
-                "seconds": seconds,
-            }
-        )
+        # Iterative external fits (implicit's ALS/BPR) report their own per-iteration loss.
+        history = list(getattr(model, "fit_history", [])) or [{"epoch": 1, "seconds": seconds}]
+        if metric is not None:
+            history[-1][f"val_{cfg.metric}"] = metric
+        n = len(history)
         return TrainResult(
-            model, str(dev), 1, metric, 1, seconds, seconds, _peak_rss_mb(), _cuda_peak(dev), history
+            model, str(dev), n, metric, n, seconds, seconds / n, _peak_rss_mb(), _cuda_peak(dev), history
         )
 
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None

@@ -176,21 +176,10 @@ def test_leakage_is_detected_and_stops_publishing(spark, hand_tables):
     assert {p: p.read_bytes() for p in root.rglob("*.parquet")} == before  # previous tables untouched
 
 
-def test_leave_last_purchase_on_retailrocket(spark, make_settings):
+def test_leave_last_purchase_on_retailrocket(retailrocket):
     """The demo protocol on the bundled RetailRocket slice evaluates thousands of users, mostly visited."""
-    from jobs.ingest import ingest_source
-
-    settings = make_settings(
-        {
-            "sessionize": {"history_days": 140},
-            "split": {"protocol": "leave_last_purchase", "observation_days": 140, "val_user_fraction": 1.0},
-        }
-    )
-    run_date = date(2015, 9, 18)
-    r = ingest_source(spark, settings, "retailrocket_mb", run_date)
+    _, r, m = retailrocket
     assert (r.rows_in, r.rows_out, r.users) == (97_381, 97_381, 2_174)
-    run_sessionize(spark, settings, run_date)
-    m = run_split(spark, settings, run_date)
     test = m["stats"]["heldout"]["test"]
     assert test["users"] >= 2_000
     assert test["visited"] / test["pairs"] > 0.9  # SOURCE.md: 93.7% of last purchases were viewed or carted

@@ -29,6 +29,25 @@ def test_loss_falls_over_two_epochs(name, tiny):
     assert len(losses) == 2 and losses[1] < losses[0], losses
 
 
+@pytest.mark.parametrize("name", ["als", "als_multi"])
+def test_als_loss_falls_over_two_iterations(name, tiny):
+    """implicit's ALS reports its weighted squared loss per iteration. (Popularity has no loss: it is a count.)"""
+    r = fit_model(name, tiny, seed=3, overrides={"iterations": 2}, progress=False)
+    losses = [row["loss"] for row in r.history]
+    assert len(losses) == 2 and losses[1] < losses[0], losses
+
+
+@pytest.mark.parametrize("name, lr", [("bpr", 1.0), ("bpr_multi", 0.3)])
+def test_bpr_loss_falls(name, lr, tiny):
+    """implicit's BPR reports the share of sampled pairs ranked wrongly; one iteration on the tiny fixture is
+    only ~160 samples, so compare the first two iterations with the last two of eight."""
+    r = fit_model(
+        name, tiny, seed=3, overrides={"iterations": 8, "learning_rate": lr, "factors": 16}, progress=False
+    )
+    losses = [row["loss"] for row in r.history]
+    assert len(losses) == 8 and sum(losses[-2:]) < 0.6 * sum(losses[:2]), losses
+
+
 @pytest.mark.parametrize("name", [m for m in FITTED if m != "popularity"])
 def test_fitted_models_rank_better_than_chance(name, tiny):
     r = fit_model(name, tiny, seed=3, progress=False)

@@ -38,11 +38,17 @@ class _ImplicitMF(Recommender):
     def _estimator(self):
         raise NotImplementedError
 
+    def _record(self, iteration: int, elapsed: float, *progress) -> None:
+        raise NotImplementedError
+
     def fit(self) -> None:
         # implicit runs its own threads; BLAS threads on top of them oversubscribe the cores.
+        self.fit_history: list[dict[str, float]] = []
+        confidence = self.confidence()
+        self._n_positives = confidence.nnz
         with threadpool_limits(1, "blas"):
             est = self._estimator()
-            est.fit(self.confidence(), show_progress=False)
+            est.fit(confidence, show_progress=False, callback=self._record)
         uf, itf = np.asarray(est.user_factors), np.asarray(est.item_factors)
         self.user_factors = torch.from_numpy(np.ascontiguousarray(uf, np.float32))
         self.item_factors = torch.from_numpy(np.ascontiguousarray(itf, np.float32))
@@ -62,7 +68,12 @@ class ALS(_ImplicitMF):
             alpha=float(c["alpha"]),
             iterations=int(c["iterations"]),
             random_state=int(c.get("seed", 0)),
+            calculate_training_loss=True,
         )
+
+    def _record(self, iteration: int, elapsed: float, *progress) -> None:
+        # implicit's ALS callback: (iteration, seconds, weighted squared loss)
+        self.fit_history.append({"epoch": iteration + 1, "loss": float(progress[0]), "seconds": elapsed})
 
 
 class BPR(_ImplicitMF):
@@ -77,3 +88,10 @@ class BPR(_ImplicitMF):
             iterations=int(c["iterations"]),
             random_state=int(c.get("seed", 0)),
         )
+
+    def _record(self, iteration: int, elapsed: float, *progress) -> None:
+        # implicit's BPR callback: (iteration, seconds, correct, skipped) as counts over one sample per
+        # positive; the share of sampled (positive, negative) pairs still ranked wrongly is the loss.
+        correct, skipped = progress[0], progress[1]
+        wrong = 1.0 - correct / max(self._n_positives - skipped, 1)
+        self.fit_history.append({"epoch": iteration + 1, "loss": wrong, "seconds": elapsed})

@@ -1,0 +1,229 @@
+"""Benchmark: every model on two real multi-behaviour benchmarks, through the one trainer and the
+one evaluator (full ranking, training purchases masked; test touched once, after selection on
+validation).
+
+    .venv/bin/python bench/quality.py --benchmark tmall --seeds 1
+    .venv/bin/python bench/quality.py --benchmark retailrocket --seeds 3
+
+- ``tmall``: MEMBER's split of the MBGCN Tmall files (``jobs/benchmarks.py``); no click file, so
+  most test purchases are unvisited and this mainly tests the unvisited expert.
+- ``retailrocket``: the bundled RetailRocket log, each user's last purchase by time as the test
+  item (leave-last-purchase-out); ~94% of those items were viewed or carted first, so this mainly
+  tests the visited expert. The global-time-cutoff variant (cutoff 2015-08-19) is also built and
+  evaluated, and the number of users it leaves is reported.
+
+Prints a markdown table per benchmark (mean ± std over seeds of HR/NDCG @10/20/50 for the
+standard, visited, unvisited and long-tail settings) and saves
+``bench/results/quality_<benchmark>.json`` (models -> settings -> metrics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from infra.logs import configure  # noqa: E402
+from infra.settings import load_settings  # noqa: E402
+from infra.tables import TRAINING  # noqa: E402
+from training.data import load_training_data  # noqa: E402
+from training.evaluate import KS, SETTINGS, evaluate_scores  # noqa: E402
+from training.trainer import fit_model  # noqa: E402
+
+MODELS = ["popularity", "als", "als_multi", "bpr", "bpr_multi", "lightgcn", "member"]
+RR_DATE = date(2015, 9, 18)
+
+
+def _settings(work: Path, split: dict):
+    return load_settings(
+        environ={},
+        overrides={
+            "paths": {"warehouse_root": str(work), "quarantine_root": str(work / "quarantine")},
+            "pipeline": {"sources": ["retailrocket_mb"]},
+            "spark": {"master": "local[2]", "conf": {"spark.sql.shuffle.partitions": "4"}},
+            "sessionize": {"history_days": 140},
+            "split": {"observation_days": 140, "val_user_fraction": 1.0, **split},
+        },
+    )
+
+
+def build_tables(benchmark: str, work: Path) -> dict[str, Path]:
+    """Training bundles to evaluate on: name -> bundle dir (built once, reused on later runs)."""
+    from infra.spark import get_spark
+
+    out = {}
+    if benchmark == "tmall":
+        root = TRAINING.dir(work, "tmall_mbgcn")
+        if not root.exists():
+            from jobs.benchmarks import run_benchmark_split
+
+            settings = _settings(work, {"protocol": "global_time"})
+            run_benchmark_split(get_spark(settings), settings, REPO / "jobs" / "sample_data" / "tmall_mbgcn")
+        out["tmall"] = root
+        return out
+    for name, split in {
+        "retailrocket": {"protocol": "leave_last_purchase"},
+        "retailrocket_global_cutoff": {"protocol": "global_time", "test_days": 31},  # cutoff 2015-08-19
+    }.items():
+        w = work / name
+        root = TRAINING.dir(w, RR_DATE)
+        if not root.exists():
+            from jobs.ingest import ingest_source
+            from jobs.sessionize import run_sessionize
+            from jobs.split import run_split
+
+            settings = _settings(w, split)
+            spark = get_spark(settings)
+            ingest_source(spark, settings, "retailrocket_mb", RR_DATE)
+            run_sessionize(spark, settings, RR_DATE)
+            run_split(spark, settings, RR_DATE)
+        out[name] = root
+    return out
+
+
+def run(benchmark: str, seeds: list[int], models: list[str], work: Path, max_epochs: int | None) -> dict:
+    results: dict = {
+        "benchmark": benchmark,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        },
+        "seeds": seeds,
+        "tables": {},
+    }
+    for table_name, root in build_tables(benchmark, work).items():
+        data = load_training_data(root)
+        held = data.manifest["stats"]["heldout"]
+        info = {
+            "users": data.n_users,
+            "items": data.n_items,
+            "test": held["test"],
+            "validation": held["validation"],
+            "protocol": data.manifest.get("protocol"),
+            "models": {},
+        }
+        print(
+            f"\n## {table_name}: {data.n_users:,} users, {data.n_items:,} items, test pairs {held['test']['pairs']:,} "
+            f"over {held['test']['users']:,} users ({held['test']['visited']:,} visited), "
+            f"validation {held['validation']['pairs']:,}",
+            flush=True,
+        )
+        for name in models:
+            runs = []
+            for seed in seeds:
+                overrides = {"train": {"epochs": max_epochs}} if max_epochs else {}
+                t = time.perf_counter()
+                r = fit_model(name, data, seed, overrides, progress=False)
+                train_s = time.perf_counter() - t
+                t = time.perf_counter()
+                m = evaluate_scores(r.model.scores, data, "test", batch_size=2048, device=r.model.device)
+                extra = {}
+                if name == "member" and seed == seeds[0]:
+                    extra["score_all_users_top50_seconds"] = time_full_scoring(r.model, data.n_users)
+                    print(
+                        f"  {name}: top-50 for all {data.n_users:,} users in "
+                        f"{extra['score_all_users_top50_seconds']:.1f} s",
+                        flush=True,
+                    )
+                runs.append(
+                    {
+                        "seed": seed,
+                        "metrics": m,
+                        "train_seconds": train_s,
+                        **extra,
+                        "eval_seconds": time.perf_counter() - t,
+                        "epochs_run": r.epochs_run,
+                        "best_epoch": r.best_epoch,
+                        "seconds_per_epoch": r.seconds_per_epoch,
+                        "peak_rss_mb": r.peak_rss_mb,
+                        "device": r.device,
+                    }
+                )
+                print(
+                    f"  {name} seed {seed}: {r.epochs_run} epochs (best {r.best_epoch}), "
+                    f"{r.seconds_per_epoch:.1f} s/epoch, train {train_s:.0f} s, peak RSS {r.peak_rss_mb:.0f} MB, "
+                    f"HR@20 {m['standard']['HR@20']:.4f}",
+                    flush=True,
+                )
+            info["models"][name] = {"runs": runs, "summary": summarize([x["metrics"] for x in runs])}
+        results["tables"][table_name] = info
+        print(markdown(table_name, info), flush=True)
+    return results
+
+
+def time_full_scoring(model, n_users: int, k: int = 50, batch: int = 4096) -> float:
+    """Seconds to score every user against every item and keep the top-k (batched; no dense table)."""
+    t = time.perf_counter()
+    with torch.no_grad():
+        for start in range(0, n_users, batch):
+            users = torch.arange(start, min(start + batch, n_users), device=model.device)
+            torch.topk(model.scores(users), k, dim=1)
+    return time.perf_counter() - t
+
+
+def summarize(metric_runs: list[dict]) -> dict:
+    out = {}
+    for setting in SETTINGS:
+        out[setting] = {}
+        for key in metric_runs[0][setting]:
+            vals = np.array([r[setting][key] for r in metric_runs], float)
+            out[setting][key] = {"mean": float(vals.mean()), "std": float(vals.std())}
+    return out
+
+
+def markdown(table_name: str, info: dict) -> str:
+    lines = [f"\n### {table_name} (test; mean ± std over seeds)"]
+    for setting in SETTINGS:
+        users = next(iter(info["models"].values()))["summary"][setting]["users"]["mean"]
+        cols = [f"{m}@{k}" for m in ("HR", "NDCG") for k in KS]
+        lines += [
+            f"\n**{setting}** ({int(users):,} users)\n",
+            "| model | " + " | ".join(cols) + " |",
+            "|---|" + "---:|" * len(cols),
+        ]
+        for name, v in info["models"].items():
+            s = v["summary"][setting]
+            lines.append(
+                f"| {name} | " + " | ".join(f"{s[c]['mean']:.4f} ± {s[c]['std']:.4f}" for c in cols) + " |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--benchmark", choices=["tmall", "retailrocket"], required=True)
+    ap.add_argument("--seeds", type=int, default=3, help="number of seeds (1, 2, 3, ...)")
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--max-epochs", type=int, help="cap on every model's epochs")
+    ap.add_argument("--work", default=str(REPO / "bench" / "results" / "tmp" / "quality"))
+    args = ap.parse_args()
+    configure("WARNING")
+    results = run(
+        args.benchmark,
+        list(range(1, args.seeds + 1)),
+        args.models.split(","),
+        Path(args.work),
+        args.max_epochs,
+    )
+    out = REPO / "bench" / "results" / f"quality_{args.benchmark}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nsaved {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
