@@ -16,7 +16,7 @@ from datetime import date
 from pathlib import Path
 
 from infra.dates import InvalidDateError, parse_run_date
-from infra.logs import configure, get_logger
+from infra.logs import configure, get_logger, stage
 from infra.settings import Settings, load_settings
 from infra.tables import MANIFEST_FILE, SESSIONIZED, TRAINING, events_dir, quarantine_dir
 
