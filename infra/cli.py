@@ -36,7 +36,6 @@ NIGHTLY_STAGES = (
     "publish",
 )
 NOT_BUILT: dict[str, str] = {
-    "validate": "Great Expectations gates (issue: GX gates on events, sessions, training and scored tables)",
     "promote": "metric-gated champion/challenger promotion (issue: MLflow)",
     "rollback": "registry rollback (issue: MLflow)",
     "score": "batch scoring of active users (issue: batch scoring)",
@@ -64,6 +63,8 @@ def _where(settings: Settings, run_date: date) -> list[tuple[str, Path]]:
         ("training tables", TRAINING.dir(wh, run_date)),
         ("training manifest", TRAINING.dir(wh, run_date) / MANIFEST_FILE),
         ("trained models", wh / "models" / f"ds={run_date}"),
+        ("validation results", wh / "validation"),
+        ("Data Docs", settings.validation.data_docs_dir / "index.html"),
     ]
 
 
@@ -110,6 +111,18 @@ def _ds(args) -> str:
     return args.benchmark if getattr(args, "benchmark", None) else args.date.isoformat()
 
 
+def cmd_validate(args, settings: Settings) -> int:
+    from infra.spark import get_spark
+    from validation.stage import result_path, run_validate
+
+    summary = run_validate(get_spark(settings), settings, args.table, args.date)
+    print(
+        f"{args.table} {args.date}: all expectations passed; results {result_path(settings, args.table, args.date.isoformat())}"
+    )
+    print(f"Data Docs: {summary['data_docs']}")
+    return 0
+
+
 def cmd_train(args, settings: Settings) -> int:
     from training.stages import run_train
 
@@ -138,18 +151,32 @@ def cmd_nightly(args, settings: Settings) -> int:
     from jobs.sessionize import run_sessionize
     from jobs.split import run_split
     from training.stages import format_metrics, run_evaluate, run_train
+    from validation.stage import run_validate
 
     log = get_logger()
     spark = get_spark(settings)
     ds = args.date.isoformat()
+    # Each gate stops the run before anything downstream is computed or published.
     run_ingest(spark, settings, args.date)
+    run_validate(spark, settings, "events", args.date)
     run_sessionize(spark, settings, args.date)
+    run_validate(spark, settings, "sessions", args.date)
     run_split(spark, settings, args.date)
+    run_validate(spark, settings, "training", args.date)
     results = {}
     for name in settings.training.models:
         run_train(settings, ds, name)
         results[name] = run_evaluate(settings, ds, name)
-    ran = ["ingest", "sessionize", "split", "train", "evaluate"]
+    ran = [
+        "ingest",
+        "validate events",
+        "sessionize",
+        "validate sessions",
+        "split",
+        "validate training",
+        "train",
+        "evaluate",
+    ]
     pending = [s for s in NIGHTLY_STAGES if s in NOT_BUILT]
     log.info(f"stage=nightly date={ds} ran={','.join(ran)} not_built_yet={','.join(pending)}")
     for name, metrics in results.items():
@@ -252,10 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="name of the benchmark's tables (default: the folder name)")
     p = add(
         "validate",
-        "Validate a table of --date with its Great Expectations suite (not built yet).",
-        _not_built("validate"),
+        "Validate a table of --date with its Great Expectations suite, run as a GX checkpoint on the Spark "
+        "DataFrame: events (the history window), sessions (sessionized/ds=D) or training (training/ds=D). Writes "
+        "warehouse/validation/TABLE/ds=D/result.json and the Data Docs site (validation.data_docs_dir); exits 1 "
+        "listing each failed expectation.",
+        cmd_validate,
     )
-    p.add_argument("--table", required=True, help="events | sessions | training | scores")
+    p.add_argument("--table", required=True, choices=["events", "sessions", "training"])
     p = add(
         "train",
         "Train one model on the training tables of --date (warehouse/training/ds=D) or of --benchmark NAME "
@@ -305,8 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--days", type=int, default=9, help="days the log spans")
     add(
         "nightly",
-        "Run every built stage for --date in order (ingest -> sessionize -> split -> train and evaluate each "
-        "model of training.models) and print the test metrics and where each output landed; stages not built "
+        "Run every built stage for --date in order (ingest -> validate events -> sessionize -> validate "
+        "sessions -> split -> validate training -> train and evaluate each model of training.models) and "
+        "print the test metrics and where each output landed; a failed gate stops the run. Stages not built "
         "yet are listed, not run.",
         cmd_nightly,
     )

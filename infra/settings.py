@@ -66,6 +66,12 @@ class Split(_Section):
     min_items: int = Field(ge=1)
 
 
+class ValidationSettings(_Section):
+    data_docs_dir: Path | None = None
+    events_min_rows: int = Field(ge=0)
+    events_max_rows: int = Field(gt=0)
+
+
 class TrainingSettings(_Section):
     models: list[str]
     max_epochs: int | None = Field(default=None, gt=0)
@@ -97,6 +103,7 @@ class Settings(_Section):
     ingest: Ingest
     sessionize: Sessionize
     split: Split
+    validation: ValidationSettings
     training: TrainingSettings
     seeds: Seeds
     mlflow: MlflowSettings
@@ -174,8 +181,12 @@ def load_settings(
     merged = _deep_merge(merged, _env_overrides(environ))
     merged = _deep_merge(merged, overrides or {})
     settings = Settings.model_validate(merged)
-    resolved = {
-        name: (p if p.is_absolute() else (cwd / p)).resolve()
-        for name, p in settings.paths.model_dump().items()
-    }
-    return settings.model_copy(update={"paths": Paths(**resolved)})
+
+    def resolve(p: Path) -> Path:
+        return (p if p.is_absolute() else (cwd / p)).resolve()
+
+    paths = Paths(**{name: resolve(p) for name, p in settings.paths.model_dump().items()})
+    docs = settings.validation.data_docs_dir
+    docs = resolve(docs) if docs else paths.warehouse_root / "gx" / "data_docs"
+    validation = settings.validation.model_copy(update={"data_docs_dir": docs})
+    return settings.model_copy(update={"paths": paths, "validation": validation})

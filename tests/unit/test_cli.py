@@ -31,7 +31,6 @@ def test_good_date_parses():
 def test_stages_not_built_say_so_and_exit_nonzero(name, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     argv = {
-        "validate": ["validate", "--table", "events", "--date", "2015-09-18"],
         "promote": ["promote"],
         "rollback": ["rollback"],
     }.get(name, [name, "--date", "2015-09-18"])
@@ -68,3 +67,14 @@ def test_installed_console_script_runs():
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "infra.cli"]
     out = subprocess.run([*cmd, "--help"], capture_output=True, text=True, check=True)
     assert "ingest" in out.stdout and "nightly" in out.stdout
+
+
+def test_synth_writes_taobao_format_files(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["synth", "--events", "5000", "--seed", "2", "--out", str(tmp_path / "s")]) == 0
+    lines = (tmp_path / "s" / "part-00000.csv").read_text().splitlines()
+    assert len(lines) == 5000
+    fields = lines[0].split(",")
+    assert len(fields) == 5 and all(f.isdigit() for f in (*fields[:3], fields[4]))
+    assert fields[3] in {"pv", "fav", "cart", "buy"}
+    assert "5000 events" in capsys.readouterr().out

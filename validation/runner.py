@@ -1,0 +1,189 @@
+"""Run expectation suites on Spark DataFrames as a GX Checkpoint, build Data Docs, report failures.
+
+One file-backed GX context lives under ``<warehouse>/gx`` (suites, validation definitions,
+checkpoints); Data Docs are built to ``validation.data_docs_dir``. The DataFrames are handed to GX
+as they are (a Spark datasource with whole-dataframe batches): nothing is collected to pandas.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+
+DATASOURCE = "funnelrec_spark"
+SITE = "funnelrec_site"
+SAMPLES = 5
+
+
+@dataclass
+class Check:
+    """One expectation and the failure it guards against (shown in Data Docs and failure messages)."""
+
+    expectation: Any
+    guards: str
+
+
+@dataclass
+class Suite:
+    """A named suite over one prepared DataFrame (a table, or a view of it joined with what it is checked against)."""
+
+    name: str
+    checks: list[Check]
+
+
+@dataclass
+class Failure:
+    suite: str
+    expectation: str
+    kwargs: dict[str, Any]
+    guards: str
+    unexpected_count: int | None
+    samples: list[Any] = field(default_factory=list)
+
+    def describe(self) -> str:
+        cols = {
+            k: v for k, v in self.kwargs.items() if k in ("column", "column_A", "column_B", "column_list")
+        }
+        bounds = {
+            k: v for k, v in self.kwargs.items() if k in ("min_value", "max_value", "value_set", "value")
+        }
+        count = "" if self.unexpected_count is None else f" unexpected={self.unexpected_count}"
+        samples = f" samples={self.samples[:SAMPLES]}" if self.samples else ""
+        return f"[{self.suite}] {self.expectation} {cols}{' ' + str(bounds) if bounds else ''}{count}{samples} -- guards: {self.guards}"
+
+
+class ValidationFailed(RuntimeError):
+    """A suite failed: downstream stages must not run."""
+
+    def __init__(self, table: str, ds: str, failures: list[Failure], result_path: Path):
+        self.failures = failures
+        lines = "\n  ".join(f.describe() for f in failures)
+        super().__init__(
+            f"validation of {table} for {ds} failed {len(failures)} expectation(s):\n  {lines}\n"
+            f"results: {result_path}"
+        )
+
+
+def _context(root: Path, docs_dir: Path):
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    root.mkdir(parents=True, exist_ok=True)
+    ctx = gx.get_context(mode="file", project_root_dir=str(root))
+    bars = ctx.variables.progress_bars  # a config object when set here, a dict once reloaded from YAML
+    if bars is None or (bars.get("globally", True) if isinstance(bars, dict) else bars.globally):
+        # Progress bars would interleave with the one-line-per-stage logs of unattended runs.
+        ctx.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
+        ctx.variables.save()
+    sites = ctx.get_config().data_docs_sites or {}
+    if SITE not in sites:
+        ctx.add_data_docs_site(
+            site_name=SITE,
+            site_config={
+                "class_name": "SiteBuilder",
+                "store_backend": {
+                    "class_name": "TupleFilesystemStoreBackend",
+                    "base_directory": str(docs_dir),
+                },
+                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            },
+        )
+    return ctx
+
+
+def run_checkpoint(
+    name: str,
+    ds: str,
+    suites: list[tuple[Suite, Any]],
+    gx_root: Path,
+    docs_dir: Path,
+    result_path: Path,
+) -> dict[str, Any]:
+    """Validate each (suite, Spark DataFrame) pair in one checkpoint; raise ``ValidationFailed`` on any failure.
+
+    Writes the checkpoint result as JSON to ``result_path`` and rebuilds the Data Docs site either way.
+    """
+    import great_expectations as gx
+    from great_expectations.checkpoint import UpdateDataDocsAction
+
+    ctx = _context(gx_root, docs_dir)
+    try:
+        source = ctx.data_sources.get(DATASOURCE)
+    except (KeyError, ValueError):
+        source = ctx.data_sources.add_spark(name=DATASOURCE)
+    results: dict[str, Any] = {}
+    failures: list[Failure] = []
+    for suite, df in suites:
+        gx_suite = gx.ExpectationSuite(name=suite.name)
+        guards = {}
+        for check in suite.checks:
+            check.expectation.notes = check.guards
+            gx_suite.add_expectation(check.expectation)
+            guards[_key(check.expectation)] = check.guards
+        gx_suite = ctx.suites.add_or_update(gx_suite)
+        try:
+            asset = source.get_asset(suite.name)
+        except LookupError:
+            asset = source.add_dataframe_asset(name=suite.name)
+        try:
+            batch_def = asset.get_batch_definition("whole")
+        except (KeyError, ValueError, LookupError):
+            batch_def = asset.add_batch_definition_whole_dataframe("whole")
+        vd = ctx.validation_definitions.add_or_update(
+            gx.ValidationDefinition(name=suite.name, data=batch_def, suite=gx_suite)
+        )
+        # One checkpoint per suite: a checkpoint run takes one dataframe as its batch parameter.
+        checkpoint = ctx.checkpoints.add_or_update(
+            gx.Checkpoint(
+                name=f"{name}.{suite.name}",
+                validation_definitions=[vd],
+                actions=[UpdateDataDocsAction(name="update_data_docs", site_names=[SITE])],
+                result_format={"result_format": "SUMMARY", "partial_unexpected_count": SAMPLES},
+            )
+        )
+        run = checkpoint.run(batch_parameters={"dataframe": df})
+        for res in run.run_results.values():
+            results[suite.name] = res.describe_dict()
+            for r in res.results:
+                if r.success:
+                    continue
+                cfg = r.expectation_config
+                failures.append(
+                    Failure(
+                        suite=suite.name,
+                        expectation=cfg.type,
+                        kwargs={
+                            k: v for k, v in cfg.kwargs.items() if k not in ("batch_id", "result_format")
+                        },
+                        guards=guards.get(_key_cfg(cfg), ""),
+                        unexpected_count=(r.result or {}).get("unexpected_count"),
+                        samples=list((r.result or {}).get("partial_unexpected_list") or [])[:SAMPLES],
+                    )
+                )
+    summary = {
+        "checkpoint": name,
+        "ds": ds,
+        "success": not failures,
+        "suites": results,
+        "failures": [f.__dict__ for f in failures],
+        "data_docs": str(docs_dir / "index.html"),
+    }
+    result_path.parent.mkdir(parents=True, exist_ok=True)
+    result_path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    if failures:
+        raise ValidationFailed(name, ds, failures, result_path)
+    return summary
+
+
+def _key(expectation) -> tuple:
+    return _key_cfg(expectation.configuration)
+
+
+def _key_cfg(cfg) -> tuple:
+    kwargs = {k: v for k, v in cfg.kwargs.items() if k not in ("batch_id", "result_format")}
+    return (cfg.type, json.dumps(kwargs, sort_keys=True, default=str))

@@ -1,0 +1,95 @@
+"""The `validate` stage: one GX checkpoint per table and date (what the CLI and the DAG call).
+
+Tables: ``events`` (the history window ending on the date), ``sessions``, ``training``. Results land
+in ``<warehouse>/validation/<table>/ds=<date>/result.json`` (for MLflow to attach) and in the Data
+Docs site at ``validation.data_docs_dir``. A failed suite raises ``ValidationFailed``.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any
+
+from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
+
+from infra.dates import window_start
+from infra.logs import stage
+from infra.settings import Settings
+from infra.tables import (
+    EVENTS,
+    HELDOUT,
+    INTERACTIONS,
+    ITEM_MAP,
+    MANIFEST_FILE,
+    SESSION_EVENTS,
+    SESSIONIZED,
+    SESSIONS,
+    TRAINING,
+    USER_MAP,
+    VISITED,
+    Table,
+    events_dir,
+)
+from validation import suites
+from validation.runner import run_checkpoint
+
+TABLES = ("events", "sessions", "training")
+
+
+def result_path(settings: Settings, table: str, ds: str) -> Path:
+    return Path(settings.paths.warehouse_root) / "validation" / table / f"ds={ds}" / "result.json"
+
+
+def _read(spark: SparkSession, table: Table, path: Path):
+    if not path.exists():
+        raise FileNotFoundError(f"nothing to validate: {table.name} is missing at {path}")
+    return spark.read.schema(table.spark_schema()).parquet(str(path))
+
+
+def run_validate(spark: SparkSession, settings: Settings, table: str, run_date: date) -> dict[str, Any]:
+    """Validate ``table`` for ``run_date``; raise ``ValidationFailed`` listing each failed expectation."""
+    if table not in TABLES:
+        raise ValueError(f"unknown table {table!r}; one of {', '.join(TABLES)}")
+    wh, cfg, ds = Path(settings.paths.warehouse_root), settings.validation, run_date.isoformat()
+    if table == "events":
+        first = window_start(run_date, settings.sessionize.history_days)
+        df = _read(spark, EVENTS, events_dir(wh)).filter(
+            F.col("source").isin(settings.pipeline.sources)
+            & (F.col("event_date") >= F.lit(first))
+            & (F.col("event_date") <= F.lit(run_date))
+        )
+        pairs = [(suites.events_suite(first, run_date, cfg.events_min_rows, cfg.events_max_rows), df)]
+    elif table == "sessions":
+        bundle = SESSIONIZED.dir(wh, run_date)
+        sessions = _read(spark, SESSIONS, bundle / SESSIONS.name)
+        events = _read(spark, SESSION_EVENTS, bundle / SESSION_EVENTS.name)
+        pairs = [
+            (suites.sessions_suite(settings.sessionize.gap_minutes), suites.sessions_view(sessions, events))
+        ]
+    else:
+        bundle = TRAINING.dir(wh, run_date)
+        t = {
+            x.name: _read(spark, x, bundle / x.name)
+            for x in (HELDOUT, VISITED, INTERACTIONS, USER_MAP, ITEM_MAP)
+        }
+        manifest = json.loads((bundle / MANIFEST_FILE).read_text())
+        cutoff = datetime.fromisoformat(manifest["cutoff"]) if manifest.get("cutoff") else None
+        sizes = manifest["stats"]
+        pairs = [
+            (
+                suites.heldout_suite(),
+                suites.heldout_view(t[HELDOUT.name], t[VISITED.name], t[INTERACTIONS.name]),
+            ),
+            (suites.interactions_suite(cutoff), t[INTERACTIONS.name]),
+            (suites.id_map_suite("user", sizes["users"], settings.split.min_users), t[USER_MAP.name]),
+            (suites.id_map_suite("item", sizes["items"], settings.split.min_items), t[ITEM_MAP.name]),
+        ]
+    with stage("validate", table=table, date=ds) as counts:
+        summary = run_checkpoint(
+            table, ds, pairs, wh / "gx", Path(cfg.data_docs_dir), result_path(settings, table, ds)
+        )
+        counts.update(suites=len(pairs), expectations=sum(len(s.checks) for s, _ in pairs))
+    return summary

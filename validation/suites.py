@@ -1,0 +1,207 @@
+"""Expectation suites, one per table, and the Spark views they run on.
+
+Checks that need a second table (session counts against events, visited labels against visited
+sets, held-out pairs against training purchases) run on a *prepared view*: the table joined in
+Spark with what it is checked against, so every check is a plain single-table expectation and
+nothing leaves Spark. Each expectation carries the failure it guards against.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, time, timedelta
+
+import great_expectations.expectations as gxe
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+from pyspark.sql.window import Window
+
+from infra.tables import BEHAVIORS, PURCHASE
+from validation.runner import Check, Suite
+
+
+def _day_start(d: date) -> datetime:
+    return datetime.combine(d, time(0), tzinfo=UTC).replace(tzinfo=None)
+
+
+# -- events -------------------------------------------------------------------------------------
+def events_suite(window_first: date, run_date: date, min_rows: int, max_rows: int) -> Suite:
+    end = _day_start(run_date + timedelta(days=1))
+    event_cols = [
+        "event_time",
+        "user_id",
+        "item_id",
+        "behavior",
+        "category_id",
+        "brand",
+        "price",
+        "source_session_id",
+        "source",
+    ]
+    return Suite(
+        "events",
+        [
+            *(
+                Check(
+                    gxe.ExpectColumnValuesToNotBeNull(column=c), f"a row without {c} reached the events table"
+                )
+                for c in ("event_time", "user_id", "item_id", "behavior")
+            ),
+            Check(
+                gxe.ExpectColumnValuesToBeInSet(column="behavior", value_set=list(BEHAVIORS)),
+                "a source value mapped to no canonical behaviour",
+            ),
+            Check(
+                gxe.ExpectColumnValuesToBeBetween(
+                    column="event_time", min_value=_day_start(window_first), max_value=end, strict_max=True
+                ),
+                "an event outside the run's window, or after the run date (clock skew, wrong epoch unit)",
+            ),
+            Check(
+                gxe.ExpectCompoundColumnsToBeUnique(column_list=event_cols),
+                "exact duplicate events (a file ingested twice, a retried upload)",
+            ),
+            Check(
+                gxe.ExpectColumnValuesToBeBetween(column="price", min_value=0),
+                "a negative price (refunds or a broken price feed)",
+            ),
+            Check(
+                gxe.ExpectTableRowCountToBeBetween(min_value=min_rows, max_value=max_rows),
+                "a missing or truncated day (too few rows) or a runaway duplication (too many)",
+            ),
+        ],
+    )
+
+
+# -- sessions -----------------------------------------------------------------------------------
+def sessions_view(sessions: DataFrame, session_events: DataFrame) -> DataFrame:
+    """Sessions with what their events say: event count, longest inner gap, rows per (user, session)."""
+    w = Window.partitionBy("user_id", "session_id").orderBy("event_time", "seq_in_session")
+    gaps = session_events.withColumn(
+        "_gap", F.col("event_time").cast("double") - F.lag("event_time").over(w).cast("double")
+    )
+    per = gaps.groupBy("user_id", "session_id").agg(
+        F.count("*").alias("events_in_table"), F.coalesce(F.max("_gap"), F.lit(0.0)).alias("max_gap_seconds")
+    )
+    return sessions.join(per, ["user_id", "session_id"], "left").withColumn(
+        "events_in_table", F.coalesce("events_in_table", F.lit(0))
+    )
+
+
+def sessions_suite(gap_minutes: int) -> Suite:
+    return Suite(
+        "sessions",
+        [
+            Check(
+                gxe.ExpectColumnPairValuesAToBeGreaterThanB(
+                    column_A="session_end", column_B="session_start", or_equal=True
+                ),
+                "a session that ends before it starts",
+            ),
+            Check(
+                gxe.ExpectColumnPairValuesToBeEqual(column_A="event_count", column_B="events_in_table"),
+                "session counts that disagree with the events carrying the session id",
+            ),
+            Check(
+                gxe.ExpectColumnValuesToBeBetween(
+                    column="max_gap_seconds", min_value=0, max_value=gap_minutes * 60
+                ),
+                "a gap inside a session longer than the inactivity gap (sessions not split)",
+            ),
+            Check(
+                gxe.ExpectCompoundColumnsToBeUnique(column_list=["user_id", "session_id"]),
+                "a session id repeated for a user (unstable or colliding ids)",
+            ),
+            Check(gxe.ExpectColumnValuesToNotBeNull(column="session_id"), "an event without a session"),
+        ],
+    )
+
+
+# -- training tables ----------------------------------------------------------------------------
+def heldout_view(heldout: DataFrame, visited: DataFrame, interactions: DataFrame) -> DataFrame:
+    """Held-out pairs with the visited label recomputed from the visited set and a training-purchase flag."""
+    vis = visited.select("user_idx", "item_idx", F.lit(True).alias("_v"))
+    bought = (
+        interactions.filter(F.col("behavior") == PURCHASE)
+        .select("user_idx", "item_idx")
+        .distinct()
+        .withColumn("in_train_purchases", F.lit(True))
+    )
+    return (
+        heldout.join(vis, ["user_idx", "item_idx"], "left")
+        .withColumn("expected_visited", F.coalesce("_v", F.lit(False)))
+        .drop("_v")
+        .join(bought, ["user_idx", "item_idx"], "left")
+        .withColumn("in_train_purchases", F.coalesce("in_train_purchases", F.lit(False)))
+    )
+
+
+def heldout_suite() -> Suite:
+    return Suite(
+        "training_heldout",
+        [
+            Check(
+                gxe.ExpectColumnPairValuesToBeEqual(column_A="visited", column_B="expected_visited"),
+                "a held-out purchase labelled visited/unvisited against its user's visited set",
+            ),
+            Check(
+                gxe.ExpectColumnValuesToBeInSet(column="in_train_purchases", value_set=[False]),
+                "leakage: a held-out (user, item) pair is also a training purchase",
+            ),
+            Check(
+                gxe.ExpectColumnValuesToBeInSet(column="split", value_set=["validation", "test"]),
+                "an unknown held-out split",
+            ),
+            Check(
+                gxe.ExpectCompoundColumnsToBeUnique(column_list=["user_idx", "item_idx", "split"]),
+                "a held-out pair counted twice",
+            ),
+        ],
+    )
+
+
+def interactions_suite(cutoff: datetime | None) -> Suite:
+    checks = [
+        *(
+            Check(gxe.ExpectColumnValuesToNotBeNull(column=c), f"an interaction without {c}")
+            for c in ("user_idx", "item_idx", "behavior")
+        ),
+        Check(
+            gxe.ExpectColumnValuesToBeInSet(column="behavior", value_set=list(BEHAVIORS)),
+            "an unknown behaviour in the training graph",
+        ),
+        Check(gxe.ExpectColumnValuesToBeBetween(column="count", min_value=1), "an empty interaction"),
+    ]
+    if cutoff is not None:
+        checks.append(
+            Check(
+                gxe.ExpectColumnValuesToBeBetween(
+                    column="last_time", max_value=cutoff.replace(tzinfo=None), strict_max=True
+                ),
+                "leakage: a training row at or after the cutoff",
+            )
+        )
+    return Suite("training_interactions", checks)
+
+
+def id_map_suite(kind: str, rows: int, minimum: int) -> Suite:
+    """``kind`` is user or item: the map must be one-to-one and its indices exactly 0..n-1."""
+    return Suite(
+        f"training_{kind}_map",
+        [
+            Check(
+                gxe.ExpectColumnValuesToBeUnique(column=f"{kind}_id"), f"a {kind} id mapped to two indices"
+            ),
+            Check(gxe.ExpectColumnValuesToBeUnique(column=f"{kind}_idx"), f"two {kind} ids sharing an index"),
+            Check(
+                gxe.ExpectColumnValuesToBeBetween(
+                    column=f"{kind}_idx", min_value=0, max_value=max(rows - 1, 0)
+                ),
+                f"{kind} indices not contiguous from 0 (unique + in 0..n-1 means exactly 0..n-1)",
+            ),
+            Check(gxe.ExpectColumnValuesToNotBeNull(column=f"{kind}_id"), f"a null {kind} id"),
+            Check(
+                gxe.ExpectTableRowCountToBeBetween(min_value=minimum),
+                f"too few {kind}s to train on (split.min_{kind}s)",
+            ),
+        ],
+    )
