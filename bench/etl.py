@@ -3,6 +3,9 @@ logic written as DuckDB SQL over the same files, in the same run.
 
     .venv/bin/python bench/etl.py --events 1000000 10000000 --master 'local[2]'
 
+With ``--validate``, also runs each table's Great Expectations suite after its Spark stage and
+reports validation time as a share of the jobs' time (issue: GX gates; target <= 25% at 10M).
+
 Prints events/s per stage for both engines, the Spark/DuckDB time ratio, the JVM's peak heap and
 RSS, and DuckDB's peak RSS; saves everything to ``bench/results/etl.json``. Targets (issue: Spark
 jobs): Spark within 3x of DuckDB at 10M events, time growing no faster than linearly from 1M to
@@ -59,11 +62,12 @@ class Sampler:
         self._t.join()
 
 
-def run_spark(data_root: Path, work: Path, master: str) -> dict:
+def run_spark(data_root: Path, work: Path, master: str, validate: bool = False) -> dict:
     from infra.spark import get_spark
     from jobs.ingest import ingest_source
     from jobs.sessionize import run_sessionize
     from jobs.split import run_split
+    from validation.stage import run_validate
 
     settings = load_settings(
         environ={},
@@ -101,6 +105,11 @@ def run_spark(data_root: Path, work: Path, master: str) -> dict:
             t = time.perf_counter()
             result = fn()
             out["stages"][name] = {"seconds": time.perf_counter() - t}
+            if validate:
+                table = {"ingest": "events", "sessionize": "sessions", "split": "training"}[name]
+                t = time.perf_counter()
+                run_validate(spark, settings, table, END)
+                out.setdefault("validation", {})[table] = {"seconds": time.perf_counter() - t}
             if name == "split":
                 out["split_stats"] = {k: result["stats"][k] for k in ("users", "items", "train_events")}
                 out["split_stats"]["test_pairs"] = result["stats"]["heldout"]["test"]["pairs"]
@@ -233,6 +242,11 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--work", default=str(REPO / "bench" / "results" / "tmp"))
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "etl.json"))
+    ap.add_argument(
+        "--validate",
+        action="store_true",
+        help="also run the GX suite after each Spark stage and report its time as a share of the stage's",
+    )
     args = ap.parse_args()
     threads = (
         int(args.master[len("local[") : -1])
@@ -259,7 +273,7 @@ def main() -> int:
         )
         synth_s = time.perf_counter() - t
         duck = run_duckdb(data_root, work, threads)
-        spark = run_spark(data_root, work, args.master)
+        spark = run_spark(data_root, work, args.master, args.validate)
         spark_total = sum(s["seconds"] for s in spark["stages"].values())
         duck_total = sum(s["seconds"] for s in duck["stages"].values())
         run = {

@@ -35,7 +35,7 @@ from infra.tables import (
     USER_MAP,
     VISITED,
 )
-from jobs.split import TrainingTables, _seeded_sample, publish_training_tables
+from jobs.split import TrainingTables, publish_and_count, seeded_sample
 
 #: Benchmark file stem -> canonical behaviour, for the auxiliary behaviours.
 AUX_FILES = {"click": "view", "collect": "fav", "cart": "cart"}
@@ -84,7 +84,7 @@ def build_benchmark_tables(
     n_buys = Window.partitionBy("user_idx")
     ranked = buys.withColumn("_r", F.row_number().over(per_user)).withColumn("_n", F.count("*").over(n_buys))
     validation = ranked.filter(
-        (F.col("_r") == 1) & (F.col("_n") >= 2) & _seeded_sample("user_idx", seed, val_user_fraction)
+        (F.col("_r") == 1) & (F.col("_n") >= 2) & seeded_sample("user_idx", seed, val_user_fraction)
     ).select("user_idx", "item_idx")
     train_buys = buys.join(validation, ["user_idx", "item_idx"], "left_anti").withColumn(
         "behavior", F.lit(PURCHASE)
@@ -167,17 +167,5 @@ def run_benchmark_split(
             spark, Path(folder), settings.seeds.split, settings.split.val_user_fraction
         )
         manifest["ds"] = name
-        try:
-            manifest = publish_training_tables(spark, settings, name, built, manifest)
-        finally:
-            built.release()
-        st = manifest["stats"]
-        counts.update(
-            users=st["users"],
-            items=st["items"],
-            train_pairs=st["train_events"],
-            test_pairs=st["heldout"]["test"]["pairs"],
-            test_users=st["heldout"]["test"]["users"],
-            val_pairs=st["heldout"]["validation"]["pairs"],
-        )
+        manifest = publish_and_count(spark, settings, name, built, manifest, counts)
     return manifest

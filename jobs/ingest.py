@@ -26,7 +26,7 @@ from infra import publish
 from infra.logs import stage
 from infra.settings import Settings
 from infra.tables import EVENTS, QUARANTINE, events_dir, quarantine_dir
-from jobs.sources import SourceMapping, load_mapping, read_first_line, read_header
+from jobs.sources import CANONICAL_FIELDS, SourceMapping, load_mapping, read_first_line, read_header
 
 #: Quarantine reasons, in the order they are tested (the first that applies is recorded).
 REASONS = {
@@ -128,19 +128,7 @@ def parse_lines(lines: DataFrame, mapping: SourceMapping, header: list[str], run
         return _blank_to_null(fields[f"f{header.index(name)}"]) if name else F.lit(None).cast("string")
 
     df = lines.withColumn("_n_fields", n_fields)
-    raw = {
-        c: src(c)
-        for c in (
-            "user_id",
-            "item_id",
-            "behavior",
-            "event_time",
-            "category_id",
-            "brand",
-            "price",
-            "source_session_id",
-        )
-    }
+    raw = {c: src(c) for c in CANONICAL_FIELDS}
     df = df.select("*", *(raw[c].alias(f"_raw_{c}") for c in raw))
 
     ids = {}

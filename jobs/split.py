@@ -80,7 +80,7 @@ class TrainingTables:
             df.unpersist()
 
 
-def _seeded_sample(col: str, seed: int, fraction: float) -> F.Column:
+def seeded_sample(col: str, seed: int, fraction: float) -> F.Column:
     # A hash of the id, not rand(): the sample does not depend on partitioning or row order.
     return (F.abs(F.xxhash64(F.col(col), F.lit(seed))) % 1_000_000) < round(fraction * 1_000_000)
 
@@ -126,7 +126,7 @@ def split_events(events: DataFrame, params: SplitParams) -> tuple[DataFrame, Dat
         .filter("_n >= 2")
         .select("user_id")
     )
-    eligible = eligible.filter(_seeded_sample("user_id", params.seed, params.val_user_fraction))
+    eligible = eligible.filter(seeded_sample("user_id", params.seed, params.val_user_fraction))
     validation = _last_per_user(train_buys.join(eligible, "user_id")).select(
         "user_id", "item_id", "event_time"
     )
@@ -304,6 +304,27 @@ def publish_training_tables(
     return manifest
 
 
+def publish_and_count(
+    spark: SparkSession, settings: Settings, ds: str, built: TrainingTables, manifest: dict, counts: dict
+) -> dict:
+    """Publish the bundle, free its cached frames, and put its headline numbers on the stage's log line."""
+    try:
+        manifest = publish_training_tables(spark, settings, ds, built, manifest)
+    finally:
+        built.release()
+    st = manifest["stats"]
+    counts.update(
+        users=st["users"],
+        items=st["items"],
+        train_events=st["train_events"],
+        test_pairs=st["heldout"]["test"]["pairs"],
+        test_users=st["heldout"]["test"]["users"],
+        val_pairs=st["heldout"]["validation"]["pairs"],
+        **{f"dropped_{k}": v for k, v in manifest["dropped"].items()},
+    )
+    return manifest
+
+
 def _stats(written: dict[str, DataFrame], rows: dict[str, int]) -> dict:
     inter, heldout = written[INTERACTIONS.name], written[HELDOUT.name]
     by_behavior = {
@@ -367,18 +388,5 @@ def run_split(spark: SparkSession, settings: Settings, run_date: date) -> dict:
             "seed": params.seed,
             "val_user_fraction": params.val_user_fraction,
         }
-        try:
-            manifest = publish_training_tables(spark, settings, run_date.isoformat(), built, manifest)
-        finally:
-            built.release()
-        st = manifest["stats"]
-        counts.update(
-            users=st["users"],
-            items=st["items"],
-            train_events=st["train_events"],
-            test_pairs=st["heldout"]["test"]["pairs"],
-            test_users=st["heldout"]["test"]["users"],
-            val_pairs=st["heldout"]["validation"]["pairs"],
-            **{f"dropped_{k}": v for k, v in manifest["dropped"].items()},
-        )
+        manifest = publish_and_count(spark, settings, run_date.isoformat(), built, manifest, counts)
     return manifest

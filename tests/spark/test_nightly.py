@@ -1,0 +1,57 @@
+"""The nightly command end to end on a bundled slice, and a failed gate stopping everything after it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from infra.cli import main
+from infra.tables import SESSIONIZED, TRAINING, events_dir
+from tests.conftest import SAMPLE_DATA
+
+pytestmark = pytest.mark.spark
+DATE = "2017-12-03"
+
+
+def _config(tmp_path, **extra) -> str:
+    cfg = {
+        "paths": {
+            "data_root": str(SAMPLE_DATA),
+            "warehouse_root": str(tmp_path / "wh"),
+            "quarantine_root": str(tmp_path / "wh" / "quarantine"),
+        },
+        "pipeline": {"sources": ["taobao"]},
+        "sessionize": {"history_days": 10},
+        "split": {"observation_days": 10, "test_days": 2},
+        "training": {"models": ["popularity", "als"]},
+        **extra,
+    }
+    path = tmp_path / "settings.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def test_nightly_runs_every_built_stage(tmp_path, capsys):
+    assert main(["--config", _config(tmp_path), "nightly", "--date", DATE]) == 0
+    wh = tmp_path / "wh"
+    out = capsys.readouterr().out
+    assert "popularity on test" in out and "| standard |" in out
+    for table in ("events", "sessions", "training"):
+        assert json.loads((wh / "validation" / table / f"ds={DATE}" / "result.json").read_text())["success"]
+    for model in ("popularity", "als"):
+        metrics = json.loads((wh / "models" / f"ds={DATE}" / model / "metrics.json").read_text())
+        assert metrics["test"]["standard"]["users"] > 0
+
+
+def test_failed_gate_stops_everything_downstream(tmp_path, capsys):
+    cfg = _config(tmp_path, validation={"events_max_rows": 100})  # the slice has 10,000 events
+    assert main(["--config", cfg, "nightly", "--date", DATE]) == 1
+    err = capsys.readouterr().err
+    assert "validation of events" in err and "expect_table_row_count_to_be_between" in err
+    wh = tmp_path / "wh"
+    assert any(events_dir(wh).rglob("*.parquet"))  # ingest ran before the gate
+    assert not SESSIONIZED.dir(wh, DATE).exists()
+    assert not TRAINING.dir(wh, DATE).exists()
+    assert not (wh / "models").exists()
