@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from infra.logs import stage
@@ -80,7 +79,3 @@ def format_metrics(values: dict[str, dict[str, float]], ks: tuple[int, ...] = KS
             v = values[setting]
             lines.append(f"| {setting} | {v['users']} | " + " | ".join(f"{v[c]:.4f}" for c in cols) + " |")
     return "\n".join(lines)
-
-
-def models_root(settings: Settings, ds: str) -> Path:
-    return Path(settings.paths.warehouse_root) / "models" / f"ds={ds}"
