@@ -178,7 +178,8 @@ def build_training_tables(events: DataFrame, params: SplitParams) -> TrainingTab
     def to_idx(df: DataFrame) -> DataFrame:
         return df.join(user_map, "user_id").join(item_map.select("item_id", "item_idx"), "item_id")
 
-    train_idx = to_idx(train)
+    # interactions, visited and train_events all read it: join the events with both maps once.
+    train_idx = to_idx(train).persist()
     interactions = train_idx.groupBy("user_idx", "item_idx", "behavior").agg(
         F.count("*").alias("count"), F.max("event_time").alias("last_time")
     )
@@ -214,7 +215,7 @@ def build_training_tables(events: DataFrame, params: SplitParams) -> TrainingTab
         TRAIN_EVENTS.name: train_events,
     }
     return TrainingTables(
-        tables=tables, dropped=dropped, cached=[train, validation, test, user_map, item_map]
+        tables=tables, dropped=dropped, cached=[train, validation, test, user_map, item_map, train_idx]
     )
 
 
