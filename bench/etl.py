@@ -299,6 +299,14 @@ def main() -> int:
             f"events/s: spark {n / spark_total:,.0f}  duckdb {n / duck_total:,.0f}  "
             f"(spark start-up {spark['startup_s']:.1f} s not counted)"
         )
+        if args.validate:
+            v_total = sum(v["seconds"] for v in spark["validation"].values())
+            run["validation_share_of_jobs"] = v_total / spark_total
+            print(
+                "validation (GX): "
+                + ", ".join(f"{k} {v['seconds']:.1f} s" for k, v in spark["validation"].items())
+                + f"; total {v_total:.1f} s = {v_total / spark_total:.0%} of the jobs' {spark_total:.1f} s"
+            )
         print(
             f"peak memory: JVM heap {spark['jvm_heap_peak_bytes'] / 2**30:.2f} GiB "
             f"(max {spark['jvm_heap_max_bytes'] / 2**30:.2f}), JVM RSS {spark['jvm_rss_peak_bytes'] / 2**30:.2f} GiB, "
