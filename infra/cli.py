@@ -31,13 +31,12 @@ NIGHTLY_STAGES = (
     "validate",
     "train",
     "evaluate",
+    "register",
     "promote",
     "score",
     "publish",
 )
 NOT_BUILT: dict[str, str] = {
-    "promote": "metric-gated champion/challenger promotion (issue: MLflow)",
-    "rollback": "registry rollback (issue: MLflow)",
     "score": "batch scoring of active users (issue: batch scoring)",
     "publish": "analysts' DuckDB marts and daily report (issue: batch scoring)",
 }
@@ -145,11 +144,40 @@ def cmd_evaluate(args, settings: Settings) -> int:
     return 0
 
 
+def cmd_register(args, settings: Settings) -> int:
+    from training.registry import register
+
+    version = register(settings, _ds(args), args.model)
+    print(
+        f"{args.model} {_ds(args)}: registered as {settings.mlflow.registered_model} version {version} (@challenger)"
+    )
+    return 0
+
+
+def cmd_promote(args, settings: Settings) -> int:
+    from training.registry import promote
+
+    ds = args.date.isoformat() if args.date else None
+    decision = promote(settings, version=args.version, ds=ds)
+    print(decision.summary())
+    # A refusal is the policy working, not a failure of the stage; --strict makes it one.
+    return EXIT_FAILED if args.strict and decision.action not in ("promoted", "already_champion") else 0
+
+
+def cmd_rollback(args, settings: Settings) -> int:
+    from training.registry import rollback
+
+    decision = rollback(settings)
+    print(f"@champion: version {decision.version} -> version {decision.champion_after}")
+    return 0
+
+
 def cmd_nightly(args, settings: Settings) -> int:
     from infra.spark import get_spark
     from jobs.ingest import run_ingest
     from jobs.sessionize import run_sessionize
     from jobs.split import run_split
+    from training.registry import promote, register
     from training.stages import format_metrics, run_evaluate, run_train
     from validation.stage import run_validate
 
@@ -167,6 +195,8 @@ def cmd_nightly(args, settings: Settings) -> int:
     for name in settings.training.models:
         run_train(settings, ds, name)
         results[name] = run_evaluate(settings, ds, name)
+        register(settings, ds, name)
+    decision = promote(settings, ds=ds)
     ran = [
         "ingest",
         "validate events",
@@ -176,6 +206,8 @@ def cmd_nightly(args, settings: Settings) -> int:
         "validate training",
         "train",
         "evaluate",
+        "register",
+        "promote",
     ]
     pending = [s for s in NIGHTLY_STAGES if s in NOT_BUILT]
     log.info(f"stage=nightly date={ds} ran={','.join(ran)} not_built_yet={','.join(pending)}")
@@ -183,6 +215,7 @@ def cmd_nightly(args, settings: Settings) -> int:
         if "test" in metrics:
             print(f"\n{name} on test ({ds}):")
             print(format_metrics(metrics["test"]))
+    print(f"\npromotion:\n{decision.summary()}")
     print(f"\nnightly {ds}: ran {' -> '.join(ran)}. Outputs:")
     for name, path in _where(settings, args.date):
         print(f"  {name:<18} {path}")
@@ -307,13 +340,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_ds(p)
     p.add_argument("--model", required=True, help="model name")
-    add(
-        "promote",
-        "Apply mlflow/promotion.yaml to the challenger (not built yet).",
-        _not_built("promote"),
+    p = add(
+        "register",
+        "Log the trained and evaluated MODEL of --date (or --benchmark) as an MLflow pyfunc (signature, input "
+        "example, id maps and tables bundled) into its run, register it as a new version of "
+        "mlflow.registered_model and give it the alias `challenger`. Registering the same run again reuses its "
+        "version.",
+        cmd_register,
         dated=False,
     )
-    add("rollback", "Restore the previous champion (not built yet).", _not_built("rollback"), dated=False)
+    _add_ds(p)
+    p.add_argument("--model", required=True, help="model name")
+    p = add(
+        "promote",
+        "Apply the promotion policy (mlflow/promotion.yaml, or mlflow.promotion_policy) to a challenger: "
+        "--version N, else the best version registered for --date, else @challenger. `champion` moves only "
+        "when every gate passes; the decision and each gate's numbers are tagged on the version. A refusal "
+        "exits 0 (1 with --strict).",
+        cmd_promote,
+        dated=False,
+    )
+    p.add_argument("--version", type=int, help="registered version to consider")
+    p.add_argument(
+        "--date", type=_date, metavar="YYYY-MM-DD", help="consider the best version registered for this date"
+    )
+    p.add_argument("--strict", action="store_true", help="exit 1 when the challenger is refused")
+    add(
+        "rollback",
+        "Give @champion back to the version that held it before the current one (the alias history is kept "
+        "in registered-model tags).",
+        cmd_rollback,
+        dated=False,
+    )
     add("score", "Score every active user of --date with @champion (not built yet).", _not_built("score"))
     add(
         "publish",
@@ -336,8 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "nightly",
         "Run every built stage for --date in order (ingest -> validate events -> sessionize -> validate "
-        "sessions -> split -> validate training -> train and evaluate each model of training.models) and "
-        "print the test metrics and where each output landed; a failed gate stops the run. Stages not built "
+        "sessions -> split -> validate training -> train, evaluate and register each model of training.models "
+        "-> promote the best of the date) and print the test metrics and where each output landed; a failed gate stops the run. Stages not built "
         "yet are listed, not run.",
         cmd_nightly,
     )

@@ -16,6 +16,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 DEFAULTS_FILE = Path(__file__).with_name("defaults.yaml")
+#: The checkout's promotion policy; `mlflow/` is configuration only (never an importable package).
+DEFAULT_PROMOTION_POLICY = Path(__file__).resolve().parents[1] / "mlflow" / "promotion.yaml"
 ENV_PREFIX = "FUNNELREC__"
 CONFIG_ENV = "FUNNELREC_CONFIG"
 
@@ -89,6 +91,18 @@ class MlflowSettings(_Section):
     registry_uri: str | None = None
     experiment: str
     registered_model: str
+    promotion_policy: Path | None = None
+    max_retries: int = Field(ge=0, le=10)
+    backoff_seconds: int = Field(ge=0)
+    request_timeout_seconds: int = Field(gt=0)
+    lock_timeout_seconds: float = Field(gt=0)
+
+
+class ScoringSettings(_Section):
+    k: int = Field(gt=0)
+    active_days: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    path: Literal["local", "spark"]
 
 
 class LoggingSettings(_Section):
@@ -107,6 +121,7 @@ class Settings(_Section):
     training: TrainingSettings
     seeds: Seeds
     mlflow: MlflowSettings
+    scoring: ScoringSettings
     logging: LoggingSettings
 
     @property
@@ -189,4 +204,7 @@ def load_settings(
     docs = settings.validation.data_docs_dir
     docs = resolve(docs) if docs else paths.warehouse_root / "gx" / "data_docs"
     validation = settings.validation.model_copy(update={"data_docs_dir": docs})
-    return settings.model_copy(update={"paths": paths, "validation": validation})
+    policy = settings.mlflow.promotion_policy
+    policy = resolve(policy) if policy else DEFAULT_PROMOTION_POLICY
+    ml = settings.mlflow.model_copy(update={"promotion_policy": policy})
+    return settings.model_copy(update={"paths": paths, "validation": validation, "mlflow": ml})

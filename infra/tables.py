@@ -270,3 +270,8 @@ ALL_TABLES: tuple[Table, ...] = (
     ITEM_MAP,
     TRAIN_EVENTS,
 )
+
+
+def validation_result_path(warehouse_root: Path, table: str, ds: date | str) -> Path:
+    """Where ``validate`` writes a suite's result JSON (MLflow attaches the training inputs' ones)."""
+    return Path(warehouse_root) / "validation" / table / f"ds={ds}" / "result.json"

@@ -40,7 +40,14 @@ def training_dir(warehouse_root: Path, ds: str) -> Path:
     return TRAINING.dir(warehouse_root, ds)
 
 
-def save_trained(warehouse_root: Path, ds: str, result: TrainResult, data: TrainingData, seed: int) -> Path:
+def save_trained(
+    warehouse_root: Path,
+    ds: str,
+    result: TrainResult,
+    data: TrainingData,
+    seed: int,
+    run_id: str | None = None,
+) -> Path:
     """Publish a trained model atomically; returns its directory."""
     model = result.model
     target = model_dir(warehouse_root, ds, model.config["name"])
@@ -64,6 +71,7 @@ def save_trained(warehouse_root: Path, ds: str, result: TrainResult, data: Train
         "seconds_per_epoch": result.seconds_per_epoch,
         "peak_rss_mb": result.peak_rss_mb,
         "peak_cuda_mb": result.peak_cuda_mb,
+        "mlflow_run_id": run_id,
     }
     with publish.staged_dir(target) as staged:
         staged.mkdir(parents=True)
@@ -82,19 +90,33 @@ def load_trained(
         raise FileNotFoundError(
             f"no trained model {name!r} for {ds} at {target}: run `funnelrec train` first"
         )
-    meta = json.loads((target / META).read_text())
+    meta = read_meta(target)
     data = data or load_training_data(Path(warehouse_root) / meta["training_dir"])
+    return load_model_dir(target, data, device), data, meta
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    return json.loads((Path(path) / META).read_text())
+
+
+def load_model_dir(path: Path, data: TrainingData, device: str | None = None) -> Recommender:
+    """The model saved in ``path`` (state dict + model.json), rebuilt over ``data``.
+
+    Refuses tables whose checksums differ from the ones the model was trained on.
+    """
+    meta = read_meta(path)
     if data.manifest.get("checksums", {}) != meta.get("training_checksums", {}):
         raise RuntimeError(
-            f"training tables at {data.root} changed since {name} was trained on them (checksums differ); retrain"
+            f"training tables at {data.root} differ from the ones {meta['name']} was trained on "
+            "(checksums differ); retrain"
         )
     model = build_model(meta["name"], data, meta["config"])
     dev = pick_device(device)
-    state = torch.load(target / STATE, map_location=dev, weights_only=True)
+    state = torch.load(Path(path) / STATE, map_location=dev, weights_only=True)
     model.load_state_dict(state)
     model.to(dev)
     model.eval()
-    return model, data, meta
+    return model
 
 
 def write_metrics(warehouse_root: Path, ds: str, name: str, metrics: dict[str, Any]) -> Path:

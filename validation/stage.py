@@ -32,6 +32,7 @@ from infra.tables import (
     VISITED,
     Table,
     events_dir,
+    validation_result_path,
 )
 from validation import suites
 from validation.runner import run_checkpoint
@@ -40,7 +41,7 @@ TABLES = ("events", "sessions", "training")
 
 
 def result_path(settings: Settings, table: str, ds: str) -> Path:
-    return Path(settings.paths.warehouse_root) / "validation" / table / f"ds={ds}" / "result.json"
+    return validation_result_path(settings.paths.warehouse_root, table, ds)
 
 
 def _read(spark: SparkSession, table: Table, path: Path):

@@ -1,0 +1,102 @@
+"""The real path: train -> evaluate (tracked) -> register -> promote -> load by alias -> predict."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import mlflow
+from tests.registry.conftest import DS
+from training import tracking
+from training.artifacts import load_trained
+from training.evaluate import KS, METRICS, SETTINGS
+from training.pyfunc import SignatureMismatch, load_for_scoring
+from training.registry import promote, register
+from training.scoring import known_purchases, recommend, to_frame
+
+
+@pytest.fixture(scope="module")
+def champion(trained):
+    version = register(trained, DS, "als_multi")
+    decision = promote(trained, ds=DS)
+    assert decision.action == "promoted", decision.summary()
+    return version
+
+
+def test_tracked_run_has_params_tags_curves_metrics_and_artifacts(trained):
+    client = tracking.connect(trained)
+    meta = json.loads(
+        (trained.paths.warehouse_root / "models" / f"ds={DS}" / "als_multi" / "model.json").read_text()
+    )
+    run = client.get_run(meta["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    params, tags, values = run.data.params, run.data.tags, run.data.metrics
+    assert params["factors"] == str(meta["config"]["factors"]) and params["seed"] == "42"
+    assert params["data.ds"] == DS and params["data.checksum.interactions"] == f"fixture-{DS}-interactions"
+    assert tags["funnelrec.model_family"] == "als" and tags["funnelrec.dataset"] == "tiny"
+    assert tags["eval.mask"] == "train_purchases" and tags["eval.split"] == "fixture"
+    assert len(tags["mlflow.source.git.commit"]) == 40
+    for split in ("validation", "test"):
+        for setting in SETTINGS:
+            for k in KS:
+                for m in METRICS:
+                    assert f"{split}.{setting}.{m}_at_{k}" in values
+    on_disk = json.loads(
+        (trained.paths.warehouse_root / "models" / f"ds={DS}" / "als_multi" / "metrics.json").read_text()
+    )
+    assert values["test.standard.NDCG_at_10"] == pytest.approx(on_disk["test"]["standard"]["NDCG@10"])
+    assert values["floor.popularity.validation.standard.NDCG_at_20"] >= 0
+    curve = client.get_metric_history(run.info.run_id, "train.loss")
+    assert [m.step for m in curve] == list(range(1, len(curve) + 1)) and len(curve) == meta["epochs_run"]
+    files = {a.path for d in ("plots", "evaluation") for a in client.list_artifacts(run.info.run_id, d)}
+    assert {"plots/training_curves.png", "plots/metrics_by_k_test.png", "evaluation/metrics.json"} <= files
+
+
+def test_pyfunc_by_alias_predicts_the_in_process_top_k(trained, champion):
+    tracking.connect(trained)
+    model = load_for_scoring(f"models:/{trained.mlflow.registered_model}@champion")
+    users = pd.DataFrame({"user_id": [f"u{u}" for u in range(80)] + ["never-seen"]})
+    got = model.predict(users, params={"k": 10})
+
+    local, data, _ = load_trained(trained.paths.warehouse_root, DS, "als_multi")
+    recs = recommend(local, np.arange(data.n_users), known_purchases(data), 10, batch_size=7)
+    want = to_frame(
+        recs, np.array([f"u{u}" for u in range(80)], object), np.array([f"i{i}" for i in range(50)], object)
+    )
+    pd.testing.assert_frame_equal(got.reset_index(drop=True), want, check_exact=True)
+    assert "never-seen" not in set(got.user_id) and got.groupby("user_id").size().eq(10).all()
+    # Bought items are never recommended; item_type follows the visited set.
+    bought = known_purchases(data)
+    u = got.user_id.str[1:].astype(int).to_numpy()
+    i = got.item_id.str[1:].astype(int).to_numpy()
+    assert not np.asarray(bought[u, i]).any()
+    assert (got.item_type == "visited").to_numpy().tolist() == (
+        np.asarray(data.visited[u, i]).ravel() > 0
+    ).tolist()
+
+
+def test_registering_the_same_run_again_reuses_its_version(trained, champion):
+    assert register(trained, DS, "als_multi") == champion
+
+
+def test_a_model_whose_signature_does_not_fit_the_scorer_is_refused(trained, tmp_path):
+    from mlflow.models import infer_signature
+
+    class ByCustomer(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input, params=None):
+            return model_input
+
+    tracking.connect(trained)
+    example = pd.DataFrame({"customer": ["a"]})
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=ByCustomer(),
+            signature=infer_signature(example, example),
+            pip_requirements=["mlflow"],
+        )
+    with pytest.raises(SignatureMismatch, match="string column user_id"):
+        load_for_scoring(info.model_uri)

@@ -1,0 +1,50 @@
+"""Top-K scoring: tie order, exclusions, and results independent of the batch size."""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from training.models import build_model
+from training.scoring import known_purchases, recommend, top_k
+from training.trainer import fit_model
+
+
+def test_top_k_orders_by_score_then_item_index_and_never_keeps_excluded_items():
+    inf = float("-inf")
+    scores = torch.tensor([[0.5, 0.75, 0.5, 0.5, 0.25], [inf, 0.3, inf, inf, inf]])
+    items, values = top_k(scores, 3)
+    assert items.tolist() == [[1, 0, 2], [1, -1, -1]]
+    assert values[0].tolist() == [0.75, 0.5, 0.5]
+    # K larger than the catalogue keeps every item once.
+    assert top_k(scores, 10)[0][0].tolist() == [1, 0, 2, 3, 4]
+
+
+def test_recommendations_do_not_depend_on_the_batch_size(tiny):
+    model = fit_model("als_multi", tiny, seed=1, overrides={"train": {"epochs": 2}}).model
+    users = np.arange(tiny.n_users)
+    exclude = known_purchases(tiny)
+    ref = recommend(model, users, exclude, 7, batch_size=tiny.n_users)
+    for bs in (1, 5, 33):
+        got = recommend(model, users, exclude, 7, batch_size=bs)
+        assert np.array_equal(got.item_idx, ref.item_idx) and np.array_equal(got.score, ref.score)
+    assert np.array_equal(ref.rank[:7], np.arange(1, 8))
+    assert not np.asarray(exclude[ref.user_idx, ref.item_idx]).any()
+    assert np.array_equal(ref.visited, np.asarray(tiny.visited[ref.user_idx, ref.item_idx]).ravel() > 0)
+
+
+def test_known_purchases_cover_training_and_every_heldout_split(tiny):
+    known = known_purchases(tiny)
+    for u, i, _ in tiny.heldout.values():
+        assert np.asarray(known[u, i]).all()
+    assert (known.multiply(tiny.purchases) != tiny.purchases).nnz == 0
+    assert isinstance(known, sp.csr_matrix)
+
+
+def test_member_explains_each_item_by_the_expert_that_scored_it(tiny):
+    model = build_model("member", tiny)
+    recs = recommend(model, np.arange(10), known_purchases(tiny), 5)
+    assert set(recs.weights) == {"visited", "unvisited"}
+    assert np.array_equal(recs.weights["visited"] == 1.0, recs.visited)
+    assert np.array_equal(recs.weights["unvisited"] == 1.0, ~recs.visited)

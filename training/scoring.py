@@ -1,0 +1,165 @@
+"""Top-K recommendations of a trained model: the one scoring function behind the MLflow pyfunc,
+the batched ``score`` path and the Spark path (which calls the pyfunc on executors).
+
+Every call ranks a batch of users against **all** items, excludes each user's known purchases,
+and keeps the top K with ties broken by item index (the evaluator's rule), so results do not
+depend on the batch size, the device or which path produced them. No users x items table is held
+beyond one batch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from training.data import TrainingData
+from training.models.base import Recommender
+
+#: Columns of a recommendation row, as the pyfunc returns them (its output signature).
+OUTPUT_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("user_id", "string"),
+    ("rank", "long"),
+    ("item_id", "string"),
+    ("score", "double"),
+    ("item_type", "string"),
+    ("expert", "string"),
+    ("expert_weights", "string"),
+)
+
+
+def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top ``k`` of each row, ordered by score then item index; ``-inf`` entries are never kept.
+
+    Returns ``(items, values)``, both (B, k'), k' = min(k, n_items); a row with fewer than k'
+    finite scores is padded with item -1 and value ``-inf``.
+    """
+    n = scores.shape[1]
+    k = min(k, n)
+    if k == 0:
+        empty = torch.empty((scores.shape[0], 0), device=scores.device)
+        return empty.long(), empty
+    kth = scores.topk(k, dim=1).values[:, -1:]  # (B, 1) the k-th best score
+    above = scores > kth
+    tied = scores == kth
+    # Among items tied with the k-th score keep the smallest indices: exactly k per row.
+    room = k - above.sum(1, keepdim=True)
+    keep = above | (tied & (tied.cumsum(1) <= room))
+    items = keep.nonzero()[:, 1].view(-1, k)  # ascending item index within each row
+    values = scores.gather(1, items)
+    order = torch.sort(values, dim=1, descending=True, stable=True).indices
+    items, values = items.gather(1, order), values.gather(1, order)
+    items = torch.where(torch.isfinite(values), items, torch.full_like(items, -1))
+    return items, values
+
+
+@dataclass
+class Recommendations:
+    """Flat top-K rows (one per user and rank) in index space."""
+
+    user_idx: np.ndarray
+    rank: np.ndarray
+    item_idx: np.ndarray
+    score: np.ndarray
+    visited: np.ndarray
+    weights: dict[str, np.ndarray]
+
+
+def known_purchases(data: TrainingData) -> sp.csr_matrix:
+    """Every purchase the bundle knows: training purchases plus all held-out ones."""
+    out = data.purchases.copy().astype(np.float32)
+    for u, i, _ in data.heldout.values():
+        out = out + sp.csr_matrix((np.ones(len(u), np.float32), (u, i)), shape=out.shape)
+    out = out.tocsr()
+    out.data[:] = 1.0
+    return out
+
+
+#: Batches are padded to at least this many rows: BLAS takes a different (differently rounded) path
+#: for tiny matrices (MKL: fewer than 12 rows), and a user's scores must not depend on how many
+#: other users share its batch, or the pyfunc, the batched path and the Spark path could disagree.
+MIN_ROWS = 16
+
+
+def _scores(model: Recommender, users: torch.Tensor) -> torch.Tensor:
+    n = len(users)
+    if n < MIN_ROWS:
+        users = torch.cat([users, users[:1].expand(MIN_ROWS - n)])
+    return model.scores(users)[:n].float().clone()
+
+
+@torch.no_grad()
+def recommend(
+    model: Recommender,
+    users: np.ndarray,
+    exclude: sp.csr_matrix,
+    k: int,
+    batch_size: int = 4096,
+) -> Recommendations:
+    """Top-``k`` items for each user index in ``users`` (in the given order), ``exclude`` masked."""
+    dev = model.device
+    parts: list[tuple] = []
+    for start in range(0, len(users), batch_size):
+        u = torch.as_tensor(np.asarray(users[start : start + batch_size], np.int64), device=dev)
+        scores = _scores(model, u)
+        ex = exclude[u.cpu().numpy()].tocoo()
+        if ex.nnz:
+            rows = torch.as_tensor(ex.row, dtype=torch.long, device=dev)
+            cols = torch.as_tensor(ex.col, dtype=torch.long, device=dev)
+            scores[rows, cols] = float("-inf")
+        items, values = top_k(scores, k)
+        valid = items >= 0
+        row_users = u[:, None].expand_as(items)[valid]
+        flat_items = items[valid]
+        ranks = (torch.arange(items.shape[1], device=dev)[None, :].expand_as(items) + 1)[valid]
+        why = model.explain(row_users, flat_items)
+        parts.append(
+            (
+                row_users.cpu().numpy(),
+                ranks.cpu().numpy(),
+                flat_items.cpu().numpy(),
+                values[valid].double().cpu().numpy(),
+                why["visited"].cpu().numpy().astype(bool),
+                {e: why[f"w_{e}"].float().cpu().numpy() for e in model.experts},
+            )
+        )
+    if not parts:
+        z = np.zeros(0, np.int64)
+        return Recommendations(
+            z, z, z, np.zeros(0), np.zeros(0, bool), {e: np.zeros(0) for e in model.experts}
+        )
+    return Recommendations(
+        np.concatenate([p[0] for p in parts]),
+        np.concatenate([p[1] for p in parts]),
+        np.concatenate([p[2] for p in parts]),
+        np.concatenate([p[3] for p in parts]),
+        np.concatenate([p[4] for p in parts]),
+        {e: np.concatenate([p[5][e] for p in parts]) for e in model.experts},
+    )
+
+
+def to_frame(recs: Recommendations, user_ids: np.ndarray, item_ids: np.ndarray) -> pd.DataFrame:
+    """Index space -> the pyfunc's output rows (``OUTPUT_COLUMNS``), ids from the bundle's maps."""
+    experts = list(recs.weights)
+    if experts:
+        w = np.stack([recs.weights[e] for e in experts], axis=1)
+        expert = np.asarray(experts, dtype=object)[w.argmax(1)]
+        weights = [json.dumps(dict(zip(experts, map(float, row), strict=True))) for row in w]
+    else:
+        expert = np.full(len(recs.rank), None, dtype=object)
+        weights = ["{}"] * len(recs.rank)
+    return pd.DataFrame(
+        {
+            "user_id": user_ids[recs.user_idx],
+            "rank": recs.rank.astype(np.int64),
+            "item_id": item_ids[recs.item_idx],
+            "score": recs.score.astype(np.float64),
+            "item_type": np.where(recs.visited, "visited", "unvisited"),
+            "expert": expert,
+            "expert_weights": weights,
+        }
+    )
