@@ -4,7 +4,7 @@ The CLI, the Airflow tasks and the tests call the same stage functions; this mod
 arguments, loads the settings, starts what a stage needs and prints where its outputs landed.
 
 Exit codes: 0 ok; 1 the stage failed (bad input, leakage, ...); 2 usage error (e.g. a bad
-``--date``); 3 the stage is not built yet.
+``--date``).
 """
 
 from __future__ import annotations
@@ -21,25 +21,23 @@ from infra.settings import Settings, load_settings
 from infra.tables import MANIFEST_FILE, SESSIONIZED, TRAINING, events_dir, quarantine_dir
 
 EXIT_FAILED = 1
-EXIT_NOT_BUILT = 3
 
-#: Stages of the nightly run in order; the ones not built yet are named, never faked.
+#: Stages of the nightly run in order (each validate is a gate on the table before it).
 NIGHTLY_STAGES = (
     "ingest",
+    "validate events",
     "sessionize",
+    "validate sessions",
     "split",
-    "validate",
+    "validate training",
     "train",
     "evaluate",
     "register",
     "promote",
     "score",
+    "validate scores",
     "publish",
 )
-NOT_BUILT: dict[str, str] = {
-    "score": "batch scoring of active users (issue: batch scoring)",
-    "publish": "analysts' DuckDB marts and daily report (issue: batch scoring)",
-}
 
 
 def _date(text: str) -> date:
@@ -172,12 +170,37 @@ def cmd_rollback(args, settings: Settings) -> int:
     return 0
 
 
+def cmd_score(args, settings: Settings) -> int:
+    from training.score import run_score, summary_json
+
+    path = args.path or settings.scoring.path
+    spark = None
+    if path == "spark":
+        from infra.spark import get_spark
+
+        spark = get_spark(settings)
+    print(summary_json(run_score(settings, args.date, path=path, spark=spark)))
+    return 0
+
+
+def cmd_publish(args, settings: Settings) -> int:
+    from jobs.publish import run_publish
+
+    out = run_publish(settings, args.date)
+    print(f"{out['rows']} recommendations for {out['users']} users published for {args.date}:")
+    for key in ("scores", "duckdb", "report"):
+        print(f"  {key:<8} {out[key]}")
+    return 0
+
+
 def cmd_nightly(args, settings: Settings) -> int:
     from infra.spark import get_spark
     from jobs.ingest import run_ingest
+    from jobs.publish import run_publish
     from jobs.sessionize import run_sessionize
     from jobs.split import run_split
     from training.registry import promote, register
+    from training.score import run_score
     from training.stages import format_metrics, run_evaluate, run_train
     from validation.stage import run_validate
 
@@ -197,29 +220,21 @@ def cmd_nightly(args, settings: Settings) -> int:
         results[name] = run_evaluate(settings, ds, name)
         register(settings, ds, name)
     decision = promote(settings, ds=ds)
-    ran = [
-        "ingest",
-        "validate events",
-        "sessionize",
-        "validate sessions",
-        "split",
-        "validate training",
-        "train",
-        "evaluate",
-        "register",
-        "promote",
-    ]
-    pending = [s for s in NIGHTLY_STAGES if s in NOT_BUILT]
-    log.info(f"stage=nightly date={ds} ran={','.join(ran)} not_built_yet={','.join(pending)}")
+    run_score(settings, args.date, spark=spark)
+    run_validate(spark, settings, "scores", args.date)
+    published = run_publish(settings, args.date)
+    log.info(f"stage=nightly date={ds} ran={','.join(NIGHTLY_STAGES)}")
     for name, metrics in results.items():
         if "test" in metrics:
             print(f"\n{name} on test ({ds}):")
             print(format_metrics(metrics["test"]))
     print(f"\npromotion:\n{decision.summary()}")
-    print(f"\nnightly {ds}: ran {' -> '.join(ran)}. Outputs:")
+    print(f"\nnightly {ds}: ran {' -> '.join(NIGHTLY_STAGES)}. Outputs:")
     for name, path in _where(settings, args.date):
         print(f"  {name:<18} {path}")
-    print(f"not built yet (not run): {', '.join(pending)}")
+    print(f"  {'scores':<18} {published['scores']}")
+    print(f"  {'analytics DuckDB':<18} {published['duckdb']}")
+    print(f"  {'report':<18} {published['report']}")
     return 0
 
 
@@ -236,14 +251,6 @@ def cmd_synth(args, settings: Settings) -> int:
         f"(Taobao format; ingest with the `synthetic` mapping)"
     )
     return 0
-
-
-def _not_built(name: str) -> Callable:
-    def run(args, settings: Settings) -> int:
-        print(f"funnelrec {name}: not built yet: {NOT_BUILT[name]}. Nothing was run.", file=sys.stderr)
-        return EXIT_NOT_BUILT
-
-    return run
 
 
 def _add_ds(p: argparse.ArgumentParser) -> None:
@@ -265,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="funnelrec",
         description="Nightly batch recommender over the whole shopping funnel. Each subcommand is one stage.",
         epilog="Settings: infra/defaults.yaml < --config/$FUNNELREC_CONFIG < FUNNELREC__SECTION__KEY env vars. "
-        "Exit codes: 0 ok, 1 stage failed, 2 usage error, 3 stage not built yet.",
+        "Exit codes: 0 ok, 1 stage failed, 2 usage error.",
     )
     parser.add_argument("--config", metavar="PATH", help="user settings YAML layered over the defaults")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -318,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
         "listing each failed expectation.",
         cmd_validate,
     )
-    p.add_argument("--table", required=True, choices=["events", "sessions", "training"])
+    p.add_argument("--table", required=True, choices=["events", "sessions", "training", "scores"])
     p = add(
         "train",
         "Train one model on the training tables of --date (warehouse/training/ds=D) or of --benchmark NAME "
@@ -372,11 +379,27 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_rollback,
         dated=False,
     )
-    add("score", "Score every active user of --date with @champion (not built yet).", _not_built("score"))
+    p = add(
+        "score",
+        "Score every active user of --date (any event in the last scoring.active_days days) with "
+        "models:/<registered_model>@champion against all items, excluding what they bought; top scoring.k with "
+        "score, rank, item type and expert weights, written to warehouse/scores_staged/ds=D for `validate "
+        "--table scores` and `publish`.",
+        cmd_score,
+    )
+    p.add_argument(
+        "--path",
+        choices=["local", "spark"],
+        help="local: one process, batched (CUDA when present); spark: mapInPandas on spark.master "
+        "(default: scoring.path)",
+    )
     add(
         "publish",
-        "Publish scored tables to the analysts' DuckDB file and report (not built yet).",
-        _not_built("publish"),
+        "Move the validated scores of --date into warehouse/scores/ds=D atomically, rebuild the analysts' DuckDB "
+        "file (warehouse/analytics/funnelrec.duckdb: fct_recommendations, recommendations_latest, dim_items, "
+        "dim_users, agg_item_exposure, agg_catalog_coverage, model_runs) and write "
+        "warehouse/reports/ds=D/report.html.",
+        cmd_publish,
     )
     p = add(
         "synth",
@@ -393,10 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--days", type=int, default=9, help="days the log spans")
     add(
         "nightly",
-        "Run every built stage for --date in order (ingest -> validate events -> sessionize -> validate "
+        "Run every stage for --date in order (ingest -> validate events -> sessionize -> validate "
         "sessions -> split -> validate training -> train, evaluate and register each model of training.models "
-        "-> promote the best of the date) and print the test metrics and where each output landed; a failed gate stops the run. Stages not built "
-        "yet are listed, not run.",
+        "-> promote the best of the date -> score -> validate scores -> publish) and print the test metrics and "
+        "where each output landed; a failed gate stops the run.",
         cmd_nightly,
     )
     return parser

@@ -72,6 +72,7 @@ class ValidationSettings(_Section):
     data_docs_dir: Path | None = None
     events_min_rows: int = Field(ge=0)
     events_max_rows: int = Field(gt=0)
+    scores_min_user_share: float = Field(ge=0, le=1)
 
 
 class TrainingSettings(_Section):

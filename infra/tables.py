@@ -229,6 +229,32 @@ TRAIN_EVENTS = Table(
 )
 
 
+SCORES = Table(
+    "scores",
+    (
+        C("user_id", "string", "an active user (any event in the last scoring.active_days days)"),
+        C("rank", "int", "1 = best; 1..K without gaps"),
+        C("item_id", "string", "recommended item; never one the user bought"),
+        C("score", "double", "the model's score (comparable within a user and model version only)"),
+        C("item_type", "string", "visited (in the user's visited set) | unvisited"),
+        C(
+            "expert",
+            "string",
+            "the expert behind the score (MoE models), null for single-tower models",
+            nullable=True,
+        ),
+        C("expert_weights", "string", "JSON object expert -> gate weight, {} for single-tower models"),
+        C("model", "string", "model configuration that produced it, e.g. member"),
+        C("model_name", "string", "registered model name"),
+        C("model_version", "int", "registered model version (the champion when scored)"),
+        C("run_id", "string", "MLflow run of that version"),
+        C("ds", "date", "scoring date"),
+    ),
+    "Top-K recommendations per active user and date. Written by `score`, published by `publish`.",
+    partition_by=("ds",),
+)
+
+
 @dataclass(frozen=True)
 class Bundle:
     """Tables one stage publishes together for one date, under ``<root>/<name>/ds=<date>/``."""
@@ -269,7 +295,27 @@ ALL_TABLES: tuple[Table, ...] = (
     USER_MAP,
     ITEM_MAP,
     TRAIN_EVENTS,
+    SCORES,
 )
+
+
+def scores_dir(warehouse_root: Path) -> Path:
+    """Published scores: ``scores/ds=<d>/`` (what analysts and the DuckDB views read)."""
+    return Path(warehouse_root) / SCORES.name
+
+
+def scores_staged_dir(warehouse_root: Path, ds: date | str) -> Path:
+    """Scores of a date written by `score`, validated, then moved into ``scores/`` by `publish`."""
+    return Path(warehouse_root) / "scores_staged" / f"ds={ds}"
+
+
+def analytics_db(warehouse_root: Path) -> Path:
+    """The analysts' DuckDB file (views over the published Parquet plus small dimension tables)."""
+    return Path(warehouse_root) / "analytics" / "funnelrec.duckdb"
+
+
+def report_path(warehouse_root: Path, ds: date | str) -> Path:
+    return Path(warehouse_root) / "reports" / f"ds={ds}" / "report.html"
 
 
 def validation_result_path(warehouse_root: Path, table: str, ds: date | str) -> Path:

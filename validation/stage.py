@@ -8,7 +8,8 @@ Docs site at ``validation.data_docs_dir``. A failed suite raises ``ValidationFai
 from __future__ import annotations
 
 import json
-from datetime import date, datetime
+import math
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from infra.tables import (
     INTERACTIONS,
     ITEM_MAP,
     MANIFEST_FILE,
+    SCORES,
     SESSION_EVENTS,
     SESSIONIZED,
     SESSIONS,
@@ -32,12 +34,14 @@ from infra.tables import (
     VISITED,
     Table,
     events_dir,
+    scores_dir,
+    scores_staged_dir,
     validation_result_path,
 )
 from validation import suites
 from validation.runner import run_checkpoint
 
-TABLES = ("events", "sessions", "training")
+TABLES = ("events", "sessions", "training", "scores")
 
 
 def result_path(settings: Settings, table: str, ds: str) -> Path:
@@ -48,6 +52,24 @@ def _read(spark: SparkSession, table: Table, path: Path):
     if not path.exists():
         raise FileNotFoundError(f"nothing to validate: {table.name} is missing at {path}")
     return spark.read.schema(table.spark_schema()).parquet(str(path))
+
+
+def _scores_pair(spark: SparkSession, settings: Settings, run_date: date):
+    """The scores of a date (staged by `score`, else already published) and its suite."""
+    wh, ds = Path(settings.paths.warehouse_root), run_date.isoformat()
+    path = scores_staged_dir(wh, ds)
+    if not path.exists():
+        path = scores_dir(wh) / f"ds={ds}"
+    scores = _read(spark, SCORES, path).drop("ds")
+    first = run_date - timedelta(days=settings.scoring.active_days - 1)
+    events = _read(spark, EVENTS, events_dir(wh)).filter(
+        F.col("source").isin(settings.pipeline.sources)
+        & (F.col("event_date") >= F.lit(first))
+        & (F.col("event_date") <= F.lit(run_date))
+    )
+    active = events.select("user_id").distinct().count()
+    min_users = math.ceil(settings.validation.scores_min_user_share * active)
+    return suites.scores_suite(settings.scoring.k, min_users), suites.scores_view(scores, events)
 
 
 def run_validate(spark: SparkSession, settings: Settings, table: str, run_date: date) -> dict[str, Any]:
@@ -70,6 +92,8 @@ def run_validate(spark: SparkSession, settings: Settings, table: str, run_date: 
         pairs = [
             (suites.sessions_suite(settings.sessionize.gap_minutes), suites.sessions_view(sessions, events))
         ]
+    elif table == "scores":
+        pairs = [_scores_pair(spark, settings, run_date)]
     else:
         bundle = TRAINING.dir(wh, run_date)
         t = {

@@ -196,3 +196,77 @@ def id_map_suite(kind: str, rows: int, minimum: int) -> Suite:
             ),
         ],
     )
+
+
+# -- scores -------------------------------------------------------------------------------------
+def scores_view(scores: DataFrame, window_events: DataFrame) -> DataFrame:
+    """Scores with per-user row counts and flags computed against the events of the active window."""
+    per_user = Window.partitionBy("user_id")
+    bought = (
+        window_events.filter(F.col("behavior") == PURCHASE)
+        .select("user_id", "item_id")
+        .distinct()
+        .withColumn("already_bought", F.lit(True))
+    )
+    active = window_events.select("user_id").distinct().withColumn("active_user", F.lit(True))
+    return (
+        scores.withColumn("rows_of_user", F.count("*").over(per_user))
+        .withColumn("max_rank_of_user", F.max("rank").over(per_user))
+        .join(bought, ["user_id", "item_id"], "left")
+        .withColumn("already_bought", F.coalesce("already_bought", F.lit(False)))
+        .join(active, ["user_id"], "left")
+        .withColumn("active_user", F.coalesce("active_user", F.lit(False)))
+    )
+
+
+def scores_suite(k: int, min_users: int) -> Suite:
+    """``min_users``: the fewest distinct users the table must cover (a share of the active users)."""
+    return Suite(
+        "scores",
+        [
+            *(
+                Check(gxe.ExpectColumnValuesToNotBeNull(column=c), f"a recommendation without {c}")
+                for c in ("user_id", "item_id", "rank", "score", "item_type", "model_version", "run_id")
+            ),
+            Check(
+                gxe.ExpectColumnValuesToBeInSet(column="item_type", value_set=["visited", "unvisited"]),
+                "an item type other than visited/unvisited",
+            ),
+            Check(
+                gxe.ExpectColumnValuesToBeBetween(column="rank", min_value=1, max_value=k),
+                f"a rank outside 1..{k}",
+            ),
+            Check(
+                gxe.ExpectColumnPairValuesToBeEqual(column_A="rows_of_user", column_B="max_rank_of_user"),
+                "gaps in a user's ranks (rows dropped after ranking)",
+            ),
+            Check(
+                gxe.ExpectCompoundColumnsToBeUnique(column_list=["user_id", "rank"]),
+                "two items at one rank for a user",
+            ),
+            Check(
+                gxe.ExpectCompoundColumnsToBeUnique(column_list=["user_id", "item_id"]),
+                "an item recommended twice to one user",
+            ),
+            Check(
+                gxe.ExpectColumnValuesToBeBetween(column="score", min_value=-1e30, max_value=1e30),
+                "a non-finite score (an excluded item leaked into the top K, or NaN weights)",
+            ),
+            Check(
+                gxe.ExpectColumnValuesToBeInSet(column="already_bought", value_set=[False]),
+                "an item recommended to a user who already bought it",
+            ),
+            Check(
+                gxe.ExpectColumnValuesToBeInSet(column="active_user", value_set=[True]),
+                "a recommendation for a user with no event in the active window",
+            ),
+            Check(
+                gxe.ExpectColumnUniqueValueCountToBeBetween(column="model_version", min_value=1, max_value=1),
+                "rows of two model versions in one date (a mixed or half-rewritten partition)",
+            ),
+            Check(
+                gxe.ExpectColumnUniqueValueCountToBeBetween(column="user_id", min_value=max(min_users, 1)),
+                f"fewer than {min_users} users scored (validation.scores_min_user_share of the active users)",
+            ),
+        ],
+    )

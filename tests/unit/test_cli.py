@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from infra.cli import NOT_BUILT, build_parser, main
+from infra.cli import build_parser, main
 from infra.dates import InvalidDateError, parse_run_date
 from tests.conftest import REPO
 
@@ -25,13 +25,6 @@ def test_cli_refuses_bad_date_with_a_clear_message(bad, capsys):
 
 def test_good_date_parses():
     assert parse_run_date("2015-09-18").isoformat() == "2015-09-18"
-
-
-@pytest.mark.parametrize("name", sorted(NOT_BUILT))
-def test_stages_not_built_say_so_and_exit_nonzero(name, capsys, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    assert main([name, "--date", "2015-09-18"]) == 3
-    assert "not built yet" in capsys.readouterr().err
 
 
 def test_every_stage_has_help_that_names_its_tables():

@@ -1,0 +1,249 @@
+"""The ``publish`` stage: make a date's validated scores visible, refresh the analysts' DuckDB file
+and write the daily report.
+
+1. ``scores_staged/ds=<d>`` (written by ``score``, checked by the scores suite) is swapped into
+   ``scores/ds=<d>`` atomically: a reader sees the previous partition or the new one, never a mix,
+   and a publish killed midway leaves the previous good partition readable.
+2. ``analytics/funnelrec.duckdb`` is rebuilt beside the old file and renamed over it (readers keep
+   the file they opened). Views read the published Parquet directly, so they are never stale:
+
+   ==========================  ====================================================================
+   ``fct_recommendations``     every published recommendation, all dates (view over scores/)
+   ``recommendations_latest``  the latest date only (view)
+   ``dim_items``               items seen in the active window: category, funnel counts, popularity
+   ``dim_users``               users seen in the active window: activity and visited-set size
+   ``agg_item_exposure``       per date and item: users it was recommended to, mean rank (view)
+   ``agg_catalog_coverage``    per date: distinct items recommended / items in ``dim_items`` (view)
+   ``model_runs``              every tracked run: model, date, metrics, registered version, aliases
+   ==========================  ====================================================================
+3. ``reports/ds=<d>/report.html``: see ``jobs.report``.
+
+Reruns of a date give the same rows (the scores are a function of the champion and the events).
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pandas as pd
+
+from infra import publish
+from infra.logs import stage
+from infra.settings import Settings
+from infra.tables import SCORES, analytics_db, events_dir, scores_dir, scores_staged_dir
+
+#: Table and view documentation, written into the database as COMMENTs (``duckdb_views()``,
+#: ``duckdb_tables()``) so analysts can read it where they query.
+DOCS = {
+    "fct_recommendations": "Top-K recommendations per active user and date, all published dates. "
+    "Columns as in the scores table; one row per (ds, user_id, rank).",
+    "recommendations_latest": "fct_recommendations restricted to the latest published date.",
+    "dim_items": "Items seen in the active window before the latest published date: category, "
+    "view/fav/cart/purchase counts, distinct users and popularity rank (1 = most purchased).",
+    "dim_users": "Users seen in the active window: first/last event, events, purchases, visited-set size "
+    "(distinct items viewed, faved or carted) and whether they were scored on the latest date.",
+    "agg_item_exposure": "Per date and item: users the item was recommended to, share of scored users, "
+    "mean rank, visited/unvisited split.",
+    "agg_catalog_coverage": "Per date: distinct items recommended, catalogue size (dim_items), coverage share.",
+    "model_runs": "Every tracked train/evaluate run: model, data date, validation/test metrics per setting, "
+    "registered version and the aliases it holds now.",
+}
+
+RUN_METRICS = [
+    f"{split}.{setting}.{m}_at_{k}"
+    for split in ("validation", "test")
+    for setting in ("standard", "visited", "unvisited", "long_tail")
+    for m in ("HR", "NDCG")
+    for k in (10, 20, 50)
+]
+
+
+def publish_scores(settings: Settings, run_date: date) -> Path:
+    """Swap the staged scores of ``run_date`` into ``scores/``; a rerun after publishing is a no-op."""
+    wh = settings.paths.warehouse_root
+    staged = scores_staged_dir(wh, run_date.isoformat())
+    target = scores_dir(wh) / f"ds={run_date.isoformat()}"
+    if staged.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        publish.swap_in(staged, target)
+    elif not target.exists():
+        raise FileNotFoundError(
+            f"no scores for {run_date} at {staged} or {target}: run `funnelrec score` first"
+        )
+    return target
+
+
+def _events_window(settings: Settings, run_date: date) -> str:
+    first = run_date - timedelta(days=settings.scoring.active_days - 1)
+    sources = ", ".join(f"'{s}'" for s in settings.pipeline.sources)
+    root = events_dir(settings.paths.warehouse_root)
+    return (
+        f"SELECT * FROM read_parquet('{root}/*/*/*.parquet', hive_partitioning = true) "
+        f"WHERE source IN ({sources}) AND CAST(event_date AS DATE) BETWEEN DATE '{first}' AND DATE '{run_date}'"
+    )
+
+
+def _model_runs(settings: Settings) -> pd.DataFrame:
+    """One row per tracked run of the experiment, with its metrics and registered version."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    mlflow.set_registry_uri(settings.mlflow_registry_uri)
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(settings.mlflow.experiment)
+    cols = [
+        "run_id",
+        "model",
+        "model_family",
+        "data_ds",
+        "status",
+        "started_at",
+        "registered_version",
+        "aliases",
+    ]
+    if exp is None:
+        return pd.DataFrame(columns=cols + [m.replace(".", "_") for m in RUN_METRICS])
+    name = settings.mlflow.registered_model
+    versions: dict[str, tuple[int, str]] = {}
+    try:
+        alias_of: dict[int, list[str]] = {}
+        for alias, v in (client.get_registered_model(name).aliases or {}).items():
+            alias_of.setdefault(int(v), []).append(alias)
+        for mv in client.search_model_versions(f"name = '{name}'"):
+            v = int(mv.version)
+            versions[mv.run_id] = (v, ",".join(sorted(alias_of.get(v, []))))
+    except Exception:
+        pass
+    rows = []
+    for run in client.search_runs(
+        [exp.experiment_id], max_results=50000, order_by=["attributes.start_time ASC"]
+    ):
+        tags, metrics = run.data.tags, run.data.metrics
+        version, aliases = versions.get(run.info.run_id, (None, ""))
+        row: dict[str, Any] = {
+            "run_id": run.info.run_id,
+            "model": tags.get("funnelrec.model"),
+            "model_family": tags.get("funnelrec.model_family"),
+            "data_ds": tags.get("funnelrec.ds"),
+            "status": run.info.status,
+            "started_at": pd.Timestamp(run.info.start_time, unit="ms", tz="UTC"),
+            "registered_version": version,
+            "aliases": aliases,
+        }
+        row.update({m.replace(".", "_"): metrics.get(m) for m in RUN_METRICS})
+        rows.append(row)
+    out = pd.DataFrame(rows, columns=cols + [m.replace(".", "_") for m in RUN_METRICS])
+    out["registered_version"] = out["registered_version"].astype("Int64")
+    return out
+
+
+def build_analytics(settings: Settings, run_date: date) -> Path:
+    """Rebuild the analysts' DuckDB file next to the old one, then rename it over it."""
+    wh = settings.paths.warehouse_root
+    target = analytics_db(wh)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    scores = scores_dir(wh)
+    runs = _model_runs(settings)
+    con = duckdb.connect(str(tmp))
+    try:
+        con.execute(
+            f"""
+            CREATE VIEW fct_recommendations AS
+            SELECT CAST(ds AS DATE) AS ds, {", ".join(SCORES.data_columns)}
+            FROM read_parquet('{scores}/ds=*/*.parquet', hive_partitioning = true);
+
+            CREATE VIEW recommendations_latest AS
+            SELECT * FROM fct_recommendations WHERE ds = (SELECT max(ds) FROM fct_recommendations);
+
+            CREATE TABLE dim_items AS
+            WITH ev AS ({_events_window(settings, run_date)})
+            SELECT item_id,
+                   mode(category_id) AS category_id,
+                   count(*) FILTER (WHERE behavior = 'view') AS n_views,
+                   count(*) FILTER (WHERE behavior = 'fav') AS n_favs,
+                   count(*) FILTER (WHERE behavior = 'cart') AS n_carts,
+                   count(*) FILTER (WHERE behavior = 'purchase') AS n_purchases,
+                   count(DISTINCT user_id) AS n_users,
+                   min(event_time) AS first_seen,
+                   max(event_time) AS last_seen,
+                   CAST(row_number() OVER (ORDER BY count(*) FILTER (WHERE behavior = 'purchase') DESC,
+                                                    count(*) DESC, item_id) AS INTEGER) AS popularity_rank
+            FROM ev GROUP BY item_id;
+
+            CREATE TABLE dim_users AS
+            WITH ev AS ({_events_window(settings, run_date)}),
+                 scored AS (SELECT DISTINCT user_id FROM fct_recommendations WHERE ds = DATE '{run_date}')
+            SELECT ev.user_id,
+                   min(event_time) AS first_event,
+                   max(event_time) AS last_event,
+                   count(*) AS n_events,
+                   count(*) FILTER (WHERE behavior = 'purchase') AS n_purchases,
+                   count(DISTINCT item_id) FILTER (WHERE behavior <> 'purchase') AS visited_set_size,
+                   bool_or(scored.user_id IS NOT NULL) AS scored_latest
+            FROM ev LEFT JOIN scored USING (user_id)
+            GROUP BY ev.user_id;
+
+            CREATE VIEW agg_item_exposure AS
+            SELECT ds, item_id,
+                   count(*) AS n_users,
+                   count(*) / any_value(users_of_day) AS share_of_users,
+                   avg(rank) AS mean_rank,
+                   count(*) FILTER (WHERE item_type = 'visited') AS n_visited,
+                   count(*) FILTER (WHERE item_type = 'unvisited') AS n_unvisited
+            FROM (SELECT *, count(DISTINCT user_id) OVER (PARTITION BY ds) AS users_of_day FROM fct_recommendations)
+            GROUP BY ds, item_id;
+
+            CREATE VIEW agg_catalog_coverage AS
+            SELECT ds,
+                   count(DISTINCT item_id) AS items_recommended,
+                   (SELECT count(*) FROM dim_items) AS catalogue_items,
+                   count(DISTINCT item_id) / (SELECT count(*) FROM dim_items) AS coverage
+            FROM fct_recommendations GROUP BY ds;
+            """
+        )
+        con.register("runs_df", runs)
+        con.execute("CREATE TABLE model_runs AS SELECT * FROM runs_df")
+        con.unregister("runs_df")
+        for name, doc in DOCS.items():
+            kind = (
+                "VIEW"
+                if name in ("fct_recommendations", "recommendations_latest") or name.startswith("agg_")
+                else "TABLE"
+            )
+            con.execute(f"COMMENT ON {kind} {name} IS '{doc.replace(chr(39), chr(39) * 2)}'")
+    finally:
+        con.close()
+    os.replace(tmp, target)
+    return target
+
+
+def run_publish(settings: Settings, run_date: date) -> dict[str, Any]:
+    """Publish the validated scores of ``run_date``, refresh the DuckDB file and write the report."""
+    from jobs.report import write_report
+
+    with stage("publish", ds=run_date.isoformat()) as counts:
+        partition = publish_scores(settings, run_date)
+        db = build_analytics(settings, run_date)
+        report = write_report(settings, run_date, db)
+        con = duckdb.connect(str(db), read_only=True)
+        try:
+            rows = con.execute(
+                "SELECT count(*), count(DISTINCT user_id) FROM fct_recommendations WHERE ds = ?", [run_date]
+            ).fetchone()
+        finally:
+            con.close()
+        counts.update(rows=rows[0], users=rows[1])
+    return {
+        "scores": str(partition),
+        "duckdb": str(db),
+        "report": str(report),
+        "rows": rows[0],
+        "users": rows[1],
+    }

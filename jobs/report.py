@@ -1,0 +1,185 @@
+"""The daily HTML report: one static file per date, plots embedded as PNG images.
+
+Sections (each a ``<section id=...>``): ``champion`` (which model produced the date, with links to
+its MLflow run and the Data Docs), ``metrics`` (test metrics over data dates per setting),
+``coverage`` (catalogue coverage over dates), ``item-types`` (visited vs unvisited share by rank),
+``popularity`` (how popular the recommended items are against the catalogue).
+Everything is read from the analysts' DuckDB file, so the report shows what analysts can query.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from datetime import date
+from pathlib import Path
+
+import duckdb
+
+from infra.settings import Settings
+from infra.tables import report_path
+
+SETTINGS = ("standard", "visited", "unvisited", "long_tail")
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _plots():
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _table(df) -> str:
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>"
+        for row in df.itertuples(index=False)
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+
+def _fmt(v) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def _mlflow_link(settings: Settings, run_id: str) -> str:
+    uri = settings.mlflow_tracking_uri
+    if uri.startswith(("http://", "https://")):
+        return f'<a href="{html.escape(uri)}/#/runs/{run_id}">MLflow run {run_id}</a>'
+    ui = "http://127.0.0.1:5000"
+    return (
+        f'<a href="{ui}/#/runs/{run_id}">MLflow run {run_id}</a> (start the UI with '
+        f"<code>.venv/bin/mlflow ui --backend-store-uri {html.escape(uri)} --host 127.0.0.1</code>)"
+    )
+
+
+def write_report(settings: Settings, run_date: date, db: Path) -> Path:
+    plt = _plots()
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        champ = con.execute(
+            "SELECT any_value(model), any_value(model_name), any_value(model_version), any_value(run_id), "
+            "count(DISTINCT user_id), count(*) FROM fct_recommendations WHERE ds = ?",
+            [run_date],
+        ).fetchone()
+        model, name, version, run_id, users, rows = champ
+        runs = con.execute(
+            "SELECT data_ds, "
+            + ", ".join(f"test_{s}_NDCG_at_20 AS {s}" for s in SETTINGS)
+            + " FROM model_runs "
+            "WHERE model = ? AND data_ds IS NOT NULL AND test_standard_NDCG_at_20 IS NOT NULL "
+            "ORDER BY started_at",
+            [model],
+        ).df()
+        runs = runs.groupby("data_ds", as_index=False).last()
+        champion_metrics = con.execute(
+            "SELECT "
+            + ", ".join(f"test_{s}_HR_at_20 AS hr20_{s}, test_{s}_NDCG_at_20 AS ndcg20_{s}" for s in SETTINGS)
+            + " FROM model_runs WHERE run_id = ?",
+            [run_id],
+        ).df()
+        coverage = con.execute("SELECT * FROM agg_catalog_coverage ORDER BY ds").df()
+        types = con.execute(
+            "SELECT rank, avg(CASE WHEN item_type = 'visited' THEN 1.0 ELSE 0.0 END) AS visited_share "
+            "FROM fct_recommendations WHERE ds = ? GROUP BY rank ORDER BY rank",
+            [run_date],
+        ).df()
+        pop = con.execute(
+            "SELECT d.popularity_rank FROM fct_recommendations f JOIN dim_items d USING (item_id) WHERE f.ds = ?",
+            [run_date],
+        ).df()
+        catalogue = con.execute("SELECT popularity_rank FROM dim_items").df()
+    finally:
+        con.close()
+
+    fig = plt.figure(figsize=(8, 3))
+    ax = fig.subplots()
+    for s in SETTINGS:
+        ax.plot(runs["data_ds"], runs[s], marker="o", label=s)
+    ax.set(title=f"{model}: test NDCG@20 by data date", xlabel="data date", ylabel="NDCG@20")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    metrics_png = _png(fig)
+    plt.close(fig)
+
+    fig = plt.figure(figsize=(8, 3))
+    ax = fig.subplots()
+    ax.bar([str(d)[:10] for d in coverage["ds"]], coverage["coverage"], color="#4c72b0")
+    ax.set(title="catalogue coverage (distinct items recommended / items in dim_items)", ylim=(0, 1))
+    fig.tight_layout()
+    coverage_png = _png(fig)
+    plt.close(fig)
+
+    fig = plt.figure(figsize=(8, 3))
+    ax = fig.subplots()
+    ax.bar(types["rank"], types["visited_share"], color="#55a868", label="visited")
+    ax.bar(
+        types["rank"],
+        1 - types["visited_share"],
+        bottom=types["visited_share"],
+        color="#c44e52",
+        label="unvisited",
+    )
+    ax.set(title="item type by rank", xlabel="rank", ylabel="share of users", ylim=(0, 1))
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    types_png = _png(fig)
+    plt.close(fig)
+
+    fig = plt.figure(figsize=(8, 3))
+    ax = fig.subplots()
+    bins = max(10, min(50, len(catalogue)))
+    ax.hist(catalogue["popularity_rank"], bins=bins, density=True, alpha=0.5, label="catalogue")
+    ax.hist(pop["popularity_rank"], bins=bins, density=True, alpha=0.6, label="recommended")
+    ax.set(title="popularity rank of recommended items (1 = most purchased)", xlabel="popularity rank")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    pop_png = _png(fig)
+    plt.close(fig)
+
+    visited_share = float(types["visited_share"].mean()) if len(types) else 0.0
+    latest_cov = coverage.loc[coverage["ds"] == coverage["ds"].max()].iloc[0] if len(coverage) else None
+    docs = Path(settings.validation.data_docs_dir) / "index.html"
+    target = report_path(settings.paths.warehouse_root, run_date)
+    body = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>funnelrec report {run_date}</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em auto; max-width: 60em; color: #222; background: #fff; }}
+h1 {{ border-bottom: 3px solid #4c72b0; }} section {{ margin-bottom: 2em; }}
+table {{ border-collapse: collapse; font-size: 0.85em; }} td, th {{ border: 1px solid #ccc; padding: 0.2em 0.5em; }}
+img {{ max-width: 100%; }} .kpi {{ font-size: 1.2em; }}
+</style></head><body>
+<h1>funnelrec daily report: {run_date}</h1>
+<section id="champion"><h2>Champion</h2>
+<p class="kpi">{html.escape(str(name))} version {version} (<b>{html.escape(str(model))}</b>) scored
+{users} active users, {rows} recommendations.</p>
+<p>{_mlflow_link(settings, run_id)} &middot; <a href="{docs.as_uri()}">Data Docs (validation results)</a></p>
+{_table(champion_metrics)}
+</section>
+<section id="metrics"><h2>Metrics over time</h2><img alt="test NDCG@20 per setting by date" src="{metrics_png}"></section>
+<section id="coverage"><h2>Catalogue coverage</h2>
+<p class="kpi">{(latest_cov["items_recommended"] if latest_cov is not None else 0)} of
+{(latest_cov["catalogue_items"] if latest_cov is not None else 0)} items recommended
+({(float(latest_cov["coverage"]) if latest_cov is not None else 0.0):.1%}).</p>
+<img alt="catalogue coverage by date" src="{coverage_png}"></section>
+<section id="item-types"><h2>Visited vs unvisited items in the top K</h2>
+<p class="kpi">{visited_share:.1%} of recommended items are visited, {1 - visited_share:.1%} unvisited.</p>
+<img alt="item type share by rank" src="{types_png}"></section>
+<section id="popularity"><h2>Popularity of recommended items</h2>
+<img alt="popularity of recommended items" src="{pop_png}"></section>
+</body></html>
+"""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".html.tmp")
+    tmp.write_text(body)
+    tmp.replace(target)
+    return target
