@@ -14,7 +14,7 @@ BIN := $(VENV)/bin
 TORCH_FIND_LINKS ?= $(or $(PIP_FIND_LINKS),https://download.pytorch.org/whl/cpu/torch/)
 DEMO_DATE ?= 2015-09-18
 
-.PHONY: help setup setup-gpu demo test lint format lock clean-demo
+.PHONY: help setup setup-gpu demo test test-deps lint format lock clean-demo
 
 help:
 	@echo "make demo   - set up .venv and run the nightly pipeline on bundled data ($(DEMO_DATE))"
@@ -50,7 +50,14 @@ format: setup
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: lint
+# The report test renders in Debian's headless Chromium; install it when missing (root or sudo).
+test-deps:
+	@command -v chromium >/dev/null || { \
+	    echo "installing Debian chromium for the report test"; \
+	    $$( [ "$$(id -u)" = 0 ] || echo sudo ) env DEBIAN_FRONTEND=noninteractive \
+	        apt-get install -y --no-install-recommends chromium >/dev/null; }
+
+test: lint test-deps
 	$(BIN)/python -m pytest
 
 lock: | $(BIN)/uv

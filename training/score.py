@@ -118,7 +118,7 @@ def score_frame(model, users: pd.DataFrame, k: int, batch_size: int) -> pd.DataF
     return recs[PREDICTED].reset_index(drop=True)
 
 
-def _lineage(frame: pd.DataFrame, champ: Champion, run_date: date) -> pd.DataFrame:
+def _lineage(frame: pd.DataFrame, champ: Champion) -> pd.DataFrame:
     out = frame.copy()
     out["rank"] = out["rank"].astype("int32")
     out["model"] = champ.model
@@ -144,18 +144,18 @@ def run_score(settings: Settings, run_date: date, path: str | None = None, spark
     target = scores_staged_dir(settings.paths.warehouse_root, run_date.isoformat())
     with stage("score", ds=run_date.isoformat(), path=path) as counts:
         champ = champion(settings)
+        if path not in ("local", "spark"):
+            raise ValueError(f"unknown scoring path {path!r}: local | spark")
+        if path == "spark" and spark is None:
+            raise ValueError("the spark scoring path needs a SparkSession")
+        model = load_for_scoring(champ.uri)  # refuses a wrong signature before any scoring starts
         users = active_users(settings, run_date)
         if path == "local":
-            model = load_for_scoring(champ.uri)  # refuses a wrong signature before any scoring
-            frame = _lineage(score_frame(model, users, cfg.k, cfg.batch_size), champ, run_date)
+            frame = _lineage(score_frame(model, users, cfg.k, cfg.batch_size), champ)
             _write_local(frame, target)
             rows, scored = len(frame), frame["user_id"].nunique()
-        elif path == "spark":
-            if spark is None:
-                raise ValueError("the spark scoring path needs a SparkSession")
-            rows, scored = spark_score(spark, champ, users, run_date, target, cfg.k, cfg.batch_size)
         else:
-            raise ValueError(f"unknown scoring path {path!r}: local | spark")
+            rows, scored = spark_score(spark, champ, users, target, cfg.k, cfg.batch_size)
         counts.update(
             model=champ.model, version=champ.version, active_users=len(users), scored_users=scored, rows=rows
         )
@@ -196,15 +196,12 @@ def _executor_model(blob: bytes):
 
 
 def spark_score(
-    spark, champ: Champion, users: pd.DataFrame, run_date: date, target: Path, k: int, batch_size: int
+    spark, champ: Champion, users: pd.DataFrame, target: Path, k: int, batch_size: int
 ) -> tuple[int, int]:
     """Score ``users`` on the executors; write the partition with Spark. Returns (rows, users scored)."""
     from pyspark.sql import functions as F
     from pyspark.sql import types as T
 
-    from training.pyfunc import load_for_scoring
-
-    load_for_scoring(champ.uri)  # the driver refuses a wrong signature before any task starts
     blob = spark.sparkContext.broadcast(_model_blob(champ.uri))
     schema = T.StructType([f for f in SCORES.spark_schema() if f.name in PREDICTED])
 

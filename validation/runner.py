@@ -146,7 +146,12 @@ def run_checkpoint(
                 result_format={"result_format": "SUMMARY", "partial_unexpected_count": SAMPLES},
             )
         )
-        run = checkpoint.run(batch_parameters={"dataframe": df})
+        try:
+            run = checkpoint.run(batch_parameters={"dataframe": df})
+        finally:
+            # GX persists the batch; Spark's cache is keyed by plan, so a later read of the same
+            # path (the same table re-validated after a rewrite) would get these stale rows.
+            df.unpersist()
         for res in run.run_results.values():
             results[suite.name] = res.describe_dict()
             for r in res.results:

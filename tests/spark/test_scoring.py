@@ -1,0 +1,225 @@
+"""Batch scoring, the scores suite, atomic publishing, the analysts' DuckDB file and the report,
+on the demo's real chain with a real champion in a real MLflow store."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from datetime import date
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from infra.tables import SCORES, analytics_db, report_path, scores_dir, scores_staged_dir
+from jobs.publish import run_publish
+from tests.conftest import DEMO_DATE, REPO
+from training.registry import promote, register
+from training.score import active_users, run_score
+from training.stages import run_evaluate, run_train
+from validation.runner import ValidationFailed
+from validation.stage import run_validate
+
+pytestmark = pytest.mark.spark
+RUN_DATE = date.fromisoformat(DEMO_DATE)
+
+
+@pytest.fixture(scope="module")
+def scoring(retailrocket):
+    """The chain's settings with their own registered model, and an als_multi champion in it."""
+    settings, *_ = retailrocket
+    settings = settings.model_copy(
+        update={
+            "mlflow": settings.mlflow.model_copy(
+                update={"registered_model": "scoring", "experiment": "scoring"}
+            )
+        }
+    )
+    run_train(settings, DEMO_DATE, "als_multi")
+    run_evaluate(settings, DEMO_DATE, "als_multi")
+    register(settings, DEMO_DATE, "als_multi")
+    assert promote(settings, ds=DEMO_DATE).action == "promoted"
+    return settings
+
+
+def _staged(settings) -> pd.DataFrame:
+    frame = pq.read_table(scores_staged_dir(settings.paths.warehouse_root, DEMO_DATE)).to_pandas()
+    return frame.sort_values(["user_id", "rank"]).reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def published(scoring, spark):
+    """Local-path scores of the demo date, validated and published."""
+    result = run_score(scoring, RUN_DATE, path="local")
+    local = _staged(scoring)
+    run_validate(spark, scoring, "scores", RUN_DATE)
+    run_publish(scoring, RUN_DATE)
+    return scoring, result, local
+
+
+def test_local_and_spark_paths_give_identical_top_k(published, spark):
+    settings, result, local = published
+    assert result["scored_users"] >= 0.9 * result["active_users"] > 500 and len(local) == result["rows"]
+    run_score(settings, RUN_DATE, path="spark", spark=spark)
+    remote = _staged(settings)
+    pd.testing.assert_frame_equal(remote[local.columns], local, check_exact=True)
+    shutil.rmtree(scores_staged_dir(settings.paths.warehouse_root, DEMO_DATE))
+
+
+def test_scores_exclude_purchases_and_follow_the_visited_sets(published):
+    settings, _, local = published
+    k = settings.scoring.k
+    sizes = local.groupby("user_id")["rank"].agg(["count", "max"])
+    assert (sizes["count"] == k).all() and (sizes["max"] == k).all()
+    users = active_users(settings, RUN_DATE)
+    bought = users.explode("bought").dropna().rename(columns={"bought": "item_id"})
+    assert local.merge(bought, on=["user_id", "item_id"]).empty
+    assert set(local["item_type"]) == {"visited", "unvisited"}
+    assert local["model"].eq("als_multi").all() and local["model_version"].eq(1).all()
+
+
+def test_scored_table_passes_its_suite_and_a_broken_one_fails_naming_what_broke(published, spark):
+    settings, _, local = published
+    summary = run_validate(spark, settings, "scores", RUN_DATE)  # the published partition
+    assert summary["success"]
+    broken = local.copy()
+    broken.loc[0, "rank"] = broken.loc[1, "rank"]  # two items at one rank
+    users = active_users(settings, RUN_DATE)
+    buyer = users[users["bought"].map(len) > 0].iloc[0]
+    row = broken[broken["user_id"] == buyer["user_id"]].index[0]
+    broken.loc[row, "item_id"] = buyer["bought"][0]  # something the user bought
+    target = scores_staged_dir(settings.paths.warehouse_root, DEMO_DATE)
+    target.mkdir(parents=True)
+    try:
+        pq.write_table(pa.Table.from_pandas(broken, schema=SCORES.arrow_schema()), target / "part-0.parquet")
+        with pytest.raises(ValidationFailed) as err:
+            run_validate(spark, settings, "scores", RUN_DATE)
+        text = str(err.value)
+        assert "expect_compound_columns_to_be_unique" in text and "already bought it" in text
+        assert "two items at one rank" in text
+    finally:
+        shutil.rmtree(target)
+
+
+def test_a_killed_scoring_run_leaves_the_published_date_readable(published, tmp_path):
+    settings, _, local = published
+    wh = settings.paths.warehouse_root
+    db = analytics_db(wh)
+    before = (
+        duckdb.connect(str(db), read_only=True).execute("select count(*) from fct_recommendations").fetchone()
+    )
+    cfg = tmp_path / "settings.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "paths": {"warehouse_root": str(wh), "data_root": str(settings.paths.data_root)},
+                "mlflow": {"registered_model": "scoring", "experiment": "scoring"},
+                "spark": {"master": "local[1]"},
+            }
+        )
+    )
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "infra.cli",
+            "--config",
+            str(cfg),
+            "score",
+            "--date",
+            DEMO_DATE,
+            "--path",
+            "spark",
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    staging = wh / "scores_staged" / ".staging"
+    deadline = time.monotonic() + 240
+    while (
+        not (staging.exists() and any(staging.rglob("*")))
+        and proc.poll() is None
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.2)
+    assert proc.poll() is None, "scoring finished before it could be killed"
+    import os
+
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not scores_staged_dir(wh, DEMO_DATE).exists()  # nothing half-written became visible
+    with duckdb.connect(str(db), read_only=True) as con:
+        assert con.execute("select count(*) from fct_recommendations").fetchone() == before
+    published_now = pq.read_table(scores_dir(wh) / f"ds={DEMO_DATE}").to_pandas()
+    assert len(published_now) == len(local)
+    # Publishing again without new scores keeps the published partition.
+    run_publish(settings, RUN_DATE)
+    again = pq.read_table(scores_dir(wh) / f"ds={DEMO_DATE}").to_pandas()
+    assert again.sort_values(["user_id", "rank"]).reset_index(drop=True)[local.columns].equals(local)
+
+
+def _readme_queries() -> list[tuple[str, str]]:
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Analyst queries", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"### (.+?)\n\n```sql\n(.+?)```", section, flags=re.S)
+
+
+def test_the_five_readme_queries_run_and_return_rows(published):
+    settings, *_ = published
+    queries = _readme_queries()
+    assert len(queries) == 5
+    with duckdb.connect(str(analytics_db(settings.paths.warehouse_root)), read_only=True) as con:
+        for question, sql in queries:
+            rows = con.sql(sql).fetchall()
+            assert rows, question
+        docs = dict(con.sql("select view_name, comment from duckdb_views() where not internal").fetchall())
+        assert docs["fct_recommendations"] and docs["agg_catalog_coverage"]
+        runs = con.sql(
+            "select model, registered_version, aliases from model_runs where registered_version is not null"
+        )
+        assert runs.fetchall() == [("als_multi", 1, "challenger,champion")]
+
+
+def test_report_renders_in_headless_chromium_with_every_section(published, tmp_path):
+    from PIL import Image
+
+    settings, *_ = published
+    page = report_path(settings.paths.warehouse_root, DEMO_DATE)
+    chromium = shutil.which("chromium")
+    assert chromium, "Debian chromium is missing: `make test` installs it (apt-get install chromium)"
+    flags = [
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
+    dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    for section in ("champion", "metrics", "coverage", "item-types", "popularity"):
+        assert f'<section id="{section}">' in dom.stdout, section
+    assert dom.stdout.count('<img alt="') == 4 and "als_multi" in dom.stdout
+    shot = tmp_path / "report.png"
+    subprocess.run(
+        [*flags, "--window-size=1200,2000", f"--screenshot={shot}", page.as_uri()],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
+    assert pixels.std() > 10  # not a blank page
+    assert (pixels < 128).mean() > 0.01  # text and plots drawn
