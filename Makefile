@@ -54,8 +54,10 @@ format: setup
 test-deps:
 	@command -v chromium >/dev/null || { \
 	    echo "installing Debian chromium for the report test"; \
-	    $$( [ "$$(id -u)" = 0 ] || echo sudo ) env DEBIAN_FRONTEND=noninteractive \
-	        apt-get install -y --no-install-recommends chromium >/dev/null; }
+	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium >/dev/null \
+	    || { $$SUDO apt-get update -qq && \
+	         $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium >/dev/null; }; }
 
 test: lint test-deps
 	$(BIN)/python -m pytest
