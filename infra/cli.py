@@ -238,6 +238,20 @@ def cmd_nightly(args, settings: Settings) -> int:
     return 0
 
 
+def cmd_airflow(args, settings: Settings) -> int:
+    import subprocess
+
+    from infra.orchestration import airflow_env, init_airflow
+
+    env = airflow_env(settings, args.config)
+    init_airflow(settings, env)
+    if not args.args:
+        print(f"Airflow home ready: {settings.airflow.home} (DAGs: dags/, pool {settings.airflow.gpu_pool})")
+        return 0
+    airflow = str(Path(sys.executable).with_name("airflow"))
+    return subprocess.run([airflow, *args.args], env=env).returncode
+
+
 def cmd_synth(args, settings: Settings) -> int:
     from jobs.synth import SynthParams, generate
 
@@ -414,6 +428,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default <data_root>/synthetic)")
     p.add_argument("--end-date", type=_date, default=parse_run_date("2017-12-03"), help="last day of the log")
     p.add_argument("--days", type=int, default=9, help="days the log spans")
+    p = add(
+        "airflow",
+        "Run the `airflow` CLI against this project's local Airflow: AIRFLOW_HOME = airflow.home (default "
+        "warehouse/airflow, SQLite), DAGs from dags/, FUNNELREC_CONFIG = --config. Migrates the metadata DB and "
+        "creates the GPU pool first (idempotent). E.g. `funnelrec airflow dags test funnelrec_nightly 2015-09-18 "
+        '-c \'{"ds": "2015-09-18"}\'`, `funnelrec airflow standalone`.',
+        cmd_airflow,
+        dated=False,
+    )
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the airflow CLI")
     add(
         "nightly",
         "Run every stage for --date in order (ingest -> validate events -> sessionize -> validate "

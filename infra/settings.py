@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+from datetime import date
 from pathlib import Path
 from typing import Any, Literal
 
@@ -106,6 +107,21 @@ class ScoringSettings(_Section):
     path: Literal["local", "spark"]
 
 
+class AirflowSettings(_Section):
+    home: Path | None = None
+    schedule: str
+    scoring_schedule: str
+    start_date: date
+    retries: int = Field(ge=0)
+    retry_delay_minutes: float = Field(gt=0)
+    max_retry_delay_minutes: float = Field(gt=0)
+    task_timeout_minutes: float = Field(gt=0)
+    gpu_pool: str
+    gpu_pool_slots: int = Field(gt=0)
+    failure_webhook: str | None = None
+    spark_submit_conn_id: str | None = None
+
+
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"]
     format: Literal["logfmt", "json"]
@@ -123,6 +139,7 @@ class Settings(_Section):
     seeds: Seeds
     mlflow: MlflowSettings
     scoring: ScoringSettings
+    airflow: AirflowSettings
     logging: LoggingSettings
 
     @property
@@ -208,4 +225,8 @@ def load_settings(
     policy = settings.mlflow.promotion_policy
     policy = resolve(policy) if policy else DEFAULT_PROMOTION_POLICY
     ml = settings.mlflow.model_copy(update={"promotion_policy": policy})
-    return settings.model_copy(update={"paths": paths, "validation": validation, "mlflow": ml})
+    home = settings.airflow.home
+    af = settings.airflow.model_copy(
+        update={"home": resolve(home) if home else paths.warehouse_root / "airflow"}
+    )
+    return settings.model_copy(update={"paths": paths, "validation": validation, "mlflow": ml, "airflow": af})

@@ -43,6 +43,7 @@ def test_every_stage_has_help_that_names_its_tables():
         "score",
         "publish",
         "synth",
+        "airflow",
         "nightly",
     }
     assert set(sub.choices) == expected

@@ -1,0 +1,81 @@
+"""funnelrec_scoring: score every active user with ``@champion``, validate, publish.
+
+Runs when the nightly DAG's promote task emits the ``funnelrec_champion`` asset (its extra carries
+the data date: asset-triggered runs have no logical date) and on its own daily cron
+(``airflow.scoring_schedule``), which scores the previous day. ``score -> validate_scores ->
+publish``: nothing is visible to analysts until the scores pass their suite, and the publish swaps
+the date's partition in atomically.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, dag, get_current_context, task
+
+from infra.orchestration import CHAMPION_ASSET, data_date, failure_record
+from infra.settings import load_settings
+
+SETTINGS = load_settings()
+CFG = SETTINGS.airflow
+
+
+def _date():
+    return data_date(get_current_context())
+
+
+@task
+def score() -> dict:
+    from training.score import run_score
+
+    s = load_settings()
+    spark = None
+    if s.scoring.path == "spark":
+        from infra.spark import get_spark
+
+        spark = get_spark(s)
+    result = run_score(s, _date(), spark=spark)
+    return {"ds": _date().isoformat(), "version": result["champion"]["version"], "rows": result["rows"]}
+
+
+@task
+def validate_scores() -> dict:
+    from infra.spark import get_spark
+    from validation.stage import run_validate
+
+    s = load_settings()
+    summary = run_validate(get_spark(s), s, "scores", _date())
+    return {"success": summary["success"]}
+
+
+@task
+def publish() -> dict:
+    from jobs.publish import run_publish
+
+    return run_publish(load_settings(), _date())
+
+
+@dag(
+    dag_id="funnelrec_scoring",
+    schedule=AssetOrTimeSchedule(
+        timetable=CronTriggerTimetable(CFG.scoring_schedule, timezone="UTC"), assets=[Asset(CHAMPION_ASSET)]
+    ),
+    start_date=datetime.combine(CFG.start_date, datetime.min.time(), tzinfo=UTC),
+    catchup=False,
+    max_active_runs=1,
+    default_args={
+        "retries": CFG.retries,
+        "retry_delay": timedelta(minutes=CFG.retry_delay_minutes),
+        "retry_exponential_backoff": 2.0,
+        "max_retry_delay": timedelta(minutes=CFG.max_retry_delay_minutes),
+        "execution_timeout": timedelta(minutes=CFG.task_timeout_minutes),
+        "on_failure_callback": failure_record,
+    },
+    tags=["funnelrec"],
+    doc_md=__doc__,
+)
+def funnelrec_scoring():
+    score() >> validate_scores() >> publish()
+
+
+funnelrec_scoring()

@@ -1,0 +1,134 @@
+"""What the Airflow DAGs share: the data date of a run, the failure record, and the local Airflow
+home (``funnelrec airflow ...``).
+
+The data date of a run (the ``--date`` of every stage) is, in order:
+
+1. ``ds`` in the run's conf (manual triggers and ``airflow dags test ... -c '{"ds": ...}'``);
+2. ``ds`` in the extra of the triggering champion asset event (asset-triggered runs have no
+   logical date, so the promote task carries the date in the event);
+3. the start of the run's data interval (the nightly DAG's cron data intervals: the 02:00 run of
+   day D+1 processes day D; backfills too);
+4. the day before the run's logical date (the scoring DAG's own daily trigger).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from infra.dates import parse_run_date
+from infra.settings import Settings, load_settings
+
+REPO = Path(__file__).resolve().parents[1]
+DAGS_FOLDER = REPO / "dags"
+CHAMPION_ASSET = "funnelrec_champion"
+
+
+def data_date(context: dict[str, Any]) -> date:
+    """The data date of the running DAG run (see the module docstring for the order)."""
+    dag_run = context.get("dag_run")
+    conf = (getattr(dag_run, "conf", None) or {}) if dag_run is not None else {}
+    if conf.get("ds"):
+        return parse_run_date(str(conf["ds"]))
+    events = context.get("triggering_asset_events") or {}
+    found = [e for evs in events.values() for e in evs if (getattr(e, "extra", None) or {}).get("ds")]
+    if found:
+        latest = max(found, key=lambda e: getattr(e, "timestamp", None) or datetime.min.replace(tzinfo=UTC))
+        return parse_run_date(str(latest.extra["ds"]))
+    start = context.get("data_interval_start")
+    end = context.get("data_interval_end")
+    if start is not None and end is not None and end > start:
+        return start.date()
+    logical = context.get("logical_date") or getattr(dag_run, "run_after", None)
+    if logical is None:
+        raise ValueError("cannot tell the data date of this run: give it as conf {'ds': 'YYYY-MM-DD'}")
+    return (logical - timedelta(days=1)).date()
+
+
+def failure_record(context: dict[str, Any]) -> Path:
+    """``on_failure_callback``: write the failure as JSON under ``<airflow home>/failures`` and POST it
+    to ``airflow.failure_webhook`` when set. Never raises (a callback error would hide the failure)."""
+    settings = load_settings()
+    ti = context.get("task_instance") or context.get("ti")
+    dag_run = context.get("dag_run")
+    record = {
+        "dag_id": getattr(ti, "dag_id", None),
+        "task_id": getattr(ti, "task_id", None),
+        "run_id": getattr(dag_run, "run_id", None),
+        "try_number": getattr(ti, "try_number", None),
+        "exception": str(context.get("exception"))[:4000],
+        "at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    try:
+        record["ds"] = data_date(context).isoformat()
+    except (ValueError, TypeError):
+        record["ds"] = None
+    safe = str(record["run_id"]).replace("/", "_").replace(":", "-")
+    path = (
+        Path(settings.airflow.home) / "failures" / str(record["dag_id"]) / safe / f"{record['task_id']}.json"
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    if settings.airflow.failure_webhook:
+        req = urllib.request.Request(
+            settings.airflow.failure_webhook,
+            data=json.dumps(record).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        try:
+            urllib.request.urlopen(req, timeout=10).close()
+        except OSError as exc:
+            print(f"failure webhook {settings.airflow.failure_webhook} unreachable: {exc}", file=sys.stderr)
+    return path
+
+
+def airflow_env(settings: Settings, config: str | None = None) -> dict[str, str]:
+    """Environment for the ``airflow`` CLI: its home, metadata DB and DAGs under the warehouse."""
+    home = Path(settings.airflow.home)
+    env = dict(os.environ)
+    env.update(
+        {
+            "AIRFLOW_HOME": str(home),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+            "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(home / "logs"),
+            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": "http://127.0.0.1:8080/execution/",
+            "SPARK_LOCAL_IP": "127.0.0.1",
+            "GX_ANALYTICS_ENABLED": "false",
+        }
+    )
+    if config:
+        env["FUNNELREC_CONFIG"] = str(Path(config).resolve())
+    # The venv's bin first: Airflow tasks and spark-submit must find this interpreter's tools.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def init_airflow(settings: Settings, env: dict[str, str]) -> None:
+    """Migrate the metadata DB (idempotent) and create the GPU pool the training tasks run in."""
+    home = Path(settings.airflow.home)
+    home.mkdir(parents=True, exist_ok=True)
+    airflow = str(Path(sys.executable).with_name("airflow"))
+    subprocess.run([airflow, "db", "migrate"], env=env, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            airflow,
+            "pools",
+            "set",
+            settings.airflow.gpu_pool,
+            str(settings.airflow.gpu_pool_slots),
+            "training tasks (one slot per GPU)",
+        ],
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )

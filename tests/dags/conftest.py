@@ -1,0 +1,74 @@
+"""A real local Airflow for the DAG tests: its home (SQLite metadata DB) in a temporary folder,
+migrated once per session. The environment is set at import, before anything imports airflow."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from infra.orchestration import DAGS_FOLDER
+from tests.conftest import SAMPLE_DATA
+
+ROOT = Path(tempfile.mkdtemp(prefix="funnelrec-airflow-"))
+HOME = ROOT / "airflow"
+os.environ.update(
+    {
+        "AIRFLOW_HOME": str(HOME),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{HOME / 'airflow.db'}",
+        "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(HOME / "logs"),
+    }
+)
+DATE = "2017-12-03"
+
+
+def write_config(name: str, **extra) -> Path:
+    """A settings file for a DAG run: the bundled Taobao slice, two fast models, its own warehouse."""
+    wh = ROOT / name
+    policy = yaml.safe_load((DAGS_FOLDER.parent / "mlflow" / "promotion.yaml").read_text())
+    policy["min_users"] = 5  # the slice's validation split is small
+    (ROOT / f"{name}-policy.yaml").write_text(yaml.safe_dump(policy))
+    cfg = {
+        "paths": {
+            "data_root": str(SAMPLE_DATA),
+            "warehouse_root": str(wh),
+            "quarantine_root": str(wh / "quarantine"),
+        },
+        "pipeline": {"sources": ["taobao"]},
+        "sessionize": {"history_days": 10},
+        "split": {"observation_days": 10, "test_days": 2, "val_user_fraction": 1.0},
+        "training": {"models": ["popularity", "als_multi"], "max_epochs": 3},
+        "scoring": {"active_days": 10},
+        "mlflow": {"promotion_policy": str(ROOT / f"{name}-policy.yaml")},
+        "airflow": {"home": str(HOME), "retries": 0},
+    }
+    for section, values in extra.items():
+        cfg.setdefault(section, {}).update(values)
+    path = ROOT / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="session")
+def airflow_db():
+    """`airflow db migrate` and the GPU pool, through the same helper `funnelrec airflow` uses."""
+    from infra.orchestration import airflow_env, init_airflow
+    from infra.settings import load_settings
+
+    config = write_config("init")
+    settings = load_settings(config, environ={})
+    init_airflow(settings, airflow_env(settings, str(config)))
+    return HOME
+
+
+def dagbag(config: Path):
+    """Parse dags/ with ``config`` as FUNNELREC_CONFIG (the DAG files read it when parsed)."""
+    os.environ["FUNNELREC_CONFIG"] = str(config)
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(dag_folder=str(DAGS_FOLDER))
