@@ -238,6 +238,48 @@ def cmd_nightly(args, settings: Settings) -> int:
     return 0
 
 
+def cmd_status(args, settings: Settings) -> int:
+    import json
+
+    from training.stages import format_metrics
+
+    wh, ds = settings.paths.warehouse_root, args.date.isoformat()
+    for name in settings.training.models:
+        path = wh / "models" / f"ds={ds}" / name / "metrics.json"
+        if path.is_file():
+            metrics = json.loads(path.read_text())
+            if "test" in metrics:
+                print(f"\n{name} on test ({ds}):")
+                print(format_metrics(metrics["test"]))
+        else:
+            print(f"\n{name}: no metrics for {ds} at {path}")
+    try:
+        from training.registry import aliases, history
+        from training.tracking import connect
+
+        client = connect(settings)
+        print(f"\nregistry {settings.mlflow.registered_model}: aliases {aliases(settings, client)}")
+        for entry in history(settings)[-3:]:
+            print(f"  {entry['at']} {entry['action']} {entry['from']} -> {entry['to']}")
+    except Exception as exc:
+        print(f"\nregistry: not readable ({exc})")
+    from infra.tables import analytics_db, report_path, scores_dir
+
+    print(f"\noutputs of {ds}:")
+    places = [
+        *_where(settings, args.date),
+        ("scores", scores_dir(wh) / f"ds={ds}"),
+        ("analytics DuckDB", analytics_db(wh)),
+        ("daily report", report_path(wh, ds)),
+        ("MLflow store", settings.mlflow_tracking_uri),
+        ("Airflow home", settings.airflow.home),
+    ]
+    for name, path in places:
+        exists = Path(path).exists() if not str(path).startswith(("sqlite:", "http")) else True
+        print(f"  {name:<18} {path}{'' if exists else '  (missing)'}")
+    return 0
+
+
 def cmd_airflow(args, settings: Settings) -> int:
     import subprocess
 
@@ -428,6 +470,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default <data_root>/synthetic)")
     p.add_argument("--end-date", type=_date, default=parse_run_date("2017-12-03"), help="last day of the log")
     p.add_argument("--days", type=int, default=9, help="days the log spans")
+    add(
+        "status",
+        "Print what a date produced: each model's test metrics, the registry's aliases and recent promotions, "
+        "and where every output of the date is (missing ones marked). Reads only.",
+        cmd_status,
+    )
     p = add(
         "airflow",
         "Run the `airflow` CLI against this project's local Airflow: AIRFLOW_HOME = airflow.home (default "

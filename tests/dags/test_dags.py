@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from datetime import UTC, datetime
+from itertools import pairwise
 
 import pyarrow.parquet as pq
 import pytest
@@ -39,7 +40,7 @@ def test_nightly_graph_is_what_the_design_says(airflow_db):
         "etl.validate_training",
     ]
     assert up[chain[0]] == set()
-    for before, after in zip(chain, chain[1:], strict=False):
+    for before, after in pairwise(chain):
         assert up[after] == {before}
     for model in ("popularity", "als_multi"):
         assert up[f"train_eval.train_{model}"] == {"etl.validate_training"}

@@ -44,6 +44,7 @@ def test_every_stage_has_help_that_names_its_tables():
         "publish",
         "synth",
         "airflow",
+        "status",
         "nightly",
     }
     assert set(sub.choices) == expected
