@@ -413,7 +413,7 @@ def promote(settings: Settings, version: int | None = None, ds: str | None = Non
         version = alias_version(settings, client, CHALLENGER)
         if version is None:
             raise PromotionError(f"{model} has no @{CHALLENGER}: register a model first")
-    with registry_lease(settings, client, owner=f"promote-v{version}"):
+    with registry_lease(settings, client, owner=f"promote-v{version}") as lease:
         champion = alias_version(settings, client, CHAMPION)
         if champion == version:
             d = Decision("already_champion", version, champion, champion)
@@ -426,6 +426,11 @@ def promote(settings: Settings, version: int | None = None, ds: str | None = Non
         if d.failed:
             _tag_decision(settings, client, d, "failed gates: " + ", ".join(g.name for g in d.failed))
         else:
+            held = _model_tags(settings, client).get(LOCK_TAG)
+            if not held or json.loads(held)["token"] != lease:
+                raise PromotionError(
+                    f"lost the promotion lease of {model} before moving @{CHAMPION}; no alias changed"
+                )
             call(
                 settings,
                 "set champion",
