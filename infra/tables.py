@@ -248,6 +248,7 @@ SCORES = Table(
         C("model_name", "string", "registered model name"),
         C("model_version", "int", "registered model version (the champion when scored)"),
         C("run_id", "string", "MLflow run of that version"),
+        C("trained_ds", "string", "the training tables the model learned from (training/ds=<trained_ds>)"),
         C("ds", "date", "scoring date"),
     ),
     "Top-K recommendations per active user and date. Written by `score`, published by `publish`.",

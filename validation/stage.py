@@ -62,14 +62,27 @@ def _scores_pair(spark: SparkSession, settings: Settings, run_date: date):
         path = scores_dir(wh) / f"ds={ds}"
     scores = _read(spark, SCORES, path).drop("ds")
     first = run_date - timedelta(days=settings.scoring.active_days - 1)
-    events = _read(spark, EVENTS, events_dir(wh)).filter(
-        F.col("source").isin(settings.pipeline.sources)
-        & (F.col("event_date") >= F.lit(first))
-        & (F.col("event_date") <= F.lit(run_date))
+    history = _read(spark, EVENTS, events_dir(wh)).filter(
+        F.col("source").isin(settings.pipeline.sources) & (F.col("event_date") <= F.lit(run_date))
     )
+    events = history.filter(F.col("event_date") >= F.lit(first))
     active = events.select("user_id").distinct().count()
     min_users = math.ceil(settings.validation.scores_min_user_share * active)
-    return suites.scores_suite(settings.scoring.k, min_users), suites.scores_view(scores, events)
+    visited = _model_visited(spark, wh, scores)
+    view = suites.scores_view(scores, events, history.select("item_id"), visited)
+    return suites.scores_suite(settings.scoring.k, min_users, check_visited=visited is not None), view
+
+
+def _model_visited(spark: SparkSession, wh: Path, scores):
+    """The visited pairs, as ids, of the training tables the scoring model learned from (None if gone)."""
+    trained = [r["trained_ds"] for r in scores.select("trained_ds").distinct().limit(2).collect()]
+    if len(trained) != 1 or not TRAINING.dir(wh, trained[0]).exists():
+        return None
+    bundle = TRAINING.dir(wh, trained[0])
+    vis = _read(spark, VISITED, bundle / VISITED.name)
+    users = _read(spark, USER_MAP, bundle / USER_MAP.name)
+    items = _read(spark, ITEM_MAP, bundle / ITEM_MAP.name).select("item_id", "item_idx")
+    return vis.join(users, "user_idx").join(items, "item_idx").select("user_id", "item_id")
 
 
 def run_validate(spark: SparkSession, settings: Settings, table: str, run_date: date) -> dict[str, Any]:

@@ -199,9 +199,16 @@ def id_map_suite(kind: str, rows: int, minimum: int) -> Suite:
 
 
 # -- scores -------------------------------------------------------------------------------------
-def scores_view(scores: DataFrame, window_events: DataFrame) -> DataFrame:
-    """Scores with per-user row counts and flags computed against the events of the active window."""
+def scores_view(
+    scores: DataFrame, window_events: DataFrame, catalogue: DataFrame, visited: DataFrame | None
+) -> DataFrame:
+    """Scores with per-user checks and flags against the events and the model's training tables.
+
+    ``catalogue``: every item id the events know (``item_id``); ``visited``: the model's visited
+    pairs (``user_id``, ``item_id``) from its training tables, or None when they are gone.
+    """
     per_user = Window.partitionBy("user_id")
+    by_rank = per_user.orderBy("rank")
     bought = (
         window_events.filter(F.col("behavior") == PURCHASE)
         .select("user_id", "item_id")
@@ -209,64 +216,95 @@ def scores_view(scores: DataFrame, window_events: DataFrame) -> DataFrame:
         .withColumn("already_bought", F.lit(True))
     )
     active = window_events.select("user_id").distinct().withColumn("active_user", F.lit(True))
-    return (
+    known = catalogue.select("item_id").distinct().withColumn("known_item", F.lit(True))
+    prev = F.lag("score").over(by_rank)
+    out = (
         scores.withColumn("rows_of_user", F.count("*").over(per_user))
         .withColumn("max_rank_of_user", F.max("rank").over(per_user))
+        .withColumn("score_not_above_previous", prev.isNull() | (F.col("score") <= prev))
         .join(bought, ["user_id", "item_id"], "left")
         .withColumn("already_bought", F.coalesce("already_bought", F.lit(False)))
         .join(active, ["user_id"], "left")
         .withColumn("active_user", F.coalesce("active_user", F.lit(False)))
+        .join(known, ["item_id"], "left")
+        .withColumn("known_item", F.coalesce("known_item", F.lit(False)))
     )
+    if visited is not None:
+        pairs = visited.select("user_id", "item_id").distinct().withColumn("_v", F.lit(True))
+        out = (
+            out.join(pairs, ["user_id", "item_id"], "left")
+            .withColumn("expected_item_type", F.when(F.col("_v"), "visited").otherwise("unvisited"))
+            .drop("_v")
+        )
+    return out
 
 
-def scores_suite(k: int, min_users: int) -> Suite:
-    """``min_users``: the fewest distinct users the table must cover (a share of the active users)."""
-    return Suite(
-        "scores",
-        [
-            *(
-                Check(gxe.ExpectColumnValuesToNotBeNull(column=c), f"a recommendation without {c}")
-                for c in ("user_id", "item_id", "rank", "score", "item_type", "model_version", "run_id")
-            ),
+def scores_suite(k: int, min_users: int, check_visited: bool = True) -> Suite:
+    """``min_users``: the fewest distinct users the table must cover (a share of the active users);
+    ``check_visited``: whether the view carries ``expected_item_type`` (the model's visited sets)."""
+    checks = [
+        *(
+            Check(gxe.ExpectColumnValuesToNotBeNull(column=c), f"a recommendation without {c}")
+            for c in ("user_id", "item_id", "rank", "score", "item_type", "model_version", "run_id")
+        ),
+        Check(
+            gxe.ExpectColumnValuesToBeInSet(column="item_type", value_set=["visited", "unvisited"]),
+            "an item type other than visited/unvisited",
+        ),
+        Check(
+            gxe.ExpectColumnValuesToBeBetween(column="rank", min_value=1, max_value=k),
+            f"a rank outside 1..{k}",
+        ),
+        Check(
+            gxe.ExpectColumnPairValuesToBeEqual(column_A="rows_of_user", column_B="max_rank_of_user"),
+            "gaps in a user's ranks (rows dropped after ranking)",
+        ),
+        Check(
+            gxe.ExpectCompoundColumnsToBeUnique(column_list=["user_id", "rank"]),
+            "two items at one rank for a user",
+        ),
+        Check(
+            gxe.ExpectCompoundColumnsToBeUnique(column_list=["user_id", "item_id"]),
+            "an item recommended twice to one user",
+        ),
+        Check(
+            gxe.ExpectColumnValuesToBeBetween(column="score", min_value=-1e30, max_value=1e30),
+            "a non-finite score (an excluded item leaked into the top K, or NaN weights)",
+        ),
+        Check(
+            gxe.ExpectColumnValuesToBeInSet(column="already_bought", value_set=[False]),
+            "an item recommended to a user who already bought it",
+        ),
+        Check(
+            gxe.ExpectColumnValuesToBeInSet(column="active_user", value_set=[True]),
+            "a recommendation for a user with no event in the active window",
+        ),
+        Check(
+            gxe.ExpectColumnUniqueValueCountToBeBetween(column="model_version", min_value=1, max_value=1),
+            "rows of two model versions in one date (a mixed or half-rewritten partition)",
+        ),
+        Check(
+            gxe.ExpectColumnUniqueValueCountToBeBetween(column="user_id", min_value=max(min_users, 1)),
+            f"fewer than {min_users} users scored (validation.scores_min_user_share of the active users)",
+        ),
+        Check(
+            gxe.ExpectColumnValuesToBeBetween(column="rows_of_user", min_value=k, max_value=k),
+            f"a scored user with other than K={k} recommendations",
+        ),
+        Check(
+            gxe.ExpectColumnValuesToBeInSet(column="score_not_above_previous", value_set=[True]),
+            "a score higher than the one ranked above it (ranks not in score order)",
+        ),
+        Check(
+            gxe.ExpectColumnValuesToBeInSet(column="known_item", value_set=[True]),
+            "an item id no event ever mentioned (not in the catalogue)",
+        ),
+    ]
+    if check_visited:
+        checks.append(
             Check(
-                gxe.ExpectColumnValuesToBeInSet(column="item_type", value_set=["visited", "unvisited"]),
-                "an item type other than visited/unvisited",
-            ),
-            Check(
-                gxe.ExpectColumnValuesToBeBetween(column="rank", min_value=1, max_value=k),
-                f"a rank outside 1..{k}",
-            ),
-            Check(
-                gxe.ExpectColumnPairValuesToBeEqual(column_A="rows_of_user", column_B="max_rank_of_user"),
-                "gaps in a user's ranks (rows dropped after ranking)",
-            ),
-            Check(
-                gxe.ExpectCompoundColumnsToBeUnique(column_list=["user_id", "rank"]),
-                "two items at one rank for a user",
-            ),
-            Check(
-                gxe.ExpectCompoundColumnsToBeUnique(column_list=["user_id", "item_id"]),
-                "an item recommended twice to one user",
-            ),
-            Check(
-                gxe.ExpectColumnValuesToBeBetween(column="score", min_value=-1e30, max_value=1e30),
-                "a non-finite score (an excluded item leaked into the top K, or NaN weights)",
-            ),
-            Check(
-                gxe.ExpectColumnValuesToBeInSet(column="already_bought", value_set=[False]),
-                "an item recommended to a user who already bought it",
-            ),
-            Check(
-                gxe.ExpectColumnValuesToBeInSet(column="active_user", value_set=[True]),
-                "a recommendation for a user with no event in the active window",
-            ),
-            Check(
-                gxe.ExpectColumnUniqueValueCountToBeBetween(column="model_version", min_value=1, max_value=1),
-                "rows of two model versions in one date (a mixed or half-rewritten partition)",
-            ),
-            Check(
-                gxe.ExpectColumnUniqueValueCountToBeBetween(column="user_id", min_value=max(min_users, 1)),
-                f"fewer than {min_users} users scored (validation.scores_min_user_share of the active users)",
-            ),
-        ],
-    )
+                gxe.ExpectColumnPairValuesToBeEqual(column_A="item_type", column_B="expected_item_type"),
+                "an item type that disagrees with the user's visited set in the model's training tables",
+            )
+        )
+    return Suite("scores", checks)

@@ -96,6 +96,10 @@ def test_scored_table_passes_its_suite_and_a_broken_one_fails_naming_what_broke(
     buyer = users[users["bought"].map(len) > 0].iloc[0]
     row = broken[broken["user_id"] == buyer["user_id"]].index[0]
     broken.loc[row, "item_id"] = buyer["bought"][0]  # something the user bought
+    other = broken[broken["user_id"] != broken.loc[0, "user_id"]].index[:3]
+    broken.loc[other[2], "score"] = broken.loc[other[0], "score"] + 1.0  # rank 3 above rank 1
+    flip = broken.index[-1]
+    broken.loc[flip, "item_type"] = "visited" if broken.loc[flip, "item_type"] == "unvisited" else "unvisited"
     target = scores_staged_dir(settings.paths.warehouse_root, DEMO_DATE)
     target.mkdir(parents=True)
     try:
@@ -105,6 +109,8 @@ def test_scored_table_passes_its_suite_and_a_broken_one_fails_naming_what_broke(
         text = str(err.value)
         assert "expect_compound_columns_to_be_unique" in text and "already bought it" in text
         assert "two items at one rank" in text
+        assert "ranks not in score order" in text and "disagrees with the user's visited set" in text
+        assert "catalogue" not in text and "other than K=" not in text  # what was not broken passes
     finally:
         shutil.rmtree(target)
 
