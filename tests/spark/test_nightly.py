@@ -9,13 +9,16 @@ import yaml
 
 from infra.cli import main
 from infra.tables import SESSIONIZED, TRAINING, events_dir
-from tests.conftest import SAMPLE_DATA
+from tests.conftest import REPO, SAMPLE_DATA
 
 pytestmark = pytest.mark.spark
 DATE = "2017-12-03"
 
 
 def _config(tmp_path, **extra) -> str:
+    policy = yaml.safe_load((REPO / "mlflow" / "promotion.yaml").read_text())
+    policy["min_users"] = 5  # the slice's validation split is small
+    (tmp_path / "promotion.yaml").write_text(yaml.safe_dump(policy))
     cfg = {
         "paths": {
             "data_root": str(SAMPLE_DATA),
@@ -24,8 +27,10 @@ def _config(tmp_path, **extra) -> str:
         },
         "pipeline": {"sources": ["taobao"]},
         "sessionize": {"history_days": 10},
-        "split": {"observation_days": 10, "test_days": 2},
-        "training": {"models": ["popularity", "als"]},
+        "split": {"observation_days": 10, "test_days": 2, "val_user_fraction": 1.0},
+        "training": {"models": ["popularity", "als_multi"]},
+        "scoring": {"active_days": 10},
+        "mlflow": {"promotion_policy": str(tmp_path / "promotion.yaml")},
         **extra,
     }
     path = tmp_path / "settings.yaml"
@@ -40,9 +45,13 @@ def test_nightly_runs_every_built_stage(tmp_path, capsys):
     assert "popularity on test" in out and "| standard |" in out
     for table in ("events", "sessions", "training"):
         assert json.loads((wh / "validation" / table / f"ds={DATE}" / "result.json").read_text())["success"]
-    for model in ("popularity", "als"):
+    for model in ("popularity", "als_multi"):
         metrics = json.loads((wh / "models" / f"ds={DATE}" / model / "metrics.json").read_text())
         assert metrics["test"]["standard"]["users"] > 0
+    assert "version 2: promoted" in out  # als_multi, registered after popularity
+    assert json.loads((wh / "validation" / "scores" / f"ds={DATE}" / "result.json").read_text())["success"]
+    assert any((wh / "scores" / f"ds={DATE}").glob("*.parquet"))
+    assert (wh / "reports" / f"ds={DATE}" / "report.html").is_file()
 
 
 def test_failed_gate_stops_everything_downstream(tmp_path, capsys):
