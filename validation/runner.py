@@ -7,6 +7,7 @@ as they are (a Spark datasource with whole-dataframe batches): nothing is collec
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from dataclasses import dataclass, field
@@ -108,6 +109,23 @@ def run_checkpoint(
 
     Writes the checkpoint result as JSON to ``result_path`` and rebuilds the Data Docs site either way.
     """
+    gx_root.mkdir(parents=True, exist_ok=True)
+    # The GX project is files (suites, validation definitions, checkpoints) that every validation
+    # rewrites; two runs at once (a backfill's parallel dates) would read each other's half-written
+    # files. One validation per warehouse at a time.
+    with open(gx_root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _run_checkpoint(name, ds, suites, gx_root, docs_dir, result_path)
+
+
+def _run_checkpoint(
+    name: str,
+    ds: str,
+    suites: list[tuple[Suite, Any]],
+    gx_root: Path,
+    docs_dir: Path,
+    result_path: Path,
+) -> dict[str, Any]:
     import great_expectations as gx
     from great_expectations.checkpoint import UpdateDataDocsAction
 
