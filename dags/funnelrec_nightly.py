@@ -15,11 +15,11 @@ worker's process.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from airflow.sdk import Asset, CronDataIntervalTimetable, dag, get_current_context, task, task_group
 
-from infra.orchestration import CHAMPION_ASSET, REPO, data_date, failure_record
+from infra.orchestration import CHAMPION_ASSET, REPO, data_date, default_args
 from infra.settings import load_settings
 
 SETTINGS = load_settings()
@@ -138,14 +138,7 @@ def promote(versions: list[int]) -> dict:
     start_date=datetime.combine(CFG.start_date, datetime.min.time(), tzinfo=UTC),
     catchup=False,
     max_active_runs=1,
-    default_args={
-        "retries": CFG.retries,
-        "retry_delay": timedelta(minutes=CFG.retry_delay_minutes),
-        "retry_exponential_backoff": 2.0,
-        "max_retry_delay": timedelta(minutes=CFG.max_retry_delay_minutes),
-        "execution_timeout": timedelta(minutes=CFG.task_timeout_minutes),
-        "on_failure_callback": failure_record,
-    },
+    default_args=default_args(SETTINGS),
     tags=["funnelrec"],
     doc_md=__doc__,
 )

@@ -89,6 +89,19 @@ def failure_record(context: dict[str, Any]) -> Path:
     return path
 
 
+def default_args(settings: Settings) -> dict[str, Any]:
+    """Retries with exponential backoff, a timeout per task and the failure record, from ``airflow.*``."""
+    cfg = settings.airflow
+    return {
+        "retries": cfg.retries,
+        "retry_delay": timedelta(minutes=cfg.retry_delay_minutes),
+        "retry_exponential_backoff": 2.0,
+        "max_retry_delay": timedelta(minutes=cfg.max_retry_delay_minutes),
+        "execution_timeout": timedelta(minutes=cfg.task_timeout_minutes),
+        "on_failure_callback": failure_record,
+    }
+
+
 def airflow_env(settings: Settings, config: str | None = None) -> dict[str, str]:
     """Environment for the ``airflow`` CLI: its home, metadata DB and DAGs under the warehouse."""
     home = Path(settings.airflow.home)
