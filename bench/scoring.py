@@ -118,12 +118,14 @@ def pyfunc_seconds(data: TrainingData, args) -> float:
     import mlflow
     from tests.registry.conftest import write_bundle
     from training.artifacts import save_trained
+    from training.data import load_training_data
     from training.pyfunc import FunnelrecModel
     from training.trainer import fit_model
 
     with tempfile.TemporaryDirectory() as tmp:
         wh = Path(tmp)
         tables = write_bundle(data, wh, "bench")
+        data = load_training_data(tables)  # the model records the checksums of the tables it read
         result = fit_model("als_multi", data, 0, {"factors": 64})
         model_path = save_trained(wh, "bench", result, data, 0)
         ctx = mlflow.pyfunc.PythonModelContext(
@@ -155,9 +157,11 @@ def bench_spark(args) -> dict:
 
 
 SPARK_CHILD = r"""
-import json, sys, tempfile, time
+import json, os, sys, tempfile, time
 from pathlib import Path
 sys.path.insert(0, {repo!r})
+os.environ["PYSPARK_PYTHON"] = sys.executable  # Python workers need this venv (pandas, torch)
+os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 import numpy as np, pandas as pd
 from pyspark.sql import SparkSession, functions as F, types as T
 from bench.scoring import synthetic
@@ -171,8 +175,9 @@ spark = (SparkSession.builder.master("local[{cores}]").config("spark.ui.enabled"
          .config("spark.sql.shuffle.partitions", "{cores}").config("spark.driver.memory", "4g").getOrCreate())
 spark.sparkContext.setLogLevel("ERROR")
 tmp = Path(tempfile.mkdtemp())
-data = synthetic({users}, {items})
-tables = write_bundle(data, tmp, "bench")
+from training.data import load_training_data
+tables = write_bundle(synthetic({users}, {items}), tmp, "bench")
+data = load_training_data(tables)
 model_path = save_trained(tmp, "bench", fit_model("als_multi", data, 0, {{"factors": 64}}), data, 0)
 mlflow.set_tracking_uri(f"sqlite:///{{tmp}}/m.db")
 from training.pyfunc import log_pyfunc

@@ -43,6 +43,27 @@ def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     if k == 0:
         empty = torch.empty((scores.shape[0], 0), device=scores.device)
         return empty.long(), empty
+    # One top-(k+1): where the k-th best beats the (k+1)-th the top-k set is unique and only its
+    # order needs the tie rule, on (B, k). Rows tied across the boundary (rare with real scores,
+    # but every row short of k finite scores) take the exact path, which scans the whole row.
+    values, items = scores.topk(min(k + 1, n), dim=1)
+    clear = values[:, k - 1] > values[:, k] if k < n else torch.ones_like(values[:, 0], dtype=torch.bool)
+    items, values = _by_score_then_index(items[:, :k], values[:, :k])
+    if not bool(clear.all()):
+        rows = (~clear).nonzero()[:, 0]
+        items[rows], values[rows] = _top_k_exact(scores[rows], k)
+    items = torch.where(torch.isfinite(values), items, torch.full_like(items, -1))
+    return items, values
+
+
+def _by_score_then_index(items: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    items, perm = items.sort(dim=1)
+    values = values.gather(1, perm)
+    order = torch.sort(values, dim=1, descending=True, stable=True).indices
+    return items.gather(1, order), values.gather(1, order)
+
+
+def _top_k_exact(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     kth = scores.topk(k, dim=1).values[:, -1:]  # (B, 1) the k-th best score
     above = scores > kth
     tied = scores == kth
@@ -50,11 +71,7 @@ def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     room = k - above.sum(1, keepdim=True)
     keep = above | (tied & (tied.cumsum(1) <= room))
     items = keep.nonzero()[:, 1].view(-1, k)  # ascending item index within each row
-    values = scores.gather(1, items)
-    order = torch.sort(values, dim=1, descending=True, stable=True).indices
-    items, values = items.gather(1, order), values.gather(1, order)
-    items = torch.where(torch.isfinite(values), items, torch.full_like(items, -1))
-    return items, values
+    return _by_score_then_index(items, scores.gather(1, items))
 
 
 @dataclass
@@ -89,7 +106,9 @@ def _scores(model: Recommender, users: torch.Tensor) -> torch.Tensor:
     n = len(users)
     if n < MIN_ROWS:
         users = torch.cat([users, users[:1].expand(MIN_ROWS - n)])
-    return model.scores(users)[:n].float().clone()
+    out = model.scores(users)[:n].float()
+    # Masked in place below: a broadcast or strided view must become its own tensor first.
+    return out if out.is_contiguous() else out.clone()
 
 
 @torch.no_grad()

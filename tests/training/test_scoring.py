@@ -21,6 +21,25 @@ def test_top_k_orders_by_score_then_item_index_and_never_keeps_excluded_items():
     assert top_k(scores, 10)[0][0].tolist() == [1, 0, 2, 3, 4]
 
 
+def test_top_k_agrees_with_a_full_sort_on_rows_with_and_without_boundary_ties():
+    """The fast path (unique top-k set) and the exact path (ties across the k-th place, rows short
+    of k finite scores) must both give the full sort's answer: score descending, item ascending."""
+    gen = torch.Generator().manual_seed(7)
+    smooth = torch.randn(40, 300, generator=gen)  # ties practically never: the fast path
+    coarse = torch.randint(0, 6, (40, 300), generator=gen).float()  # ties everywhere: the exact path
+    sparse = torch.full((10, 300), float("-inf"))
+    sparse[:, :7] = torch.randint(0, 3, (10, 7), generator=gen).float()  # fewer than k finite
+    scores = torch.cat([smooth, coarse, sparse])
+    for k in (1, 10, 299, 300):
+        items, values = top_k(scores, k)
+        for row, got_items, got_values in zip(scores.numpy(), items.numpy(), values.numpy(), strict=True):
+            order = np.lexsort((np.arange(len(row)), -row))[:k]
+            finite = np.isfinite(row[order])
+            expect = np.where(finite, order, -1)
+            assert got_items.tolist() == expect.tolist()
+            assert np.array_equal(got_values[finite], row[order][finite])
+
+
 def test_recommendations_do_not_depend_on_the_batch_size(tiny):
     model = fit_model("als_multi", tiny, seed=1, overrides={"train": {"epochs": 2}}).model
     users = np.arange(tiny.n_users)

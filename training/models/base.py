@@ -69,7 +69,11 @@ class Recommender(nn.Module):
 
     # -- scoring -----------------------------------------------------------------------------
     def scores(self, users: torch.Tensor) -> torch.Tensor:
-        """(B,) user indices -> (B, n_items) scores; higher is better."""
+        """(B,) user indices -> (B, n_items) scores; higher is better.
+
+        A freshly allocated tensor (scoring masks it in place, without a copy), or a non-contiguous
+        view such as a broadcast row (which scoring copies first); never a view of model state.
+        """
         raise NotImplementedError
 
     def visited_rows(self, users: torch.Tensor) -> torch.Tensor:

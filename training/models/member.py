@@ -214,8 +214,17 @@ class Member(Recommender):
         return {"visited": vu[users] @ vi.T, "unvisited": uu[users] @ ui.T}
 
     def scores(self, users: torch.Tensor) -> torch.Tensor:
-        s = self.expert_scores(users)
-        return torch.where(self.visited_rows(users), s["visited"], s["unvisited"])
+        """The unvisited expert everywhere, then the visited expert's dot products written over the
+        user's visited items only: one dense matmul instead of two and no dense visited mask."""
+        vu, vi, uu, ui = self._reps()
+        out = uu[users] @ ui.T
+        vis = self._visited[users.cpu().numpy()].tocoo()
+        keep = vis.data > 0
+        if keep.any():
+            rows = torch.as_tensor(vis.row[keep], dtype=torch.long, device=out.device)
+            cols = torch.as_tensor(vis.col[keep], dtype=torch.long, device=out.device)
+            out[rows, cols] = (vu[users[rows]] * vi[cols]).sum(-1).to(out.dtype)
+        return out
 
     def explain(self, users: torch.Tensor, items: torch.Tensor) -> dict[str, torch.Tensor]:
         vis = self.is_visited(users, items)
