@@ -15,6 +15,8 @@ worker's process.
 
 from __future__ import annotations
 
+import os
+import sys
 from datetime import UTC, datetime
 
 from airflow.sdk import Asset, CronDataIntervalTimetable, dag, get_current_context, task, task_group
@@ -80,14 +82,24 @@ def _validate(table: str):
 
 
 def _spark_submit(stage: str):
-    """The same stage as ``spark-submit infra/cli.py <stage> --date <ds>`` on a Spark connection."""
+    """The same stage as ``spark-submit infra/cli.py <stage> --date <ds>`` on a Spark connection.
+
+    The date is computed when the task runs, by the same ``data_date`` rule as the in-process tasks
+    (a Jinja template could not read the triggering asset events)."""
     from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 
-    return SparkSubmitOperator(
+    class StageSubmit(SparkSubmitOperator):
+        def execute(self, context):
+            self.application_args = [stage, "--date", data_date(context).isoformat()]
+            # The driver runs this worker's interpreter (the venv with the project installed).
+            os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+            os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+            return super().execute(context)
+
+    return StageSubmit(
         task_id=stage,
         conn_id=CFG.spark_submit_conn_id,
         application=str(REPO / "infra" / "cli.py"),
-        application_args=[stage, "--date", "{{ dag_run.conf.get('ds') or data_interval_start | ds }}"],
         conf=dict(SETTINGS.spark.conf),
         name=f"funnelrec-{stage}",
     )

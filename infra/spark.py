@@ -13,7 +13,8 @@ from infra.settings import Settings
 
 
 def get_spark(settings: Settings):
-    """Return the active SparkSession, creating it on ``settings.spark.master`` with its conf."""
+    """Return the active SparkSession, creating it on ``settings.spark.master`` with its conf (or,
+    inside ``spark-submit``, on the submit's master and conf)."""
     from pyspark.sql import SparkSession
 
     active = SparkSession.getActiveSession()
@@ -25,9 +26,13 @@ def get_spark(settings: Settings):
     # Executors must run the same interpreter as the driver (the project's venv).
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
-    builder = SparkSession.builder.master(settings.spark.master).appName(settings.spark.app_name)
-    for key, value in settings.spark.conf.items():
-        builder = builder.config(key, value)
+    builder = SparkSession.builder.appName(settings.spark.app_name)
+    if "PYSPARK_GATEWAY_PORT" not in os.environ:
+        # Under spark-submit (which starts the JVM and sets the gateway port) the master and conf
+        # are the submit's own: the Spark connection's, with ``spark.conf`` passed by the DAG.
+        builder = builder.master(settings.spark.master)
+        for key, value in settings.spark.conf.items():
+            builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")
     return spark

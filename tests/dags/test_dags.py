@@ -129,3 +129,32 @@ def test_broken_input_fails_its_validation_task_and_nothing_downstream_runs(airf
     )
     assert record["ds"] == DATE and "expect_table_row_count_to_be_between" in record["exception"]
     os.environ.pop("FUNNELREC_CONFIG", None)
+
+
+def test_etl_through_spark_submit_gives_the_in_process_tables(airflow_db, spark, monkeypatch):
+    """``airflow.spark_submit_conn_id`` runs ingest, sessionize and split with SparkSubmitOperator
+    (a real ``spark-submit`` of ``infra/cli.py`` on the connection's master): same tables as the
+    in-process tasks of the end-to-end test."""
+    import sys
+
+    monkeypatch.setenv("AIRFLOW_CONN_FUNNELREC_SPARK", json.dumps({"conn_type": "spark", "host": "local[1]"}))
+    monkeypatch.setenv("PATH", f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}")
+    config = write_config("submit", airflow={"spark_submit_conn_id": "funnelrec_spark"})
+    dag = dagbag(config).get_dag(NIGHTLY)
+    assert type(dag.get_task("etl.ingest")).__name__ == "StageSubmit"
+    etl = dag.partial_subset(
+        task_ids=[t for t in dag.task_ids if t.startswith("etl.")],
+        include_upstream=False,
+        include_downstream=False,
+    )
+    run = etl.test(logical_date=datetime.fromisoformat(DATE).replace(tzinfo=UTC), run_conf={"ds": DATE})
+    assert str(run.state) == "success", _states(run)
+    submitted = json.loads((TRAINING.dir(ROOT / "submit", DATE) / "manifest.json").read_text())["checksums"]
+
+    reference = ROOT / "e2e"
+    if not TRAINING.dir(reference, DATE).exists():
+        run = _nightly(write_config("e2e"))
+        assert str(run.state) == "success", _states(run)
+    expected = json.loads((TRAINING.dir(reference, DATE) / "manifest.json").read_text())["checksums"]
+    assert submitted == expected
+    os.environ.pop("FUNNELREC_CONFIG", None)
