@@ -118,7 +118,10 @@ def parse_lines(lines: DataFrame, mapping: SourceMapping, header: list[str], run
     # from_csv pads short lines with nulls and drops extra fields, so count fields separately:
     # strip quoted sections (which may hold the delimiter), then split keeping empty trailers.
     q = "\\" + fmt.quote
-    unquoted = F.regexp_replace(F.col("value"), f"{q}([^{q}]|{q}{q})*{q}", "")
+    # (most lines hold no quote at all: only those pay for the regex)
+    unquoted = F.when(
+        F.col("value").contains(fmt.quote), F.regexp_replace(F.col("value"), f"{q}([^{q}]|{q}{q})*{q}", "")
+    ).otherwise(F.col("value"))
     n_fields = F.size(
         F.split(unquoted, "\\" + fmt.delimiter if not fmt.delimiter.isalnum() else fmt.delimiter, -1)
     )

@@ -109,14 +109,18 @@ def run_sessionize(spark: SparkSession, settings: Settings, run_date: date) -> S
     cfg = settings.sessionize
     with stage("sessionize", date=run_date.isoformat()) as counts:
         events = read_events(spark, settings, window_start(run_date, cfg.history_days), run_date)
-        session_events, _ = sessionize_events(events, cfg.gap_minutes, cfg.use_source_session)
         parts = int(settings.spark.conf.get("spark.sql.shuffle.partitions", "8"))
+        # Partitioned by user once: the session windows (by source and user) reuse this layout, and
+        # so does the write, so the events are shuffled once rather than twice.
+        session_events, _ = sessionize_events(
+            events.repartition(parts, "user_id"), cfg.gap_minutes, cfg.use_source_session
+        )
         target = SESSIONIZED.dir(settings.paths.warehouse_root, run_date)
         with publish.staged_dir(target) as staged:
             (
-                session_events.repartition(parts, "user_id")
-                .sortWithinPartitions("source", "user_id", "event_time", "seq_in_session")
-                .write.parquet(str(staged / SESSION_EVENTS.name))
+                session_events.sortWithinPartitions(
+                    "source", "user_id", "event_time", "seq_in_session"
+                ).write.parquet(str(staged / SESSION_EVENTS.name))
             )
             # Sessions are aggregated from the written events rather than recomputing the windows.
             sessions = sessions_of(

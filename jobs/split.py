@@ -90,6 +90,15 @@ def _last_per_user(df: DataFrame) -> DataFrame:
     return df.withColumn("_r", F.row_number().over(w)).filter("_r = 1").drop("_r")
 
 
+def _materialized(df: DataFrame) -> DataFrame:
+    """Cache ``df`` and fill the cache now: joins planned after this see its real size (not the
+    size of the events it came from) and broadcast it when it is under
+    ``spark.sql.autoBroadcastJoinThreshold``, instead of shuffling the other side."""
+    df = df.persist()
+    df.count()
+    return df
+
+
 def split_events(events: DataFrame, params: SplitParams) -> tuple[DataFrame, DataFrame, DataFrame, dict]:
     """Split events into training events, validation pairs and test pairs (by source ids).
 
@@ -130,6 +139,7 @@ def split_events(events: DataFrame, params: SplitParams) -> tuple[DataFrame, Dat
     validation = _last_per_user(train_buys.join(eligible, "user_id")).select(
         "user_id", "item_id", "event_time"
     )
+    validation = _materialized(validation)
     train = (
         train.join(
             validation.select("user_id", "item_id", F.lit(True).alias("_val")), ["user_id", "item_id"], "left"
@@ -173,7 +183,7 @@ def build_training_tables(events: DataFrame, params: SplitParams) -> TrainingTab
         .withColumn("item_idx", (F.row_number().over(Window.orderBy("item_id")) - 1).cast("int"))
         .join(top_cat, "item_id", "left")
     )
-    user_map, item_map = user_map.persist(), item_map.persist()
+    user_map, item_map = _materialized(user_map), _materialized(item_map)
 
     def to_idx(df: DataFrame) -> DataFrame:
         return df.join(user_map, "user_id").join(item_map.select("item_id", "item_idx"), "item_id")
@@ -244,8 +254,7 @@ def check_leakage(tables: dict[str, DataFrame], cutoff: datetime | None) -> dict
 
 def table_checksum(df: DataFrame) -> tuple[str, int]:
     """An order-independent content checksum (sum of row hashes mod 2^64, hex) and the row count."""
-    cols = [F.col(c).cast("string") for c in df.columns]
-    row = F.xxhash64(*cols).cast("decimal(38,0)")
+    row = F.xxhash64(*df.columns).cast("decimal(38,0)")
     total = df.agg(F.sum(row).alias("s"), F.count("*").alias("n")).first()
     return f"{int(total['s'] or 0) % (1 << 64):016x}", int(total["n"])
 

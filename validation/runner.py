@@ -133,7 +133,11 @@ def _run_checkpoint(
     try:
         source = ctx.data_sources.get(DATASOURCE)
     except (KeyError, ValueError):
-        source = ctx.data_sources.add_spark(name=DATASOURCE)
+        source = None
+    if source is None or source.persist:
+        # GX would cache every batch; a Parquet-backed table is cheaper to re-read column by column
+        # than to cache whole; the stage caches the joined views itself (``validation/stage.py``).
+        source = ctx.data_sources.add_or_update_spark(name=DATASOURCE, persist=False)
     results: dict[str, Any] = {}
     failures: list[Failure] = []
     for suite, df in suites:

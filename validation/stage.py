@@ -3,6 +3,10 @@
 Tables: ``events`` (the history window ending on the date), ``sessions``, ``training``. Results land
 in ``<warehouse>/validation/<table>/ds=<date>/result.json`` (for MLflow to attach) and in the Data
 Docs site at ``validation.data_docs_dir``. A failed suite raises ``ValidationFailed``.
+
+Tables read from Parquet go to GX as they are (each metric re-reads only its columns); the joined
+views are cached here, once, since GX would otherwise recompute their joins for every metric. The
+runner unpersists each after its checkpoint.
 """
 
 from __future__ import annotations
@@ -69,7 +73,7 @@ def _scores_pair(spark: SparkSession, settings: Settings, run_date: date):
     active = events.select("user_id").distinct().count()
     min_users = math.ceil(settings.validation.scores_min_user_share * active)
     visited = _model_visited(spark, wh, scores)
-    view = suites.scores_view(scores, events, history.select("item_id"), visited)
+    view = suites.scores_view(scores, events, history.select("item_id"), visited).persist()
     return suites.scores_suite(settings.scoring.k, min_users, check_visited=visited is not None), view
 
 
@@ -97,13 +101,19 @@ def run_validate(spark: SparkSession, settings: Settings, table: str, run_date: 
             & (F.col("event_date") >= F.lit(first))
             & (F.col("event_date") <= F.lit(run_date))
         )
-        pairs = [(suites.events_suite(first, run_date, cfg.events_min_rows, cfg.events_max_rows), df)]
+        pairs = [
+            (suites.events_suite(first, run_date, cfg.events_min_rows, cfg.events_max_rows), df),
+            (suites.events_unique_suite(), suites.events_duplicate_candidates(df)),
+        ]
     elif table == "sessions":
         bundle = SESSIONIZED.dir(wh, run_date)
         sessions = _read(spark, SESSIONS, bundle / SESSIONS.name)
         events = _read(spark, SESSION_EVENTS, bundle / SESSION_EVENTS.name)
         pairs = [
-            (suites.sessions_suite(settings.sessionize.gap_minutes), suites.sessions_view(sessions, events))
+            (
+                suites.sessions_suite(settings.sessionize.gap_minutes),
+                suites.sessions_view(sessions, events).persist(),
+            )
         ]
     elif table == "scores":
         pairs = [_scores_pair(spark, settings, run_date)]
@@ -119,7 +129,7 @@ def run_validate(spark: SparkSession, settings: Settings, table: str, run_date: 
         pairs = [
             (
                 suites.heldout_suite(),
-                suites.heldout_view(t[HELDOUT.name], t[VISITED.name], t[INTERACTIONS.name]),
+                suites.heldout_view(t[HELDOUT.name], t[VISITED.name], t[INTERACTIONS.name]).persist(),
             ),
             (suites.interactions_suite(cutoff), t[INTERACTIONS.name]),
             (suites.id_map_suite("user", sizes["users"], settings.split.min_users), t[USER_MAP.name]),
