@@ -113,7 +113,8 @@ def run_validate(spark: SparkSession, settings: Settings, table: str, run_date: 
             (
                 suites.sessions_suite(settings.sessionize.gap_minutes),
                 suites.sessions_view(sessions, events).persist(),
-            )
+            ),
+            (suites.sessions_unique_suite(), suites.session_duplicate_candidates(sessions)),
         ]
     elif table == "scores":
         pairs = [_scores_pair(spark, settings, run_date)]
