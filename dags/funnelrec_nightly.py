@@ -15,14 +15,13 @@ worker's process.
 
 from __future__ import annotations
 
-import os
-import sys
 from datetime import UTC, datetime
 
 from airflow.sdk import Asset, CronDataIntervalTimetable, dag, get_current_context, task, task_group
 
 from infra.orchestration import CHAMPION_ASSET, REPO, data_date, default_args
 from infra.settings import load_settings
+from infra.spark import use_this_interpreter
 
 SETTINGS = load_settings()
 CFG = SETTINGS.airflow
@@ -91,9 +90,7 @@ def _spark_submit(stage: str):
     class StageSubmit(SparkSubmitOperator):
         def execute(self, context):
             self.application_args = [stage, "--date", data_date(context).isoformat()]
-            # The driver runs this worker's interpreter (the venv with the project installed).
-            os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-            os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+            use_this_interpreter()  # spark-submit's driver: the worker's venv, with the project
             return super().execute(context)
 
     return StageSubmit(

@@ -12,6 +12,12 @@ import sys
 from infra.settings import Settings
 
 
+def use_this_interpreter() -> None:
+    """Make Spark's Python driver and executors this interpreter (the project's venv) unless set."""
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+
+
 def get_spark(settings: Settings):
     """Return the active SparkSession, creating it on ``settings.spark.master`` with its conf (or,
     inside ``spark-submit``, on the submit's master and conf)."""
@@ -23,9 +29,7 @@ def get_spark(settings: Settings):
     if settings.spark.master.startswith("local"):
         # Binding to loopback avoids the hostname lookup warning and never exposes the driver.
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-    # Executors must run the same interpreter as the driver (the project's venv).
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    use_this_interpreter()
     builder = SparkSession.builder.appName(settings.spark.app_name)
     if "PYSPARK_GATEWAY_PORT" not in os.environ:
         # Under spark-submit (which starts the JVM and sets the gateway port) the master and conf

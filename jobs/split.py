@@ -105,7 +105,8 @@ def split_events(events: DataFrame, params: SplitParams) -> tuple[DataFrame, Dat
     Returns:
         ``(train_events, validation, test, dropped)``: training events with the events' columns;
         validation and test as ``user_id, item_id, event_time`` (one row per pair); ``dropped``
-        maps a reason to a lazily counted DataFrame of dropped held-out pairs.
+        maps a reason to a lazily counted DataFrame of dropped held-out pairs. ``validation`` comes
+        back cached (counted once, so the join that removes it from training can broadcast it).
     """
     purchases = events.filter(F.col("behavior") == PURCHASE)
     if params.protocol == "global_time":
@@ -164,7 +165,7 @@ def build_training_tables(events: DataFrame, params: SplitParams) -> TrainingTab
     """
     train, validation, test, dropped = split_events(events, params)
     # Every table below derives from these; caching them keeps the lineage from being replayed per table.
-    train, validation, test = (df.persist() for df in (train, validation, test))
+    train, test = train.persist(), test.persist()  # validation is cached by split_events
 
     users = train.select("user_id").distinct()
     user_map = users.withColumn("user_idx", (F.row_number().over(Window.orderBy("user_id")) - 1).cast("int"))

@@ -171,8 +171,8 @@ def _run_checkpoint(
         try:
             run = checkpoint.run(batch_parameters={"dataframe": df})
         finally:
-            # GX persists the batch; Spark's cache is keyed by plan, so a later read of the same
-            # path (the same table re-validated after a rewrite) would get these stale rows.
+            # Views are cached for the checkpoint; Spark's cache is keyed by plan, so a later read
+            # of the same path (the table re-validated after a rewrite) would get stale rows.
             df.unpersist()
         for res in run.run_results.values():
             results[suite.name] = res.describe_dict()

@@ -103,7 +103,7 @@ def run_validate(spark: SparkSession, settings: Settings, table: str, run_date: 
         )
         pairs = [
             (suites.events_suite(first, run_date, cfg.events_min_rows, cfg.events_max_rows), df),
-            (suites.events_unique_suite(), suites.events_duplicate_candidates(df)),
+            suites.events_unique(df),
         ]
     elif table == "sessions":
         bundle = SESSIONIZED.dir(wh, run_date)
@@ -114,7 +114,7 @@ def run_validate(spark: SparkSession, settings: Settings, table: str, run_date: 
                 suites.sessions_suite(settings.sessionize.gap_minutes),
                 suites.sessions_view(sessions, events).persist(),
             ),
-            (suites.sessions_unique_suite(), suites.session_duplicate_candidates(sessions)),
+            suites.sessions_unique(sessions),
         ]
     elif table == "scores":
         pairs = [_scores_pair(spark, settings, run_date)]

@@ -29,7 +29,7 @@ EVENT_COLUMNS = [c for c in EVENTS.column_names if c != "event_date"]
 
 
 def events_suite(window_first: date, run_date: date, min_rows: int, max_rows: int) -> Suite:
-    """Row-level checks on the events of the window; duplicates are ``events_unique_suite``'s."""
+    """Row-level checks on the events of the window; duplicates are ``events_unique``'s."""
     end = _day_start(run_date + timedelta(days=1))
     return Suite(
         "events",
@@ -74,20 +74,20 @@ def rows_with_repeated_key(df: DataFrame, key: F.Column, columns: list[str]) -> 
     return df.withColumn("_k", key).join(F.broadcast(repeated), "_k", "left_semi").select(*columns).persist()
 
 
-def events_duplicate_candidates(events: DataFrame) -> DataFrame:
-    """Events whose 64-bit hash of every stored column repeats: where exact duplicates can be."""
-    return rows_with_repeated_key(events, F.xxhash64(*EVENT_COLUMNS), EVENT_COLUMNS)
+def _uniqueness(name: str, df: DataFrame, columns: list[str], key: F.Column, guards: str):
+    """A one-check suite "``columns`` unique" and the candidate rows it runs on."""
+    suite = Suite(name, [Check(gxe.ExpectCompoundColumnsToBeUnique(column_list=columns), guards)])
+    return suite, rows_with_repeated_key(df, key, columns)
 
 
-def events_unique_suite() -> Suite:
-    return Suite(
+def events_unique(events: DataFrame) -> tuple[Suite, DataFrame]:
+    """No exact duplicates; candidates are the events whose 64-bit hash of every column repeats."""
+    return _uniqueness(
         "events_unique",
-        [
-            Check(
-                gxe.ExpectCompoundColumnsToBeUnique(column_list=EVENT_COLUMNS),
-                "exact duplicate events (a file ingested twice, a retried upload)",
-            ),
-        ],
+        events,
+        EVENT_COLUMNS,
+        F.xxhash64(*EVENT_COLUMNS),
+        "exact duplicate events (a file ingested twice, a retried upload)",
     )
 
 
@@ -134,20 +134,14 @@ def sessions_suite(gap_minutes: int) -> Suite:
 SESSION_KEY = ["user_id", "session_id"]
 
 
-def session_duplicate_candidates(sessions: DataFrame) -> DataFrame:
-    """Sessions whose (user, session id) repeats."""
-    return rows_with_repeated_key(sessions, F.struct(*SESSION_KEY), SESSION_KEY)
-
-
-def sessions_unique_suite() -> Suite:
-    return Suite(
+def sessions_unique(sessions: DataFrame) -> tuple[Suite, DataFrame]:
+    """Session ids unique per user."""
+    return _uniqueness(
         "sessions_unique",
-        [
-            Check(
-                gxe.ExpectCompoundColumnsToBeUnique(column_list=SESSION_KEY),
-                "a session id repeated for a user (unstable or colliding ids)",
-            )
-        ],
+        sessions,
+        SESSION_KEY,
+        F.struct(*SESSION_KEY),
+        "a session id repeated for a user (unstable or colliding ids)",
     )
 
 

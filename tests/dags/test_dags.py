@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from datetime import UTC, datetime
 from itertools import pairwise
 
@@ -135,8 +136,6 @@ def test_etl_through_spark_submit_gives_the_in_process_tables(airflow_db, spark,
     """``airflow.spark_submit_conn_id`` runs ingest, sessionize and split with SparkSubmitOperator
     (a real ``spark-submit`` of ``infra/cli.py`` on the connection's master): same tables as the
     in-process tasks of the end-to-end test."""
-    import sys
-
     monkeypatch.setenv("AIRFLOW_CONN_FUNNELREC_SPARK", json.dumps({"conn_type": "spark", "host": "local[1]"}))
     monkeypatch.setenv("PATH", f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}")
     config = write_config("submit", airflow={"spark_submit_conn_id": "funnelrec_spark"})
