@@ -63,12 +63,22 @@ def sessionize_events(
         new_session = new_session | ~F.col("source_session_id").eqNullSafe(
             F.lag("source_session_id").over(ordered)
         )
-    df = df.withColumn("_new", new_session.cast("int"))
-    df = df.withColumn("_sno", F.sum("_new").over(ordered.rowsBetween(Window.unboundedPreceding, 0)))
-    in_session = Window.partitionBy(*user, "_sno").orderBy(*EVENT_ORDER)
-    whole = in_session.rowsBetween(Window.unboundedPreceding, Window.unboundedFollowing)
-    df = df.withColumn("_start", F.first("event_time").over(whole)).withColumn(
-        "_first_src_session", F.first("source_session_id").over(whole)
+    # Every later column is a running value over the same ordered window (sessions are contiguous
+    # runs of it), so Spark sorts the events once; a window per session would sort them again.
+    upto_here = ordered.rowsBetween(Window.unboundedPreceding, 0)
+    opened = F.col("_new")
+
+    def at_session_start(col):
+        return F.last(F.when(opened, col), ignorenulls=True).over(upto_here)
+
+    df = df.withColumn("_new", new_session).withColumn("_rn", F.row_number().over(ordered))
+    df = df.withColumns(
+        {
+            "_start": at_session_start(F.col("event_time")),
+            "_start_rn": at_session_start(F.col("_rn")),
+            # "" marks a session opened by a row without a source session id (last() skips nulls).
+            "_first_src": at_session_start(F.coalesce(F.col("source_session_id"), F.lit(""))),
+        }
     )
     session_id = F.substring(
         F.sha2(
@@ -77,7 +87,7 @@ def sessionize_events(
                 F.col("source"),
                 F.col("user_id"),
                 F.unix_micros(F.col("_start")).cast("string"),
-                F.coalesce(F.col("_first_src_session"), F.lit("")),
+                F.col("_first_src"),
             ),
             256,
         ),
@@ -85,9 +95,10 @@ def sessionize_events(
         24,
     )
     df = df.withColumn("session_id", session_id).withColumn(
-        "seq_in_session", F.row_number().over(in_session).cast("int")
+        "seq_in_session", (F.col("_rn") - F.col("_start_rn") + 1).cast("int")
     )
-    session_events = df.select(*SESSION_EVENTS.column_names)
+    # In the window's own order already: this sort costs nothing, and keeps the files sorted.
+    session_events = df.sortWithinPartitions(*user, *EVENT_ORDER).select(*SESSION_EVENTS.column_names)
     return session_events, sessions_of(session_events)
 
 
@@ -117,11 +128,7 @@ def run_sessionize(spark: SparkSession, settings: Settings, run_date: date) -> S
         )
         target = SESSIONIZED.dir(settings.paths.warehouse_root, run_date)
         with publish.staged_dir(target) as staged:
-            (
-                session_events.sortWithinPartitions(
-                    "source", "user_id", "event_time", "seq_in_session"
-                ).write.parquet(str(staged / SESSION_EVENTS.name))
-            )
+            session_events.write.parquet(str(staged / SESSION_EVENTS.name))
             # Sessions are aggregated from the written events rather than recomputing the windows.
             sessions = sessions_of(
                 spark.read.schema(SESSION_EVENTS.spark_schema()).parquet(str(staged / SESSION_EVENTS.name))
