@@ -112,3 +112,42 @@ def test_member_experts_share_no_parameters(tiny):
     assert model.V.loc.grad is not None and model.V.loc.grad.abs().sum() > 0
     for p in model.U.parameters():
         assert p.grad is None or not p.grad.any()
+
+
+def test_bpr_negatives_are_never_bought_and_hard_ones_come_from_the_hard_row():
+    import numpy as np
+    import scipy.sparse as sp
+
+    from training.models.base import bpr_triplets
+
+    rng = np.random.default_rng(0)
+    n_users, n_items = 30, 200
+    bought = sp.random(n_users, n_items, density=0.05, random_state=1, format="csr")
+    bought.data[:] = 1
+    visited = sp.random(n_users, n_items, density=0.05, random_state=2, format="csr")
+    visited.data[:] = 1
+    batches = list(bpr_triplets(bought, rng, 16, "cpu", hard=visited, hard_fraction=1.0, negatives=4))
+    assert sum(len(b["users"]) for b in batches) == bought.nnz
+    hard_hits = total = 0
+    for b in batches:
+        assert b["neg"].shape == (len(b["users"]), 4)
+        users = b["users"].numpy().repeat(4)
+        neg = b["neg"].numpy().ravel()
+        assert not np.asarray(bought[users, neg]).ravel().any()
+        # Every row whose visited set has an item it did not buy gets a visited negative.
+        can = np.array([(visited[u].toarray() > bought[u].toarray()).any() for u in users])
+        in_visited = np.asarray(visited[users, neg]).ravel() > 0
+        assert in_visited[can].all()
+        hard_hits += in_visited.sum()
+        total += len(neg)
+    assert hard_hits > total // 2
+    # Default: one uniform negative per purchase, a flat (B,) tensor.
+    plain = next(bpr_triplets(bought, np.random.default_rng(0), 16, "cpu"))
+    assert plain["neg"].shape == plain["users"].shape
+
+
+def test_member_trains_with_several_and_visited_negatives(tiny):
+    overrides = {**FAST, "negatives": 3, "visited_negatives": 0.5}
+    r = fit_model("member", tiny, seed=3, overrides=overrides, progress=False)
+    losses = [row["loss"] for row in r.history]
+    assert len(losses) == 2 and losses[1] < losses[0], losses

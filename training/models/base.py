@@ -107,11 +107,21 @@ class Recommender(nn.Module):
 
 
 def bpr_triplets(
-    purchases: sp.csr_matrix, rng: np.random.Generator, batch_size: int, device
+    purchases: sp.csr_matrix,
+    rng: np.random.Generator,
+    batch_size: int,
+    device,
+    hard: sp.csr_matrix | None = None,
+    hard_fraction: float = 0.0,
+    negatives: int = 1,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """One epoch of (user, bought item, not-bought item) triplets, every purchase once, shuffled.
 
     Negatives are uniform over items the user did not buy (resampled up to 10 times on collision).
+    With ``hard`` (a users x items CSR, e.g. the visited sets) a ``hard_fraction`` of the rows draw
+    their negative from the user's row of ``hard`` instead; rows whose ``hard`` items are all
+    bought keep their uniform negative. With ``negatives`` > 1, ``neg`` is (B, negatives), each
+    column drawn the same way.
     """
     coo = purchases.tocoo()
     bought = PairSet(purchases)
@@ -120,18 +130,46 @@ def bpr_triplets(
     n_items = purchases.shape[1]
     for start in range(0, len(users), batch_size):
         u, p = users[start : start + batch_size], pos[start : start + batch_size]
-        neg = rng.integers(0, n_items, len(u))
+        nu = np.repeat(u, negatives) if negatives > 1 else u
+        neg = rng.integers(0, n_items, len(nu))
         for _ in range(10):
-            clash = bought.contains(u, neg)
+            clash = bought.contains(nu, neg)
             if not clash.any():
                 break
             neg[clash] = rng.integers(0, n_items, int(clash.sum()))
+        if hard is not None and hard_fraction > 0:
+            _hard_negatives(hard, bought, nu, neg, rng.random(len(nu)) < hard_fraction, rng)
         yield {
             "users": torch.from_numpy(u).to(device),
             "pos": torch.from_numpy(p).to(device),
-            "neg": torch.from_numpy(neg).to(device),
+            "neg": torch.from_numpy(neg.reshape(len(u), negatives) if negatives > 1 else neg).to(device),
         }
 
 
+def _hard_negatives(
+    hard: sp.csr_matrix,
+    bought: PairSet,
+    users: np.ndarray,
+    neg: np.ndarray,
+    pick: np.ndarray,
+    rng: np.random.Generator,
+    tries: int = 5,
+) -> None:
+    """Overwrite ``neg[pick]`` in place with a not-bought item of the user's ``hard`` row."""
+    lo, hi = hard.indptr[users], hard.indptr[users + 1]
+    todo = pick & (hi > lo)
+    for _ in range(tries):
+        idx = np.flatnonzero(todo)
+        if len(idx) == 0:
+            return
+        cand = hard.indices[lo[idx] + (rng.random(len(idx)) * (hi[idx] - lo[idx])).astype(np.int64)]
+        ok = ~bought.contains(users[idx], cand)
+        neg[idx[ok]] = cand[ok]
+        todo[idx[ok]] = False
+
+
 def bpr_loss(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """Mean of -log σ(pos - neg); ``neg`` is (B,) or (B, n) negatives per positive."""
+    if neg.dim() == 2:
+        pos = pos.unsqueeze(1)
     return -torch.nn.functional.logsigmoid(pos - neg).mean()

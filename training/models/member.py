@@ -124,7 +124,15 @@ class Member(Recommender):
 
     # -- training ------------------------------------------------------------------------------
     def batches(self, rng: np.random.Generator, batch_size: int):
-        return bpr_triplets(self._purchases, rng, batch_size, self.device)
+        return bpr_triplets(
+            self._purchases,
+            rng,
+            batch_size,
+            self.device,
+            hard=self._visited,
+            hard_fraction=float(self.config.get("visited_negatives", 0.0)),
+            negatives=int(self.config.get("negatives", 1)),
+        )
 
     def _gated_pair_scores(self, out, users, items) -> torch.Tensor:
         vu, vi = self.expert_reps(out, "visited")
@@ -167,7 +175,9 @@ class Member(Recommender):
         c = self.config
         out = self.propagate_all()
         u, p, n = batch["users"], batch["pos"], batch["neg"]
-        rank = bpr_loss(self._gated_pair_scores(out, u, p), self._gated_pair_scores(out, u, n))
+        neg_users = u.unsqueeze(1).expand_as(n).reshape(-1) if n.dim() == 2 else u
+        neg_scores = self._gated_pair_scores(out, neg_users, n.reshape(-1)).view(n.shape)
+        rank = bpr_loss(self._gated_pair_scores(out, u, p), neg_scores)
 
         cl_users = self._cl_rows(torch.unique(u))
         cl_items = self._cl_rows(torch.unique(p)) + self.n_users
@@ -183,7 +193,7 @@ class Member(Recommender):
         )
         l_gen = self._generative(out, int(c["gen_positives"]))
 
-        rows = torch.cat([u, p + self.n_users, n + self.n_users])
+        rows = torch.cat([u, p + self.n_users, n.reshape(-1) + self.n_users])
         reg = (
             sum(t[rows].pow(2).sum() for t in (self.V.glob, self.V.loc, self.U.glob, self.U.loc))
             * float(c["reg"])
