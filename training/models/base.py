@@ -119,26 +119,32 @@ def bpr_triplets(
 
     Negatives are uniform over items the user did not buy (resampled up to 10 times on collision).
     With ``hard`` (a users x items CSR, e.g. the visited sets) a ``hard_fraction`` of the rows draw
-    their negative from the user's row of ``hard`` instead; rows whose ``hard`` items are all
-    bought keep their uniform negative. With ``negatives`` > 1, ``neg`` is (B, negatives), each
-    column drawn the same way.
+    their negative uniformly from the user's not-bought items of ``hard`` instead; rows whose
+    ``hard`` items are all bought keep their uniform negative. With ``negatives`` > 1, ``neg`` is
+    (B, negatives), each column drawn the same way.
     """
     coo = purchases.tocoo()
     bought = PairSet(purchases)
     order = rng.permutation(coo.nnz)
     users, pos = coo.row[order].astype(np.int64), coo.col[order].astype(np.int64)
     n_items = purchases.shape[1]
+    candidates = None
+    if hard is not None and hard_fraction > 0:
+        # The hard items the user did not buy, once per epoch: sampling from them never collides.
+        candidates = (hard > 0).astype(np.float32)
+        candidates = (candidates - candidates.multiply(purchases > 0)).tocsr()
+        candidates.eliminate_zeros()
     for start in range(0, len(users), batch_size):
         u, p = users[start : start + batch_size], pos[start : start + batch_size]
-        nu = np.repeat(u, negatives) if negatives > 1 else u
+        nu = np.repeat(u, negatives)
         neg = rng.integers(0, n_items, len(nu))
         for _ in range(10):
             clash = bought.contains(nu, neg)
             if not clash.any():
                 break
             neg[clash] = rng.integers(0, n_items, int(clash.sum()))
-        if hard is not None and hard_fraction > 0:
-            _hard_negatives(hard, bought, nu, neg, rng.random(len(nu)) < hard_fraction, rng)
+        if candidates is not None:
+            _hard_negatives(candidates, nu, neg, rng.random(len(nu)) < hard_fraction, rng)
         yield {
             "users": torch.from_numpy(u).to(device),
             "pos": torch.from_numpy(p).to(device),
@@ -147,25 +153,13 @@ def bpr_triplets(
 
 
 def _hard_negatives(
-    hard: sp.csr_matrix,
-    bought: PairSet,
-    users: np.ndarray,
-    neg: np.ndarray,
-    pick: np.ndarray,
-    rng: np.random.Generator,
-    tries: int = 5,
+    candidates: sp.csr_matrix, users: np.ndarray, neg: np.ndarray, pick: np.ndarray, rng: np.random.Generator
 ) -> None:
-    """Overwrite ``neg[pick]`` in place with a not-bought item of the user's ``hard`` row."""
-    lo, hi = hard.indptr[users], hard.indptr[users + 1]
-    todo = pick & (hi > lo)
-    for _ in range(tries):
-        idx = np.flatnonzero(todo)
-        if len(idx) == 0:
-            return
-        cand = hard.indices[lo[idx] + (rng.random(len(idx)) * (hi[idx] - lo[idx])).astype(np.int64)]
-        ok = ~bought.contains(users[idx], cand)
-        neg[idx[ok]] = cand[ok]
-        todo[idx[ok]] = False
+    """Overwrite ``neg[pick]`` in place with a uniform item of the user's ``candidates`` row (rows
+    left empty keep their negative)."""
+    lo, hi = candidates.indptr[users], candidates.indptr[users + 1]
+    idx = np.flatnonzero(pick & (hi > lo))
+    neg[idx] = candidates.indices[lo[idx] + (rng.random(len(idx)) * (hi[idx] - lo[idx])).astype(np.int64)]
 
 
 def bpr_loss(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
