@@ -202,6 +202,20 @@ def markdown(table_name: str, info: dict) -> str:
     return "\n".join(lines)
 
 
+def merge(saved: dict, new: dict) -> dict:
+    """``saved`` with the tables' models of ``new`` replaced or added (same seeds, or it refuses)."""
+    if saved.get("seeds") != new["seeds"]:
+        raise SystemExit(f"--update: saved results used seeds {saved.get('seeds')}, this run {new['seeds']}")
+    out = {**saved, "machine": new["machine"]}
+    for table_name, info in new["tables"].items():
+        old = saved["tables"].get(table_name)
+        if old is None:
+            out["tables"][table_name] = info
+            continue
+        out["tables"][table_name] = {**info, "models": {**old["models"], **info["models"]}}
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--benchmark", choices=["tmall", "retailrocket"], required=True)
@@ -209,6 +223,12 @@ def main() -> int:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--max-epochs", type=int, help="cap on every model's epochs")
     ap.add_argument("--work", default=str(REPO / "bench" / "results" / "tmp" / "quality"))
+    ap.add_argument(
+        "--update",
+        action="store_true",
+        help="replace only the models run in the saved JSON, keeping the other models' results "
+        "(their seeds must match)",
+    )
     args = ap.parse_args()
     configure("WARNING")
     results = run(
@@ -220,6 +240,10 @@ def main() -> int:
     )
     out = REPO / "bench" / "results" / f"quality_{args.benchmark}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.update and out.exists():
+        results = merge(json.loads(out.read_text()), results)
+        for table_name, info in results["tables"].items():
+            print(markdown(table_name, info), flush=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nsaved {out}")
     return 0

@@ -151,3 +151,54 @@ def test_member_trains_with_several_and_visited_negatives(tiny):
     r = fit_model("member", tiny, seed=3, overrides=overrides, progress=False)
     losses = [row["loss"] for row in r.history]
     assert len(losses) == 2 and losses[1] < losses[0], losses
+
+
+@pytest.mark.parametrize("keep", [1, 2])
+def test_member_dynamic_negatives_keep_each_slots_highest_scored_candidate(tiny, keep):
+    import numpy as np
+
+    from training.models import build_model
+
+    model = build_model("member", tiny, {"negatives": keep, "negative_candidates": 3})
+    batch = next(iter(model.batches(np.random.default_rng(0), 16)))
+    assert batch["neg"].shape == (16, keep, 3)
+    model.eval()
+    with torch.no_grad():
+        out = model.propagate_all()
+        kept = model.pick_negatives(out, batch["users"], batch["neg"])
+        assert kept.shape == ((16,) if keep == 1 else (16, keep))
+        kept = kept.reshape(16, keep)
+        for slot in range(keep):
+            cands = batch["neg"][:, slot]
+            every = torch.stack(
+                [model._gated_pair_scores(out, batch["users"], cands[:, j]) for j in range(3)], 1
+            )
+            best = every.argmax(1)
+            assert torch.equal(kept[:, slot], cands[torch.arange(16), best])
+
+
+def test_bpr_candidates_of_a_slot_come_from_one_pool():
+    import numpy as np
+    import scipy.sparse as sp
+
+    from training.models.base import bpr_triplets
+
+    n_users, n_items = 40, 300
+    bought = sp.random(n_users, n_items, density=0.03, random_state=1, format="csr")
+    bought.data[:] = 1
+    visited = sp.random(n_users, n_items, density=0.2, random_state=2, format="csr")
+    visited.data[:] = 1
+    visited_slots = slots = 0
+    for b in bpr_triplets(
+        bought, np.random.default_rng(0), 32, "cpu", visited, 0.5, negatives=2, candidates=4
+    ):
+        assert b["neg"].shape == (len(b["users"]), 2, 4)
+        users = b["users"].numpy()[:, None, None].repeat(2, 1).repeat(4, 2)
+        in_visited = np.asarray(visited[users.ravel(), b["neg"].numpy().ravel()]).reshape(users.shape) > 0
+        # A visited slot draws all four candidates from the visited set (20% of items); a uniform
+        # slot does so with probability 0.2**4. Drawing the pool per candidate instead of per slot
+        # would give about (0.5 + 0.5 * 0.2)**4 = 13% all-visited slots, not half.
+        all_visited = in_visited.all(2)
+        visited_slots += all_visited.sum()
+        slots += all_visited.size
+    assert 0.4 < visited_slots / slots < 0.6

@@ -114,6 +114,7 @@ def bpr_triplets(
     hard: sp.csr_matrix | None = None,
     hard_fraction: float = 0.0,
     negatives: int = 1,
+    candidates: int = 1,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """One epoch of (user, bought item, not-bought item) triplets, every purchase once, shuffled.
 
@@ -121,45 +122,53 @@ def bpr_triplets(
     With ``hard`` (a users x items CSR, e.g. the visited sets) a ``hard_fraction`` of the rows draw
     their negative uniformly from the user's not-bought items of ``hard`` instead; rows whose
     ``hard`` items are all bought keep their uniform negative. With ``negatives`` > 1, ``neg`` is
-    (B, negatives), each column drawn the same way.
+    (B, negatives), each column drawn the same way. With ``candidates`` > 1, ``neg`` is
+    (B, negatives, candidates): every negative slot draws that many candidates, all from the pool
+    (hard or uniform) the slot drew, for the model to pick from (dynamic negative sampling) without
+    changing the share of hard negatives.
     """
     coo = purchases.tocoo()
     bought = PairSet(purchases)
     order = rng.permutation(coo.nnz)
     users, pos = coo.row[order].astype(np.int64), coo.col[order].astype(np.int64)
     n_items = purchases.shape[1]
-    candidates = None
+    pool = None
     if hard is not None and hard_fraction > 0:
         # The hard items the user did not buy, once per epoch: sampling from them never collides.
-        candidates = (hard > 0).astype(np.float32)
-        candidates = (candidates - candidates.multiply(purchases > 0)).tocsr()
-        candidates.eliminate_zeros()
+        pool = (hard > 0).astype(np.float32)
+        pool = (pool - pool.multiply(purchases > 0)).tocsr()
+        pool.eliminate_zeros()
     for start in range(0, len(users), batch_size):
         u, p = users[start : start + batch_size], pos[start : start + batch_size]
-        nu = np.repeat(u, negatives)
+        nu = np.repeat(u, negatives * candidates)
         neg = rng.integers(0, n_items, len(nu))
         for _ in range(10):
             clash = bought.contains(nu, neg)
             if not clash.any():
                 break
             neg[clash] = rng.integers(0, n_items, int(clash.sum()))
-        if candidates is not None:
-            _hard_negatives(candidates, nu, neg, rng.random(len(nu)) < hard_fraction, rng)
+        if pool is not None:
+            hard_slot = rng.random(len(u) * negatives) < hard_fraction
+            _hard_negatives(pool, nu, neg, np.repeat(hard_slot, candidates), rng)
+        if candidates > 1:
+            neg = neg.reshape(len(u), negatives, candidates)
+        elif negatives > 1:
+            neg = neg.reshape(len(u), negatives)
         yield {
             "users": torch.from_numpy(u).to(device),
             "pos": torch.from_numpy(p).to(device),
-            "neg": torch.from_numpy(neg.reshape(len(u), negatives) if negatives > 1 else neg).to(device),
+            "neg": torch.from_numpy(neg).to(device),
         }
 
 
 def _hard_negatives(
-    candidates: sp.csr_matrix, users: np.ndarray, neg: np.ndarray, pick: np.ndarray, rng: np.random.Generator
+    pool: sp.csr_matrix, users: np.ndarray, neg: np.ndarray, pick: np.ndarray, rng: np.random.Generator
 ) -> None:
-    """Overwrite ``neg[pick]`` in place with a uniform item of the user's ``candidates`` row (rows
+    """Overwrite ``neg[pick]`` in place with a uniform item of the user's ``pool`` row (rows
     left empty keep their negative)."""
-    lo, hi = candidates.indptr[users], candidates.indptr[users + 1]
+    lo, hi = pool.indptr[users], pool.indptr[users + 1]
     idx = np.flatnonzero(pick & (hi > lo))
-    neg[idx] = candidates.indices[lo[idx] + (rng.random(len(idx)) * (hi[idx] - lo[idx])).astype(np.int64)]
+    neg[idx] = pool.indices[lo[idx] + (rng.random(len(idx)) * (hi[idx] - lo[idx])).astype(np.int64)]
 
 
 def bpr_loss(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:

@@ -132,6 +132,7 @@ class Member(Recommender):
             hard=self._visited,
             hard_fraction=float(self.config.get("visited_negatives", 0.0)),
             negatives=int(self.config.get("negatives", 1)),
+            candidates=int(self.config.get("negative_candidates", 1)),
         )
 
     def _gated_pair_scores(self, out, users, items) -> torch.Tensor:
@@ -140,6 +141,29 @@ class Member(Recommender):
         s_v = (vu[users] * vi[items]).sum(1)
         s_u = (uu[users] * ui[items]).sum(1)
         return torch.where(self.is_visited(users, items), s_v, s_u)
+
+    def pick_negatives(
+        self, out: dict[str, torch.Tensor], users: torch.Tensor, neg: torch.Tensor
+    ) -> torch.Tensor:
+        """The negatives BPR uses, (B,) or (B, negatives). With ``negative_candidates`` > 1, ``neg``
+        is (B, negatives, candidates) and each slot keeps its highest-scored candidate (dynamic
+        negative sampling, Zhang et al. SIGIR'13): once the model separates random items they give
+        BPR almost no gradient, and the hard ones are what is left to learn. A slot's candidates all
+        come from one pool, so the share of visited-set negatives stays ``visited_negatives``."""
+        if neg.dim() < 3:
+            return neg
+        b, slots, c = neg.shape
+        with torch.no_grad():  # ranking the candidates needs no gradient
+            best = self._pair_scores(out, users, neg.reshape(b, slots * c)).view(b, slots, c).argmax(2)
+        neg = neg.gather(2, best.unsqueeze(2)).squeeze(2)
+        return neg.squeeze(1) if slots == 1 else neg
+
+    def _pair_scores(
+        self, out: dict[str, torch.Tensor], users: torch.Tensor, items: torch.Tensor
+    ) -> torch.Tensor:
+        """Gated scores of ``users`` (B,) against ``items`` (B,) or (B, n)."""
+        flat_users = users.unsqueeze(1).expand_as(items).reshape(-1) if items.dim() == 2 else users
+        return self._gated_pair_scores(out, flat_users, items.reshape(-1)).view(items.shape)
 
     def _generative(self, out: dict[str, torch.Tensor], n_pos: int) -> torch.Tensor:
         """Behaviour n's local embeddings (unvisited expert) predict the edges of earlier behaviour m."""
@@ -175,9 +199,8 @@ class Member(Recommender):
         c = self.config
         out = self.propagate_all()
         u, p, n = batch["users"], batch["pos"], batch["neg"]
-        neg_users = u.unsqueeze(1).expand_as(n).reshape(-1) if n.dim() == 2 else u
-        neg_scores = self._gated_pair_scores(out, neg_users, n.reshape(-1)).view(n.shape)
-        rank = bpr_loss(self._gated_pair_scores(out, u, p), neg_scores)
+        n = self.pick_negatives(out, u, n)
+        rank = bpr_loss(self._gated_pair_scores(out, u, p), self._pair_scores(out, u, n))
 
         cl_users = self._cl_rows(torch.unique(u))
         cl_items = self._cl_rows(torch.unique(p)) + self.n_users
