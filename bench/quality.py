@@ -12,6 +12,10 @@ validation).
   tests the visited expert. The global-time-cutoff variant (cutoff 2015-08-19) is also built and
   evaluated, and the number of users it leaves is reported.
 
+Models train with their defaults files, except the per-benchmark settings in ``TUNED`` (chosen on
+validation; each run's overrides are saved with it). ``--update`` reruns some models and keeps the
+others' saved results.
+
 Prints a markdown table per benchmark (mean ± std over seeds of HR/NDCG @10/20/50 for the
 standard, visited, unvisited and long-tail settings) and saves
 ``bench/results/quality_<benchmark>.json`` (models -> settings -> metrics).
@@ -43,6 +47,16 @@ from training.trainer import fit_model  # noqa: E402
 
 MODELS = ["popularity", "als", "als_multi", "bpr", "bpr_multi", "lightgcn", "member"]
 RR_DATE = date(2015, 9, 18)
+
+# Per-benchmark settings that differ from a model's defaults file, chosen on the validation split
+# (standard NDCG@10, the trainer's early-stopping metric), as the paper tunes per dataset. MEMBER,
+# RetailRocket validation, 1 seed: reference-code negatives (one uniform, lr 5e-3) 0.249, the
+# defaults' 4 x 16-candidate negatives (lr 0.01) 0.223. On this visited-heavy log the hard unvisited
+# negatives are not what is left to learn.
+TUNED: dict[str, dict[str, dict]] = {
+    table: {"member": {"negatives": 1, "negative_candidates": 1, "train": {"lr": 5.0e-3}}}
+    for table in ("retailrocket", "retailrocket_global_cutoff")
+}
 
 
 def _settings(work: Path, split: dict):
@@ -124,7 +138,9 @@ def run(benchmark: str, seeds: list[int], models: list[str], work: Path, max_epo
         for name in models:
             runs = []
             for seed in seeds:
-                overrides = {"train": {"epochs": max_epochs}} if max_epochs else {}
+                overrides = json.loads(json.dumps(TUNED.get(table_name, {}).get(name, {})))
+                if max_epochs:
+                    overrides.setdefault("train", {})["epochs"] = max_epochs
                 t = time.perf_counter()
                 r = fit_model(name, data, seed, overrides, progress=False)
                 train_s = time.perf_counter() - t
@@ -141,12 +157,14 @@ def run(benchmark: str, seeds: list[int], models: list[str], work: Path, max_epo
                 runs.append(
                     {
                         "seed": seed,
+                        "overrides": overrides,
                         "metrics": m,
                         "train_seconds": train_s,
                         **extra,
                         "eval_seconds": time.perf_counter() - t,
                         "epochs_run": r.epochs_run,
                         "best_epoch": r.best_epoch,
+                        "validation_metric": r.best_metric,
                         "seconds_per_epoch": r.seconds_per_epoch,
                         "peak_rss_mb": r.peak_rss_mb,
                         "device": r.device,
