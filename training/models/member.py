@@ -14,7 +14,10 @@ expert, as the paper describes it (``../shared/notes/member.md`` §2).
   global layer-0 embeddings propagated over E(R) = all edges minus E(V); and a behaviour-generative
   loss: for every behaviour pair m before n in the funnel, behaviour n's local embeddings predict
   the edges of G(m) (BCE against sampled non-edges).
-- BPR on purchases with the gated score. The experts share no parameters, so one optimiser on
+- BPR on purchases with the gated score. The paper does not say how negatives are drawn; here
+  each purchase gets ``negatives`` slots and each slot keeps the highest-scored of
+  ``negative_candidates`` draws (dynamic negative sampling; ``member.yaml`` has the measurements
+  behind the defaults). The experts share no parameters, so one optimiser on
   ``L_BPR + γ1 L_V_CL + γ2 L_U_CL + γ3 L_U_GEN`` gives each expert exactly the gradient of its own
   objective (paper Eq. 11-13) in a single pass per step.
 
