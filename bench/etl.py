@@ -120,6 +120,11 @@ def run_spark(data_root: Path, work: Path, master: str, validate: bool = False) 
     return out
 
 
+# The jobs' work, stage by stage, as DuckDB SQL. Like the jobs, each stage reads the previous
+# stage's files (not DuckDB's in-memory tables), writes its outputs as sorted Parquet, and reads
+# them back for its counts: per-reason quarantine counts and distinct users/items (ingest), session
+# stats (sessionize), leakage counts, per-table checksums and the manifest's stats (split). Not
+# mirrored: quarantine line numbers and raw lines (DuckDB's CSV reader does not expose them).
 DUCK_SQL = {
     "ingest": """
         create or replace table raw as
@@ -127,26 +132,36 @@ DUCK_SQL = {
             columns = {{'user_id': 'VARCHAR', 'item_id': 'VARCHAR', 'category_id': 'VARCHAR',
                         'behavior_type': 'VARCHAR', 'ts': 'VARCHAR'}});
         create or replace table parsed as
-        select trim(user_id) as user_id, trim(item_id) as item_id, trim(category_id) as category_id,
-               case behavior_type when 'pv' then 'view' when 'fav' then 'fav' when 'cart' then 'cart'
-                                  when 'buy' then 'purchase' end as behavior,
-               to_timestamp(try_cast(ts as double)) as event_time
-        from raw;
-        create or replace table quarantine as select * from parsed
-        where user_id is null or item_id is null or behavior is null or event_time is null
-           or event_time >= timestamp '{end_excl}';
-        create or replace table events as
-        select distinct *, cast(event_time as date) as event_date from parsed
-        where not (user_id is null or item_id is null or behavior is null or event_time is null
-                   or event_time >= timestamp '{end_excl}');
-        copy events to '{out}/events' (format parquet, partition_by (event_date), overwrite_or_ignore);
+        with p as (
+            select nullif(trim(user_id), '') as user_id, nullif(trim(item_id), '') as item_id,
+                   nullif(trim(category_id), '') as category_id,
+                   case trim(behavior_type) when 'pv' then 'view' when 'fav' then 'fav' when 'cart' then 'cart'
+                                            when 'buy' then 'purchase' end as behavior,
+                   ts, to_timestamp(try_cast(trim(ts) as double)) as event_time
+            from raw)
+        select *, case when user_id is null then 'missing_user_id' when item_id is null then 'missing_item_id'
+                       when ts is null then 'missing_time' when event_time is null then 'unparseable_time'
+                       when behavior is null then 'unknown_behavior'
+                       when event_time >= timestamp '{end_excl}' then 'after_run_date' end as reason
+        from p;
+        create or replace table quarantine as select * from parsed where reason is not null;
+        create or replace table reasons as select reason, count(*) as n from quarantine group by reason;
+        copy (select distinct user_id, item_id, category_id, behavior, event_time,
+                     cast(event_time as date) as event_date
+              from parsed where reason is null
+              order by event_date, event_time, user_id, item_id, behavior, category_id)
+            to '{out}/events' (format parquet, partition_by (event_date), overwrite_or_ignore);
+        create or replace table ingest_summary as
+        select count(*) as n, count(distinct user_id) as users, count(distinct item_id) as items
+        from read_parquet('{out}/events/*/*.parquet', hive_partitioning = true);
     """,
     "sessionize": """
         create or replace table session_events as
         with o as (
             select *, case behavior when 'view' then 0 when 'fav' then 1 when 'cart' then 2
                                     when 'remove_from_cart' then 3 else 4 end as brank
-            from events where event_date >= date '{first}'),
+            from read_parquet('{out}/events/*/*.parquet', hive_partitioning = true)
+            where event_date >= date '{first}'),
         g as (select *, lag(event_time) over w as prev from o
               window w as (partition by user_id order by event_time, brank, item_id, category_id)),
         s as (select *, sum(case when prev is null or epoch(event_time) - epoch(prev) > 1800 then 1 else 0 end)
@@ -158,17 +173,26 @@ DUCK_SQL = {
                row_number() over (partition by user_id, sno order by event_time, brank, item_id, category_id)
                    as seq_in_session
         from s;
-        create or replace table sessions as
-        select session_id, user_id, min(event_time) as session_start, max(event_time) as session_end,
-               count(*) as event_count, count(*) filter (behavior = 'purchase') as n_purchase
-        from session_events group by all;
-        copy session_events to '{out}/session_events.parquet' (format parquet);
-        copy sessions to '{out}/sessions.parquet' (format parquet);
+        copy (select * from session_events order by user_id, event_time, seq_in_session)
+            to '{out}/session_events.parquet' (format parquet);
+        copy (select session_id, user_id, min(event_time) as session_start, max(event_time) as session_end,
+                     count(*) as event_count,
+                     count(*) filter (behavior = 'view') as n_view, count(*) filter (behavior = 'fav') as n_fav,
+                     count(*) filter (behavior = 'cart') as n_cart,
+                     count(*) filter (behavior = 'remove_from_cart') as n_remove_from_cart,
+                     count(*) filter (behavior = 'purchase') as n_purchase,
+                     bool_or(behavior = 'purchase') as purchased
+              from read_parquet('{out}/session_events.parquet') group by all order by user_id, session_start)
+            to '{out}/sessions.parquet' (format parquet);
+        create or replace table sessions_summary as
+        select count(*) as sessions, sum(event_count) as events, count(distinct user_id) as users
+        from read_parquet('{out}/sessions.parquet');
     """,
     "split": """
-        create or replace table train as select * from session_events where event_time < timestamp '{cutoff}';
+        create or replace table train as
+        select * from read_parquet('{out}/session_events.parquet') where event_time < timestamp '{cutoff}';
         create or replace table test as
-        select user_id, item_id, min(event_time) as event_time from session_events
+        select user_id, item_id, min(event_time) as event_time from read_parquet('{out}/session_events.parquet')
         where event_time >= timestamp '{cutoff}' and behavior = 'purchase' group by all;
         create or replace table validation as
         with b as (select * from train where behavior = 'purchase'),
@@ -183,28 +207,56 @@ DUCK_SQL = {
         create or replace table user_map as
         select user_id, row_number() over (order by user_id) - 1 as user_idx from (select distinct user_id from train2);
         create or replace table item_map as
-        select item_id, row_number() over (order by item_id) - 1 as item_idx from (select distinct item_id from train2);
+        with c as (select item_id, category_id, count(*) as n from train2 where category_id is not null group by all),
+        top as (select item_id, arg_max(category_id, n) as category_id from c group by item_id)
+        select item_id, row_number() over (order by item_id) - 1 as item_idx, category_id
+        from (select distinct item_id from train2) left join top using (item_id);
+        create or replace table train_idx as
+        select user_idx, item_idx, behavior, event_time, session_id
+        from train2 join user_map using (user_id) join item_map using (item_id);
         create or replace table interactions as
         select user_idx, item_idx, behavior, count(*) as count, max(event_time) as last_time
-        from train2 join user_map using (user_id) join item_map using (item_id) group by all;
+        from train_idx group by all;
         create or replace table visited as
         select distinct user_idx, item_idx from interactions where behavior <> 'purchase';
+        create or replace table known as
+        select distinct user_id, item_id from train2 where behavior = 'purchase'
+        union select user_id, item_id from validation;
+        create or replace table dropped as
+        select count(*) as test_repeat_purchase from test semi join known using (user_id, item_id);
         create or replace table heldout as
         with h as (select *, 'validation' as split from validation
                    union all
-                   select t.*, 'test' from test t
-                   anti join (select distinct user_id, item_id from train2 where behavior = 'purchase'
-                              union select user_id, item_id from validation) k using (user_id, item_id))
+                   select t.*, 'test' from test t anti join known using (user_id, item_id))
         select user_idx, item_idx, split, event_time, v.user_idx is not null as visited
         from h join user_map using (user_id) join item_map using (item_id)
         left join visited v using (user_idx, item_idx);
-        copy interactions to '{out}/interactions.parquet' (format parquet);
-        copy visited to '{out}/visited.parquet' (format parquet);
-        copy heldout to '{out}/heldout.parquet' (format parquet);
-        copy user_map to '{out}/user_map.parquet' (format parquet);
-        copy item_map to '{out}/item_map.parquet' (format parquet);
+        copy (select * from interactions order by user_idx, item_idx, behavior) to '{out}/interactions.parquet' (format parquet);
+        copy (select * from visited order by user_idx, item_idx) to '{out}/visited.parquet' (format parquet);
+        copy (select * from heldout order by split, user_idx, item_idx) to '{out}/heldout.parquet' (format parquet);
+        copy (select * from user_map order by user_idx) to '{out}/user_map.parquet' (format parquet);
+        copy (select * from item_map order by item_idx) to '{out}/item_map.parquet' (format parquet);
+        copy (select * from train_idx order by user_idx, event_time, item_idx, behavior)
+            to '{out}/train_events.parquet' (format parquet);
+        create or replace table leakage as
+        with i as (select * from read_parquet('{out}/interactions.parquet')),
+        h as (select * from read_parquet('{out}/heldout.parquet')),
+        ft as (select user_idx, min(event_time) as t from h where split = 'test' group by user_idx)
+        select (select count(*) from h semi join (select * from i where behavior = 'purchase') b
+                using (user_idx, item_idx)) as heldout_in_train_purchases,
+               (select count(*) from i where last_time >= timestamp '{cutoff}') as train_rows_after_cutoff,
+               (select count(*) from read_parquet('{out}/train_events.parquet') e join ft using (user_idx)
+                where e.behavior = 'purchase' and e.event_time >= ft.t) as train_purchase_after_test;
+        create or replace table checksums as
+        {checksums};
+        create or replace table split_stats as
+        select (select list((behavior, n)) from (select behavior, count(*) as n
+                from read_parquet('{out}/interactions.parquet') group by all)) as by_behavior,
+               (select list((split, n, v, u)) from (select split, count(*) as n, count(*) filter (visited) as v,
+                count(distinct user_idx) as u from read_parquet('{out}/heldout.parquet') group by all)) as held;
     """,
 }
+SPLIT_TABLES = ("interactions", "visited", "heldout", "user_map", "item_map", "train_events")
 
 
 def run_duckdb(data_root: Path, work: Path, threads: int) -> dict:
@@ -220,6 +272,11 @@ def run_duckdb(data_root: Path, work: Path, threads: int) -> dict:
         "end_excl": (END + timedelta(days=1)).isoformat(),
         "first": (END - timedelta(days=DAYS - 1)).isoformat(),
         "cutoff": END.isoformat(),
+        "checksums": " union all ".join(
+            f"select '{t}' as name, sum(hash(t)::hugeint) % 18446744073709551616 as h, count(*) as n "
+            f"from read_parquet('{out_dir}/{t}.parquet') t"
+            for t in SPLIT_TABLES
+        ),
     }
     proc = psutil.Process()
     out = {"stages": {}}
@@ -229,7 +286,7 @@ def run_duckdb(data_root: Path, work: Path, threads: int) -> dict:
             con.execute(sql.format(**fmt))
             out["stages"][name] = {"seconds": time.perf_counter() - t}
     out["rss_peak_bytes"] = rss_peak.peak
-    out["events"] = con.execute("select count(*) from events").fetchone()[0]
+    out["events"] = con.execute("select n from ingest_summary").fetchone()[0]
     out["test_pairs"] = con.execute("select count(*) from heldout where split = 'test'").fetchone()[0]
     con.close()
     return out

@@ -71,32 +71,31 @@ def sessionize_events(
     def at_session_start(col):
         return F.last(F.when(opened, col), ignorenulls=True).over(upto_here)
 
+    # The id is hashed on each session's opening row only (its time and source session id are the
+    # session's start and first source id) and carried down the session.
+    opening_id = F.when(
+        opened,
+        F.substring(
+            F.sha2(
+                F.concat_ws(
+                    "|",
+                    F.col("source"),
+                    F.col("user_id"),
+                    F.unix_micros(F.col("event_time")).cast("string"),
+                    # "" marks a session opened by a row without a source session id.
+                    F.coalesce(F.col("source_session_id"), F.lit("")),
+                ),
+                256,
+            ),
+            1,
+            24,
+        ),
+    )
     df = df.withColumn("_new", new_session).withColumn("_rn", F.row_number().over(ordered))
     df = df.withColumns(
-        {
-            "_start": at_session_start(F.col("event_time")),
-            "_start_rn": at_session_start(F.col("_rn")),
-            # "" marks a session opened by a row without a source session id (last() skips nulls).
-            "_first_src": at_session_start(F.coalesce(F.col("source_session_id"), F.lit(""))),
-        }
+        {"session_id": at_session_start(opening_id), "_start_rn": at_session_start(F.col("_rn"))}
     )
-    session_id = F.substring(
-        F.sha2(
-            F.concat_ws(
-                "|",
-                F.col("source"),
-                F.col("user_id"),
-                F.unix_micros(F.col("_start")).cast("string"),
-                F.col("_first_src"),
-            ),
-            256,
-        ),
-        1,
-        24,
-    )
-    df = df.withColumn("session_id", session_id).withColumn(
-        "seq_in_session", (F.col("_rn") - F.col("_start_rn") + 1).cast("int")
-    )
+    df = df.withColumn("seq_in_session", (F.col("_rn") - F.col("_start_rn") + 1).cast("int"))
     # In the window's own order already: this sort costs nothing, and keeps the files sorted.
     session_events = df.sortWithinPartitions(*user, *EVENT_ORDER).select(*SESSION_EVENTS.column_names)
     return session_events, sessions_of(session_events)
