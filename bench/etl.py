@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from infra.settings import load_settings  # noqa: E402
+from infra.tables import TRAINING  # noqa: E402
 from jobs.synth import SynthParams, generate  # noqa: E402
 
 END = date(2017, 12, 3)
@@ -256,7 +257,6 @@ DUCK_SQL = {
                 count(distinct user_idx) as u from read_parquet('{out}/heldout.parquet') group by all)) as held;
     """,
 }
-SPLIT_TABLES = ("interactions", "visited", "heldout", "user_map", "item_map", "train_events")
 
 
 def run_duckdb(data_root: Path, work: Path, threads: int) -> dict:
@@ -275,7 +275,7 @@ def run_duckdb(data_root: Path, work: Path, threads: int) -> dict:
         "checksums": " union all ".join(
             f"select '{t}' as name, sum(hash(t)::hugeint) % 18446744073709551616 as h, count(*) as n "
             f"from read_parquet('{out_dir}/{t}.parquet') t"
-            for t in SPLIT_TABLES
+            for t in (table.name for table in TRAINING.tables)
         ),
     }
     proc = psutil.Process()

@@ -73,23 +73,21 @@ def sessionize_events(
 
     # The id is hashed on each session's opening row only (its time and source session id are the
     # session's start and first source id) and carried down the session.
-    opening_id = F.when(
-        opened,
-        F.substring(
-            F.sha2(
-                F.concat_ws(
-                    "|",
-                    F.col("source"),
-                    F.col("user_id"),
-                    F.unix_micros(F.col("event_time")).cast("string"),
-                    # "" marks a session opened by a row without a source session id.
-                    F.coalesce(F.col("source_session_id"), F.lit("")),
-                ),
-                256,
+    # (at_session_start evaluates it under ``when(opened, ...)``, so only opening rows hash.)
+    opening_id = F.substring(
+        F.sha2(
+            F.concat_ws(
+                "|",
+                F.col("source"),
+                F.col("user_id"),
+                F.unix_micros(F.col("event_time")).cast("string"),
+                # "" marks a session opened by a row without a source session id.
+                F.coalesce(F.col("source_session_id"), F.lit("")),
             ),
-            1,
-            24,
+            256,
         ),
+        1,
+        24,
     )
     df = df.withColumn("_new", new_session).withColumn("_rn", F.row_number().over(ordered))
     df = df.withColumns(
