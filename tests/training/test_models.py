@@ -77,8 +77,9 @@ def test_same_seed_same_metrics(name, tiny):
     assert not all(torch.equal(states[0][k], states[2][k]) for k in states[0])
 
 
-def test_member_gate_sends_visited_items_to_the_visited_expert(tiny):
-    model = fit_model("member", tiny, seed=1, overrides=FAST, progress=False).model
+@pytest.mark.parametrize("name", ["member", "member_funnel"])
+def test_member_gate_sends_visited_items_to_the_visited_expert(name, tiny):
+    model = fit_model(name, tiny, seed=1, overrides=FAST, progress=False).model
     users = torch.arange(tiny.n_users)
     experts = model.expert_scores(users)
     gated = model.scores(users)
@@ -95,6 +96,38 @@ def test_member_gate_sends_visited_items_to_the_visited_expert(tiny):
     ex = model.explain(u, i)
     assert ex["visited"].tolist() == [True, False]
     assert ex["w_visited"].tolist() == [1.0, 0.0] and ex["w_unvisited"].tolist() == [0.0, 1.0]
+
+
+def test_variant_file_holds_only_its_differences_from_the_base_model():
+    base, variant = default_config("member"), default_config("member_funnel")
+    assert variant["class"] == "member" and variant["funnel_bias"] is True and base["funnel_bias"] is False
+    assert {k: v for k, v in variant.items() if k not in ("class", "funnel_bias")} == {
+        k: v for k, v in base.items() if k != "funnel_bias"
+    }
+
+
+def test_funnel_bias_adds_the_weights_of_the_users_own_behaviours_to_visited_items_only(tiny):
+    from training.models import build_model
+
+    plain = build_model("member", tiny, {"seed": 4})
+    model = build_model("member_funnel", tiny, {"seed": 4})
+    model.load_state_dict({**plain.state_dict(), "funnel": torch.tensor([0.5, 2.0])}, strict=True)
+    assert model._funnel_behaviors == ["view", "cart"]
+    plain.eval(), model.eval()
+    users = torch.arange(tiny.n_users)
+    got, want = model.scores(users), plain.scores(users)
+    views = torch.from_numpy(tiny.matrices["view"].toarray() > 0)
+    carts = torch.from_numpy(tiny.matrices["cart"].toarray() > 0)
+    assert (carts & ~views).sum() == 0 and carts.any()  # the fixture carts only viewed items
+    torch.testing.assert_close(got[views & ~carts], want[views & ~carts] + 0.5)
+    torch.testing.assert_close(got[carts], want[carts] + 2.5)
+    assert torch.equal(got[~views], want[~views])
+    # Training scores (the gated pair scores BPR sees) carry the same bias.
+    u, i = carts.nonzero()[0]
+    with torch.no_grad():
+        out = model.propagate_all()
+        pair = model._gated_pair_scores(out, u.view(1), i.view(1))
+    torch.testing.assert_close(pair, got[u, i].view(1))
 
 
 def test_member_experts_share_no_parameters(tiny):

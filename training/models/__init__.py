@@ -2,7 +2,8 @@
 
 ``<name>.yaml`` in this folder holds a model's commented defaults; its optional ``class`` key names
 the module that implements it (default: the name itself), so one implementation can back several
-named configurations (``als`` and ``als_multi``).
+named configurations (``als`` and ``als_multi``). A file with ``extends: <other>`` holds only what
+differs from ``<other>.yaml`` (``member_funnel``), and inherits its class.
 """
 
 from __future__ import annotations
@@ -27,7 +28,23 @@ def default_config(name: str) -> dict[str, Any]:
     path = MODELS_DIR / f"{name}.yaml"
     if not path.is_file():
         raise KeyError(f"unknown model {name!r}; available: {', '.join(available_models())}")
-    return yaml.safe_load(path.read_text()) or {}
+    config = yaml.safe_load(path.read_text()) or {}
+    base = config.pop("extends", None)
+    if base is None:
+        return config
+    merged = default_config(base)
+    merged.setdefault("class", base)
+    return _merge(merged, config)
+
+
+def _merge(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with ``overrides`` applied (one level deep for dict values such as ``train``)."""
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    return config
 
 
 def model_class(name: str) -> type[Recommender]:
@@ -41,12 +58,7 @@ def model_class(name: str) -> type[Recommender]:
 
 def merged_config(name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Defaults of ``name`` with ``overrides`` applied (one level deep for the ``train`` section)."""
-    config = default_config(name)
-    for key, value in (overrides or {}).items():
-        if isinstance(value, dict) and isinstance(config.get(key), dict):
-            config[key] = {**config[key], **value}
-        else:
-            config[key] = value
+    config = _merge(default_config(name), overrides or {})
     config["name"] = name
     return config
 

@@ -29,18 +29,33 @@ from training.data import TrainingData
 
 
 class PairSet:
-    """Fast membership of (row, col) pairs in a sparse matrix: sorted int64 keys + binary search."""
+    """Fast membership of (row, col) pairs in a sparse matrix: sorted int64 keys + binary search.
+    ``values`` holds each stored pair's matrix value (duplicates summed), for ``lookup``."""
 
     def __init__(self, m: sp.spmatrix):
-        coo = m.tocoo()
+        coo = sp.coo_matrix(m)
+        coo.sum_duplicates()
         self.n_cols = m.shape[1]
-        self.keys = np.unique(coo.row.astype(np.int64) * self.n_cols + coo.col.astype(np.int64))
+        keys = coo.row.astype(np.int64) * self.n_cols + coo.col.astype(np.int64)
+        order = np.argsort(keys, kind="stable")
+        self.keys, self.values = keys[order], coo.data[order]
+
+    def _find(self, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        q = np.asarray(rows, np.int64) * self.n_cols + np.asarray(cols, np.int64)
+        if not len(self.keys):
+            return np.zeros(len(q), bool), np.zeros(len(q), np.int64)
+        pos = np.minimum(np.searchsorted(self.keys, q), len(self.keys) - 1)
+        return self.keys[pos] == q, pos
 
     def contains(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        q = np.asarray(rows, np.int64) * self.n_cols + np.asarray(cols, np.int64)
-        pos = np.searchsorted(self.keys, q)
-        pos = np.minimum(pos, len(self.keys) - 1)
-        return (self.keys[pos] == q) if len(self.keys) else np.zeros(len(q), bool)
+        return self._find(rows, cols)[0]
+
+    def lookup(self, rows: np.ndarray, cols: np.ndarray, default=0) -> np.ndarray:
+        """Each pair's stored value, ``default`` where the pair is not stored."""
+        found, pos = self._find(rows, cols)
+        out = np.full(len(found), default, dtype=self.values.dtype)
+        out[found] = self.values[pos[found]]
+        return out
 
 
 class Recommender(nn.Module):

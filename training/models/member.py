@@ -25,6 +25,10 @@ Speed: every graph is propagated once per step and shared by all losses of the s
 experts' embeddings on a common graph (union, each behaviour) are propagated together as one
 2d-wide sparse product. Nothing dense in users x items is built during training.
 
+Our one addition, off by default (``funnel_bias``; the model ``member_funnel`` turns it on): the
+visited expert's score of a visited item gets a learned weight per auxiliary behaviour the user
+showed on that item (a few scalars, zero at the start).
+
 Deliberately not copied from the reference code: its 3 passes per epoch with stale embeddings, the
 α-scaled negative in BPR, layer-normalised LightGCN variants, and the dense visited mask.
 """
@@ -37,9 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from infra.tables import BEHAVIORS
+from infra.tables import BEHAVIORS, VISIT_BEHAVIORS
 from training.data import TrainingData
-from training.models.base import Recommender, bpr_loss, bpr_triplets
+from training.models.base import PairSet, Recommender, bpr_loss, bpr_triplets
 from training.models.graph import normalized_adjacency, propagate
 
 
@@ -88,6 +92,19 @@ class Member(Recommender):
         self._gen_pairs = [(m, n) for i, m in enumerate(self.behaviors) for n in self.behaviors[i + 1 :]]
         self._gen_rng = np.random.default_rng(int(c.get("seed", 0)))
         self._cache = None
+        # Funnel bias (ours, off = the paper's expert): the visited expert's score of a visited item
+        # gets a learned weight per auxiliary behaviour the user showed on it. Its embeddings are an
+        # average over the user's neighbourhood and cannot tell which of the user's own items were
+        # carted rather than only viewed; on RetailRocket that is most of what ranks a visited set.
+        self._funnel_behaviors = [b for b in self.behaviors if b in VISIT_BEHAVIORS]
+        self.funnel = None
+        if c.get("funnel_bias", False) and self._funnel_behaviors:
+            self.funnel = nn.Parameter(torch.zeros(len(self._funnel_behaviors)))
+            codes = sum(
+                (data.matrices[b] > 0).astype(np.int64) * (1 << k)
+                for k, b in enumerate(self._funnel_behaviors)
+            )
+            self._funnel_codes = PairSet(sp.csr_matrix(codes))
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
@@ -141,9 +158,18 @@ class Member(Recommender):
     def _gated_pair_scores(self, out, users, items) -> torch.Tensor:
         vu, vi = self.expert_reps(out, "visited")
         uu, ui = self.expert_reps(out, "unvisited")
-        s_v = (vu[users] * vi[items]).sum(1)
+        s_v = (vu[users] * vi[items]).sum(1) + self.funnel_bias(users, items)
         s_u = (uu[users] * ui[items]).sum(1)
         return torch.where(self.is_visited(users, items), s_v, s_u)
+
+    def funnel_bias(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor | float:
+        """(P,) the visited expert's funnel bias of each pair: the sum of the learned weights of the
+        auxiliary behaviours the user showed on the item (0 for an item the user never touched)."""
+        if self.funnel is None:
+            return 0.0
+        codes = self._funnel_codes.lookup(users.cpu().numpy(), items.cpu().numpy())
+        bits = (codes[:, None] >> np.arange(len(self._funnel_behaviors))) & 1
+        return torch.from_numpy(bits.astype(np.float32)).to(self.funnel.device) @ self.funnel
 
     def pick_negatives(
         self, out: dict[str, torch.Tensor], users: torch.Tensor, neg: torch.Tensor
@@ -247,7 +273,14 @@ class Member(Recommender):
     def expert_scores(self, users: torch.Tensor) -> dict[str, torch.Tensor]:
         """(B, n_items) scores of each expert, before gating."""
         vu, vi, uu, ui = self._reps()
-        return {"visited": vu[users] @ vi.T, "unvisited": uu[users] @ ui.T}
+        visited = vu[users] @ vi.T
+        if self.funnel is not None:
+            vis = self._visited[users.cpu().numpy()].tocoo()
+            rows = torch.as_tensor(vis.row, dtype=torch.long, device=visited.device)
+            cols = torch.as_tensor(vis.col, dtype=torch.long, device=visited.device)
+            with torch.no_grad():
+                visited[rows, cols] += self.funnel_bias(users[rows], cols).to(visited.dtype)
+        return {"visited": visited, "unvisited": uu[users] @ ui.T}
 
     def scores(self, users: torch.Tensor) -> torch.Tensor:
         """The unvisited expert everywhere, then the visited expert's dot products written over the
@@ -259,7 +292,9 @@ class Member(Recommender):
         if keep.any():
             rows = torch.as_tensor(vis.row[keep], dtype=torch.long, device=out.device)
             cols = torch.as_tensor(vis.col[keep], dtype=torch.long, device=out.device)
-            out[rows, cols] = (vu[users[rows]] * vi[cols]).sum(-1).to(out.dtype)
+            with torch.no_grad():
+                bias = self.funnel_bias(users[rows], cols)
+            out[rows, cols] = ((vu[users[rows]] * vi[cols]).sum(-1) + bias).to(out.dtype)
         return out
 
     def explain(self, users: torch.Tensor, items: torch.Tensor) -> dict[str, torch.Tensor]:
