@@ -53,7 +53,10 @@ def sessionize_events(
     Returns:
         ``(session_events, sessions)`` with the columns of ``SESSION_EVENTS`` and ``SESSIONS``.
     """
-    user = ("source", "user_id")
+    # user_id leads: Spark's sort compares a 64-bit prefix of the first key before it reads the rows,
+    # and ``source`` is the same on almost every row, so leading with it made every comparison
+    # read both rows (10M events, local[2]: the window stage's executor time 92 -> 77 s).
+    user = ("user_id", "source")
     ordered = Window.partitionBy(*user).orderBy(*EVENT_ORDER)
     df = events.withColumn("_brank", behavior_rank())
     prev_time = F.lag("event_time").over(ordered)
@@ -132,7 +135,7 @@ def run_sessionize(spark: SparkSession, settings: Settings, run_date: date) -> S
             )
             (
                 sessions.repartition(parts, "user_id")
-                .sortWithinPartitions("source", "user_id", "session_start")
+                .sortWithinPartitions("user_id", "source", "session_start")
                 .write.parquet(str(staged / SESSIONS.name))
             )
             stats = (

@@ -302,7 +302,9 @@ def publish_training_tables(
         for name, df in built.tables.items():
             out = df.select(*tables_by_name[name].column_names)
             # Few, sorted files: reruns give identical files and the torch side reads them quickly.
-            big = name in (TRAIN_EVENTS.name, INTERACTIONS.name)
+            # The per-user tables are written by one task per user partition (as the events are
+            # already partitioned), the small ones as one file.
+            big = name in (TRAIN_EVENTS.name, INTERACTIONS.name, VISITED.name)
             out = out.repartition(parts, "user_idx") if big else out.repartition(1)
             out.sortWithinPartitions(*sort_keys[name]).write.parquet(str(staged / name))
             written[name] = spark.read.schema(tables_by_name[name].spark_schema()).parquet(str(staged / name))
