@@ -113,7 +113,8 @@ def test_funnel_bias_adds_the_weights_of_the_users_own_behaviours_to_visited_ite
     model = build_model("member_funnel", tiny, {"seed": 4})
     model.load_state_dict({**plain.state_dict(), "funnel": torch.tensor([0.5, 2.0])}, strict=True)
     assert model._funnel_behaviors == ["view", "cart"]
-    plain.eval(), model.eval()
+    plain.eval()
+    model.eval()
     users = torch.arange(tiny.n_users)
     got, want = model.scores(users), plain.scores(users)
     views = torch.from_numpy(tiny.matrices["view"].toarray() > 0)

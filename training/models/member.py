@@ -270,16 +270,22 @@ class Member(Recommender):
                 self._cache = (*self.expert_reps(out, "visited"), *self.expert_reps(out, "unvisited"))
         return self._cache
 
+    def _visited_entries(self, users: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows into ``users``, item indices) of every visited item of the batch's users."""
+        vis = self._visited[users.cpu().numpy()].tocoo()
+        keep = vis.data > 0
+        rows = torch.as_tensor(vis.row[keep], dtype=torch.long, device=device)
+        return rows, torch.as_tensor(vis.col[keep], dtype=torch.long, device=device)
+
     def expert_scores(self, users: torch.Tensor) -> dict[str, torch.Tensor]:
-        """(B, n_items) scores of each expert, before gating."""
+        """(B, n_items) scores of each expert, before gating (the visited expert's with its funnel
+        bias on the user's visited items)."""
         vu, vi, uu, ui = self._reps()
         visited = vu[users] @ vi.T
-        if self.funnel is not None:
-            vis = self._visited[users.cpu().numpy()].tocoo()
-            rows = torch.as_tensor(vis.row, dtype=torch.long, device=visited.device)
-            cols = torch.as_tensor(vis.col, dtype=torch.long, device=visited.device)
-            with torch.no_grad():
-                visited[rows, cols] += self.funnel_bias(users[rows], cols).to(visited.dtype)
+        rows, cols = self._visited_entries(users, visited.device)
+        with torch.no_grad():
+            bias = self.funnel_bias(users[rows], cols)
+            visited[rows, cols] += torch.as_tensor(bias, dtype=visited.dtype, device=visited.device)
         return {"visited": visited, "unvisited": uu[users] @ ui.T}
 
     def scores(self, users: torch.Tensor) -> torch.Tensor:
@@ -287,11 +293,8 @@ class Member(Recommender):
         user's visited items only: one dense matmul instead of two and no dense visited mask."""
         vu, vi, uu, ui = self._reps()
         out = uu[users] @ ui.T
-        vis = self._visited[users.cpu().numpy()].tocoo()
-        keep = vis.data > 0
-        if keep.any():
-            rows = torch.as_tensor(vis.row[keep], dtype=torch.long, device=out.device)
-            cols = torch.as_tensor(vis.col[keep], dtype=torch.long, device=out.device)
+        rows, cols = self._visited_entries(users, out.device)
+        if len(rows):
             with torch.no_grad():
                 bias = self.funnel_bias(users[rows], cols)
             out[rows, cols] = ((vu[users[rows]] * vi[cols]).sum(-1) + bias).to(out.dtype)
