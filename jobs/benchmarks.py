@@ -154,7 +154,7 @@ def build_benchmark_tables(
         "val_user_fraction": val_user_fraction,
         "declared_size": {"users": n_users, "items": n_items},
     }
-    return TrainingTables(tables, {"test_repeat_purchase": repeat}, cached=[events]), manifest
+    return TrainingTables(tables, {"test_repeat_purchase": repeat.count()}, cached=[events]), manifest
 
 
 def run_benchmark_split(
