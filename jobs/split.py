@@ -170,9 +170,8 @@ def split_events(
     known_before_test = bought.unionByName(val_pairs).distinct()
     test = _materialized(test)
     kept = _materialized(test.join(known_before_test, ["user_id", "item_id"], "left_anti"))
-    cached.append(kept)
+    cached += [test, kept]  # test stays cached while kept is (see build_training_tables on item_cats)
     repeat = test.count() - kept.count()
-    test.unpersist()
     return train, validation, kept, {"test_repeat_purchase": repeat}
 
 
@@ -210,8 +209,9 @@ def build_training_tables(events: DataFrame, params: SplitParams) -> TrainingTab
         .join(top_cat, "item_id", "left")
     )
     user_map, item_map = _materialized(user_map), _materialized(item_map)
-    item_cats.unpersist()
-    cached += [user_map, item_map]
+    # item_cats stays cached until the bundle is published: unpersisting a frame makes Spark rebuild
+    # the caches built from it (item_map) lazily, without the size that lets joins broadcast them.
+    cached += [item_cats, user_map, item_map]
 
     def to_idx(df: DataFrame) -> DataFrame:
         return df.join(user_map, "user_id").join(item_map.select("item_id", "item_idx"), "item_id")
