@@ -76,7 +76,8 @@ class TrainingTables:
     cached: list[DataFrame] = field(default_factory=list)
 
     def release(self) -> None:
-        for df in self.cached:
+        # Newest first: unpersisting a frame before the caches built from it makes Spark re-plan them.
+        for df in reversed(self.cached):
             df.unpersist()
 
 
