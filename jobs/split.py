@@ -76,7 +76,7 @@ class TrainingTables:
     cached: list[DataFrame] = field(default_factory=list)
 
     def release(self) -> None:
-        # Newest first: unpersisting a frame before the caches built from it makes Spark re-plan them.
+        # Newest first: unpersisting a frame before the caches built from it makes Spark rebuild them.
         for df in reversed(self.cached):
             df.unpersist()
 
@@ -210,8 +210,8 @@ def build_training_tables(events: DataFrame, params: SplitParams) -> TrainingTab
         .join(top_cat, "item_id", "left")
     )
     user_map, item_map = _materialized(user_map), _materialized(item_map)
-    # item_cats stays cached until the bundle is published: unpersisting a frame makes Spark rebuild
-    # the caches built from it (item_map) lazily, without the size that lets joins broadcast them.
+    # item_cats stays cached until the bundle is published: unpersisting a frame makes Spark drop
+    # the data of the caches built from it (item_map), which the next reader recomputes from events.
     cached += [item_cats, user_map, item_map]
 
     def to_idx(df: DataFrame) -> DataFrame:
