@@ -91,24 +91,28 @@ def _last_per_user(df: DataFrame) -> DataFrame:
     return df.withColumn("_r", F.row_number().over(w)).filter("_r = 1").drop("_r")
 
 
-def _materialized(df: DataFrame) -> DataFrame:
-    """Cache ``df`` and fill the cache now: joins planned after this see its real size (not the
-    size of the events it came from) and broadcast it when it is under
+def _counted(df: DataFrame) -> tuple[DataFrame, int]:
+    """Cache ``df``, fill the cache now and return its rows: joins planned after this see its real
+    size (not the size of the events it came from) and broadcast it when it is under
     ``spark.sql.autoBroadcastJoinThreshold``, instead of shuffling the other side."""
     df = df.persist()
-    df.count()
-    return df
+    return df, df.count()
+
+
+def _materialized(df: DataFrame) -> DataFrame:
+    return _counted(df)[0]
 
 
 def split_events(
     events: DataFrame, params: SplitParams, cached: list[DataFrame]
-) -> tuple[DataFrame, DataFrame, DataFrame, dict[str, int]]:
+) -> tuple[DataFrame, DataFrame, DataFrame, dict[str, int], dict[str, int]]:
     """Split events into training events, validation pairs and test pairs (by source ids).
 
     Returns:
-        ``(train_events, validation, test, dropped)``: training events with the events' columns;
-        validation and test as ``user_id, item_id, event_time`` (one row per pair); ``dropped``
-        maps a reason to the number of held-out pairs dropped for it. The frames this caches
+        ``(train_events, validation, test, dropped, pairs)``: training events with the events'
+        columns; validation and test as ``user_id, item_id, event_time`` (one row per pair);
+        ``dropped`` maps a reason to the number of held-out pairs dropped for it, ``pairs`` a
+        split to its number of pairs. The frames this caches
         (``validation`` and ``test`` among them, counted so that joins with them broadcast them)
         are appended to ``cached``.
     """
@@ -157,7 +161,7 @@ def split_events(
     validation = _last_per_user(train_buys.join(eligible, "user_id")).select(
         "user_id", "item_id", "event_time"
     )
-    validation = _materialized(validation)
+    validation, n_validation = _counted(validation)
     cached.append(validation)
     val_pairs = validation.select("user_id", "item_id")
     train = (
@@ -169,11 +173,11 @@ def split_events(
 
     bought = train_buys.join(val_pairs, ["user_id", "item_id"], "left_anti").select("user_id", "item_id")
     known_before_test = bought.unionByName(val_pairs).distinct()
-    test = _materialized(test)
-    kept = _materialized(test.join(known_before_test, ["user_id", "item_id"], "left_anti"))
+    test, n_test = _counted(test)
+    kept, n_kept = _counted(test.join(known_before_test, ["user_id", "item_id"], "left_anti"))
     cached += [test, kept]  # test stays cached while kept is (see build_training_tables on item_cats)
-    repeat = test.count() - kept.count()
-    return train, validation, kept, {"test_repeat_purchase": repeat}
+    counts = {"validation": n_validation, "test": n_kept}
+    return train, validation, kept, {"test_repeat_purchase": n_test - n_kept}, counts
 
 
 def build_training_tables(events: DataFrame, params: SplitParams) -> TrainingTables:
@@ -184,7 +188,7 @@ def build_training_tables(events: DataFrame, params: SplitParams) -> TrainingTab
         params: protocol, cutoff and validation sampling.
     """
     cached: list[DataFrame] = []
-    train, validation, test, dropped = split_events(events, params, cached)
+    train, validation, test, dropped, n_pairs = split_events(events, params, cached)
     # ``train`` is not cached: the maps read two or three of its columns straight from Parquet,
     # and caching every column of every training event cost more (29 s of 10M events' ~170 s)
     # than those column-pruned rereads. ``train_idx`` below is the one large cache.
@@ -235,11 +239,11 @@ def build_training_tables(events: DataFrame, params: SplitParams) -> TrainingTab
     )
     # The visited flags come from the training events of the held-out pairs only (a broadcast
     # semi-join), not from a join with the whole visited table, which would rebuild it.
-    heldout_idx = _materialized(to_idx(heldout_ids))
+    heldout_idx, n_indexed = _counted(to_idx(heldout_ids))
     cached.append(heldout_idx)
     # Both are one row per pair and split, and the maps one row per id: the difference is the
     # held-out pairs whose user or item has no index.
-    dropped["cold_user_or_item"] = heldout_ids.count() - heldout_idx.count()
+    dropped["cold_user_or_item"] = sum(n_pairs.values()) - n_indexed
     pairs = ["user_idx", "item_idx"]
     heldout_visited = (
         train_idx.filter(F.col("behavior") != PURCHASE)
@@ -255,14 +259,13 @@ def build_training_tables(events: DataFrame, params: SplitParams) -> TrainingTab
         "event_time",
         F.coalesce("visited", F.lit(False)).alias("visited"),
     )
-    train_events = train_idx
     tables = {
         INTERACTIONS.name: interactions,
         VISITED.name: visited,
         HELDOUT.name: heldout,
         USER_MAP.name: user_map.select(*USER_MAP.column_names),
         ITEM_MAP.name: item_map.select(*ITEM_MAP.column_names),
-        TRAIN_EVENTS.name: train_events,
+        TRAIN_EVENTS.name: train_idx,
     }
     return TrainingTables(tables=tables, dropped=dropped, cached=cached)
 

@@ -20,7 +20,7 @@ from infra.tables import (
     events_dir,
 )
 from jobs.sessionize import run_sessionize
-from jobs.split import LeakageError, check_leakage, publish_training_tables, run_split
+from jobs.split import LeakageError, check_leakage, inspect_tables, publish_training_tables, run_split
 from tests.conftest import settings_under
 
 pytestmark = pytest.mark.spark
@@ -142,6 +142,35 @@ def test_rerun_gives_identical_tables(spark, hand_tables):
     assert again["checksums"] == manifest["checksums"]
     assert first == second
     assert json.loads((root / MANIFEST_FILE).read_text())["checksums"] == manifest["checksums"]
+
+
+def test_checksums_are_row_hash_sums_and_follow_the_content(spark, hand_tables):
+    _, manifest, root, *_ = hand_tables
+    tables = {t.name: spark.read.parquet(str(root / t.name)) for t in TRAINING.tables}
+    for t in TRAINING.tables:
+        # The definition, computed the slow way: the decimal sum of the row hashes, mod 2^64.
+        row = (
+            tables[t.name]
+            .agg(F.sum(F.xxhash64(*t.column_names).cast("decimal(38,0)")).alias("s"), F.count("*").alias("n"))
+            .first()
+        )
+        assert manifest["checksums"][t.name] == f"{int(row['s'] or 0) % (1 << 64):016x}-{row['n']}"
+    one = tables[INTERACTIONS.name].first()
+    bumped = tables[INTERACTIONS.name].withColumn(
+        "count",
+        F.when(
+            (F.col("user_idx") == one["user_idx"])
+            & (F.col("item_idx") == one["item_idx"])
+            & (F.col("behavior") == one["behavior"]),
+            F.col("count") + 1,
+        ).otherwise(F.col("count")),
+    )
+    before = inspect_tables(tables, None).checksums
+    after = inspect_tables({**tables, INTERACTIONS.name: bumped}, None).checksums
+    assert after[INTERACTIONS.name] != before[INTERACTIONS.name]
+    assert {k: v for k, v in after.items() if k != INTERACTIONS.name} == {
+        k: v for k, v in before.items() if k != INTERACTIONS.name
+    }
 
 
 def test_leakage_is_detected_and_stops_publishing(spark, hand_tables):

@@ -282,10 +282,10 @@ class Member(Recommender):
         bias on the user's visited items)."""
         vu, vi, uu, ui = self._reps()
         visited = vu[users] @ vi.T
-        rows, cols = self._visited_entries(users, visited.device)
-        with torch.no_grad():
-            bias = self.funnel_bias(users[rows], cols)
-            visited[rows, cols] += torch.as_tensor(bias, dtype=visited.dtype, device=visited.device)
+        if self.funnel is not None:
+            rows, cols = self._visited_entries(users, visited.device)
+            with torch.no_grad():
+                visited[rows, cols] += self.funnel_bias(users[rows], cols).to(visited.dtype)
         return {"visited": visited, "unvisited": uu[users] @ ui.T}
 
     def scores(self, users: torch.Tensor) -> torch.Tensor:
