@@ -64,6 +64,7 @@ class Split(_Section):
     protocol: Literal["global_time", "leave_last_purchase"]
     observation_days: int = Field(gt=0)
     test_days: int = Field(gt=0)
+    validation_days: int = Field(ge=0)
     val_user_fraction: float = Field(ge=0.0, le=1.0)
     min_users: int = Field(ge=1)
     min_items: int = Field(ge=1)

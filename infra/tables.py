@@ -195,9 +195,15 @@ HELDOUT = Table(
         C("item_idx", "int", "the purchased item"),
         C("split", "string", "validation | test"),
         C("event_time", "timestamp", "purchase time (null for benchmarks without times)", nullable=True),
-        C("visited", "bool", "whether the item is in the user's visited set"),
+        C(
+            "visited",
+            "bool",
+            "whether the item is in the user's visited set of the data its model saw: the validation "
+            "fit's (validation), every training event's (test)",
+        ),
     ),
-    "Held-out purchases. Validation is carved from training purchases; test is after the cutoff.",
+    "Held-out purchases. Validation purchases are training purchases that the validation fit did "
+    "not see; test is after the cutoff.",
 )
 
 USER_MAP = Table(
@@ -224,8 +230,15 @@ TRAIN_EVENTS = Table(
         C("behavior", "string", "canonical behaviour"),
         C("event_time", "timestamp", "event time (benchmarks without times: null)", nullable=True),
         C("session_id", "string", "session id (null for benchmarks)", nullable=True),
+        C(
+            "validation_fit",
+            "bool",
+            "the validation fit sees this row: it comes before its user's validation purchase "
+            "(leave_last_purchase) or the validation window (global_time); always true for benchmarks",
+        ),
     ),
-    "Training-period events in time order per user, for sequence models.",
+    "Training-period events in time order per user, for sequence models. The refit that is tested "
+    "and served sees every row; the validation fit only the rows with validation_fit.",
 )
 
 

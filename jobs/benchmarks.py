@@ -11,8 +11,10 @@ with that harness:
 
 MEMBER's own "validation" is a subset of its training purchases, so it is not used for selection:
 validation is carved out of the training purchases instead, for a seeded sample of users
-(``split.val_user_fraction``), one seeded-random purchase each, recorded in the manifest. The test
-file is never touched for selection. Every user and item id of ``data_size.txt`` stays in the
+(``split.val_user_fraction``), one seeded-random purchase each, recorded in the manifest, and
+removed from training (``validation_design: holdout``: the files have no times, so the time-clean
+validation fit and refit of ``split`` cannot be built; one model is fitted and both validated and
+tested). The test file is never touched for selection. Every user and item id of ``data_size.txt`` stays in the
 catalogue, as in MEMBER, even without training interactions.
 """
 
@@ -35,7 +37,7 @@ from infra.tables import (
     USER_MAP,
     VISITED,
 )
-from jobs.split import TrainingTables, publish_and_count, seeded_sample
+from jobs.split import HOLDOUT, TrainingTables, publish_and_count, seeded_sample
 
 #: Benchmark file stem -> canonical behaviour, for the auxiliary behaviours.
 AUX_FILES = {"click": "view", "collect": "fav", "cart": "cart"}
@@ -132,6 +134,7 @@ def build_benchmark_tables(
         "behavior",
         F.lit(None).cast("timestamp").alias("event_time"),
         F.lit(None).cast("string").alias("session_id"),
+        F.lit(True).alias("validation_fit"),
     )
     tables = {
         INTERACTIONS.name: interactions,
@@ -147,6 +150,7 @@ def build_benchmark_tables(
         "protocol": "member_tmall",
         "split_rule": "train purchases = MBGCN train + test; test = MBGCN validation; "
         "validation = one seeded purchase of sampled users, removed from training",
+        "validation_design": HOLDOUT,
         "auxiliary_behaviors": {stem: AUX_FILES[stem] for stem in aux_found},
         "cutoff": None,
         "cutoff_dt": None,

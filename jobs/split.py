@@ -4,17 +4,31 @@ Protocols (``split.protocol``):
 
 - ``global_time`` (default): one cutoff for everybody at the start of the last ``test_days`` of
   the observation window. Training is everything before it; test is the purchases after it.
-- ``leave_last_purchase``: each user's last purchase (by time) is the test item; training is that
-  user's events before it (a non-purchase event at the same second counts as before).
+- ``leave_last_purchase``: each user's last purchase is the test item; training is that user's
+  events before it.
 
-Validation is carved out of the training purchases: for a seeded sample of users
-(``split.val_user_fraction``, users with at least two purchased items), the last training
-purchase is held out and every training purchase of that (user, item) pair is removed.
+Events are ordered by time, then by funnel stage (a view at the same second as a purchase comes
+before it), then by a hash of (user, item, behaviour): never by item id, which would make the
+"last" purchase depend on how a shop numbers its items.
 
-A held-out pair that is already among the user's training purchases (a repeat purchase) is
-dropped and counted, as is one whose user or item never appears in training (the models rank a
-fixed catalogue). After that, any held-out pair among training purchases, or any training row at
-or after the cutoff, is a bug: the job fails (``LeakageError``) and publishes nothing.
+Validation is time-clean: it is measured by a *validation fit* that never saw anything at or after
+a validation purchase, and the model that is tested and served is refitted on all the training
+events (``training/README.md``). Which training events the validation fit sees is the
+``validation_fit`` column of ``train_events``:
+
+- ``global_time``: validation is every purchase in the last ``validation_days`` before the cutoff;
+  the validation fit sees the events before that window.
+- ``leave_last_purchase``: for a seeded sample of users (``split.val_user_fraction``, users with at
+  least two purchased items) the last training purchase is the validation item; the validation fit
+  sees those users' events before it, and every event of the other users.
+
+The validation purchases stay in the training events (the refit learns from them), so the test
+pairs and their visited labels are the same with validation on or off. A held-out pair already
+among its user's earlier purchases (a repeat purchase) is dropped and counted, as is one whose user
+or item the model that is evaluated on it never saw (the models rank a fixed catalogue). After
+that, a test pair among the training purchases, a training row at or after the cutoff, or a row of
+the validation fit after its user's validation purchase is a bug: the job fails
+(``LeakageError``) and publishes nothing.
 """
 
 from __future__ import annotations
@@ -32,6 +46,7 @@ from infra.dates import window_start
 from infra.logs import stage
 from infra.settings import Settings
 from infra.tables import (
+    BEHAVIORS,
     HELDOUT,
     INTERACTIONS,
     ITEM_MAP,
@@ -47,7 +62,13 @@ from infra.tables import (
 )
 
 #: What evaluation must mask, recorded in the manifest and later as MLflow tags.
-EVAL_MASK = {"validation": "train_purchases", "test": "train_and_validation_purchases"}
+EVAL_MASK = {"validation": "validation_fit_purchases", "test": "train_purchases"}
+#: How validation is built (manifest ``validation_design``): ``refit`` (time-clean validation fit,
+#: then a refit on every training event) or ``holdout`` (benchmarks without times: validation
+#: purchases removed from training; one fit).
+REFIT, HOLDOUT = "refit", "holdout"
+#: Funnel stage of each behaviour, the second key of the event order.
+FUNNEL_RANK = {b: i for i, b in enumerate(BEHAVIORS)}
 
 
 class LeakageError(RuntimeError):
@@ -63,7 +84,8 @@ class SplitParams:
     protocol: str
     cutoff: datetime | None  # global_time only
     seed: int
-    val_user_fraction: float
+    val_user_fraction: float  # leave_last_purchase only
+    validation_start: datetime | None = None  # global_time only: start of the validation window
 
 
 @dataclass
@@ -86,9 +108,50 @@ def seeded_sample(col: str, seed: int, fraction: float) -> F.Column:
     return (F.abs(F.xxhash64(F.col(col), F.lit(seed))) % 1_000_000) < round(fraction * 1_000_000)
 
 
-def _last_per_user(df: DataFrame) -> DataFrame:
-    w = Window.partitionBy("user_id").orderBy(F.col("event_time").desc(), F.col("item_id").desc())
-    return df.withColumn("_r", F.row_number().over(w)).filter("_r = 1").drop("_r")
+def funnel_rank(behavior: str = "behavior") -> F.Column:
+    """The behaviour's position in the funnel (view 0 ... purchase last)."""
+    rank = F.lit(None).cast("int")
+    for b, i in reversed(FUNNEL_RANK.items()):
+        rank = F.when(F.col(behavior) == b, F.lit(i)).otherwise(rank)
+    return rank
+
+
+def tie_hash() -> F.Column:
+    """The last key of the event order: a hash of (user, item, behaviour)."""
+    return F.xxhash64("user_id", "item_id", "behavior")
+
+
+def _with_order(df: DataFrame) -> DataFrame:
+    return df.withColumn("_rank", funnel_rank()).withColumn("_hash", tie_hash())
+
+
+def _before(prefix: str) -> F.Column:
+    """Whether a row (``event_time``, ``_rank``, ``_hash``) comes strictly before the row whose keys
+    are the columns ``<prefix>time``, ``<prefix>rank`` and ``<prefix>hash`` in the event order."""
+    t, r, h = F.col(f"{prefix}time"), F.col(f"{prefix}rank"), F.col(f"{prefix}hash")
+    same_time = F.col("event_time") == t
+    return (F.col("event_time") < t) | (
+        same_time & ((F.col("_rank") < r) | ((F.col("_rank") == r) & (F.col("_hash") < h)))
+    )
+
+
+def _last_per_user(df: DataFrame, prefix: str) -> DataFrame:
+    """Each user's last row of ``df`` (ordered rows), as ``user_id`` and ``<prefix>item``,
+    ``<prefix>time``, ``<prefix>rank``, ``<prefix>hash``."""
+    w = Window.partitionBy("user_id").orderBy(
+        F.col("event_time").desc(), F.col("_rank").desc(), F.col("_hash").desc()
+    )
+    return (
+        df.withColumn("_r", F.row_number().over(w))
+        .filter("_r = 1")
+        .select(
+            "user_id",
+            F.col("item_id").alias(f"{prefix}item"),
+            F.col("event_time").alias(f"{prefix}time"),
+            F.col("_rank").alias(f"{prefix}rank"),
+            F.col("_hash").alias(f"{prefix}hash"),
+        )
+    )
 
 
 def _counted(df: DataFrame) -> tuple[DataFrame, int]:
@@ -103,23 +166,34 @@ def _materialized(df: DataFrame) -> DataFrame:
     return _counted(df)[0]
 
 
-def split_events(
-    events: DataFrame, params: SplitParams, cached: list[DataFrame]
-) -> tuple[DataFrame, DataFrame, DataFrame, dict[str, int], dict[str, int]]:
+@dataclass
+class Split:
+    """What ``split_events`` returns.
+
+    ``train``: the training events (the events' columns plus ``validation_fit``); ``validation`` and
+    ``test``: ``user_id, item_id, event_time``, one row per pair; ``dropped``: reason -> held-out
+    pairs dropped for it; ``pairs``: split -> pairs kept.
+    """
+
+    train: DataFrame
+    validation: DataFrame
+    test: DataFrame
+    dropped: dict[str, int]
+    pairs: dict[str, int]
+
+
+def split_events(events: DataFrame, params: SplitParams, cached: list[DataFrame]) -> Split:
     """Split events into training events, validation pairs and test pairs (by source ids).
 
-    Returns:
-        ``(train_events, validation, test, dropped, pairs)``: training events with the events'
-        columns; validation and test as ``user_id, item_id, event_time`` (one row per pair);
-        ``dropped`` maps a reason to the number of held-out pairs dropped for it, ``pairs`` a
-        split to its number of pairs. The frames this caches
-        (``validation`` and ``test`` among them, counted so that joins with them broadcast them)
-        are appended to ``cached``.
+    The frames this caches (``validation`` and ``test`` among them, counted so that joins with them
+    broadcast them) are appended to ``cached``.
     """
     # Purchases are a few percent of the events: everything about held-out pairs is derived from
     # one cached scan of them, and only ``train`` reads all the events again.
     purchases = _materialized(
-        events.filter(F.col("behavior") == PURCHASE).select("user_id", "item_id", "behavior", "event_time")
+        _with_order(events.filter(F.col("behavior") == PURCHASE)).select(
+            "user_id", "item_id", "behavior", "event_time", "_rank", "_hash"
+        )
     )
     cached.append(purchases)
     if params.protocol == "global_time":
@@ -130,54 +204,73 @@ def split_events(
 
         test = purchases.filter(F.col("event_time") >= cutoff)
     elif params.protocol == "leave_last_purchase":
-        last = _last_per_user(purchases).select(
-            "user_id", F.col("item_id").alias("_t_item"), F.col("event_time").alias("_t_time")
-        )
-        last = _materialized(last)
+        last = _materialized(_last_per_user(purchases, "_t_"))
         cached.append(last)
 
         def training(df: DataFrame) -> DataFrame:
-            joined = df.join(last, "user_id", "left")
-            before = (F.col("event_time") < F.col("_t_time")) | (
-                (F.col("event_time") == F.col("_t_time")) & (F.col("behavior") != PURCHASE)
-            )
-            return joined.filter(F.col("_t_time").isNull() | before).drop("_t_item", "_t_time")
+            ordered = df if "_hash" in df.columns else _with_order(df)
+            joined = ordered.join(last.drop("_t_item"), "user_id", "left")
+            kept = joined.filter(F.col("_t_time").isNull() | _before("_t_"))
+            return kept.drop("_t_time", "_t_rank", "_t_hash")
 
         test = last.select("user_id", F.col("_t_item").alias("item_id"), F.col("_t_time").alias("event_time"))
     else:
         raise ValueError(f"unknown split protocol {params.protocol!r}")
 
     test = test.groupBy("user_id", "item_id").agg(F.min("event_time").alias("event_time"))
-
-    # Validation: the last training purchase of a seeded sample of users with >= 2 purchased items.
     train_buys = training(purchases)
-    eligible = (
-        train_buys.groupBy("user_id")
-        .agg(F.countDistinct("item_id").alias("_n"))
-        .filter("_n >= 2")
-        .select("user_id")
-    )
-    eligible = eligible.filter(seeded_sample("user_id", params.seed, params.val_user_fraction))
-    validation = _last_per_user(train_buys.join(eligible, "user_id")).select(
-        "user_id", "item_id", "event_time"
-    )
+    pair = ["user_id", "item_id"]
+
+    # Validation candidates, and which training events the validation fit sees (``validation_fit``).
+    if params.protocol == "global_time":
+        start = F.lit(params.validation_start)
+        in_window = train_buys.filter(F.col("event_time") >= start)
+        earlier = train_buys.filter(F.col("event_time") < start).select(*pair).distinct()
+        candidates = in_window.groupBy(*pair).agg(F.min("event_time").alias("event_time"))
+        validation = candidates.join(earlier, pair, "left_anti")
+
+        def with_fit_flag(df: DataFrame) -> DataFrame:
+            return df.withColumn("validation_fit", F.col("event_time") < start)
+
+    else:
+        eligible = (
+            train_buys.groupBy("user_id")
+            .agg(F.countDistinct("item_id").alias("_n"))
+            .filter("_n >= 2")
+            .filter(seeded_sample("user_id", params.seed, params.val_user_fraction))
+            .select("user_id")
+        )
+        candidates = _last_per_user(train_buys.join(eligible, "user_id", "left_semi"), "_v_")
+        # The last purchase is a repeat when the user bought the item before.
+        times = train_buys.groupBy(*pair).agg(F.count("*").alias("_buys"))
+        repeats = times.filter("_buys > 1").select("user_id", F.col("item_id").alias("_v_item"))
+        cut = candidates.join(repeats, ["user_id", "_v_item"], "left_anti")
+        cut = _materialized(cut)
+        cached.append(cut)
+        validation = cut.select(
+            "user_id", F.col("_v_item").alias("item_id"), F.col("_v_time").alias("event_time")
+        )
+
+        def with_fit_flag(df: DataFrame) -> DataFrame:
+            joined = df.join(F.broadcast(cut.drop("_v_item")), "user_id", "left")
+            return joined.withColumn("validation_fit", F.col("_v_time").isNull() | _before("_v_")).drop(
+                "_v_time", "_v_rank", "_v_hash"
+            )
+
     validation, n_validation = _counted(validation)
     cached.append(validation)
-    val_pairs = validation.select("user_id", "item_id")
-    train = (
-        training(events)
-        .join(val_pairs.withColumn("_val", F.lit(True)), ["user_id", "item_id"], "left")
-        .filter(~(F.col("_val").isNotNull() & (F.col("behavior") == PURCHASE)))
-        .drop("_val")
-    )
+    n_candidates = candidates.count()
+    train = with_fit_flag(training(events)).drop("_rank", "_hash")
 
-    bought = train_buys.join(val_pairs, ["user_id", "item_id"], "left_anti").select("user_id", "item_id")
-    known_before_test = bought.unionByName(val_pairs).distinct()
+    known_before_test = train_buys.select(*pair).distinct()
     test, n_test = _counted(test)
-    kept, n_kept = _counted(test.join(known_before_test, ["user_id", "item_id"], "left_anti"))
+    kept, n_kept = _counted(test.join(known_before_test, pair, "left_anti"))
     cached += [test, kept]  # test stays cached while kept is (see build_training_tables on item_cats)
-    counts = {"validation": n_validation, "test": n_kept}
-    return train, validation, kept, {"test_repeat_purchase": n_test - n_kept}, counts
+    dropped = {
+        "test_repeat_purchase": n_test - n_kept,
+        "validation_repeat_purchase": n_candidates - n_validation,
+    }
+    return Split(train, validation, kept, dropped, {"validation": n_validation, "test": n_kept})
 
 
 def build_training_tables(events: DataFrame, params: SplitParams) -> TrainingTables:
@@ -188,7 +281,14 @@ def build_training_tables(events: DataFrame, params: SplitParams) -> TrainingTab
         params: protocol, cutoff and validation sampling.
     """
     cached: list[DataFrame] = []
-    train, validation, test, dropped, n_pairs = split_events(events, params, cached)
+    split = split_events(events, params, cached)
+    train, validation, test, dropped, n_pairs = (
+        split.train,
+        split.validation,
+        split.test,
+        split.dropped,
+        split.pairs,
+    )
     # ``train`` is not cached: the maps read two or three of its columns straight from Parquet,
     # and caching every column of every training event cost more (29 s of 10M events' ~170 s)
     # than those column-pruned rereads. ``train_idx`` below is the one large cache.
@@ -237,27 +337,42 @@ def build_training_tables(events: DataFrame, params: SplitParams) -> TrainingTab
     heldout_ids = validation.withColumn("split", F.lit("validation")).unionByName(
         test.withColumn("split", F.lit("test"))
     )
-    # The visited flags come from the training events of the held-out pairs only (a broadcast
-    # semi-join), not from a join with the whole visited table, which would rebuild it.
-    heldout_idx, n_indexed = _counted(to_idx(heldout_ids))
+    pairs = ["user_idx", "item_idx"]
+    # A validation pair counts only if the validation fit saw its user and its item.
+    fitted = train_idx.filter("validation_fit")
+    known = F.col("split") == "test"
+    heldout_idx = to_idx(heldout_ids)
+    heldout_idx = (
+        heldout_idx.join(
+            fitted.select("user_idx").distinct().withColumn("_fu", F.lit(True)), "user_idx", "left"
+        )
+        .join(fitted.select("item_idx").distinct().withColumn("_fi", F.lit(True)), "item_idx", "left")
+        .filter(known | (F.col("_fu").isNotNull() & F.col("_fi").isNotNull()))
+        .drop("_fu", "_fi")
+    )
+    heldout_idx, n_indexed = _counted(heldout_idx)
     cached.append(heldout_idx)
     # Both are one row per pair and split, and the maps one row per id: the difference is the
-    # held-out pairs whose user or item has no index.
+    # held-out pairs whose user or item has no index (or, for validation, was not in its fit).
     dropped["cold_user_or_item"] = sum(n_pairs.values()) - n_indexed
-    pairs = ["user_idx", "item_idx"]
-    heldout_visited = (
+    # The visited flags come from the training events of the held-out pairs only (a broadcast
+    # semi-join), not from a join with the whole visited table, which would rebuild it. A test
+    # item is visited with any visit in training; a validation item with one its fit saw.
+    heldout_visits = (
         train_idx.filter(F.col("behavior") != PURCHASE)
-        .select(*pairs)
+        .select(*pairs, "validation_fit")
         .join(F.broadcast(heldout_idx.select(*pairs).distinct()), pairs, "left_semi")
-        .distinct()
-        .withColumn("visited", F.lit(True))
+        .groupBy(*pairs)
+        .agg(F.max(F.col("validation_fit").cast("int")).alias("_fit"))
     )
-    heldout = heldout_idx.join(heldout_visited, pairs, "left").select(
+    heldout = heldout_idx.join(heldout_visits, pairs, "left").select(
         "user_idx",
         "item_idx",
         "split",
         "event_time",
-        F.coalesce("visited", F.lit(False)).alias("visited"),
+        F.when(known, F.col("_fit").isNotNull())
+        .otherwise(F.coalesce(F.col("_fit") == 1, F.lit(False)))
+        .alias("visited"),
     )
     tables = {
         INTERACTIONS.name: interactions,
@@ -302,16 +417,19 @@ def inspect_tables(tables: dict[str, DataFrame], cutoff: datetime | None) -> Ins
 
     Leakage symptoms (all must be zero):
 
-    - ``heldout_in_train_purchases``: a held-out pair that is also a training purchase;
+    - ``heldout_in_train_purchases``: a test pair that is also a training purchase;
     - ``train_rows_after_cutoff``: a training row at or after the global cutoff (``cutoff`` set);
-    - ``train_purchase_after_test``: a training purchase at or after the user's test purchase.
+    - ``train_purchase_after_test``: a training purchase after the user's first test purchase, or
+      that purchase itself (a purchase of another item at the same second may come before it);
+    - ``validation_fit_after_validation``: a row the validation fit sees after its user's first
+      validation purchase, or the validation purchase itself.
     """
     inter, heldout, events = tables[INTERACTIONS.name], tables[HELDOUT.name], tables[TRAIN_EVENTS.name]
     pairs = ["user_idx", "item_idx"]
-    held_pairs = heldout.select(*pairs).distinct().withColumn("_held", F.lit(True))
+    test_pairs = heldout.filter("split = 'test'").select(*pairs).distinct().withColumn("_held", F.lit(True))
     late = F.col("last_time") >= F.lit(cutoff) if cutoff is not None else F.lit(False)
     by_behavior = (
-        inter.join(F.broadcast(held_pairs), pairs, "left")
+        inter.join(F.broadcast(test_pairs), pairs, "left")
         .groupBy("behavior")
         .agg(
             *_hash_sums(inter),
@@ -321,10 +439,27 @@ def inspect_tables(tables: dict[str, DataFrame], cutoff: datetime | None) -> Ins
         .collect()
     )
     first_test = heldout.filter("split = 'test'").groupBy("user_idx").agg(F.min("event_time").alias("_t"))
-    after_test = (F.col("behavior") == PURCHASE) & (F.col("event_time") >= F.col("_t"))
+    val = heldout.filter("split = 'validation'")
+    first_val = val.groupBy("user_idx").agg(F.min("event_time").alias("_v"))
+    val_pairs = val.select(*pairs, F.col("event_time").alias("_vp"))
+    test_times = heldout.filter("split = 'test'").select(*pairs, F.col("event_time").alias("_tp"))
+    after_test = (F.col("behavior") == PURCHASE) & (
+        (F.col("event_time") > F.col("_t")) | (F.col("event_time") == F.col("_tp"))
+    )
+    fit_late = F.col("validation_fit") & (
+        (F.col("event_time") > F.col("_v"))
+        | ((F.col("behavior") == PURCHASE) & (F.col("event_time") == F.col("_vp")))
+    )
     events_row = (
         events.join(F.broadcast(first_test), "user_idx", "left")
-        .agg(*_hash_sums(events), F.count(F.when(after_test, 1)).alias("_after"))
+        .join(F.broadcast(first_val), "user_idx", "left")
+        .join(F.broadcast(val_pairs), pairs, "left")
+        .join(F.broadcast(test_times), pairs, "left")
+        .agg(
+            *_hash_sums(events),
+            F.count(F.when(after_test, 1)).alias("_after"),
+            F.count(F.when(fit_late, 1)).alias("_fit_late"),
+        )
         .first()
     )
     by_split = {
@@ -349,6 +484,7 @@ def inspect_tables(tables: dict[str, DataFrame], cutoff: datetime | None) -> Ins
     if cutoff is not None:
         leaks["train_rows_after_cutoff"] = sum(r["_late"] for r in by_behavior)
     leaks["train_purchase_after_test"] = events_row["_after"]
+    leaks["validation_fit_after_validation"] = events_row["_fit_late"]
 
     def held(split: str) -> dict[str, int]:
         r = by_split.get(split)
@@ -373,11 +509,12 @@ def check_leakage(tables: dict[str, DataFrame], cutoff: datetime | None) -> dict
 
 def split_params(settings: Settings, run_date: date) -> SplitParams:
     cfg = settings.split
-    cutoff = None
+    cutoff = validation_start = None
     if cfg.protocol == "global_time":
         first_test_day = run_date - timedelta(days=cfg.test_days - 1)
         cutoff = datetime.combine(first_test_day, time(0), tzinfo=UTC)
-    return SplitParams(cfg.protocol, cutoff, settings.seeds.split, cfg.val_user_fraction)
+        validation_start = cutoff - timedelta(days=cfg.validation_days)
+    return SplitParams(cfg.protocol, cutoff, settings.seeds.split, cfg.val_user_fraction, validation_start)
 
 
 def publish_training_tables(
@@ -477,6 +614,8 @@ def run_split(spark: SparkSession, settings: Settings, run_date: date) -> dict:
             "sources": list(settings.pipeline.sources),
             "seed": params.seed,
             "val_user_fraction": params.val_user_fraction,
+            "validation_design": REFIT,
+            "validation_start": params.validation_start.isoformat() if params.validation_start else None,
         }
         manifest = publish_and_count(spark, settings, run_date.isoformat(), built, manifest, counts)
     return manifest

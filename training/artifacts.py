@@ -1,9 +1,12 @@
 """Trained models on disk: ``warehouse/models/ds=<ds>/<model>/``, published atomically.
 
-- ``state_dict.pt``: the model's state dict (loaded with ``weights_only=True``);
+- ``state_dict.pt``: the state dict of the model that is tested and served (the refit on every
+  training event; loaded with ``weights_only=True``);
+- ``validation_fit.pt``: the state dict of the validation fit (trained on the bundle's validation
+  view; its validation metrics chose the refit's epochs), absent for bundles with one view;
 - ``model.json``: name, resolved config, seed, the training bundle it was trained on (path relative
-  to the warehouse, plus the bundle's checksums), device, epochs and timings;
-- ``history.json``: per-epoch losses and validation metric;
+  to the warehouse, plus the bundle's checksums), device, epochs and timings of both fits;
+- ``history.json``: per-epoch losses and validation metric of the validation fit;
 - ``metrics.json``: written by ``evaluate``: metrics per split, setting and K.
 
 A model is rebuilt from its config and the training tables (graphs, visited sets), then its state
@@ -24,9 +27,10 @@ from infra.tables import TRAINING
 from training.data import TrainingData, load_training_data
 from training.models import build_model
 from training.models.base import Recommender
-from training.trainer import TrainResult, pick_device
+from training.trainer import FitResult, pick_device
 
 STATE = "state_dict.pt"
+VALIDATION_STATE = "validation_fit.pt"
 META = "model.json"
 HISTORY = "history.json"
 METRICS = "metrics.json"
@@ -43,13 +47,13 @@ def training_dir(warehouse_root: Path, ds: str) -> Path:
 def save_trained(
     warehouse_root: Path,
     ds: str,
-    result: TrainResult,
+    fit: FitResult,
     data: TrainingData,
     seed: int,
     run_id: str | None = None,
 ) -> Path:
-    """Publish a trained model atomically; returns its directory."""
-    model = result.model
+    """Publish a trained model (both fits) atomically; returns its directory."""
+    first, model = fit.validation, fit.final.model
     target = model_dir(warehouse_root, ds, model.config["name"])
     meta = {
         "name": model.config["name"],
@@ -61,37 +65,51 @@ def save_trained(
         "training_checksums": data.manifest.get("checksums", {}),
         "split_protocol": data.manifest.get("protocol"),
         "eval_mask": data.manifest.get("eval_mask"),
+        "refitted": fit.refitted,
         "n_users": data.n_users,
         "n_items": data.n_items,
-        "device": result.device,
-        "best_epoch": result.best_epoch,
-        "best_validation_metric": result.best_metric,
-        "epochs_run": result.epochs_run,
-        "seconds": result.seconds,
-        "seconds_per_epoch": result.seconds_per_epoch,
-        "peak_rss_mb": result.peak_rss_mb,
-        "peak_cuda_mb": result.peak_cuda_mb,
+        "device": first.device,
+        "best_epoch": first.best_epoch,
+        "best_validation_metric": first.best_metric,
+        "epochs_run": first.epochs_run,
+        "refit_epochs": fit.final.epochs_run if fit.refitted else None,
+        "seconds": first.seconds + (fit.final.seconds if fit.refitted else 0.0),
+        "seconds_per_epoch": first.seconds_per_epoch,
+        "peak_rss_mb": max(first.peak_rss_mb, fit.final.peak_rss_mb),
+        "peak_cuda_mb": first.peak_cuda_mb,
         "mlflow_run_id": run_id,
     }
+
+    def state(m: Recommender) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in m.state_dict().items()}
+
     with publish.staged_dir(target) as staged:
         staged.mkdir(parents=True)
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, staged / STATE)
+        torch.save(state(model), staged / STATE)
+        if fit.refitted:
+            torch.save(state(first.model), staged / VALIDATION_STATE)
         (staged / META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
-        (staged / HISTORY).write_text(json.dumps(result.history, indent=2) + "\n")
+        (staged / HISTORY).write_text(json.dumps(first.history, indent=2) + "\n")
     return target
 
 
 def load_trained(
-    warehouse_root: Path, ds: str, name: str, device: str | None = None, data: TrainingData | None = None
+    warehouse_root: Path,
+    ds: str,
+    name: str,
+    device: str | None = None,
+    data: TrainingData | None = None,
+    view: str = "full",
 ) -> tuple[Recommender, TrainingData, dict[str, Any]]:
-    """Rebuild a trained model from its config and tables, then load its weights."""
+    """Rebuild a trained model from its config and tables, then load its weights: the refit for
+    ``view="full"``, the validation fit for ``view="validation"``."""
     target = model_dir(warehouse_root, ds, name)
     if not (target / META).is_file():
         raise FileNotFoundError(
             f"no trained model {name!r} for {ds} at {target}: run `funnelrec train` first"
         )
     meta = read_meta(target)
-    data = data or load_training_data(Path(warehouse_root) / meta["training_dir"])
+    data = data or load_training_data(Path(warehouse_root) / meta["training_dir"], view)
     return load_model_dir(target, data, device), data, meta
 
 
@@ -100,7 +118,8 @@ def read_meta(path: Path) -> dict[str, Any]:
 
 
 def load_model_dir(path: Path, data: TrainingData, device: str | None = None) -> Recommender:
-    """The model saved in ``path`` (state dict + model.json), rebuilt over ``data``.
+    """The model saved in ``path`` (state dict + model.json), rebuilt over ``data``: the validation
+    fit when ``data`` is a bundle's validation view and the model has one, else the refit.
 
     Refuses tables whose checksums differ from the ones the model was trained on.
     """
@@ -112,7 +131,10 @@ def load_model_dir(path: Path, data: TrainingData, device: str | None = None) ->
         )
     model = build_model(meta["name"], data, meta["config"])
     dev = pick_device(device)
-    state = torch.load(Path(path) / STATE, map_location=dev, weights_only=True)
+    file = Path(path) / (VALIDATION_STATE if data.view == "validation" and data.refit else STATE)
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} is missing: retrain {meta['name']}")
+    state = torch.load(file, map_location=dev, weights_only=True)
     model.load_state_dict(state)
     model.to(dev)
     model.eval()

@@ -2,6 +2,12 @@
 
 Reads only the tables documented in ``infra.tables`` (Parquet via pyarrow; no Spark needed) and
 builds sparse user x item matrices per behaviour. Nothing here is dense in users x items.
+
+A bundle has two *views* of its training events (``jobs/split.py``): ``validation``, the rows the
+validation fit sees (nothing at or after a validation purchase), and ``full``, every training row,
+which the refit that is tested and served sees. Both share the id maps and the held-out pairs; the
+matrices, visited sets and event counts differ. Benchmark bundles (``validation_design: holdout``)
+have one view: the same data under both names.
 """
 
 from __future__ import annotations
@@ -57,6 +63,23 @@ class TrainingData:
     heldout: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
     manifest: dict
     user_events: np.ndarray = field(repr=False)
+    view: str = "full"
+
+    @property
+    def refit(self) -> bool:
+        """Whether validation is measured on a separate validation fit (``validation_design``)."""
+        return self.manifest.get("validation_design") == "refit"
+
+    def check_evaluable(self, split: str) -> None:
+        """Refuse to evaluate ``split`` on the wrong view: validation on the validation fit's data,
+        test on every training event's."""
+        if split not in self.heldout:
+            raise ValueError(f"no held-out pairs for split {split!r}; have {sorted(self.heldout)}")
+        need = "validation" if split == "validation" else "full"
+        if self.refit and self.view != need:
+            raise ValueError(
+                f"the {split} split is evaluated on the {need} view of {self.root}, not the {self.view} view"
+            )
 
     @property
     def purchases(self) -> sp.csr_matrix:
@@ -85,36 +108,45 @@ class TrainingData:
         out.data[:] = 1.0
         return out
 
-    def long_tail_users(self, share: float = 0.2) -> np.ndarray:
-        """The ``share`` of users with the fewest training events (ties broken by user index)."""
-        order = np.lexsort((np.arange(self.n_users), self.user_events))
-        return np.sort(order[: round(share * self.n_users)])
+
+VIEWS: tuple[str, ...] = ("full", "validation")
 
 
-def load_training_data(root: Path) -> TrainingData:
-    """Load ``training/ds=<...>`` written by ``funnelrec split``."""
+def _csr(user: np.ndarray, item: np.ndarray, n_users: int, n_items: int) -> sp.csr_matrix:
+    m = sp.csr_matrix((np.ones(len(user), np.float32), (user, item)), shape=(n_users, n_items))
+    m.sum_duplicates()
+    m.data[:] = 1.0
+    return m
+
+
+def load_training_data(root: Path, view: str = "full") -> TrainingData:
+    """Load ``training/ds=<...>`` written by ``funnelrec split``, as seen by the ``view`` fit."""
+    if view not in VIEWS:
+        raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
     root = Path(root)
     manifest = json.loads((root / MANIFEST_FILE).read_text())
     n_users = _read(root / USER_MAP.name, ["user_idx"]).num_rows
     n_items = _read(root / ITEM_MAP.name, ["item_idx"]).num_rows
-    inter = _read(root / INTERACTIONS.name, ["user_idx", "item_idx", "behavior"]).to_pandas()
+    fit_view = view == "validation" and manifest.get("validation_design") == "refit"
+    if fit_view:
+        cols = ["user_idx", "item_idx", "behavior", "validation_fit"]
+        ev = _read(root / TRAIN_EVENTS.name, cols).to_pandas()
+        ev = ev[ev["validation_fit"]]
+        inter = ev[["user_idx", "item_idx", "behavior"]]
+        vis = inter[inter["behavior"] != PURCHASE]
+        user_events = np.bincount(ev["user_idx"].to_numpy(), minlength=n_users)
+    else:
+        inter = _read(root / INTERACTIONS.name, ["user_idx", "item_idx", "behavior"]).to_pandas()
+        vis = _read(root / VISITED.name).to_pandas()
+        ev = _read(root / TRAIN_EVENTS.name, ["user_idx"]).column("user_idx").to_numpy()
+        user_events = np.bincount(ev, minlength=n_users)
     matrices: dict[str, sp.csr_matrix] = {}
     for b in BEHAVIORS:
         part = inter[inter["behavior"] == b]
         if len(part) == 0 and b != PURCHASE:
             continue
-        m = sp.csr_matrix(
-            (np.ones(len(part), np.float32), (part["user_idx"].to_numpy(), part["item_idx"].to_numpy())),
-            shape=(n_users, n_items),
-        )
-        m.sum_duplicates()
-        m.data[:] = 1.0
-        matrices[b] = m
-    vis = _read(root / VISITED.name).to_pandas()
-    visited = sp.csr_matrix(
-        (np.ones(len(vis), np.float32), (vis["user_idx"].to_numpy(), vis["item_idx"].to_numpy())),
-        shape=(n_users, n_items),
-    )
+        matrices[b] = _csr(part["user_idx"].to_numpy(), part["item_idx"].to_numpy(), n_users, n_items)
+    visited = _csr(vis["user_idx"].to_numpy(), vis["item_idx"].to_numpy(), n_users, n_items)
     held = _read(root / HELDOUT.name, ["user_idx", "item_idx", "split", "visited"]).to_pandas()
     heldout = {
         s: (
@@ -124,8 +156,6 @@ def load_training_data(root: Path) -> TrainingData:
         )
         for s, g in held.groupby("split")
     }
-    ev = _read(root / TRAIN_EVENTS.name, ["user_idx"]).column("user_idx").to_numpy()
-    user_events = np.bincount(ev, minlength=n_users)
     return TrainingData(
         root=root,
         n_users=n_users,
@@ -136,4 +166,5 @@ def load_training_data(root: Path) -> TrainingData:
         heldout=heldout,
         manifest=manifest,
         user_events=user_events,
+        view=view,
     )

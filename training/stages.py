@@ -11,13 +11,20 @@ from training.artifacts import load_trained, model_dir, read_meta, save_trained,
 from training.data import TrainingData, load_training_data
 from training.evaluate import KS, METRICS, SETTINGS, evaluate_scores
 from training.models import build_model, merged_config, model_class
-from training.trainer import fit_model
+from training.trainer import fit_and_refit
+
+
+def load_views(root) -> tuple[TrainingData, TrainingData]:
+    """``(validation view, full view)`` of a bundle; one object twice when it has one view."""
+    full = load_training_data(root, "full")
+    return (load_training_data(root, "validation") if full.refit else full), full
 
 
 def run_train(settings: Settings, ds: str, name: str, epochs: int | None = None) -> dict[str, Any]:
-    """Train ``name`` on ``training/ds=<ds>`` and publish it to ``models/ds=<ds>/<name>``."""
+    """Train ``name`` on ``training/ds=<ds>`` (validation fit, then refit) and publish it to
+    ``models/ds=<ds>/<name>``."""
     wh = settings.paths.warehouse_root
-    data = load_training_data(training_dir(wh, ds))
+    val_data, data = load_views(training_dir(wh, ds))
     cap = epochs or settings.training.max_epochs
     overrides = {"train": {"epochs": cap}} if cap else {}
     config = {**merged_config(name, overrides), "seed": settings.seeds.train}
@@ -27,15 +34,17 @@ def run_train(settings: Settings, ds: str, name: str, epochs: int | None = None)
         tracking.train_run(settings, ds, name, config, data.manifest, family) as run,
     ):
         target = model_dir(wh, ds, name)
-        result = fit_model(
+        fit = fit_and_refit(
             name,
+            val_data,
             data,
             settings.seeds.train,
             overrides,
             checkpoint_dir=target.parent / ".checkpoints" / name,
             device=settings.training.device,
         )
-        path = save_trained(wh, ds, result, data, settings.seeds.train, run_id=run.info.run_id)
+        result = fit.validation
+        path = save_trained(wh, ds, fit, data, settings.seeds.train, run_id=run.info.run_id)
         tracking.log_training(run.info.run_id, settings, ds, result.history, read_meta(path))
         counts["run_id"] = run.info.run_id
         counts.update(
@@ -43,6 +52,7 @@ def run_train(settings: Settings, ds: str, name: str, epochs: int | None = None)
             epochs=result.epochs_run,
             best_epoch=result.best_epoch,
             best_val=result.best_metric if result.best_metric is not None else "none",
+            refit_epochs=fit.final.epochs_run if fit.refitted else "none",
             s_per_epoch=result.seconds_per_epoch,
             peak_rss_mb=result.peak_rss_mb,
         )
@@ -51,6 +61,7 @@ def run_train(settings: Settings, ds: str, name: str, epochs: int | None = None)
         "device": result.device,
         "best_epoch": result.best_epoch,
         "epochs_run": result.epochs_run,
+        "refit_epochs": fit.final.epochs_run if fit.refitted else None,
         "seconds_per_epoch": result.seconds_per_epoch,
         "peak_rss_mb": result.peak_rss_mb,
         "run_id": run.info.run_id,
@@ -60,13 +71,17 @@ def run_train(settings: Settings, ds: str, name: str, epochs: int | None = None)
 def run_evaluate(
     settings: Settings, ds: str, name: str, splits: tuple[str, ...] = ("validation", "test")
 ) -> dict:
-    """Evaluate a trained model on every held-out split; write ``metrics.json`` beside it."""
+    """Evaluate a trained model on every held-out split (validation: its validation fit on the
+    validation view; test: its refit on every training event); write ``metrics.json`` beside it."""
     wh = settings.paths.warehouse_root
-    model, data, meta = load_trained(wh, ds, name, settings.training.device)
+    views = dict(zip(("validation", "test"), load_views(training_dir(wh, ds)), strict=True))
     out: dict[str, Any] = {}
+    meta: dict[str, Any] = {}
     with stage("evaluate", ds=ds, model=name) as counts:
         for split in splits:
+            data = views[split]
             if split in data.heldout:
+                model, _, meta = load_trained(wh, ds, name, settings.training.device, data=data)
                 out[split] = evaluate_scores(
                     model.scores,
                     data,
@@ -80,7 +95,7 @@ def run_evaluate(
         if meta.get("mlflow_run_id"):
             floor_name = _floor_model(settings)
             floor = (
-                _floor_metrics(settings, floor_name, data, splits)
+                _floor_metrics(settings, floor_name, views, splits)
                 if floor_name and floor_name != name
                 else None
             )
@@ -97,26 +112,37 @@ def _floor_model(settings: Settings) -> str | None:
 
 
 def _floor_metrics(
-    settings: Settings, name: str, data: TrainingData, splits: tuple[str, ...]
+    settings: Settings, name: str, views: dict[str, TrainingData], splits: tuple[str, ...]
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """The promotion floor (a closed-form baseline) on the same tables, fitted here in seconds."""
-    floor = build_model(name, data)
-    if floor.trainable:
-        raise ValueError(f"the promotion floor must be a closed-form model; {name} is gradient-trained")
-    floor.fit()
-    return {
-        split: evaluate_scores(floor.scores, data, split, batch_size=settings.training.eval_batch_size)
-        for split in splits
-        if split in data.heldout
-    }
+    """The promotion floor (a closed-form baseline) on the same tables, fitted here in seconds on
+    the view each split is evaluated on."""
+    out = {}
+    for split in splits:
+        data = views[split]
+        if split not in data.heldout:
+            continue
+        floor = build_model(name, data)
+        if floor.trainable:
+            raise ValueError(f"the promotion floor must be a closed-form model; {name} is gradient-trained")
+        floor.fit()
+        out[split] = evaluate_scores(floor.scores, data, split, batch_size=settings.training.eval_batch_size)
+    return out
 
 
-def format_metrics(values: dict[str, dict[str, float]], ks: tuple[int, ...] = KS) -> str:
-    """A markdown table: one row per setting, columns metric@K."""
+def format_metrics(values: dict[str, dict[str, float | None]], ks: tuple[int, ...] = KS) -> str:
+    """A markdown table: one row per setting, columns metric@K, then chance HR@K beside them."""
     cols = [f"{m}@{k}" for k in ks for m in METRICS]
-    lines = ["| setting | users | " + " | ".join(cols) + " |", "|---|---:|" + "---:|" * len(cols)]
+    chance = [f"chance_HR@{k}" for k in ks]
+    head = "| setting | users | candidates | " + " | ".join(cols + chance) + " |"
+    lines = [head, "|---|---:|---:|" + "---:|" * (len(cols) + len(chance))]
+
+    def cell(v: float | None) -> str:
+        return "-" if v is None else f"{v:.4f}"
+
     for setting in SETTINGS:
         if setting in values:
             v = values[setting]
-            lines.append(f"| {setting} | {v['users']} | " + " | ".join(f"{v[c]:.4f}" for c in cols) + " |")
+            cand = "-" if v.get("candidates") is None else f"{v['candidates']:.1f}"
+            row = " | ".join(cell(v.get(c)) for c in cols + chance)
+            lines.append(f"| {setting} | {v['users']} | {cand} | {row} |")
     return "\n".join(lines)

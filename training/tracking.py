@@ -44,12 +44,16 @@ def metric_key(split: str, setting: str, name: str) -> str:
 
 
 def flat_metrics(by_split: dict[str, dict[str, dict[str, float]]], prefix: str = "") -> dict[str, float]:
-    """``{split: {setting: {"HR@10": x, "users": n}}}`` -> ``{"<prefix><split>.<setting>.HR_at_10": x}``."""
+    """``{split: {setting: {"HR@10": x, "users": n}}}`` -> ``{"<prefix><split>.<setting>.HR_at_10": x}``.
+
+    ``None`` (a setting without users) is left out: MLflow has no null metric, and an absent metric
+    is read as unknown, never as 0."""
     return {
         prefix + metric_key(split, setting, name): float(value)
         for split, settings in by_split.items()
         for setting, values in settings.items()
         for name, value in values.items()
+        if value is not None
     }
 
 
@@ -304,7 +308,11 @@ def plot_metrics_by_k(by_setting: dict[str, dict[str, float]], path: Path, title
         axes = fig.subplots(1, len(METRICS))
         for ax, metric in zip(axes, METRICS, strict=True):
             for setting, values in by_setting.items():
-                ks = sorted(int(k.split("@")[1]) for k in values if k.startswith(f"{metric}@"))
+                ks = sorted(
+                    int(k.split("@")[1])
+                    for k, v in values.items()
+                    if k.startswith(f"{metric}@") and v is not None
+                )
                 if ks:
                     ax.plot(ks, [values[f"{metric}@{k}"] for k in ks], marker="o", label=setting)
             ax.set(xlabel="K", title=f"{title} {metric}@K")

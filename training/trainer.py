@@ -4,6 +4,11 @@ checkpoints saved as state dicts and loaded with ``weights_only=True``.
 
 Models that are not gradient-trained (``trainable = False``) are fitted once with ``fit()`` and
 evaluated the same way, so callers never special-case a model.
+
+``fit_and_refit`` is what the pipeline runs: the *validation fit* is trained on the bundle's
+validation view with early stopping on the validation split; the *refit* is trained from the same
+seed on every training event for the validation fit's best number of epochs, without looking at
+any held-out purchase, and is what is tested and served (``training/README.md``).
 """
 
 from __future__ import annotations
@@ -99,8 +104,25 @@ def _optimizer(model: Recommender, cfg: TrainConfig) -> torch.optim.Optimizer:
     return kinds[cfg.optimizer](model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+@dataclass
+class FitResult:
+    """The validation fit (model selection) and the refit (test and serving); one object for
+    bundles without a separate validation fit."""
+
+    validation: TrainResult
+    final: TrainResult
+
+    @property
+    def refitted(self) -> bool:
+        return self.final is not self.validation
+
+
 def validation_metric(model: Recommender, data: TrainingData, cfg: TrainConfig, device) -> float | None:
+    """The early-stopping metric, or None when ``data`` has no validation to look at (no
+    validation pairs, or the full view of a bundle whose validation belongs to the validation fit)."""
     if "validation" not in data.heldout or len(data.heldout["validation"][0]) == 0:
+        return None
+    if data.refit and data.view != "validation":
         return None
     model.eval()
     m = evaluate_scores(
@@ -128,6 +150,28 @@ def fit_model(
     overrides = {**(overrides or {}), "seed": seed}
     model = build_model(name, data, overrides)
     return train(model, data, seed, checkpoint_dir, device, progress)
+
+
+def fit_and_refit(
+    name: str,
+    validation_data: TrainingData,
+    full_data: TrainingData,
+    seed: int,
+    overrides: dict[str, Any] | None = None,
+    checkpoint_dir: Path | None = None,
+    device: str | None = None,
+    progress: bool | None = None,
+) -> FitResult:
+    """The validation fit on ``validation_data``, then (when ``full_data`` is another view) the refit
+    on ``full_data`` for the validation fit's best number of epochs, from the same seed."""
+    first = fit_model(name, validation_data, seed, overrides, checkpoint_dir, device, progress)
+    if full_data is validation_data:
+        return FitResult(first, first)
+    refit_overrides = dict(overrides or {})
+    if first.model.trainable:
+        refit_overrides["train"] = {**refit_overrides.get("train", {}), "epochs": max(first.best_epoch, 1)}
+    final = fit_model(name, full_data, seed, refit_overrides, None, device, progress)
+    return FitResult(first, final)
 
 
 def train(

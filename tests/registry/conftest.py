@@ -82,6 +82,7 @@ def write_bundle(data, warehouse: Path, ds: str = DS) -> Path:
             "behavior": ["view"] * len(users),
             "event_time": [None] * len(users),
             "session_id": [None] * len(users),
+            "validation_fit": [True] * len(users),
         },
     )
     manifest = {

@@ -1,5 +1,5 @@
-"""Training tables on real Spark: held-out purchases, visited labels, validation carving, id maps,
-leakage checks and rerun stability."""
+"""Training tables on real Spark: held-out purchases, visited labels, time-clean validation, the
+event order's tie rule, id maps, leakage checks and rerun stability."""
 
 from __future__ import annotations
 
@@ -15,13 +15,23 @@ from infra.tables import (
     INTERACTIONS,
     ITEM_MAP,
     MANIFEST_FILE,
+    TRAIN_EVENTS,
     TRAINING,
     USER_MAP,
     events_dir,
 )
 from jobs.sessionize import run_sessionize
-from jobs.split import LeakageError, check_leakage, inspect_tables, publish_training_tables, run_split
-from tests.conftest import settings_under
+from jobs.split import (
+    LeakageError,
+    build_training_tables,
+    check_leakage,
+    inspect_tables,
+    publish_training_tables,
+    read_session_events,
+    run_split,
+    split_params,
+)
+from tests.conftest import DEMO_DATE, settings_under
 
 pytestmark = pytest.mark.spark
 RUN = date(2020, 1, 3)
@@ -35,6 +45,8 @@ def _t(day: int, hour: int) -> datetime:
 EVENTS_ROWS = [
     ("u1", "A", "view", _t(1, 8)),
     ("u1", "A", "purchase", _t(1, 9)),
+    ("u1", "Y", "view", _t(1, 10)),  # before the validation window: the validation fit knows Y
+    ("u2", "C", "view", _t(1, 10)),  # ... and C
     ("u1", "B", "view", _t(2, 8)),
     ("u1", "C", "purchase", _t(2, 9)),
     ("u1", "D", "view", _t(2, 10)),
@@ -98,23 +110,42 @@ def test_heldout_purchases_are_split_and_labelled(hand_tables):
     assert held == {
         ("test", "u1", "D"): True,
         ("test", "u1", "E"): False,
-        ("validation", "u1", "C"): False,  # last training purchase of u1
+        # the purchases of the day before the cutoff (split.validation_days = 1); the validation fit
+        # saw only day 1, where u1 did not view C nor u2 Y
+        ("validation", "u1", "C"): False,
         ("validation", "u2", "Y"): False,
     }
-    assert manifest["dropped"] == {"test_repeat_purchase": 1, "cold_user_or_item": 2}
+    assert manifest["dropped"] == {
+        "test_repeat_purchase": 1,
+        "validation_repeat_purchase": 0,
+        "cold_user_or_item": 2,
+    }
+    assert manifest["validation_design"] == "refit"
+    assert manifest["validation_start"] == "2020-01-02T00:00:00+00:00"
     assert manifest["cutoff"] == "2020-01-03T00:00:00+00:00"
 
 
-def test_training_purchases_exclude_heldout_and_post_cutoff_rows(hand_tables):
+def test_training_purchases_exclude_test_and_post_cutoff_rows(hand_tables):
     _, manifest, _, _, _, named = hand_tables
     inter = named(INTERACTIONS.name)
     buys = {(r["user"], r["item"]) for r in inter if r["behavior"] == "purchase"}
-    assert buys == {("u1", "A"), ("u2", "X")}  # C and Y went to validation
+    # C and Y validate, but only the validation fit does not see them: the refit learns from them.
+    assert buys == {("u1", "A"), ("u1", "C"), ("u2", "X"), ("u2", "Y")}
     assert all(r["last_time"] < datetime(2020, 1, 3) for r in inter)
+    fit = {(r["user"], r["item"], r["behavior"]) for r in named(TRAIN_EVENTS.name) if r["validation_fit"]}
+    assert fit == {
+        ("u1", "A", "view"),
+        ("u1", "A", "purchase"),
+        ("u1", "Y", "view"),
+        ("u2", "C", "view"),
+        ("u2", "X", "view"),
+        ("u2", "X", "purchase"),
+    }
     assert manifest["leakage"] == {
         "heldout_in_train_purchases": 0,
         "train_rows_after_cutoff": 0,
         "train_purchase_after_test": 0,
+        "validation_fit_after_validation": 0,
     }
 
 
@@ -125,6 +156,130 @@ def test_id_maps_are_one_to_one_and_contiguous(hand_tables):
     assert set(users.values()) == {"u1", "u2"}  # u3 has no training events
     assert set(items.values()) == {"A", "B", "C", "D", "E", "X", "Y"}
     assert manifest["stats"]["users"] == 2 and manifest["stats"]["items"] == 7
+
+
+def _tables_at(spark, settings, rows, overrides):
+    """Write ``rows`` as events, sessionize and split them under ``settings`` + ``overrides``."""
+    _write_events(spark, settings, rows)
+    run_sessionize(spark, settings, RUN)
+    run_split(spark, settings, RUN)
+    return TRAINING.dir(settings.paths.warehouse_root, RUN)
+
+
+# leave_last_purchase, with ties in time.
+LLP_ROWS = [
+    ("u1", "A", "view", _t(1, 8)),
+    ("u1", "A", "purchase", _t(1, 9)),
+    ("u1", "B", "view", _t(2, 8)),
+    ("u1", "B", "purchase", _t(2, 9)),  # validation: u1's last training purchase
+    ("u1", "C", "view", _t(2, 10)),  # after the validation purchase: the validation fit must not see it
+    ("u1", "C", "purchase", _t(2, 11)),  # test
+    ("u2", "X", "purchase", _t(1, 9)),
+    ("u2", "W", "view", _t(2, 9)),  # same second as the two purchases: a view comes first
+    ("u2", "Y", "purchase", _t(2, 9)),  # Y and Z at the same second: the hash orders them
+    ("u2", "Z", "purchase", _t(2, 9)),
+    ("u3", "Q", "view", _t(1, 1)),
+    ("u3", "Q", "purchase", _t(1, 2)),  # test; one purchased item: no validation
+    ("u3", "Y", "view", _t(1, 0)),  # Y and Z are known items before u2 buys them
+    ("u3", "Z", "view", _t(1, 0)),
+]
+LLP = {
+    "pipeline": {"sources": ["hand"]},
+    "split": {"protocol": "leave_last_purchase", "val_user_fraction": 1.0, "min_users": 1, "min_items": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def llp_root(spark, tmp_path_factory):
+    settings = settings_under(tmp_path_factory.mktemp("llp"), LLP)
+    return settings, _tables_at(spark, settings, LLP_ROWS, LLP)
+
+
+def _named(spark, root, table):
+    users = {r["user_idx"]: r["user_id"] for r in spark.read.parquet(str(root / USER_MAP.name)).collect()}
+    items = {r["item_idx"]: r["item_id"] for r in spark.read.parquet(str(root / ITEM_MAP.name)).collect()}
+    return [
+        {**r.asDict(), "user": users[r["user_idx"]], "item": items[r["item_idx"]]}
+        for r in spark.read.parquet(str(root / table)).collect()
+    ]
+
+
+def test_ties_in_time_are_ordered_by_funnel_then_hash_never_by_item_id(spark, llp_root):
+    _, root = llp_root
+    held = {(r["split"], r["user"]): (r["item"], r["visited"]) for r in _named(spark, root, HELDOUT.name)}
+    hashes = {
+        r["item"]: r["h"]
+        for r in spark.createDataFrame(
+            [("u2", i, "purchase") for i in "YZ"], "user_id string, item_id string, behavior string"
+        )
+        .select(F.col("item_id").alias("item"), F.xxhash64("user_id", "item_id", "behavior").alias("h"))
+        .collect()
+    }
+    last, before = sorted("YZ", key=hashes.get, reverse=True)
+    assert held[("test", "u2")][0] == last
+    assert held[("validation", "u2")][0] == before
+    assert held[("test", "u1")] == ("C", True) and held[("validation", "u1")] == ("B", True)
+    assert held[("test", "u3")] == ("Q", True) and ("validation", "u3") not in held
+    assert held[("test", "u2")][1] is False and held[("validation", "u2")][1] is False
+    fit = {
+        (r["user"], r["item"], r["behavior"])
+        for r in _named(spark, root, TRAIN_EVENTS.name)
+        if r["validation_fit"]
+    }
+    # u1's validation fit stops before the purchase of B; the view of W at the same second as u2's
+    # validation purchase comes before it in the funnel, so the validation fit sees it.
+    assert {(i, b) for u, i, b in fit if u == "u1"} == {("A", "view"), ("A", "purchase"), ("B", "view")}
+    assert {(i, b) for u, i, b in fit if u == "u2"} == {("X", "purchase"), ("W", "view")}
+
+
+def _late_rows(spark, root) -> dict[str, int]:
+    """Per split, training rows of a held-out purchase's user at or after its time (the purchase
+    itself included), among the rows its model saw: the validation fit's for validation, all for test."""
+    ev = spark.read.parquet(str(root / TRAIN_EVENTS.name))
+    held = spark.read.parquet(str(root / HELDOUT.name)).select(
+        "user_idx", F.col("item_idx").alias("h_item"), "split", F.col("event_time").alias("h_time")
+    )
+    seen = (F.col("split") == "test") | F.col("validation_fit")
+    # At the same second, a non-purchase comes first in the funnel and another item's purchase is
+    # ordered by the hash (the tie test checks that); the held-out purchase itself is late.
+    same = (F.col("behavior") == "purchase") & (F.col("item_idx") == F.col("h_item"))
+    late = (F.col("event_time") > F.col("h_time")) | ((F.col("event_time") == F.col("h_time")) & same)
+    rows = ev.join(held, "user_idx").filter(seen & late).groupBy("split").count().collect()
+    return {r["split"]: r["count"] for r in rows}
+
+
+def test_no_heldout_purchase_has_a_training_row_of_its_user_at_or_after_it(
+    spark, hand_tables, llp_root, retailrocket
+):
+    _, _, hand_root, *_ = hand_tables
+    rr_settings, _, _ = retailrocket
+    for root in (hand_root, llp_root[1], TRAINING.dir(rr_settings.paths.warehouse_root, DEMO_DATE)):
+        splits = {r["split"] for r in spark.read.parquet(str(root / HELDOUT.name)).collect()}
+        assert splits == {"validation", "test"}
+        assert _late_rows(spark, root) == {}, root
+
+
+@pytest.mark.parametrize("protocol", ["global_time", "leave_last_purchase"])
+def test_test_pairs_and_labels_are_the_same_without_validation(spark, hand_tables, llp_root, protocol):
+    settings = hand_tables[0] if protocol == "global_time" else llp_root[0]
+    events = read_session_events(spark, settings, RUN)
+    off = {"validation_days": 0} if protocol == "global_time" else {"val_user_fraction": 0.0}
+
+    def test_rows(split_overrides):
+        s = settings.model_copy(update={"split": settings.split.model_copy(update=split_overrides)})
+        built = build_training_tables(events, split_params(s, RUN))
+        try:
+            t = built.tables
+            held = t[HELDOUT.name].join(t[USER_MAP.name], "user_idx").join(t[ITEM_MAP.name], "item_idx")
+            rows = held.select("split", "user_id", "item_id", "event_time", "visited").collect()
+        finally:
+            built.release()
+        return {tuple(r) for r in rows if r["split"] == "test"}, {r["split"] for r in rows}
+
+    with_val, splits_on = test_rows({})
+    without, splits_off = test_rows(off)
+    assert splits_on == {"validation", "test"} and splits_off == {"test"}
+    assert with_val == without and with_val
 
 
 def test_rerun_gives_identical_tables(spark, hand_tables):
