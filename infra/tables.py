@@ -269,6 +269,41 @@ SCORES = Table(
 )
 
 
+DECISIONS = Table(
+    "decisions",
+    (
+        C("ds", "string", "the date whose held-out purchases every candidate was measured on"),
+        C("decided_at", "string", "when promote ran (UTC, ISO 8601)"),
+        C("version", "int", "candidate registered version"),
+        C("model", "string", "candidate model configuration", nullable=True),
+        C("kind", "string", "first (no champion yet) | refresh (the champion's own model and config) | challenge"),
+        C("candidate_value", "double", "candidate's primary metric on the date's split", nullable=True),
+        C("outcome", "string", "promoted | refused | not_reached (a better candidate passed first)"),
+        C("champion_before", "int", "champion when promote ran", nullable=True),
+        C("champion_after", "int", "champion after it", nullable=True),
+        C("gate", "string", "gate name (min_users, floor, min_relative_gain, refresh_non_inferiority, "
+          "max_drop_<setting>, primary_metric, champion_measured)"),
+        C("status", "string", "pass | fail | not_evaluable (too few users to judge; neither passes nor refuses)"),
+        C("setting", "string", "evaluation setting the gate reads", nullable=True),
+        C("users", "long", "users both were measured on", nullable=True),
+        C("value", "double", "candidate's mean over those users", nullable=True),
+        C("champion_value", "double", "champion's mean over the same users", nullable=True),
+        C("change", "double", "relative change value / champion_value - 1", nullable=True),
+        C("change_low", "double", "bootstrap interval of the change: low end", nullable=True),
+        C("change_high", "double", "bootstrap interval of the change: high end", nullable=True),
+        C("threshold", "double", "the policy's threshold for this gate", nullable=True),
+        C("detail", "string", "the gate in words, with its numbers"),
+    ),
+    "Promotion decisions: one row per candidate version and gate, per date (`promote`). "
+    "The report and analysts read it.",
+)
+
+
+def decisions_dir(warehouse_root: Path, ds: date | str) -> Path:
+    """``decisions/ds=<d>/``: the promotion decision of a date (replaced as a whole on a rerun)."""
+    return Path(warehouse_root) / DECISIONS.name / f"ds={ds}"
+
+
 @dataclass(frozen=True)
 class Bundle:
     """Tables one stage publishes together for one date, under ``<root>/<name>/ds=<date>/``."""
@@ -310,6 +345,7 @@ ALL_TABLES: tuple[Table, ...] = (
     ITEM_MAP,
     TRAIN_EVENTS,
     SCORES,
+    DECISIONS,
 )
 
 

@@ -1,11 +1,15 @@
 """The model registry: register trained models, gate champion/challenger promotion, roll back.
 
 - ``register``: logs a trained model's pyfunc into its MLflow run and creates a registered version
-  tagged with its date and model, which gets the alias ``challenger``. Idempotent: a run that
-  already has a version is not registered twice.
-- ``promote``: applies ``mlflow/promotion.yaml`` (see ``Policy``) to the challenger against the
-  champion; moves ``champion`` only when every gate passes, and writes the decision and each
-  gate's numbers as tags on the challenger's version, refusals included.
+  tagged with its date, model and configuration fingerprint, which gets the alias ``challenger``.
+  Idempotent: a run that already has a version is not registered twice.
+- ``promote``: applies ``mlflow/promotion.yaml`` (see ``Policy``). Every candidate (the versions
+  registered for a date, best first) and the champion are measured on the *same* held-out
+  purchases, those of the date, by the same evaluator (``training.comparison``); the gates read
+  per-user paired differences with a seeded bootstrap interval. A candidate of the champion's own
+  model and configuration is a *refresh*, kept unless it is shown worse beyond a margin; any other
+  is a *challenge* and must win. The first candidate that passes every gate becomes ``champion``.
+  Each candidate's gates are tagged on its version and written to the ``decisions`` table.
 - ``rollback``: gives ``champion`` back to the version that held it before the current one.
 
 The alias history lives in two registered-model tags: ``funnelrec.champion_stack`` (the versions
@@ -15,7 +19,8 @@ log of every promotion and rollback).
 Concurrency: promotions and rollbacks take a lease (a registered-model tag holding a random token,
 written then read back after a settle delay; only the holder of the token proceeds), then check
 after every alias write that the alias holds what they wrote, and tag the outcome they observed.
-Alias versions are compared as ints: SQLite stores return ints, the REST API strings.
+In Airflow the promote tasks also share a pool of one slot. Alias versions are compared as ints:
+SQLite stores return ints, the REST API strings.
 """
 
 from __future__ import annotations
@@ -55,9 +60,14 @@ class Policy:
 
     split: str = "validation"
     primary_metric: str = "standard.NDCG_at_20"
-    min_relative_gain: float = 0.01
-    max_relative_drop: dict[str, float] = field(default_factory=lambda: {"visited": 0.05, "unvisited": 0.05})
     min_users: int = 50
+    min_relative_gain: float = 0.01
+    refresh_margin: float = 0.05
+    max_relative_drop: dict[str, float] = field(default_factory=lambda: {"visited": 0.05, "unvisited": 0.05})
+    drop_min_users: int = 30
+    confidence: float = 0.9
+    bootstrap_resamples: int = 1000
+    bootstrap_seed: int = 20240611
     floor_model: str | None = "popularity"
 
     @classmethod
@@ -67,12 +77,25 @@ class Policy:
         if unknown:
             raise ValueError(f"{path}: unknown promotion settings {sorted(unknown)}")
         policy = cls(**raw)
-        _setting, _, metric = policy.primary_metric.partition(".")
-        if not metric or "_at_" not in metric:
+        setting, _, metric = policy.primary_metric.partition(".")
+        from training.evaluate import SETTINGS
+
+        if not metric or "_at_" not in metric or setting not in SETTINGS:
             raise ValueError(
-                f"{path}: primary_metric must look like standard.NDCG_at_20, got {policy.primary_metric!r}"
+                f"{path}: primary_metric must look like standard.NDCG_at_20 (settings: {', '.join(SETTINGS)}), "
+                f"got {policy.primary_metric!r}"
             )
+        unknown_settings = set(policy.max_relative_drop) - set(SETTINGS)
+        if unknown_settings:
+            raise ValueError(f"{path}: max_relative_drop names unknown settings {sorted(unknown_settings)}")
+        if not 0 < policy.confidence < 1 or policy.bootstrap_resamples < 100:
+            raise ValueError(f"{path}: confidence must be in (0, 1) and bootstrap_resamples >= 100")
         return policy
+
+    @property
+    def setting(self) -> str:
+        """``standard`` of ``standard.NDCG_at_20``."""
+        return self.primary_metric.partition(".")[0]
 
     @property
     def metric_name(self) -> str:
@@ -80,17 +103,49 @@ class Policy:
         return self.primary_metric.partition(".")[2]
 
     def key(self, setting: str | None = None) -> str:
-        setting = setting or self.primary_metric.partition(".")[0]
-        return f"{self.split}.{setting}.{self.metric_name}"
+        return f"{self.split}.{setting or self.setting}.{self.metric_name}"
+
+
+PASS, FAIL, NOT_EVALUABLE = "pass", "fail", "not_evaluable"
 
 
 @dataclass
 class Gate:
+    """One gate's outcome. ``status``: pass | fail | not_evaluable (too few users to judge: recorded,
+    neither passing nor refusing). ``value``/``champion_value``: the two means on the same users;
+    ``change``: relative change; ``low``/``high``: its bootstrap interval."""
+
     name: str
-    passed: bool
-    value: float | None
-    threshold: float | None
+    status: str
     detail: str
+    setting: str | None = None
+    users: int | None = None
+    value: float | None = None
+    champion_value: float | None = None
+    change: float | None = None
+    low: float | None = None
+    high: float | None = None
+    threshold: float | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.status != FAIL
+
+
+@dataclass
+class Candidate:
+    """One version considered for a date, with its kind (first | refresh | challenge) and gates."""
+
+    version: int
+    model: str | None
+    kind: str
+    value: float | None  # its primary metric on the date's split
+    gates: list[Gate] = field(default_factory=list)
+    outcome: str = "refused"  # promoted | refused | not_reached (a better candidate passed first)
+
+    @property
+    def failed(self) -> list[Gate]:
+        return [g for g in self.gates if g.status == FAIL]
 
 
 @dataclass
@@ -100,19 +155,24 @@ class Decision:
     champion_before: int | None
     champion_after: int | None
     gates: list[Gate] = field(default_factory=list)
+    candidates: list[Candidate] = field(default_factory=list)
 
     @property
     def failed(self) -> list[Gate]:
-        return [g for g in self.gates if not g.passed]
+        return [g for g in self.gates if g.status == FAIL]
 
     def summary(self) -> str:
         lines = [
             f"version {self.version}: {self.action} (champion before: {self.champion_before}, "
             f"after: {self.champion_after})"
         ]
-        for g in self.gates:
-            mark = "pass" if g.passed else "FAIL"
-            lines.append(f"  [{mark}] {g.name}: {g.detail}")
+        for c in self.candidates or [Candidate(self.version, None, "", None, self.gates, self.action)]:
+            if self.candidates:
+                shown = "-" if c.value is None else f"{c.value:.5f}"
+                lines.append(f"  version {c.version} ({c.model}, {c.kind}, {shown}): {c.outcome}")
+            for g in c.gates:
+                mark = {PASS: "pass", FAIL: "FAIL", NOT_EVALUABLE: "n/a "}[g.status]
+                lines.append(f"    [{mark}] {g.name}: {g.detail}")
         return "\n".join(lines)
 
 
@@ -150,17 +210,20 @@ def aliases(settings: Settings, client) -> dict[str, int]:
     return {a: as_version(v) for a, v in (rm.aliases or {}).items()}
 
 
-def version_metrics(settings: Settings, client, version: int) -> dict[str, float]:
+def version_tags(settings: Settings, client, version: int) -> dict[str, str]:
     name = settings.mlflow.registered_model
     mv = call(settings, "read version", lambda: client.get_model_version(name, str(version)))
-    run = call(settings, "read run", lambda: client.get_run(mv.run_id))
-    return dict(run.data.metrics)
+    return dict(mv.tags or {})
 
 
-def _version_model(settings: Settings, client, version: int) -> str | None:
-    name = settings.mlflow.registered_model
-    mv = call(settings, "read version", lambda: client.get_model_version(name, str(version)))
-    return (mv.tags or {}).get("funnelrec.model")
+def config_fingerprint(config: dict[str, Any]) -> str:
+    """What makes two trainings the same model and configuration: the config without the epoch
+    count (a refit trains for the validation fit's best epochs) and its name."""
+    import hashlib
+
+    cfg = {k: v for k, v in config.items() if k != "name"}
+    cfg["train"] = {k: v for k, v in (cfg.get("train") or {}).items() if k != "epochs"}
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _model_tags(settings: Settings, client) -> dict[str, str]:
@@ -205,6 +268,7 @@ def register(settings: Settings, ds: str, name: str) -> int:
             "funnelrec.ds": ds,
             "funnelrec.model": name,
             "funnelrec.model_family": meta.get("class", name),
+            "funnelrec.config": config_fingerprint(meta.get("config", {})),
         }
         mv = call(
             settings,
@@ -221,104 +285,197 @@ def register(settings: Settings, ds: str, name: str) -> int:
     return version
 
 
-def best_of_date(settings: Settings, client, ds: str, policy: Policy) -> int:
-    """The version registered for ``ds`` with the best primary metric (ties: the lower version)."""
+def date_versions(settings: Settings, client, ds: str) -> list[int]:
+    """Every version registered for ``ds``, ascending."""
     model = settings.mlflow.registered_model
     found = call(settings, "search versions", lambda: client.search_model_versions(f"name = '{model}'"))
-    scored = []
-    for mv in found:
-        if (mv.tags or {}).get("funnelrec.ds") != ds:
-            continue
-        v = as_version(mv.version)
-        scored.append((version_metrics(settings, client, v).get(policy.key(), float("-inf")), -v, v))
-    if not scored:
+    out = sorted(as_version(mv.version) for mv in found if (mv.tags or {}).get("funnelrec.ds") == ds)
+    if not out:
         raise PromotionError(f"no registered version for {ds}: run `funnelrec register --date {ds}` first")
-    return max(scored)[2]
+    return out
+
+
+# -- measuring versions on the same data ---------------------------------------------------------
+def version_files(settings: Settings, version: int, dst: Path) -> tuple[Path, Path]:
+    """Download a version's logged model into ``dst``; returns (model directory, training tables)."""
+    from mlflow.models import Model
+
+    import mlflow
+
+    uri = f"models:/{settings.mlflow.registered_model}/{version}"
+    local = Path(
+        call(settings, "download model", lambda: mlflow.artifacts.download_artifacts(uri, dst_path=str(dst)))
+    )
+    arts = Model.load(str(local)).flavors["python_function"]["artifacts"]
+    return local / arts["model"]["path"], local / arts["tables"]["path"]
+
+
+def measure_version(settings: Settings, version: int, target, split: str, work: Path):
+    """``training.comparison.Measured`` of ``version`` on ``target`` (the date's data for ``split``)."""
+    from training.comparison import measure_model_dir
+
+    model_dir, tables = version_files(settings, version, work / f"v{version}")
+    return measure_model_dir(model_dir, tables, target, split, settings.training.eval_batch_size)
+
+
+def measure_floor(name: str, target, split: str, batch_size: int):
+    """The floor baseline fitted on ``target`` (seconds: it is closed-form) and measured there."""
+    from training.comparison import Measured
+    from training.evaluate import evaluate_per_user
+    from training.models import build_model
+
+    floor = build_model(name, target)
+    if floor.trainable:
+        raise PromotionError(f"the promotion floor must be a closed-form model; {name} is gradient-trained")
+    floor.fit()
+    return Measured(evaluate_per_user(floor.scores, target, split, batch_size=batch_size))
 
 
 # -- gates ---------------------------------------------------------------------------------------
+def _paired_gate(name: str, setting: str, mine, theirs, policy: Policy):
+    from training.comparison import paired
+
+    stats = paired(mine, theirs, policy.bootstrap_seed, policy.bootstrap_resamples, policy.confidence)
+    gate = Gate(
+        name,
+        PASS,
+        "",
+        setting=setting,
+        users=stats.users,
+        value=stats.mine,
+        champion_value=stats.theirs,
+        change=stats.relative_change,
+        low=stats.change_low,
+        high=stats.change_high,
+    )
+    return gate, stats
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:+.2%}"
+
+
 def evaluate_gates(
     policy: Policy,
-    challenger: dict[str, float],
-    champion: dict[str, float] | None,
+    kind: str,
+    mine,
+    champion=None,
+    floor=None,
     model_name: str | None = None,
+    champion_error: str | None = None,
 ) -> list[Gate]:
-    """Every gate of ``policy`` for a challenger's metrics against the champion's (None: no champion).
+    """Every gate of ``policy`` for one candidate, all on the same users of the same split.
 
-    ``model_name``: the challenger's model; the floor model itself never passes the floor.
+    Args:
+        kind: ``first`` (no champion yet), ``refresh`` (the champion's model and configuration
+            retrained) or ``challenge``.
+        mine, champion, floor: ``training.comparison.Measured`` of the candidate, the champion and
+            the floor baseline on the date's split (``mine`` None: the candidate could not be
+            measured; ``champion`` None with ``champion_error``: the champion could not be).
+        model_name: the candidate's model; the floor model itself never passes the floor.
+
+    Refusals are explicit: a missing measurement, a missing metric or too few users refuse by name;
+    a drop gate whose setting has fewer than ``drop_min_users`` users is ``not_evaluable``.
     """
-    gates: list[Gate] = []
-    key = policy.key()
-    value = challenger.get(key)
-    users = challenger.get(f"{policy.split}.standard.users")
-    gates.append(
+    key, setting, metric = policy.key(), policy.setting, policy.metric_name
+    values = mine.values(setting, metric) if mine is not None else None
+    if values is None:
+        why = "the candidate could not be measured" if mine is None else f"{key} is not computed"
+        return [Gate("primary_metric", FAIL, f"{why}: refused")]
+    n = len(values)
+    gates = [
         Gate(
             "min_users",
-            users is not None and users >= policy.min_users,
-            users,
-            policy.min_users,
-            f"{policy.split} users {users if users is not None else 'not logged'} >= {policy.min_users}",
+            PASS if n >= policy.min_users else FAIL,
+            f"{key}: {n} users >= {policy.min_users}",
+            setting=setting,
+            users=n,
+            threshold=policy.min_users,
         )
-    )
-    if value is None:
-        gates.append(
-            Gate("primary_metric", False, None, None, f"{key} was not logged: evaluate the model first")
-        )
+    ]
+    if n == 0:
         return gates
-    if policy.floor_model and model_name == policy.floor_model:
-        gates.append(Gate("floor", False, value, value, f"{model_name} is the floor baseline itself"))
-    elif policy.floor_model:
-        floor = challenger.get(f"floor.{policy.floor_model}.{key}")
-        gates.append(
-            Gate(
-                "floor",
-                floor is not None and value > floor,
-                value,
-                floor,
-                f"{key} {value:.5f} > {policy.floor_model} {floor:.5f}"
-                if floor is not None
-                else f"no {policy.floor_model} floor logged for {key}",
-            )
-        )
-    if champion is None:
-        gates.append(Gate("min_relative_gain", True, value, None, "no champion yet"))
+    mean = float(values.mean())
+    if kind in ("first", "challenge") and policy.floor_model:
+        if model_name == policy.floor_model:
+            gates.append(Gate("floor", FAIL, f"{model_name} is the floor baseline itself", setting, n, mean))
+        else:
+            base = floor.values(setting, metric) if floor is not None else None
+            if base is None:
+                gates.append(
+                    Gate("floor", FAIL, f"no {policy.floor_model} floor measured for {key}: refused")
+                )
+            else:
+                b = float(base.mean())
+                gates.append(
+                    Gate(
+                        "floor",
+                        PASS if mean > b else FAIL,
+                        f"{key} {mean:.5f} > {policy.floor_model} {b:.5f}",
+                        setting,
+                        n,
+                        mean,
+                        threshold=b,
+                    )
+                )
+    if kind == "first":
         return gates
-    base = champion.get(key)
-    if base is None:
-        gates.append(Gate("min_relative_gain", True, value, None, f"champion has no {key}; not compared"))
+    theirs = champion.values(setting, metric) if champion is not None else None
+    if theirs is None:
+        why = champion_error or f"{key} of the champion is not computed"
+        gates.append(Gate("champion_measured", FAIL, f"the champion could not be measured ({why}): refused"))
+        return gates
+    level = f"{policy.confidence:.0%}"
+    if kind == "refresh":
+        gate, st = _paired_gate("refresh_non_inferiority", setting, values, theirs, policy)
+        worse = st.change_high is not None and st.change_high < -policy.refresh_margin
+        gate.status, gate.threshold = (FAIL if worse else PASS), -policy.refresh_margin
+        gate.detail = (
+            f"{key} {st.mine:.5f} vs champion {st.theirs:.5f} on the same {n} users: change "
+            f"{_pct(st.relative_change)}, {level} interval [{_pct(st.change_low)}, {_pct(st.change_high)}]; "
+            f"refused only when the whole interval is below -{policy.refresh_margin:.0%}"
+        )
+        gates.append(gate)
+        return gates
+    gate, st = _paired_gate("min_relative_gain", setting, values, theirs, policy)
+    if st.theirs > 0:
+        ok = st.relative_change >= policy.min_relative_gain and st.diff_low > 0
     else:
-        need = base * (1 + policy.min_relative_gain)
-        gates.append(
-            Gate(
-                "min_relative_gain",
-                value >= need and value > base,
-                value,
-                need,
-                f"{key} {value:.5f} >= champion {base:.5f} x (1 + {policy.min_relative_gain}) = {need:.5f}",
-            )
-        )
-    for setting, drop in sorted(policy.max_relative_drop.items()):
-        skey = policy.key(setting)
-        mine, theirs = challenger.get(skey), champion.get(skey)
-        if theirs is None or not champion.get(f"{policy.split}.{setting}.users"):
+        ok = st.mine > 0 and st.diff_low > 0
+    gate.status, gate.threshold = (PASS if ok else FAIL), policy.min_relative_gain
+    gate.detail = (
+        f"{key} {st.mine:.5f} vs champion {st.theirs:.5f} on the same {n} users: change "
+        f"{_pct(st.relative_change)} >= {policy.min_relative_gain:+.0%}, and the {level} interval of the "
+        f"difference [{st.diff_low:+.5f}, {st.diff_high:+.5f}] excludes a loss"
+    )
+    gates.append(gate)
+    for drop_setting, drop in sorted(policy.max_relative_drop.items()):
+        name, skey = f"max_drop_{drop_setting}", policy.key(drop_setting)
+        a, b = mine.values(drop_setting, metric), champion.values(drop_setting, metric)
+        if a is None or b is None:
+            gates.append(Gate(name, FAIL, f"{skey} is not computed: refused", drop_setting))
+            continue
+        if len(a) < policy.drop_min_users:
             gates.append(
                 Gate(
-                    f"max_drop_{setting}", True, mine, None, f"champion has no {setting} users; not compared"
+                    name,
+                    NOT_EVALUABLE,
+                    f"{skey}: {len(a)} users < drop_min_users {policy.drop_min_users}: not evaluable",
+                    drop_setting,
+                    len(a),
+                    threshold=-drop,
                 )
             )
             continue
-        floor = theirs * (1 - drop)
-        ok = mine is not None and mine >= floor
-        shown = f"{mine:.5f}" if mine is not None else "not logged"
-        gates.append(
-            Gate(
-                f"max_drop_{setting}",
-                ok,
-                mine,
-                floor,
-                f"{skey} {shown} >= champion {theirs:.5f} x (1 - {drop}) = {floor:.5f}",
-            )
+        gate, st = _paired_gate(name, drop_setting, a, b, policy)
+        too_far = st.relative_change is not None and st.relative_change < -drop
+        gate.status, gate.threshold = (FAIL if too_far else PASS), -drop
+        gate.detail = (
+            f"{skey} {st.mine:.5f} vs champion {st.theirs:.5f} on the same {st.users} users: change "
+            f"{_pct(st.relative_change)} >= -{drop:.0%} ({level} interval [{_pct(st.change_low)}, "
+            f"{_pct(st.change_high)}])"
         )
+        gates.append(gate)
     return gates
 
 
@@ -376,56 +533,172 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def _tag_decision(settings: Settings, client, d: Decision, reason: str) -> None:
+def _tag_candidate(settings: Settings, client, c: Candidate, d: Decision, ds: str) -> None:
     model = settings.mlflow.registered_model
     tags = {
-        "promotion.decision": d.action,
-        "promotion.reason": reason,
+        "promotion.decision": c.outcome,
+        "promotion.kind": c.kind,
+        "promotion.date": ds,
+        "promotion.reason": (
+            "every gate passed"
+            if c.outcome == "promoted"
+            else "a better candidate passed first"
+            if c.outcome == "not_reached" and not c.failed
+            else "failed gates: " + ", ".join(g.name for g in c.failed)
+        ),
         "promotion.at": _now(),
         "promotion.champion_before": str(d.champion_before),
         "promotion.champion_after": str(d.champion_after),
-        "promotion.gates": json.dumps([asdict(g) for g in d.gates]),
-        "promotion.failed_gates": ",".join(g.name for g in d.failed),
+        "promotion.gates": json.dumps([asdict(g) for g in c.gates]),
+        "promotion.failed_gates": ",".join(g.name for g in c.failed),
+        "promotion.not_evaluable": ",".join(g.name for g in c.gates if g.status == NOT_EVALUABLE),
+        "promotion.candidates": ",".join(f"{o.version}:{o.outcome}" for o in d.candidates),
     }
     for key, value in tags.items():
         call(
             settings,
             "tag version",
-            lambda k=key, v=value: client.set_model_version_tag(model, str(d.version), k, v),
+            lambda k=key, v=value: client.set_model_version_tag(model, str(c.version), k, v),
         )
+
+
+def write_decisions(settings: Settings, ds: str, d: Decision) -> Path:
+    """Publish the date's decision as the ``decisions`` table (one row per candidate and gate)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from infra import publish
+    from infra.tables import DECISIONS, decisions_dir
+
+    at = _now()
+    rows = [
+        {
+            "ds": ds,
+            "decided_at": at,
+            "version": c.version,
+            "model": c.model,
+            "kind": c.kind,
+            "candidate_value": c.value,
+            "outcome": c.outcome,
+            "champion_before": d.champion_before,
+            "champion_after": d.champion_after,
+            "gate": g.name,
+            "status": g.status,
+            "setting": g.setting,
+            "users": g.users,
+            "value": g.value,
+            "champion_value": g.champion_value,
+            "change": g.change,
+            "change_low": g.low,
+            "change_high": g.high,
+            "threshold": None if g.threshold is None else float(g.threshold),
+            "detail": g.detail,
+        }
+        for c in d.candidates
+        for g in c.gates
+    ]
+    table = pa.Table.from_pylist(rows, schema=DECISIONS.arrow_schema())
+    target = decisions_dir(settings.paths.warehouse_root, ds)
+    with publish.staged_dir(target) as staged:
+        staged.mkdir(parents=True)
+        pq.write_table(table, staged / "part-00000.parquet")
+    return target
+
+
+def _kind(champion: int | None, champion_tags: dict[str, str], tags: dict[str, str]) -> str:
+    if champion is None:
+        return "first"
+    same = ("funnelrec.model", "funnelrec.config")
+    if all(tags.get(k) and tags.get(k) == champion_tags.get(k) for k in same):
+        return "refresh"
+    return "challenge"
 
 
 # -- promote / rollback --------------------------------------------------------------------------
 def promote(settings: Settings, version: int | None = None, ds: str | None = None) -> Decision:
-    """Apply the policy to a challenger: ``version``, else the best version of ``ds``, else ``@challenger``."""
+    """Apply the policy to the candidates: ``version``, else every version registered for ``ds``,
+    else ``@challenger``; promote the best one that passes every gate.
+
+    All candidates must be of one date: the champion and each of them are measured on that date's
+    held-out purchases (``policy.split``). A date whose version is already the champion is decided:
+    promoting it again changes nothing (``already_champion``).
+    """
+    import tempfile
+
+    from training.data import load_training_data
+
     client = connect(settings)
     policy = Policy.load(settings.mlflow.promotion_policy)
     model = settings.mlflow.registered_model
     log = get_logger("registry")
-    if version is None and ds is not None:
-        version = best_of_date(settings, client, ds, policy)
-        call(
-            settings,
-            "set challenger",
-            lambda: client.set_registered_model_alias(model, CHALLENGER, str(version)),
-        )
-    if version is None:
-        version = alias_version(settings, client, CHALLENGER)
-        if version is None:
+    if version is not None:
+        versions = [version]
+    elif ds is not None:
+        versions = date_versions(settings, client, ds)
+    else:
+        challenger = alias_version(settings, client, CHALLENGER)
+        if challenger is None:
             raise PromotionError(f"{model} has no @{CHALLENGER}: register a model first")
-    with registry_lease(settings, client, owner=f"promote-v{version}") as lease:
+        versions = [challenger]
+    tags = {v: version_tags(settings, client, v) for v in versions}
+    dates = {t.get("funnelrec.ds") for t in tags.values()}
+    if len(dates) != 1 or None in dates:
+        raise PromotionError(
+            f"candidates {versions} must be registered for one date; found {sorted(map(str, dates))}"
+        )
+    date = dates.pop()
+    with registry_lease(settings, client, owner=f"promote-{date}") as lease:
         champion = alias_version(settings, client, CHAMPION)
-        if champion == version:
-            d = Decision("already_champion", version, champion, champion)
-            log.info(f"stage=promote version={version} decision=already_champion")
-            return d
-        mine = version_metrics(settings, client, version)
-        theirs = version_metrics(settings, client, champion) if champion is not None else None
-        gates = evaluate_gates(policy, mine, theirs, _version_model(settings, client, version))
-        d = Decision("refused", version, champion, champion, gates)
-        if d.failed:
-            _tag_decision(settings, client, d, "failed gates: " + ", ".join(g.name for g in d.failed))
-        else:
+        if champion in versions:
+            log.info(f"stage=promote ds={date} version={champion} decision=already_champion")
+            return Decision("already_champion", champion, champion, champion)
+        root = Path(settings.paths.warehouse_root) / "training" / f"ds={date}"
+        if not root.is_dir():
+            raise PromotionError(f"no training tables for {date} at {root}: candidates are measured on them")
+        view = "validation" if policy.split == "validation" else "full"
+        target = load_training_data(root, view)
+        champion_tags = version_tags(settings, client, champion) if champion is not None else {}
+        with tempfile.TemporaryDirectory(prefix="funnelrec-promote-") as tmp:
+            work = Path(tmp)
+            measured = {}
+            for v in versions:
+                try:
+                    measured[v] = measure_version(settings, v, target, policy.split, work)
+                except (OSError, RuntimeError, ValueError, KeyError) as exc:
+                    log.warning(f"stage=promote version={v} measure=failed error={exc!r}")
+                    measured[v] = None
+            theirs, champion_error = None, None
+            if champion is not None:
+                try:
+                    theirs = measure_version(settings, champion, target, policy.split, work)
+                except (OSError, RuntimeError, ValueError, KeyError) as exc:
+                    champion_error = f"{type(exc).__name__}: {exc}"
+        floor = (
+            measure_floor(policy.floor_model, target, policy.split, settings.training.eval_batch_size)
+            if policy.floor_model
+            else None
+        )
+
+        def primary(v: int) -> float | None:
+            m = measured[v]
+            values = m.values(policy.setting, policy.metric_name) if m is not None else None
+            return float(values.mean()) if values is not None and len(values) else None
+
+        order = sorted(versions, key=lambda v: (primary(v) is None, -(primary(v) or 0.0), v))
+        candidates = []
+        for v in order:
+            kind = _kind(champion, champion_tags, tags[v])
+            model_name = tags[v].get("funnelrec.model")
+            gates = evaluate_gates(policy, kind, measured[v], theirs, floor, model_name, champion_error)
+            candidates.append(Candidate(v, model_name, kind, primary(v), gates))
+        chosen = next((c for c in candidates if not c.failed), None)
+        for c in candidates:
+            c.outcome = (
+                "promoted" if c is chosen else ("not_reached" if chosen and not c.failed else "refused")
+            )
+        top = chosen or candidates[0]
+        d = Decision("refused", top.version, champion, champion, top.gates, candidates)
+        if chosen is not None:
             held = _model_tags(settings, client).get(LOCK_TAG)
             if not held or json.loads(held)["token"] != lease:
                 raise PromotionError(
@@ -434,29 +707,38 @@ def promote(settings: Settings, version: int | None = None, ds: str | None = Non
             call(
                 settings,
                 "set champion",
-                lambda: client.set_registered_model_alias(model, CHAMPION, str(version)),
+                lambda: client.set_registered_model_alias(model, CHAMPION, str(chosen.version)),
             )
             after = alias_version(settings, client, CHAMPION)  # check after write
             d.champion_after = after
-            if after == version:
+            if after == chosen.version:
                 d.action = "promoted"
                 stack = json.loads(_model_tags(settings, client).get(STACK_TAG, "[]"))
                 if not stack and champion is not None:
                     stack = [champion]
-                stack.append(version)
+                stack.append(chosen.version)
                 _append_history(
                     settings,
                     client,
-                    {"at": _now(), "action": "promote", "from": champion, "to": version},
+                    {
+                        "at": _now(),
+                        "action": "promote",
+                        "from": champion,
+                        "to": chosen.version,
+                        "kind": chosen.kind,
+                    },
                     stack,
                 )
-                _tag_decision(settings, client, d, "every gate passed")
             else:
                 d.action = "lost_race"
-                _tag_decision(settings, client, d, f"another writer set @{CHAMPION} to {after}")
+                chosen.outcome = "lost_race"
+        for c in candidates:
+            _tag_candidate(settings, client, c, d, date)
+        write_decisions(settings, date, d)
     log.info(
-        f"stage=promote version={version} decision={d.action} champion_before={d.champion_before} "
-        f"champion_after={d.champion_after} failed_gates={','.join(g.name for g in d.failed) or 'none'}"
+        f"stage=promote ds={date} candidates={len(candidates)} decision={d.action} version={d.version} "
+        f"champion_before={d.champion_before} champion_after={d.champion_after} "
+        f"failed_gates={','.join(g.name for g in d.failed) or 'none'}"
     )
     return d
 

@@ -1,8 +1,10 @@
 """Champion/challenger promotion against a real MLflow store: the SQLite file and an `mlflow server`.
 
-The gates are exercised with versions whose evaluation metrics are set by the test (a run per
-version, metrics logged to it, a registered version pointing at a real logged pyfunc), so each case
-hits exactly the gate it is about; `test_pyfunc.py` covers the real train -> register path.
+The gates themselves are checked on per-user values set by the test (``evaluate_gates``), so each
+case hits exactly the gate it is about. The registry paths run against real registered versions:
+where a case needs chosen per-user values, ``measure_version`` (our measurement of a version,
+tested on its own below) returns the test's values; where it is about measuring, real models are
+measured on real bundles and checked against an independent evaluator run.
 """
 
 from __future__ import annotations
@@ -13,35 +15,148 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from mlflow.exceptions import MlflowException
 
 from tests.conftest import REPO, settings_under
-from tests.registry.conftest import DS, write_bundle
+from tests.registry.conftest import DS, copy_models, write_bundle
 from tests.training.conftest import tiny_data
 from training import registry, tracking
-from training.registry import CHAMPION, PromotionError, aliases, promote, rollback
+from training.comparison import Measured, paired
+from training.evaluate import KS, PerUser, evaluate_scores
+from training.registry import (
+    CHAMPION,
+    FAIL,
+    NOT_EVALUABLE,
+    PASS,
+    Policy,
+    PromotionError,
+    aliases,
+    evaluate_gates,
+    promote,
+    rollback,
+)
 
-BASE = {"standard": 0.30, "visited": 0.40, "unvisited": 0.10}
+POLICY = Policy(floor_model=None)
+RNG_BASE = np.random.default_rng(7).uniform(0.05, 0.6, 400)  # a champion's per-user NDCG@20
 
 
-def metrics(standard=1.0, visited=1.0, unvisited=1.0, users=200, floor=0.05) -> dict[str, float]:
-    scale = {"standard": standard, "visited": visited, "unvisited": unvisited}
-    out = {f"validation.{s}.NDCG_at_20": BASE[s] * scale[s] for s in BASE}
-    out.update(
+def measured(
+    scale: float = 1.0,
+    visited: float | None = None,
+    unvisited: float | None = None,
+    users=200,
+    n_visited=150,
+    n_unvisited=50,
+) -> Measured:
+    """Per-user values: the fixed base values times ``scale`` (per setting), every metric and K alike."""
+
+    def setting(n: int, factor: float) -> PerUser:
+        v = np.repeat((RNG_BASE[:n] * factor)[:, None], 3 * len(KS), axis=1)
+        return PerUser(np.arange(n), v, np.full(n, 100), np.full((n, len(KS)), 0.1))
+
+    return Measured(
         {
-            "validation.standard.users": users,
-            "validation.visited.users": 150,
-            "validation.unvisited.users": 50,
+            "standard": setting(users, scale),
+            "visited": setting(n_visited, scale if visited is None else visited),
+            "unvisited": setting(n_unvisited, scale if unvisited is None else unvisited),
         }
     )
-    out["floor.popularity.validation.standard.NDCG_at_20"] = floor
-    return out
 
 
+def by_name(gates):
+    return {g.name: g for g in gates}
+
+
+# -- the gates on chosen per-user values ------------------------------------------------------------
+def test_the_champion_against_itself_fails_the_gain_gate_and_passes_the_refresh_gate():
+    m = measured()
+    challenge = by_name(evaluate_gates(POLICY, "challenge", m, m))
+    assert challenge["min_relative_gain"].status == FAIL
+    assert challenge["min_relative_gain"].change == 0.0 and challenge["min_relative_gain"].low == 0.0
+    refresh = by_name(evaluate_gates(POLICY, "refresh", m, m))
+    assert refresh["refresh_non_inferiority"].status == PASS and "min_relative_gain" not in refresh
+    # A refresh clearly worse beyond the margin is refused; a slightly worse one is kept.
+    assert (
+        by_name(evaluate_gates(POLICY, "refresh", measured(0.8), m))["refresh_non_inferiority"].status == FAIL
+    )
+    assert (
+        by_name(evaluate_gates(POLICY, "refresh", measured(0.99), m))["refresh_non_inferiority"].status
+        == PASS
+    )
+
+
+def test_the_bootstrap_interval_is_identical_for_a_seed_and_differs_for_another():
+    rng = np.random.default_rng(3)
+    theirs = rng.uniform(0, 1, 300)
+    mine = theirs + rng.normal(0.02, 0.1, 300)
+    a, b, c = paired(mine, theirs, seed=1), paired(mine, theirs, seed=1), paired(mine, theirs, seed=2)
+    assert (a.diff_low, a.diff_high, a.change_low) == (b.diff_low, b.diff_high, b.change_low)
+    assert (a.diff_low, a.diff_high) != (c.diff_low, c.diff_high)
+    assert a.diff_low < mine.mean() - theirs.mean() < a.diff_high
+    assert a.mine == pytest.approx(mine.mean()) and a.users == 300
+
+
+def test_gain_needs_the_relative_gain_and_an_interval_that_excludes_a_loss():
+    gates = by_name(evaluate_gates(POLICY, "challenge", measured(1.05), measured()))
+    g = gates["min_relative_gain"]
+    assert g.status == PASS and g.change == pytest.approx(0.05) and g.users == 200
+    assert g.value == pytest.approx(RNG_BASE[:200].mean() * 1.05) and g.champion_value == pytest.approx(
+        RNG_BASE[:200].mean()
+    )
+    # +5% on average, but +-0.3 user by user (summing to zero): the interval no longer excludes a loss.
+    noisy = measured(1.05)
+    pu = noisy.per_user["standard"]
+    swing = np.where(np.arange(len(pu.users)) % 2 == 0, 0.3, -0.3)[:, None]
+    noisy.per_user["standard"] = PerUser(pu.users, pu.values + swing, pu.candidates, pu.chance)
+    g = by_name(evaluate_gates(POLICY, "challenge", noisy, measured()))["min_relative_gain"]
+    assert g.status == FAIL and g.low < 0
+
+
+def test_drops_are_judged_on_the_same_users_and_thin_settings_are_not_evaluable():
+    gates = by_name(evaluate_gates(POLICY, "challenge", measured(1.10, unvisited=0.90), measured()))
+    assert gates["max_drop_unvisited"].status == FAIL and gates["max_drop_unvisited"].change == pytest.approx(
+        -0.10
+    )
+    assert gates["max_drop_visited"].status == PASS
+    thin = by_name(
+        evaluate_gates(
+            POLICY, "challenge", measured(1.10, unvisited=0.5, n_unvisited=7), measured(n_unvisited=7)
+        )
+    )
+    assert thin["max_drop_unvisited"].status == NOT_EVALUABLE and thin["max_drop_unvisited"].users == 7
+    assert "not evaluable" in thin["max_drop_unvisited"].detail
+    assert not [g for g in thin.values() if g.status == FAIL]
+
+
+def test_missing_measurements_and_too_few_users_refuse_by_name():
+    assert [(g.name, g.status) for g in evaluate_gates(POLICY, "challenge", None, measured())] == [
+        ("primary_metric", FAIL)
+    ]
+    bad_metric = Policy(floor_model=None, primary_metric="standard.NDCG_at_15")
+    assert evaluate_gates(bad_metric, "first", measured())[0].name == "primary_metric"
+    gates = by_name(evaluate_gates(POLICY, "challenge", measured(1.2), None, champion_error="OSError: gone"))
+    assert gates["champion_measured"].status == FAIL and "OSError: gone" in gates["champion_measured"].detail
+    few = by_name(evaluate_gates(POLICY, "first", measured(users=10)))
+    assert few["min_users"].status == FAIL
+
+
+def test_the_floor_is_beaten_on_the_same_users_and_never_by_itself():
+    policy = Policy()
+    gates = by_name(evaluate_gates(policy, "first", measured(), floor=measured(1.2), model_name="als"))
+    assert gates["floor"].status == FAIL
+    assert by_name(evaluate_gates(policy, "first", measured(), floor=measured(0.5)))["floor"].status == PASS
+    own = by_name(evaluate_gates(policy, "first", measured(), floor=measured(0.5), model_name="popularity"))
+    assert own["floor"].status == FAIL
+    assert by_name(evaluate_gates(policy, "first", measured()))["floor"].status == FAIL  # no floor measured
+
+
+# -- the registry ------------------------------------------------------------------------------------
 class Versions:
-    """Registers versions with given metrics; the first one logs a real pyfunc the others reuse."""
+    """Registers real versions (one logged pyfunc reused) tagged with a date, model and config."""
 
     def __init__(self, settings, model_dir, tables):
         self.settings, self.model_dir, self.tables = settings, model_dir, tables
@@ -49,14 +164,13 @@ class Versions:
         self.exp = tracking.experiment_id(settings, self.client)
         self.source = None
 
-    def add(self, values: dict[str, float], model: str = "als_multi") -> int:
-        from mlflow.entities import Metric
-
+    def add(self, model: str = "als_multi", ds: str = DS, config: str = "c1") -> int:
         from training.pyfunc import log_pyfunc
 
         name = self.settings.mlflow.registered_model
+        if not (self.settings.paths.warehouse_root / "training" / f"ds={ds}").is_dir():
+            write_bundle(tiny_data(), self.settings.paths.warehouse_root, ds)  # the date's held-out pairs
         run = self.client.create_run(self.exp)
-        self.client.log_batch(run.info.run_id, metrics=[Metric(k, v, 0, 0) for k, v in values.items()])
         if self.source is None:
             self.source = log_pyfunc(self.model_dir, self.tables, run.info.run_id, ["u0", "u1"])
         self.client.set_terminated(run.info.run_id)
@@ -66,7 +180,7 @@ class Versions:
             name,
             self.source,
             run_id=run.info.run_id,
-            tags={"funnelrec.ds": DS, "funnelrec.model": model},
+            tags={"funnelrec.ds": ds, "funnelrec.model": model, "funnelrec.config": config},
             model_id=self.source.rsplit("/", 1)[-1],
         )
         return int(mv.version)
@@ -75,30 +189,60 @@ class Versions:
         return self.client.get_model_version(self.settings.mlflow.registered_model, str(version)).tags
 
 
+def _with_policy(settings, tmp_path, **policy):
+    base = yaml.safe_load((REPO / "mlflow" / "promotion.yaml").read_text())
+    base.update(policy)
+    path = tmp_path / "promotion.yaml"
+    path.write_text(yaml.safe_dump(base))
+    return settings.model_copy(
+        update={"mlflow": settings.mlflow.model_copy(update={"promotion_policy": path})}
+    )
+
+
 @pytest.fixture
 def versions(store, trained):
+    copy_models(trained, store)
     model_dir = trained.paths.warehouse_root / "models" / f"ds={DS}" / "als_multi"
     tables = trained.paths.warehouse_root / "training" / f"ds={DS}"
     return Versions(store, model_dir, tables)
+
+
+@pytest.fixture
+def chosen(monkeypatch):
+    """``measure_version`` returns the test's per-user values for each version."""
+    values: dict[int, Measured | None] = {}
+
+    def fake(settings, version, target, split, work):
+        if values.get(version) is None:
+            raise OSError(f"version {version} could not be read")
+        return values[version]
+
+    monkeypatch.setattr(registry, "measure_version", fake)
+    return values
 
 
 def champion(settings) -> int | None:
     return aliases(settings, tracking.connect(settings)).get(CHAMPION)
 
 
-def test_better_challenger_is_promoted_and_rollback_restores_the_previous_champion(store, versions):
-    v1 = versions.add(metrics())
-    first = promote(store, version=v1)
-    assert first.action == "promoted" and champion(store) == v1
-    v2 = versions.add(metrics(standard=1.05, visited=1.02, unvisited=1.0))
-    second = promote(store, version=v2)
+def test_better_challenger_is_promoted_and_rollback_restores_the_previous_champion(
+    store, versions, chosen, tmp_path
+):
+    settings = _with_policy(store, tmp_path, floor_model=None)
+    v1 = versions.add(ds="2026-01-04")
+    chosen[v1] = measured()
+    first = promote(settings, ds="2026-01-04")
+    assert first.action == "promoted" and champion(store) == v1 and first.candidates[0].kind == "first"
+    v2 = versions.add(model="member")
+    chosen[v2] = measured(1.05)
+    second = promote(settings, ds=DS)
     assert second.action == "promoted", second.summary()
     assert (second.champion_before, second.champion_after) == (v1, v2) and champion(store) == v2
     tags = versions.tags(v2)
     assert tags["promotion.decision"] == "promoted" and tags["promotion.failed_gates"] == ""
-    gates = {g["name"]: g for g in json.loads(tags["promotion.gates"])}
-    assert gates["min_relative_gain"]["value"] == pytest.approx(0.315)
-    assert gates["min_relative_gain"]["threshold"] == pytest.approx(0.303)
+    assert tags["promotion.kind"] == "challenge"
+    gate = {g["name"]: g for g in json.loads(tags["promotion.gates"])}["min_relative_gain"]
+    assert gate["change"] == pytest.approx(0.05) and gate["threshold"] == pytest.approx(0.01)
 
     back = rollback(store)
     assert (back.version, back.champion_after) == (v2, v1) and champion(store) == v1
@@ -114,47 +258,130 @@ def test_better_challenger_is_promoted_and_rollback_restores_the_previous_champi
     assert champion(store) == v1
 
 
-def test_degraded_challenger_is_refused_naming_the_gate(store, versions):
-    v1 = versions.add(metrics())
-    promote(store, version=v1)
-    v2 = versions.add(metrics(standard=0.8, visited=0.8, unvisited=0.8))
-    d = promote(store, version=v2)
-    assert d.action == "refused" and champion(store) == v1
-    tags = versions.tags(v2)
-    assert tags["promotion.decision"] == "refused"
-    assert tags["promotion.failed_gates"] == "min_relative_gain,max_drop_unvisited,max_drop_visited"
-    assert "failed gates: min_relative_gain" in tags["promotion.reason"]
+def test_the_best_version_that_passes_is_promoted_and_the_decisions_table_says_why(
+    store, versions, chosen, tmp_path
+):
+    settings = _with_policy(store, tmp_path, floor_model=None)
+    v1 = versions.add(ds="2026-01-04")
+    chosen[v1] = measured()
+    promote(settings, ds="2026-01-04")
+    best = versions.add(model="member")  # best on the primary metric, but loses 10% on unvisited
+    chosen[best] = measured(1.10, unvisited=0.90)
+    second = versions.add(model="lightgcn")  # a smaller gain, no drop
+    chosen[second] = measured(1.04)
+    worse = versions.add(model="popularity")
+    chosen[worse] = measured(0.7)
+    thin = versions.add(model="bpr")  # unreadable: refused by name, never silently dropped
+    chosen[thin] = None
+    d = promote(settings, ds=DS)
+    assert d.action == "promoted" and champion(store) == second, d.summary()
+    assert [(c.version, c.outcome) for c in d.candidates] == [
+        (best, "refused"),
+        (second, "promoted"),
+        (worse, "refused"),
+        (thin, "refused"),
+    ]
+    assert versions.tags(best)["promotion.failed_gates"] == "max_drop_unvisited"
+    assert versions.tags(thin)["promotion.failed_gates"] == "primary_metric"
+    rows = pq.read_table(store.paths.warehouse_root / "decisions" / f"ds={DS}").to_pylist()
+    assert {(r["version"], r["gate"], r["status"]) for r in rows} >= {
+        (best, "max_drop_unvisited", "fail"),
+        (second, "min_relative_gain", "pass"),
+        (worse, "min_relative_gain", "fail"),
+        (thin, "primary_metric", "fail"),
+    }
+    assert {r["champion_before"] for r in rows} == {v1} and {r["champion_after"] for r in rows} == {second}
+    # The date is decided: promoting it again changes nothing.
+    assert promote(settings, ds=DS).action == "already_champion" and champion(store) == second
 
 
-def test_overall_gain_with_an_unvisited_regression_is_refused(store, versions):
-    v1 = versions.add(metrics())
-    promote(store, version=v1)
-    v2 = versions.add(metrics(standard=1.10, visited=1.10, unvisited=0.90))
-    d = promote(store, version=v2)
-    assert d.action == "refused" and [g.name for g in d.failed] == ["max_drop_unvisited"]
-    assert champion(store) == v1
-    gate = {g["name"]: g for g in json.loads(versions.tags(v2)["promotion.gates"])}["max_drop_unvisited"]
-    assert gate["passed"] is False
-    assert gate["value"] == pytest.approx(0.09) and gate["threshold"] == pytest.approx(0.095)
-    # Within the tolerance it passes.
-    v3 = versions.add(metrics(standard=1.10, visited=1.10, unvisited=0.97))
-    assert promote(store, version=v3).action == "promoted"
+def test_a_refresh_replaces_the_champion_unless_shown_worse_and_a_champion_that_cannot_be_read_refuses(
+    store, versions, chosen, tmp_path
+):
+    settings = _with_policy(store, tmp_path, floor_model=None)
+    v1 = versions.add(ds="2026-01-03")
+    chosen[v1] = measured()
+    promote(settings, ds="2026-01-03")
+    refresh = versions.add(ds="2026-01-04")  # same model and config, retrained: slightly worse is fine
+    chosen[refresh] = measured(0.98)
+    d = promote(settings, ds="2026-01-04")
+    assert d.action == "promoted" and d.candidates[0].kind == "refresh" and champion(store) == refresh
+    challenger = versions.add(model="member")
+    chosen[challenger] = measured(1.5)
+    chosen[refresh] = None  # the champion's files are gone
+    d = promote(settings, ds=DS)
+    assert d.action == "refused" and champion(store) == refresh
+    assert versions.tags(challenger)["promotion.failed_gates"] == "champion_measured"
 
 
-def test_first_champion_must_beat_the_floor_and_cover_enough_users(store, versions):
-    below_floor = versions.add(metrics(floor=0.5))
+def test_first_champion_must_beat_the_floor_and_cover_enough_users(store, versions, chosen):
+    below_floor = versions.add()
+    chosen[below_floor] = measured(0.0)  # the real popularity floor, fitted on the tiny bundle, is above 0
     d = promote(store, version=below_floor)
     assert d.action == "refused" and [g.name for g in d.failed] == ["floor"]
-    too_few = versions.add(metrics(users=10))
-    assert [g.name for g in promote(store, version=too_few).failed] == ["min_users"]
-    floor_itself = versions.add(metrics(), model="popularity")
+    too_few = versions.add()
+    chosen[too_few] = measured(users=10)
+    assert "min_users" in [g.name for g in promote(store, version=too_few).failed]
+    floor_itself = versions.add(model="popularity")
+    chosen[floor_itself] = measured()
     assert [g.name for g in promote(store, version=floor_itself).failed] == ["floor"]
     assert champion(store) is None
 
 
-def test_alias_versions_are_ints_whether_the_store_returns_int_or_str(store, versions):
-    v1 = versions.add(metrics())
-    promote(store, version=v1)
+# -- measuring real versions ------------------------------------------------------------------------
+def test_a_version_measured_on_its_own_date_reproduces_its_logged_metrics(trained, tmp_path):
+    from training.data import load_training_data
+    from training.evaluate import summarize
+
+    version = registry.register(trained, DS, "als_multi")
+    target = load_training_data(trained.paths.warehouse_root / "training" / f"ds={DS}", "validation")
+    again = summarize(registry.measure_version(trained, version, target, "validation", tmp_path).per_user)
+    logged = json.loads(
+        (trained.paths.warehouse_root / "models" / f"ds={DS}" / "als_multi" / "metrics.json").read_text()
+    )
+    assert again == logged["validation"]
+
+
+def test_the_champion_is_measured_on_the_challengers_split_as_an_independent_evaluator_measures_it(
+    trained, tmp_path
+):
+    from training.artifacts import load_trained
+    from training.data import load_training_data
+    from training.stages import run_evaluate, run_train
+
+    # A warehouse of its own, on the trained fixture's store (its runs), under another model name.
+    store = {"tracking_uri": trained.mlflow_tracking_uri, "registered_model": "funnelrec_sameday"}
+    settings = settings_under(
+        tmp_path, {"mlflow": {**store, "promotion_policy": str(trained.mlflow.promotion_policy)}}
+    )
+    copy_models(trained, settings)
+    champ = registry.register(settings, DS, "als_multi")
+    assert promote(settings, version=champ).action == "promoted"
+    # The next date: 60 of the 80 users, other histories; its own popularity model challenges.
+    later = "2026-01-06"
+    write_bundle(tiny_data(seed=1, n_users=60), settings.paths.warehouse_root, later)
+    run_train(settings, later, "popularity")
+    run_evaluate(settings, later, "popularity")
+    challenger = registry.register(settings, later, "popularity")
+    d = promote(settings, version=challenger)
+    gate = by_name(d.candidates[0].gates)
+    assert "min_relative_gain" in gate, d.summary()
+    # Independently: the champion's own model on the later date's validation split. The user and
+    # item ids u0..u59 / i0..i49 have the same indices in both bundles.
+    target = load_training_data(settings.paths.warehouse_root / "training" / f"ds={later}", "validation")
+    model, _, _ = load_trained(trained.paths.warehouse_root, DS, "als_multi")
+    want = evaluate_scores(model.scores, target, "validation")
+    assert gate["min_relative_gain"].champion_value == pytest.approx(want["standard"]["NDCG@20"], abs=1e-12)
+    assert gate["min_relative_gain"].users == want["standard"]["users"]
+    tags = tracking.connect(settings).get_model_version("funnelrec_sameday", str(challenger)).tags
+    logged = {g["name"]: g for g in json.loads(tags["promotion.gates"])}["min_relative_gain"]
+    assert logged["champion_value"] == pytest.approx(want["standard"]["NDCG@20"], abs=1e-12)
+
+
+def test_alias_versions_are_ints_whether_the_store_returns_int_or_str(store, versions, chosen, tmp_path):
+    v1 = versions.add()
+    chosen[v1] = measured()
+    promote(_with_policy(store, tmp_path, floor_model=None), version=v1)
     raw = versions.client.get_registered_model(store.mlflow.registered_model).aliases[CHAMPION]
     assert isinstance(raw, str if store.mlflow.tracking_uri else int)  # SQLite: int, REST: str
     assert aliases(store, versions.client)[CHAMPION] == v1 and isinstance(champion(store), int)
@@ -163,41 +390,41 @@ def test_alias_versions_are_ints_whether_the_store_returns_int_or_str(store, ver
     assert registry.as_version("7") == registry.as_version(7) == 7
 
 
-def test_two_promotions_at_once_leave_exactly_one_outcome(tmp_path, trained):
-    settings = settings_under(tmp_path, {"mlflow": {"lock_timeout_seconds": 60}})
+def test_two_promotions_of_a_date_at_once_decide_it_once(tmp_path, trained):
+    mlflow_cfg = {"lock_timeout_seconds": 60, "promotion_policy": str(trained.mlflow.promotion_policy)}
+    settings = settings_under(tmp_path, {"mlflow": mlflow_cfg})
+    copy_models(trained, settings)
     model_dir = trained.paths.warehouse_root / "models" / f"ds={DS}" / "als_multi"
     v = Versions(settings, model_dir, trained.paths.warehouse_root / "training" / f"ds={DS}")
-    v1 = v.add(metrics())
-    promote(settings, version=v1)
-    a, b = v.add(metrics(standard=1.05)), v.add(metrics(standard=1.05))
+    v1 = v.add(ds="2026-01-04")
+    assert promote(settings, version=v1).action == "promoted"
+    a, b = v.add(), v.add()  # two refreshes of the champion for DS, measured for real
     cfg = tmp_path / "settings.yaml"
     cfg.write_text(
         yaml.safe_dump(
             {
                 "paths": {"warehouse_root": str(settings.paths.warehouse_root)},
-                "mlflow": {"lock_timeout_seconds": 60},
+                "mlflow": mlflow_cfg,
             }
         )
     )
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "infra.cli", "--config", str(cfg), "promote", "--version", str(x)],
+            [sys.executable, "-m", "infra.cli", "--config", str(cfg), "promote", "--date", DS],
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for x in (a, b)
+        for _ in range(2)
     ]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
-    decisions = {x: v.tags(x)["promotion.decision"] for x in (a, b)}
-    assert sorted(decisions.values()) == ["promoted", "refused"], decisions
-    winner = next(x for x, d in decisions.items() if d == "promoted")
-    loser = next(x for x in (a, b) if x != winner)
-    assert champion(settings) == winner
-    # The loser was judged against the winner (serialised by the lease), and its tags say so.
-    assert v.tags(loser)["promotion.champion_before"] == str(winner)
+    # One run decided the date (serialised by the lease); the other found it decided.
+    assert sorted("already_champion" in out for out, _ in outs) == [False, True], outs
+    winner = champion(settings)
+    assert winner in (a, b) and v.tags(winner)["promotion.kind"] == "refresh"
+    assert v.tags(winner)["promotion.champion_before"] == str(v1)
     assert [e["to"] for e in registry.history(settings)] == [v1, winner]
 
 
@@ -239,6 +466,7 @@ def test_policy_file_is_the_documented_default():
     policy = registry.Policy.load(load_settings(environ={}).mlflow.promotion_policy)
     assert policy.key() == "validation.standard.NDCG_at_20"
     assert policy.floor_model == "popularity" and set(policy.max_relative_drop) == {"visited", "unvisited"}
+    assert policy == registry.Policy()  # the file and the code's defaults agree
 
 
 def test_bundle_fixture_round_trips(tmp_path):

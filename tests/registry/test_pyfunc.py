@@ -41,9 +41,12 @@ def test_tracked_run_has_params_tags_curves_metrics_and_artifacts(trained):
     assert len(tags["mlflow.source.git.commit"]) == 40
     for split in ("validation", "test"):
         for setting in SETTINGS:
+            # A setting without users has no metrics (null, not 0); every other has all of them.
+            has_users = values[f"{split}.{setting}.users"] > 0
             for k in KS:
+                assert (f"{split}.{setting}.chance_HR_at_{k}" in values) == has_users
                 for m in METRICS:
-                    assert f"{split}.{setting}.{m}_at_{k}" in values
+                    assert (f"{split}.{setting}.{m}_at_{k}" in values) == has_users
     on_disk = json.loads(
         (trained.paths.warehouse_root / "models" / f"ds={DS}" / "als_multi" / "metrics.json").read_text()
     )

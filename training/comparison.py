@@ -1,0 +1,176 @@
+"""Same-data comparison: any registered version measured on a date's held-out split, user by user.
+
+Promotion compares the champion and each challenger on the *same* held-out purchases: those of the
+challenger's date. ``measure_version`` loads a version from the registry (its logged model and the
+training tables it was trained on), scores the date's users through its own id maps, and runs the
+one evaluator on the date's split with that split's mask:
+
+- for ``validation`` it scores with the version's *validation fit*, which never saw anything at or
+  after its own date's validation window; a later date's validation window starts no earlier, so
+  an older champion has not seen those purchases either (``training/README.md``); for ``test`` it
+  scores with the refit;
+- users of the date the version never saw are counted as misses (every metric 0), never dropped;
+- items of the date the version never saw get ``-inf`` (ranked last, tied among themselves).
+
+On its own date the maps are the identity and the result equals the version's logged metrics.
+``paired`` turns two versions' per-user values into the paired statistics the gates read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from infra.tables import ITEM_MAP, USER_MAP
+from training.data import TrainingData, load_training_data
+from training.evaluate import KS, PerUser, ScoreFn, evaluate_per_user
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One version's per-user values on a date's split, per setting (``evaluate_per_user``)."""
+
+    per_user: dict[str, PerUser]
+    ks: tuple[int, ...] = KS
+
+    def values(self, setting: str, metric: str) -> np.ndarray | None:
+        """(U,) values of ``metric`` (``NDCG_at_20``) in ``setting``; None if not computed."""
+        name, _, k = metric.partition("_at_")
+        pu = self.per_user.get(setting)
+        if pu is None or not k.isdigit() or int(k) not in self.ks or name not in ("HR", "NDCG", "Recall"):
+            return None
+        return pu.metric(name, int(k), self.ks)
+
+    def users(self, setting: str) -> np.ndarray:
+        pu = self.per_user.get(setting)
+        return pu.users if pu is not None else np.zeros(0, np.int64)
+
+
+def _ids(tables: Path, table, key: str) -> np.ndarray:
+    t = pq.read_table(tables / table.name, columns=[f"{key}_id", f"{key}_idx"]).to_pandas()
+    out = np.empty(len(t), dtype=object)
+    out[t[f"{key}_idx"].to_numpy()] = t[f"{key}_id"].to_numpy()
+    return out
+
+
+def _index_map(src_ids: np.ndarray, dst_ids: np.ndarray) -> np.ndarray:
+    """For each id of ``src_ids``, its position in ``dst_ids`` (-1 when absent)."""
+    import pandas as pd
+
+    return pd.Index(dst_ids).get_indexer(src_ids).astype(np.int64)
+
+
+def mapped_scorer(model, own_tables: Path, target_tables: Path) -> tuple[ScoreFn, np.ndarray]:
+    """A scorer of the target bundle's users over its items, backed by ``model`` (trained on
+    ``own_tables``), and the target users it cannot score ((n_target_users,) bool)."""
+    own_users, own_items = _ids(own_tables, USER_MAP, "user"), _ids(own_tables, ITEM_MAP, "item")
+    tgt_users, tgt_items = _ids(target_tables, USER_MAP, "user"), _ids(target_tables, ITEM_MAP, "item")
+    user_to_own = _index_map(tgt_users, own_users)  # target user idx -> own idx (-1: unknown)
+    item_to_own = _index_map(tgt_items, own_items)  # target item idx -> own idx (-1: unknown)
+    identity = np.array_equal(user_to_own, np.arange(len(own_users))) and np.array_equal(
+        item_to_own, np.arange(len(own_items))
+    )
+    unscorable = user_to_own < 0
+    if identity:
+        return model.scores, unscorable
+    known_items = torch.from_numpy(np.flatnonzero(item_to_own >= 0))
+    own_cols = torch.from_numpy(item_to_own[item_to_own >= 0])
+
+    def score(users: torch.Tensor) -> torch.Tensor:
+        own = torch.from_numpy(user_to_own[users.cpu().numpy()]).to(users.device)
+        out = torch.full((len(users), len(tgt_items)), float("-inf"), device=users.device)
+        known = own >= 0
+        if known.any():
+            s = model.scores(own[known]).to(users.device, torch.float32)
+            rows = known.nonzero().squeeze(1)
+            out[rows[:, None], known_items.to(users.device)[None, :]] = s[:, own_cols.to(users.device)]
+        out[~known] = 0.0  # counted as misses by the evaluator, whatever they score
+        return out
+
+    return score, unscorable
+
+
+def measure(
+    model,
+    own_tables: Path,
+    target: TrainingData,
+    split: str,
+    batch_size: int = 2048,
+    device: str | torch.device = "cpu",
+) -> Measured:
+    """``model`` (trained on ``own_tables``) on ``target``'s ``split``, per user."""
+    fn, unscorable = mapped_scorer(model, Path(own_tables), target.root)
+    return Measured(
+        evaluate_per_user(fn, target, split, batch_size=batch_size, device=device, unscorable=unscorable)
+    )
+
+
+def measure_model_dir(
+    model_dir: Path, own_tables: Path, target: TrainingData, split: str, batch_size: int = 2048
+) -> Measured:
+    """The model saved in ``model_dir`` (its validation fit for ``validation``, its refit for
+    ``test``) on ``target``'s ``split``."""
+    from training.artifacts import load_model_dir
+
+    view = "validation" if split == "validation" else "full"
+    own = load_training_data(own_tables, view)
+    model = load_model_dir(model_dir, own)
+    return measure(model, own_tables, target, split, batch_size, model.device)
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Two versions on the same users: means, relative change and its bootstrap interval."""
+
+    users: int
+    mine: float
+    theirs: float
+    relative_change: float | None  # mine / theirs - 1; None when theirs is 0
+    diff_low: float
+    diff_high: float
+    change_low: float | None
+    change_high: float | None
+    level: float
+
+
+def paired(
+    mine: np.ndarray, theirs: np.ndarray, seed: int, resamples: int = 1000, level: float = 0.9
+) -> Paired:
+    """Paired statistics of per-user values on the same users, with a seeded percentile bootstrap
+    (users resampled with replacement) of the mean difference and of the relative change."""
+    mine, theirs = np.asarray(mine, np.float64), np.asarray(theirs, np.float64)
+    if mine.shape != theirs.shape:
+        raise ValueError(f"paired values must cover the same users: {mine.shape} vs {theirs.shape}")
+    n = len(mine)
+    if n == 0:
+        raise ValueError("no users to compare")
+    rng = np.random.default_rng(seed)
+    diffs, changes = np.empty(resamples), np.empty(resamples)
+    chunk = max(1, 2_000_000 // n)  # resample indices in blocks of about 16 MB
+    for start in range(0, resamples, chunk):
+        stop = min(start + chunk, resamples)
+        idx = rng.integers(0, n, (stop - start, n))
+        m, t = mine[idx].mean(1), theirs[idx].mean(1)
+        diffs[start:stop] = m - t
+        with np.errstate(divide="ignore", invalid="ignore"):
+            changes[start:stop] = np.where(t > 0, m / t - 1.0, np.nan)
+    tail = (1.0 - level) / 2 * 100
+    lo, hi = np.percentile(diffs, [tail, 100 - tail])
+    theirs_mean, mine_mean = float(theirs.mean()), float(mine.mean())
+    finite = changes[np.isfinite(changes)]
+    c_lo, c_hi = np.percentile(finite, [tail, 100 - tail]) if len(finite) else (None, None)
+    return Paired(
+        users=n,
+        mine=mine_mean,
+        theirs=theirs_mean,
+        relative_change=mine_mean / theirs_mean - 1.0 if theirs_mean > 0 else None,
+        diff_low=float(lo),
+        diff_high=float(hi),
+        change_low=None if c_lo is None else float(c_lo),
+        change_high=None if c_hi is None else float(c_hi),
+        level=level,
+    )
