@@ -120,14 +120,14 @@ def pyfunc_seconds(data: TrainingData, args) -> float:
     from training.artifacts import save_trained
     from training.data import load_training_data
     from training.pyfunc import FunnelrecModel
-    from training.trainer import fit_model
+    from training.trainer import FitResult, fit_model
 
     with tempfile.TemporaryDirectory() as tmp:
         wh = Path(tmp)
         tables = write_bundle(data, wh, "bench")
         data = load_training_data(tables)  # the model records the checksums of the tables it read
         result = fit_model("als_multi", data, 0, {"factors": 64})
-        model_path = save_trained(wh, "bench", result, data, 0)
+        model_path = save_trained(wh, "bench", FitResult(result, result), data, 0)
         ctx = mlflow.pyfunc.PythonModelContext(
             artifacts={"model": str(model_path), "tables": str(tables)}, model_config={}
         )
@@ -167,7 +167,7 @@ from pyspark.sql import SparkSession, functions as F, types as T
 from bench.scoring import synthetic
 from tests.registry.conftest import write_bundle
 from training.artifacts import save_trained
-from training.trainer import fit_model
+from training.trainer import FitResult, fit_model
 from training.pyfunc import FunnelrecModel
 from training.score import score_frame, _executor_model
 import mlflow
@@ -178,7 +178,8 @@ tmp = Path(tempfile.mkdtemp())
 from training.data import load_training_data
 tables = write_bundle(synthetic({users}, {items}), tmp, "bench")
 data = load_training_data(tables)
-model_path = save_trained(tmp, "bench", fit_model("als_multi", data, 0, {{"factors": 64}}), data, 0)
+fitted = fit_model("als_multi", data, 0, {{"factors": 64}})
+model_path = save_trained(tmp, "bench", FitResult(fitted, fitted), data, 0)
 mlflow.set_tracking_uri(f"sqlite:///{{tmp}}/m.db")
 from training.pyfunc import log_pyfunc
 with mlflow.start_run() as run:

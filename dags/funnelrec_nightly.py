@@ -2,8 +2,9 @@
 
 etl:        ingest -> validate_events -> sessionize -> validate_sessions -> split -> validate_training
 train_eval: per model of ``training.models``: train_<m> (pool ``airflow.gpu_pool``; CUDA when the
-            worker has it) -> evaluate_<m> -> register_<m>; then promote, which emits the
-            ``funnelrec_champion`` asset with the data date in its extra (the scoring DAG runs on it).
+            worker has it) -> evaluate_<m> -> register_<m>; then promote (pool ``airflow.promote_pool``,
+            one slot), which emits the ``funnelrec_champion`` asset with the data date in its extra
+            (the scoring DAG runs on it).
 
 Every task calls the same stage function as the CLI and rewrites only its date's outputs, so a
 rerun or a backfill of a date is safe. The schedule is a cron data interval (``airflow.schedule``,
@@ -125,7 +126,8 @@ def register(model: str) -> int:
     return register_version(_settings(), _ds(), model)
 
 
-@task(outlets=[CHAMPION])
+# One slot: two dates (a backfill) never decide at once; the registry lease still guards the CLI.
+@task(outlets=[CHAMPION], pool=CFG.promote_pool, pool_slots=1)
 def promote(versions: list[int]) -> dict:
     from training.registry import promote as apply_policy
 

@@ -127,21 +127,20 @@ def airflow_env(settings: Settings, config: str | None = None) -> dict[str, str]
 
 
 def init_airflow(settings: Settings, env: dict[str, str]) -> None:
-    """Migrate the metadata DB (idempotent) and create the GPU pool the training tasks run in."""
+    """Migrate the metadata DB (idempotent) and create the pools: the GPU pool the training tasks
+    run in, and the one-slot pool that serialises the promote tasks."""
     home = Path(settings.airflow.home)
     home.mkdir(parents=True, exist_ok=True)
     airflow = str(Path(sys.executable).with_name("airflow"))
     subprocess.run([airflow, "db", "migrate"], env=env, check=True, stdout=subprocess.DEVNULL)
-    subprocess.run(
-        [
-            airflow,
-            "pools",
-            "set",
-            settings.airflow.gpu_pool,
-            str(settings.airflow.gpu_pool_slots),
-            "training tasks (one slot per GPU)",
-        ],
-        env=env,
-        check=True,
-        stdout=subprocess.DEVNULL,
+    pools = (
+        (settings.airflow.gpu_pool, settings.airflow.gpu_pool_slots, "training tasks (one slot per GPU)"),
+        (settings.airflow.promote_pool, 1, "promote tasks: one date decides at a time"),
     )
+    for name, slots, about in pools:
+        subprocess.run(
+            [airflow, "pools", "set", name, str(slots), about],
+            env=env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )

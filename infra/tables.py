@@ -276,14 +276,26 @@ DECISIONS = Table(
         C("decided_at", "string", "when promote ran (UTC, ISO 8601)"),
         C("version", "int", "candidate registered version"),
         C("model", "string", "candidate model configuration", nullable=True),
-        C("kind", "string", "first (no champion yet) | refresh (the champion's own model and config) | challenge"),
+        C(
+            "kind",
+            "string",
+            "first (no champion yet) | refresh (the champion's own model and config) | challenge",
+        ),
         C("candidate_value", "double", "candidate's primary metric on the date's split", nullable=True),
         C("outcome", "string", "promoted | refused | not_reached (a better candidate passed first)"),
         C("champion_before", "int", "champion when promote ran", nullable=True),
         C("champion_after", "int", "champion after it", nullable=True),
-        C("gate", "string", "gate name (min_users, floor, min_relative_gain, refresh_non_inferiority, "
-          "max_drop_<setting>, primary_metric, champion_measured)"),
-        C("status", "string", "pass | fail | not_evaluable (too few users to judge; neither passes nor refuses)"),
+        C(
+            "gate",
+            "string",
+            "gate name (min_users, floor, min_relative_gain, refresh_non_inferiority, "
+            "max_drop_<setting>, primary_metric, champion_measured)",
+        ),
+        C(
+            "status",
+            "string",
+            "pass | fail | not_evaluable (too few users to judge; neither passes nor refuses)",
+        ),
         C("setting", "string", "evaluation setting the gate reads", nullable=True),
         C("users", "long", "users both were measured on", nullable=True),
         C("value", "double", "candidate's mean over those users", nullable=True),

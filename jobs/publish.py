@@ -15,6 +15,8 @@ and write the daily report.
    ``agg_item_exposure``       per date and item: users it was recommended to, mean rank (view)
    ``agg_catalog_coverage``    per date: distinct items recommended / items in ``dim_items`` (view)
    ``model_runs``              every tracked run: model, date, metrics, registered version, aliases
+   ``fct_promotion_gates``     every promotion decision: per date, candidate and gate (view over
+                               ``decisions/``, written by ``promote``)
    ==========================  ====================================================================
 3. ``reports/ds=<d>/report.html``: see ``jobs.report``.
 
@@ -34,7 +36,7 @@ import pandas as pd
 from infra import publish
 from infra.logs import stage
 from infra.settings import Settings
-from infra.tables import SCORES, analytics_db, events_dir, scores_dir, scores_staged_dir
+from infra.tables import DECISIONS, SCORES, analytics_db, events_dir, scores_dir, scores_staged_dir
 
 #: Table and view documentation, written into the database as COMMENTs (``duckdb_views()``,
 #: ``duckdb_tables()``) so analysts can read it where they query.
@@ -49,16 +51,25 @@ DOCS = {
     "agg_item_exposure": "Per date and item: users the item was recommended to, share of scored users, "
     "mean rank, visited/unvisited split.",
     "agg_catalog_coverage": "Per date: distinct items recommended, catalogue size (dim_items), coverage share.",
-    "model_runs": "Every tracked train/evaluate run: model, data date, validation/test metrics per setting, "
-    "registered version and the aliases it holds now.",
+    "model_runs": "Every tracked train/evaluate run: model, data date, validation/test metrics per setting "
+    "(HR and NDCG, and chance_HR: what a random ranking of the same candidates scores), registered version "
+    "and the aliases it holds now.",
+    "fct_promotion_gates": "Every promotion decision (the decisions table): per date, candidate version and "
+    "gate, its status (pass, fail, not_evaluable), the candidate's and the champion's means on the same "
+    "users, the relative change and its bootstrap interval, and the outcome.",
 }
 
 RUN_METRICS = [
     f"{split}.{setting}.{m}_at_{k}"
     for split in ("validation", "test")
-    for setting in ("standard", "visited", "unvisited", "long_tail")
-    for m in ("HR", "NDCG")
+    for setting in ("standard", "visited", "unvisited", "long_tail", "tail_items")
+    for m in ("HR", "NDCG", "chance_HR")
     for k in (10, 20, 50)
+] + [
+    f"{split}.{setting}.{m}"
+    for split in ("validation", "test")
+    for setting in ("standard", "visited", "unvisited", "long_tail", "tail_items")
+    for m in ("users", "candidates")
 ]
 
 
@@ -142,6 +153,21 @@ def _model_runs(settings: Settings) -> pd.DataFrame:
     return out
 
 
+def _decisions_view(wh: Path) -> str:
+    """``fct_promotion_gates`` over ``decisions/ds=*/``; with no decision yet, an empty view of the same columns."""
+    root = Path(wh) / DECISIONS.name
+    if any(root.glob("ds=*/*.parquet")):
+        return (
+            "CREATE VIEW fct_promotion_gates AS SELECT * EXCLUDE (ds), CAST(ds AS DATE) AS ds "
+            f"FROM read_parquet('{root}/ds=*/*.parquet', hive_partitioning = false)"
+        )
+    types = {"string": "VARCHAR", "int": "INTEGER", "long": "BIGINT", "double": "DOUBLE"}
+    cols = ", ".join(
+        f"CAST(NULL AS {'DATE' if c.name == 'ds' else types[c.dtype]}) AS {c.name}" for c in DECISIONS.columns
+    )
+    return f"CREATE VIEW fct_promotion_gates AS SELECT {cols} WHERE false"
+
+
 def build_analytics(settings: Settings, run_date: date) -> Path:
     """Rebuild the analysts' DuckDB file next to the old one, then rename it over it."""
     wh = settings.paths.warehouse_root
@@ -211,10 +237,12 @@ def build_analytics(settings: Settings, run_date: date) -> Path:
         con.register("runs_df", runs)
         con.execute("CREATE TABLE model_runs AS SELECT * FROM runs_df")
         con.unregister("runs_df")
+        con.execute(_decisions_view(wh))
         for name, doc in DOCS.items():
             kind = (
                 "VIEW"
-                if name in ("fct_recommendations", "recommendations_latest") or name.startswith("agg_")
+                if name in ("fct_recommendations", "recommendations_latest", "fct_promotion_gates")
+                or name.startswith("agg_")
                 else "TABLE"
             )
             con.execute(f"COMMENT ON {kind} {name} IS '{doc.replace(chr(39), chr(39) * 2)}'")

@@ -1,7 +1,10 @@
 """The daily HTML report: one static file per date, plots embedded as PNG images.
 
 Sections (each a ``<section id=...>``): ``champion`` (which model produced the date, with links to
-its MLflow run and the Data Docs), ``metrics`` (test metrics over data dates per setting),
+its MLflow run and the Data Docs, and its test HR@20 beside the chance level of each setting),
+``promotion`` (the latest promotion decision up to the date: every candidate and gate, with the
+candidate's and the champion's means on the same users and the interval of the change),
+``metrics`` (test metrics over data dates per setting),
 ``coverage`` (catalogue coverage over dates), ``item-types`` (visited vs unvisited share by rank),
 ``popularity`` (how popular the recommended items are against the catalogue).
 Everything is read from the analysts' DuckDB file, so the report shows what analysts can query.
@@ -20,7 +23,11 @@ import duckdb
 from infra.settings import Settings
 from infra.tables import report_path
 
-SETTINGS = ("standard", "visited", "unvisited", "long_tail")
+SETTINGS = ("standard", "visited", "unvisited", "long_tail", "tail_items")
+GATE_COLUMNS = (
+    "version, model, kind, outcome, gate, status, setting, users, value, champion_value, change, "
+    "change_low, change_high, threshold"
+)
 
 
 def _png(fig) -> str:
@@ -48,6 +55,10 @@ def _table(df) -> str:
 
 
 def _fmt(v) -> str:
+    import math
+
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"  # no users in that setting: no figure, not 0
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
@@ -82,10 +93,21 @@ def write_report(settings: Settings, run_date: date, db: Path) -> Path:
         ).df()
         runs = runs.groupby("data_ds", as_index=False).last()
         champion_metrics = con.execute(
-            "SELECT "
-            + ", ".join(f"test_{s}_HR_at_20 AS hr20_{s}, test_{s}_NDCG_at_20 AS ndcg20_{s}" for s in SETTINGS)
-            + " FROM model_runs WHERE run_id = ?",
-            [run_id],
+            " UNION ALL ".join(
+                f"SELECT '{s}' AS setting, test_{s}_users AS users, test_{s}_candidates AS candidates, "
+                f"test_{s}_HR_at_20 AS hr20, test_{s}_chance_HR_at_20 AS chance_hr20, "
+                f"test_{s}_NDCG_at_20 AS ndcg20 FROM model_runs WHERE run_id = $run"
+                for s in SETTINGS
+            ),
+            {"run": run_id},
+        ).df()
+        decided = con.execute("SELECT max(ds) FROM fct_promotion_gates WHERE ds <= ?", [run_date]).fetchone()[
+            0
+        ]
+        gates = con.execute(
+            f"SELECT {GATE_COLUMNS} FROM fct_promotion_gates WHERE ds = ? "
+            "ORDER BY candidate_value DESC NULLS LAST, version, gate",
+            [decided],
         ).df()
         coverage = con.execute("SELECT * FROM agg_catalog_coverage ORDER BY ds").df()
         types = con.execute(
@@ -163,7 +185,15 @@ img {{ max-width: 100%; }} .kpi {{ font-size: 1.2em; }}
 <p class="kpi">{html.escape(str(name))} version {version} (<b>{html.escape(str(model))}</b>) scored
 {users} active users, {rows} recommendations.</p>
 <p>{_mlflow_link(settings, run_id)} &middot; <a href="{docs.as_uri()}">Data Docs (validation results)</a></p>
+<p>Test metrics of the champion's run. <code>chance_hr20</code> is what a random ranking of the same
+candidates would score: read <code>hr20</code> against it (a visited list of a few items is hit by chance).</p>
 {_table(champion_metrics)}
+</section>
+<section id="promotion"><h2>Promotion decision{f" of {decided}" if decided else ""}</h2>
+<p>Every candidate and the champion are measured on the same held-out purchases of the date;
+<code>change</code> is the candidate's mean over the champion's on the same users, with its bootstrap interval.
+A refresh (the champion's own model retrained) is kept unless shown worse; a challenge must win.</p>
+{_table(gates) if len(gates) else "<p>No promotion decision recorded yet.</p>"}
 </section>
 <section id="metrics"><h2>Metrics over time</h2><img alt="test NDCG@20 per setting by date" src="{metrics_png}"></section>
 <section id="coverage"><h2>Catalogue coverage</h2>

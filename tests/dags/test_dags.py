@@ -50,6 +50,10 @@ def test_nightly_graph_is_what_the_design_says(airflow_db):
         assert dag.get_task(f"train_eval.train_{model}").pool == "gpu"
     assert up["train_eval.promote"] == {"train_eval.register_popularity", "train_eval.register_als_multi"}
     assert [a.name for a in dag.get_task("train_eval.promote").outlets] == [CHAMPION_ASSET]
+    assert dag.get_task("train_eval.promote").pool == "promote"
+    from airflow.models.pool import Pool
+
+    assert Pool.get_pool("promote").slots == 1  # created by init_airflow: one date decides at a time
     assert dag.max_active_runs == 1 and dag.catchup is False
     ingest = dag.get_task("etl.ingest")
     assert ingest.retries == 0 and ingest.retry_exponential_backoff and ingest.execution_timeout

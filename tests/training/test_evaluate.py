@@ -151,7 +151,9 @@ def test_unscorable_users_are_counted_as_misses():
 
 
 def test_a_refit_bundle_refuses_the_wrong_view():
-    d = _data(1, 4, purchases=[], visited=[], test=[(0, 2, False)], user_events=[1], validation=[(0, 3, False)])
+    d = _data(
+        1, 4, purchases=[], visited=[], test=[(0, 2, False)], user_events=[1], validation=[(0, 3, False)]
+    )
     d.manifest = {"validation_design": "refit"}
     fn = lambda u: torch.zeros(len(u), 4)  # noqa: E731
     evaluate_scores(fn, d, "test", ks=(1,))
