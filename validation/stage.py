@@ -33,6 +33,7 @@ from infra.tables import (
     SESSION_EVENTS,
     SESSIONIZED,
     SESSIONS,
+    TRAIN_EVENTS,
     TRAINING,
     USER_MAP,
     VISITED,
@@ -122,7 +123,7 @@ def run_validate(spark: SparkSession, settings: Settings, table: str, run_date: 
         bundle = TRAINING.dir(wh, run_date)
         t = {
             x.name: _read(spark, x, bundle / x.name)
-            for x in (HELDOUT, VISITED, INTERACTIONS, USER_MAP, ITEM_MAP)
+            for x in (HELDOUT, VISITED, INTERACTIONS, USER_MAP, ITEM_MAP, TRAIN_EVENTS)
         }
         manifest = json.loads((bundle / MANIFEST_FILE).read_text())
         cutoff = datetime.fromisoformat(manifest["cutoff"]) if manifest.get("cutoff") else None
@@ -130,7 +131,9 @@ def run_validate(spark: SparkSession, settings: Settings, table: str, run_date: 
         pairs = [
             (
                 suites.heldout_suite(),
-                suites.heldout_view(t[HELDOUT.name], t[VISITED.name], t[INTERACTIONS.name]).persist(),
+                suites.heldout_view(
+                    t[HELDOUT.name], t[VISITED.name], t[INTERACTIONS.name], t[TRAIN_EVENTS.name]
+                ).persist(),
             ),
             (suites.interactions_suite(cutoff), t[INTERACTIONS.name]),
             (suites.id_map_suite("user", sizes["users"], settings.split.min_users), t[USER_MAP.name]),

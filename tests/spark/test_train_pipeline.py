@@ -27,14 +27,22 @@ def test_train_evaluate_and_reload(retailrocket, name):
     assert test["visited"]["users"] + test["unvisited"]["users"] >= test["standard"]["users"]
     assert 0 <= test["standard"]["HR@10"] <= test["standard"]["HR@20"] <= test["standard"]["HR@50"] <= 1
     saved = json.loads((model_dir(settings.paths.warehouse_root, DEMO_DATE, name) / METRICS).read_text())
-    assert saved["test"] == test and saved["eval_mask"]["test"] == "train_and_validation_purchases"
+    assert saved["test"] == test and saved["eval_mask"]["test"] == "train_purchases"
+    assert saved["validation"]["standard"]["users"] == manifest["stats"]["heldout"]["validation"]["users"]
 
-    # The saved state dict rebuilds the trained model: the same scores as training it again in memory
-    # (training is deterministic for a seed), and not those of an untrained one.
-    model, data, _ = load_trained(settings.paths.warehouse_root, DEMO_DATE, name)
-    trained = fit_model(name, data, settings.seeds.train, {"train": {"epochs": 2}}, progress=False).model
-    users = torch.arange(0, data.n_users, 97)
+    # Both saved state dicts rebuild their models: the same scores as training them again in memory
+    # (training is deterministic for a seed), and not those of an untrained one. The validation fit
+    # early-stopped on the validation view; the refit ran its best epoch count on every event.
+    wh, seed = settings.paths.warehouse_root, settings.seeds.train
+    users = torch.arange(0, manifest["stats"]["users"], 97)
+    fit, val_data, _ = load_trained(wh, DEMO_DATE, name, view="validation")
+    again = fit_model(name, val_data, seed, {"train": {"epochs": 2}}, progress=False).model
+    assert torch.equal(fit.scores(users), again.scores(users))
+    model, data, meta = load_trained(wh, DEMO_DATE, name)
+    assert meta["refit_epochs"] == (meta["best_epoch"] if model.trainable else 1)
+    trained = fit_model(name, data, seed, {"train": {"epochs": meta["refit_epochs"]}}, progress=False).model
     assert torch.equal(model.scores(users), trained.scores(users))
+    assert not torch.equal(model.scores(users), fit.scores(users))  # the refit saw more
     if trained.trainable:
         fresh = build_model(name, data, {"seed": settings.seeds.train})
         fresh.eval()

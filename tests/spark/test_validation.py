@@ -257,7 +257,8 @@ def test_broken_training_tables_fail_on_exactly_their_expectation(spark, copy_of
         from validation.suites import heldout_view
 
         vis = spark.read.parquet(str(bundle / "visited"))
-        labelled = heldout_view(extra, vis, inter).select(
+        events = spark.read.parquet(str(bundle / "train_events"))
+        labelled = heldout_view(extra, vis, inter, events).select(
             "user_idx", "item_idx", "split", "event_time", F.col("expected_visited").alias("visited")
         )
         _rewrite(spark, bundle / HELDOUT.name, HELDOUT, h.unionByName(labelled))
