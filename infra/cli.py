@@ -385,8 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(
         "train",
         "Train one model on the training tables of --date (warehouse/training/ds=D) or of --benchmark NAME "
-        "(warehouse/training/ds=NAME); write its state dict, config and history to "
-        "warehouse/models/ds=D/MODEL.",
+        "(warehouse/training/ds=NAME): a validation fit early-stopped on the validation split, then a refit "
+        "on every training event for its best epoch count; write both state dicts, the config and the "
+        "history to warehouse/models/ds=D/MODEL.",
         cmd_train,
         dated=False,
     )
@@ -395,9 +396,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="cap on epochs (default: the model's own setting)")
     p = add(
         "evaluate",
-        "Rank all items for every user with a held-out purchase (training purchases masked) and write HR, "
-        "NDCG and Recall @10/20/50 per setting (standard, visited, unvisited, long_tail) and split to "
-        "warehouse/models/ds=D/MODEL/metrics.json.",
+        "Rank all items for every user with a held-out purchase (the purchases its model trained on masked) and "
+        "write HR, NDCG and Recall @10/20/50 with the users, mean candidates and chance HR of each setting "
+        "(standard, visited, unvisited, long_tail, tail_items) and split, validation with the validation fit "
+        "and test with the refit, to warehouse/models/ds=D/MODEL/metrics.json.",
         cmd_evaluate,
         dated=False,
     )
@@ -416,10 +418,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model name")
     p = add(
         "promote",
-        "Apply the promotion policy (mlflow/promotion.yaml, or mlflow.promotion_policy) to a challenger: "
-        "--version N, else the best version registered for --date, else @challenger. `champion` moves only "
-        "when every gate passes; the decision and each gate's numbers are tagged on the version. A refusal "
-        "exits 0 (1 with --strict).",
+        "Apply the promotion policy to the candidates of a date: --version N, else every version registered "
+        "for --date, else @challenger. The policy is mlflow/promotion.yaml or the mlflow.promotion_policy "
+        "setting. Each candidate "
+        "and the champion are measured on the date's held-out purchases; the best candidate that passes "
+        "every gate becomes `champion` (a refresh of the champion's own model unless shown worse, a "
+        "challenge only when it wins). Each gate's numbers are tagged on the versions and written to "
+        "warehouse/decisions/ds=D. A refusal exits 0 (1 with --strict).",
         cmd_promote,
         dated=False,
     )
