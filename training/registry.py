@@ -64,7 +64,7 @@ class Policy:
     min_relative_gain: float = 0.01
     refresh_margin: float = 0.05
     max_relative_drop: dict[str, float] = field(default_factory=lambda: {"visited": 0.05, "unvisited": 0.05})
-    drop_min_users: int = 30
+    drop_min_users: int = 50
     confidence: float = 0.9
     bootstrap_resamples: int = 1000
     bootstrap_seed: int = 20240611
@@ -318,6 +318,21 @@ def measure_version(settings: Settings, version: int, target, split: str, work: 
     return measure_model_dir(model_dir, tables, target, split, settings.training.eval_batch_size)
 
 
+def _measure_or_why(settings: Settings, version: int, target, split: str, work: Path):
+    """``(Measured, None)``, or ``(None, why)`` when the version's files cannot be read or do not fit
+    the tables (a refusal by name follows); an unreachable registry is raised, for a retry."""
+    from mlflow.exceptions import MlflowException
+
+    from training.tracking import RegistryUnavailable
+
+    try:
+        return measure_version(settings, version, target, split, work), None
+    except RegistryUnavailable:
+        raise
+    except (OSError, RuntimeError, ValueError, KeyError, MlflowException) as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+
+
 def measure_floor(name: str, target, split: str, batch_size: int):
     """The floor baseline fitted on ``target`` (seconds: it is closed-form) and measured there."""
     from training.comparison import Measured
@@ -363,6 +378,7 @@ def evaluate_gates(
     floor=None,
     model_name: str | None = None,
     champion_error: str | None = None,
+    mine_error: str | None = None,
 ) -> list[Gate]:
     """Every gate of ``policy`` for one candidate, all on the same users of the same split.
 
@@ -380,7 +396,11 @@ def evaluate_gates(
     key, setting, metric = policy.key(), policy.setting, policy.metric_name
     values = mine.values(setting, metric) if mine is not None else None
     if values is None:
-        why = "the candidate could not be measured" if mine is None else f"{key} is not computed"
+        why = (
+            f"the candidate could not be measured ({mine_error})"
+            if mine is None
+            else f"{key} is not computed"
+        )
         return [Gate("primary_metric", FAIL, f"{why}: refused")]
     n = len(values)
     gates = [
@@ -605,6 +625,24 @@ def write_decisions(settings: Settings, ds: str, d: Decision) -> Path:
     return target
 
 
+def _newer_champion(champion_ds: str | None, ds: str) -> str | None:
+    """Why candidates of ``ds`` may not replace a champion trained on a later date (its validation
+    fit saw ``ds``'s validation window, and serving would go back in time), else None. Names that
+    are not dates (benchmarks) are not ordered."""
+    from datetime import date
+
+    try:
+        theirs, mine = date.fromisoformat(champion_ds or ""), date.fromisoformat(ds)
+    except ValueError:
+        return None
+    if theirs <= mine:
+        return None
+    return (
+        f"the champion was trained on {theirs}, after {mine}: it saw this date's validation window and "
+        "is newer; promote dates in order (a backfill runs them oldest first)"
+    )
+
+
 def _kind(champion: int | None, champion_tags: dict[str, str], tags: dict[str, str]) -> str:
     if champion is None:
         return "first"
@@ -660,19 +698,13 @@ def promote(settings: Settings, version: int | None = None, ds: str | None = Non
         champion_tags = version_tags(settings, client, champion) if champion is not None else {}
         with tempfile.TemporaryDirectory(prefix="funnelrec-promote-") as tmp:
             work = Path(tmp)
-            measured = {}
-            for v in versions:
-                try:
-                    measured[v] = measure_version(settings, v, target, policy.split, work)
-                except (OSError, RuntimeError, ValueError, KeyError) as exc:
-                    log.warning(f"stage=promote version={v} measure=failed error={exc!r}")
-                    measured[v] = None
-            theirs, champion_error = None, None
-            if champion is not None:
-                try:
-                    theirs = measure_version(settings, champion, target, policy.split, work)
-                except (OSError, RuntimeError, ValueError, KeyError) as exc:
-                    champion_error = f"{type(exc).__name__}: {exc}"
+            measured, errors = {}, {}
+            for v in [*versions, *([champion] if champion is not None else [])]:
+                measured[v], errors[v] = _measure_or_why(settings, v, target, policy.split, work)
+                if errors[v]:
+                    log.warning(f"stage=promote version={v} measure=failed error={errors[v]!r}")
+            theirs = measured.get(champion) if champion is not None else None
+            champion_error = errors.get(champion) if champion is not None else None
         floor = (
             measure_floor(policy.floor_model, target, policy.split, settings.training.eval_batch_size)
             if policy.floor_model
@@ -685,11 +717,16 @@ def promote(settings: Settings, version: int | None = None, ds: str | None = Non
             return float(values.mean()) if values is not None and len(values) else None
 
         order = sorted(versions, key=lambda v: (primary(v) is None, -(primary(v) or 0.0), v))
+        newer = _newer_champion(champion_tags.get("funnelrec.ds"), date)
         candidates = []
         for v in order:
             kind = _kind(champion, champion_tags, tags[v])
             model_name = tags[v].get("funnelrec.model")
-            gates = evaluate_gates(policy, kind, measured[v], theirs, floor, model_name, champion_error)
+            gates = evaluate_gates(
+                policy, kind, measured[v], theirs, floor, model_name, champion_error, errors[v]
+            )
+            if newer:
+                gates.append(Gate("date_order", FAIL, newer))
             candidates.append(Candidate(v, model_name, kind, primary(v), gates))
         chosen = next((c for c in candidates if not c.failed), None)
         for c in candidates:

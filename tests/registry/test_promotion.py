@@ -314,6 +314,17 @@ def test_a_refresh_replaces_the_champion_unless_shown_worse_and_a_champion_that_
     assert versions.tags(challenger)["promotion.failed_gates"] == "champion_measured"
 
 
+def test_a_date_older_than_the_champions_never_replaces_it(store, versions, chosen, tmp_path):
+    settings = _with_policy(store, tmp_path, floor_model=None)
+    newer = versions.add(ds="2026-01-09")
+    chosen[newer] = measured()
+    promote(settings, ds="2026-01-09")
+    older = versions.add(model="member")  # a backfill of an earlier date, however good
+    chosen[older] = measured(2.0)
+    d = promote(settings, ds=DS)
+    assert d.action == "refused" and [g.name for g in d.failed] == ["date_order"] and champion(store) == newer
+
+
 def test_first_champion_must_beat_the_floor_and_cover_enough_users(store, versions, chosen):
     below_floor = versions.add()
     chosen[below_floor] = measured(0.0)  # the real popularity floor, fitted on the tiny bundle, is above 0
