@@ -652,6 +652,39 @@ def _kind(champion: int | None, champion_tags: dict[str, str], tags: dict[str, s
     return "challenge"
 
 
+def _move_champion(
+    settings: Settings, client, lease: str, champion: int | None, chosen: Candidate
+) -> int | None:
+    """Point ``champion`` at the chosen candidate while holding the lease; record the move in the
+    alias history. Returns the alias as read back after the write (another writer may have won)."""
+    model = settings.mlflow.registered_model
+    held = _model_tags(settings, client).get(LOCK_TAG)
+    if not held or json.loads(held)["token"] != lease:
+        raise PromotionError(
+            f"lost the promotion lease of {model} before moving @{CHAMPION}; no alias changed"
+        )
+    call(
+        settings,
+        "set champion",
+        lambda: client.set_registered_model_alias(model, CHAMPION, str(chosen.version)),
+    )
+    after = alias_version(settings, client, CHAMPION)  # check after write
+    if after == chosen.version:
+        stack = json.loads(_model_tags(settings, client).get(STACK_TAG, "[]"))
+        if not stack and champion is not None:
+            stack = [champion]
+        stack.append(chosen.version)
+        entry = {
+            "at": _now(),
+            "action": "promote",
+            "from": champion,
+            "to": chosen.version,
+            "kind": chosen.kind,
+        }
+        _append_history(settings, client, entry, stack)
+    return after
+
+
 # -- promote / rollback --------------------------------------------------------------------------
 def promote(settings: Settings, version: int | None = None, ds: str | None = None) -> Decision:
     """Apply the policy to the candidates: ``version``, else every version registered for ``ds``,
@@ -736,38 +769,9 @@ def promote(settings: Settings, version: int | None = None, ds: str | None = Non
         top = chosen or candidates[0]
         d = Decision("refused", top.version, champion, champion, top.gates, candidates)
         if chosen is not None:
-            held = _model_tags(settings, client).get(LOCK_TAG)
-            if not held or json.loads(held)["token"] != lease:
-                raise PromotionError(
-                    f"lost the promotion lease of {model} before moving @{CHAMPION}; no alias changed"
-                )
-            call(
-                settings,
-                "set champion",
-                lambda: client.set_registered_model_alias(model, CHAMPION, str(chosen.version)),
-            )
-            after = alias_version(settings, client, CHAMPION)  # check after write
-            d.champion_after = after
-            if after == chosen.version:
-                d.action = "promoted"
-                stack = json.loads(_model_tags(settings, client).get(STACK_TAG, "[]"))
-                if not stack and champion is not None:
-                    stack = [champion]
-                stack.append(chosen.version)
-                _append_history(
-                    settings,
-                    client,
-                    {
-                        "at": _now(),
-                        "action": "promote",
-                        "from": champion,
-                        "to": chosen.version,
-                        "kind": chosen.kind,
-                    },
-                    stack,
-                )
-            else:
-                d.action = "lost_race"
+            d.champion_after = _move_champion(settings, client, lease, champion, chosen)
+            d.action = "promoted" if d.champion_after == chosen.version else "lost_race"
+            if d.action == "lost_race":
                 chosen.outcome = "lost_race"
         for c in candidates:
             _tag_candidate(settings, client, c, d, date)
