@@ -198,42 +198,45 @@ DUCK_SQL = {
         select user_id, item_id, min(event_time) as event_time from read_parquet('{out}/session_events.parquet')
         where event_time >= timestamp '{cutoff}' and behavior = 'purchase' group by all;
         create or replace table validation as
-        with b as (select * from train where behavior = 'purchase'),
-        e as (select user_id from b group by user_id having count(distinct item_id) >= 2
-              and abs(hash(user_id)) % 1000000 < 100000)
-        select user_id, item_id, event_time from (
-            select b.*, row_number() over (partition by b.user_id order by event_time desc, item_id desc) as r
-            from b join e using (user_id)) where r = 1;
-        create or replace table train2 as
-        select t.* from train t left join validation v using (user_id, item_id)
-        where not (v.user_id is not null and t.behavior = 'purchase');
+        with w as (select user_id, item_id, min(event_time) as event_time from train
+                   where behavior = 'purchase' and event_time >= timestamp '{vstart}' group by all)
+        select * from w anti join (select distinct user_id, item_id from train
+                                   where behavior = 'purchase' and event_time < timestamp '{vstart}')
+                                  using (user_id, item_id);
         create or replace table user_map as
-        select user_id, row_number() over (order by user_id) - 1 as user_idx from (select distinct user_id from train2);
+        select user_id, row_number() over (order by user_id) - 1 as user_idx from (select distinct user_id from train);
         create or replace table item_map as
-        with c as (select item_id, category_id, count(*) as n from train2 where category_id is not null group by all),
+        with c as (select item_id, category_id, count(*) as n from train where category_id is not null group by all),
         top as (select item_id, arg_max(category_id, n) as category_id from c group by item_id)
         select item_id, row_number() over (order by item_id) - 1 as item_idx, category_id
-        from (select distinct item_id from train2) left join top using (item_id);
+        from (select distinct item_id from train) left join top using (item_id);
         create or replace table train_idx as
-        select user_idx, item_idx, behavior, event_time, session_id
-        from train2 join user_map using (user_id) join item_map using (item_id);
+        select user_idx, item_idx, behavior, event_time, session_id,
+               event_time < timestamp '{vstart}' as validation_fit
+        from train join user_map using (user_id) join item_map using (item_id);
         create or replace table interactions as
         select user_idx, item_idx, behavior, count(*) as count, max(event_time) as last_time
-        from train_idx group by all;
+        from train_idx group by user_idx, item_idx, behavior;
         create or replace table visited as
         select distinct user_idx, item_idx from interactions where behavior <> 'purchase';
         create or replace table known as
-        select distinct user_id, item_id from train2 where behavior = 'purchase'
-        union select user_id, item_id from validation;
+        select distinct user_id, item_id from train where behavior = 'purchase';
         create or replace table dropped as
         select count(*) as test_repeat_purchase from test semi join known using (user_id, item_id);
         create or replace table heldout as
-        with h as (select *, 'validation' as split from validation
-                   union all
-                   select t.*, 'test' from test t anti join known using (user_id, item_id))
-        select user_idx, item_idx, split, event_time, v.user_idx is not null as visited
-        from h join user_map using (user_id) join item_map using (item_id)
-        left join visited v using (user_idx, item_idx);
+        with fit as (select * from train_idx where validation_fit),
+        h as (select user_idx, item_idx, 'validation' as split, event_time
+              from validation join user_map using (user_id) join item_map using (item_id)
+              where user_idx in (select user_idx from fit) and item_idx in (select item_idx from fit)
+              union all
+              select user_idx, item_idx, 'test' as split, event_time
+              from (select * from test anti join known using (user_id, item_id))
+              join user_map using (user_id) join item_map using (item_id)),
+        seen as (select user_idx, item_idx, true as any_visit, bool_or(validation_fit) as fit_visit
+                 from train_idx where behavior <> 'purchase' group by user_idx, item_idx)
+        select user_idx, item_idx, split, event_time,
+               coalesce(case when split = 'validation' then fit_visit else any_visit end, false) as visited
+        from h left join seen using (user_idx, item_idx);
         copy (select * from interactions order by user_idx, item_idx, behavior) to '{out}/interactions.parquet' (format parquet);
         copy (select * from visited order by user_idx, item_idx) to '{out}/visited.parquet' (format parquet);
         copy (select * from heldout order by split, user_idx, item_idx) to '{out}/heldout.parquet' (format parquet);
@@ -244,12 +247,17 @@ DUCK_SQL = {
         create or replace table leakage as
         with i as (select * from read_parquet('{out}/interactions.parquet')),
         h as (select * from read_parquet('{out}/heldout.parquet')),
-        ft as (select user_idx, min(event_time) as t from h where split = 'test' group by user_idx)
-        select (select count(*) from h semi join (select * from i where behavior = 'purchase') b
+        ft as (select user_idx, min(event_time) as t from h where split = 'test' group by user_idx),
+        fv as (select user_idx, min(event_time) as v from h where split = 'validation' group by user_idx),
+        e as (select * from read_parquet('{out}/train_events.parquet'))
+        select (select count(*) from (select * from h where split = 'test')
+                semi join (select * from i where behavior = 'purchase') b
                 using (user_idx, item_idx)) as heldout_in_train_purchases,
                (select count(*) from i where last_time >= timestamp '{cutoff}') as train_rows_after_cutoff,
-               (select count(*) from read_parquet('{out}/train_events.parquet') e join ft using (user_idx)
-                where e.behavior = 'purchase' and e.event_time >= ft.t) as train_purchase_after_test;
+               (select count(*) from e join ft using (user_idx)
+                where e.behavior = 'purchase' and e.event_time > ft.t) as train_purchase_after_test,
+               (select count(*) from e join fv using (user_idx)
+                where e.validation_fit and e.event_time > fv.v) as validation_fit_after_validation;
         create or replace table checksums as
         {checksums};
         create or replace table split_stats as
@@ -274,6 +282,7 @@ def run_duckdb(data_root: Path, work: Path, threads: int) -> dict:
         "end_excl": (END + timedelta(days=1)).isoformat(),
         "first": (END - timedelta(days=DAYS - 1)).isoformat(),
         "cutoff": END.isoformat(),
+        "vstart": (END - timedelta(days=1)).isoformat(),  # split.validation_days = 1 (the default)
         "checksums": " union all ".join(
             f"select '{t}' as name, sum(hash(t)::hugeint) % 18446744073709551616 as h, count(*) as n "
             f"from read_parquet('{out_dir}/{t}.parquet') t"
