@@ -76,7 +76,9 @@ def save_trained(
         "seconds": first.seconds + (fit.final.seconds if fit.refitted else 0.0),
         "seconds_per_epoch": first.seconds_per_epoch,
         "peak_rss_mb": max(first.peak_rss_mb, fit.final.peak_rss_mb),
-        "peak_cuda_mb": first.peak_cuda_mb,
+        "peak_cuda_mb": max(
+            (r.peak_cuda_mb for r in (first, fit.final) if r.peak_cuda_mb is not None), default=None
+        ),
         "mlflow_run_id": run_id,
     }
 

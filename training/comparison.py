@@ -45,10 +45,6 @@ class Measured:
             return None
         return pu.metric(name, int(k), self.ks)
 
-    def users(self, setting: str) -> np.ndarray:
-        pu = self.per_user.get(setting)
-        return pu.users if pu is not None else np.zeros(0, np.int64)
-
 
 def _ids(tables: Path, table, key: str) -> np.ndarray:
     t = pq.read_table(tables / table.name, columns=[f"{key}_id", f"{key}_idx"]).to_pandas()
