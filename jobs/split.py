@@ -226,7 +226,10 @@ def split_events(events: DataFrame, params: SplitParams, cached: list[DataFrame]
         start = F.lit(params.validation_start)
         in_window = train_buys.filter(F.col("event_time") >= start)
         earlier = train_buys.filter(F.col("event_time") < start).select(*pair).distinct()
-        candidates = in_window.groupBy(*pair).agg(F.min("event_time").alias("event_time"))
+        candidates, n_candidates = _counted(
+            in_window.groupBy(*pair).agg(F.min("event_time").alias("event_time"))
+        )
+        cached.append(candidates)
         validation = candidates.join(earlier, pair, "left_anti")
 
         def with_fit_flag(df: DataFrame) -> DataFrame:
@@ -240,13 +243,14 @@ def split_events(events: DataFrame, params: SplitParams, cached: list[DataFrame]
             .filter(seeded_sample("user_id", params.seed, params.val_user_fraction))
             .select("user_id")
         )
-        candidates = _last_per_user(train_buys.join(eligible, "user_id", "left_semi"), "_v_")
+        candidates, n_candidates = _counted(
+            _last_per_user(train_buys.join(eligible, "user_id", "left_semi"), "_v_")
+        )
         # The last purchase is a repeat when the user bought the item before.
         times = train_buys.groupBy(*pair).agg(F.count("*").alias("_buys"))
         repeats = times.filter("_buys > 1").select("user_id", F.col("item_id").alias("_v_item"))
-        cut = candidates.join(repeats, ["user_id", "_v_item"], "left_anti")
-        cut = _materialized(cut)
-        cached.append(cut)
+        cut = _materialized(candidates.join(repeats, ["user_id", "_v_item"], "left_anti"))
+        cached += [candidates, cut]
         validation = cut.select(
             "user_id", F.col("_v_item").alias("item_id"), F.col("_v_time").alias("event_time")
         )
@@ -259,7 +263,6 @@ def split_events(events: DataFrame, params: SplitParams, cached: list[DataFrame]
 
     validation, n_validation = _counted(validation)
     cached.append(validation)
-    n_candidates = candidates.count()
     train = with_fit_flag(training(events)).drop("_rank", "_hash")
 
     known_before_test = train_buys.select(*pair).distinct()
@@ -282,13 +285,7 @@ def build_training_tables(events: DataFrame, params: SplitParams) -> TrainingTab
     """
     cached: list[DataFrame] = []
     split = split_events(events, params, cached)
-    train, validation, test, dropped, n_pairs = (
-        split.train,
-        split.validation,
-        split.test,
-        split.dropped,
-        split.pairs,
-    )
+    train, dropped = split.train, split.dropped
     # ``train`` is not cached: the maps read two or three of its columns straight from Parquet,
     # and caching every column of every training event cost more (29 s of 10M events' ~170 s)
     # than those column-pruned rereads. ``train_idx`` below is the one large cache.
@@ -334,8 +331,8 @@ def build_training_tables(events: DataFrame, params: SplitParams) -> TrainingTab
     )
     visited = train_idx.filter(F.col("behavior") != PURCHASE).select("user_idx", "item_idx").distinct()
 
-    heldout_ids = validation.withColumn("split", F.lit("validation")).unionByName(
-        test.withColumn("split", F.lit("test"))
+    heldout_ids = split.validation.withColumn("split", F.lit("validation")).unionByName(
+        split.test.withColumn("split", F.lit("test"))
     )
     pairs = ["user_idx", "item_idx"]
     # A validation pair counts only if the validation fit saw its user and its item.
@@ -354,7 +351,7 @@ def build_training_tables(events: DataFrame, params: SplitParams) -> TrainingTab
     cached.append(heldout_idx)
     # Both are one row per pair and split, and the maps one row per id: the difference is the
     # held-out pairs whose user or item has no index (or, for validation, was not in its fit).
-    dropped["cold_user_or_item"] = sum(n_pairs.values()) - n_indexed
+    dropped["cold_user_or_item"] = sum(split.pairs.values()) - n_indexed
     # The visited flags come from the training events of the held-out pairs only (a broadcast
     # semi-join), not from a join with the whole visited table, which would rebuild it. A test
     # item is visited with any visit in training; a validation item with one its fit saw.

@@ -206,6 +206,8 @@ def evaluate_per_user(
             _rows_dense(data.visited, users, device) if {"visited", "unvisited"} & set(settings) else None
         )
         dead = unscorable[users] if unscorable is not None else None
+        # standard, long_tail and tail_items rank the same candidates: one ranking serves all three.
+        every: tuple[np.ndarray, np.ndarray] | None = None
 
         for setting in settings:
             keep = np.ones(len(items), bool)
@@ -221,14 +223,25 @@ def evaluate_per_user(
             if not keep.any():
                 continue
             r, it = rows[keep], items[keep]
-            dev_r, dev_it = torch.from_numpy(r).to(device), torch.from_numpy(it).to(device)
-            ranks = gt_ranks(scores, cand, dev_r, dev_it).cpu().numpy()
+            if cand is unmasked:
+                if every is None:
+                    all_ranks = gt_ranks(
+                        scores,
+                        unmasked,
+                        torch.from_numpy(rows).to(device),
+                        torch.from_numpy(items).to(device),
+                    )
+                    every = all_ranks.cpu().numpy(), unmasked.sum(1).cpu().numpy()
+                ranks, counts = every[0][keep], every[1]
+            else:
+                dev_r, dev_it = torch.from_numpy(r).to(device), torch.from_numpy(it).to(device)
+                ranks, counts = gt_ranks(scores, cand, dev_r, dev_it).cpu().numpy(), cand.sum(1).cpu().numpy()
             values = _user_metrics(ranks, r, stop - start, ks)
             if dead is not None:
                 values[dead] = 0.0
             per_user[setting][start:stop] = values
             n_gt[setting][start:stop] = np.bincount(r, minlength=stop - start)
-            n_cand[setting][start:stop] = cand.sum(1).cpu().numpy()
+            n_cand[setting][start:stop] = counts
 
     out = {}
     for setting in settings:

@@ -197,3 +197,8 @@ def test_results_identical_for_any_batch_size():
     results = [flatten(evaluate_scores(fn, d, "test", batch_size=b)) for b in (1, 7, 64, 10_000)]
     assert all(r == results[0] for r in results[1:])
     assert results[0]["standard_users"] == len({t[0] for t in test})
+    # long_tail is standard restricted to some users: their values are their standard values.
+    pu = evaluate_per_user(fn, d, "test", batch_size=7)
+    tail, std = pu["long_tail"], pu["standard"]
+    assert 0 < len(tail.users) < len(std.users)
+    np.testing.assert_array_equal(tail.values, std.values[np.searchsorted(std.users, tail.users)])
