@@ -72,17 +72,19 @@ class Policy:
 
     @classmethod
     def load(cls, path: Path) -> Policy:
+        from training.evaluate import KS, METRICS, SETTINGS
+
         raw = yaml.safe_load(Path(path).read_text()) or {}
         unknown = set(raw) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"{path}: unknown promotion settings {sorted(unknown)}")
         policy = cls(**raw)
         setting, _, metric = policy.primary_metric.partition(".")
-        from training.evaluate import SETTINGS
-
-        if not metric or "_at_" not in metric or setting not in SETTINGS:
+        name, _, k = metric.partition("_at_")
+        if setting not in SETTINGS or name not in METRICS or k not in {str(x) for x in KS}:
             raise ValueError(
-                f"{path}: primary_metric must look like standard.NDCG_at_20 (settings: {', '.join(SETTINGS)}), "
+                f"{path}: primary_metric must be <setting>.<metric>_at_<K> like standard.NDCG_at_20 "
+                f"(settings {', '.join(SETTINGS)}; metrics {', '.join(METRICS)}; K {KS}), "
                 f"got {policy.primary_metric!r}"
             )
         unknown_settings = set(policy.max_relative_drop) - set(SETTINGS)
@@ -126,10 +128,6 @@ class Gate:
     low: float | None = None
     high: float | None = None
     threshold: float | None = None
-
-    @property
-    def passed(self) -> bool:
-        return self.status != FAIL
 
 
 @dataclass

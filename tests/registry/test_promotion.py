@@ -480,6 +480,14 @@ def test_policy_file_is_the_documented_default():
     assert policy == registry.Policy()  # the file and the code's defaults agree
 
 
+@pytest.mark.parametrize("metric", ["standard.NDCG_at_15", "standard.MRR_at_20", "everyone.NDCG_at_20"])
+def test_a_policy_naming_a_metric_the_evaluator_does_not_compute_is_refused_at_load(tmp_path, metric):
+    path = tmp_path / "promotion.yaml"
+    path.write_text(yaml.safe_dump({"primary_metric": metric}))
+    with pytest.raises(ValueError, match="primary_metric must be"):
+        registry.Policy.load(path)
+
+
 def test_bundle_fixture_round_trips(tmp_path):
     from training.data import load_training_data
 
