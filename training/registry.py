@@ -335,12 +335,9 @@ def measure_floor(name: str, target, split: str, batch_size: int):
     """The floor baseline fitted on ``target`` (seconds: it is closed-form) and measured there."""
     from training.comparison import Measured
     from training.evaluate import evaluate_per_user
-    from training.models import build_model
+    from training.models import fitted_closed_form
 
-    floor = build_model(name, target)
-    if floor.trainable:
-        raise PromotionError(f"the promotion floor must be a closed-form model; {name} is gradient-trained")
-    floor.fit()
+    floor = fitted_closed_form(name, target)
     return Measured(evaluate_per_user(floor.scores, target, split, batch_size=batch_size))
 
 

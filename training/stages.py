@@ -10,7 +10,7 @@ from training import tracking
 from training.artifacts import load_trained, model_dir, read_meta, save_trained, training_dir, write_metrics
 from training.data import TrainingData, load_training_data
 from training.evaluate import KS, METRICS, SETTINGS, evaluate_scores
-from training.models import build_model, merged_config, model_class
+from training.models import fitted_closed_form, merged_config, model_class
 from training.trainer import fit_and_refit
 
 
@@ -121,10 +121,7 @@ def _floor_metrics(
         data = views[split]
         if split not in data.heldout:
             continue
-        floor = build_model(name, data)
-        if floor.trainable:
-            raise ValueError(f"the promotion floor must be a closed-form model; {name} is gradient-trained")
-        floor.fit()
+        floor = fitted_closed_form(name, data)
         out[split] = evaluate_scores(floor.scores, data, split, batch_size=settings.training.eval_batch_size)
     return out
 

@@ -221,6 +221,15 @@ def chosen(monkeypatch):
     return values
 
 
+def first_champion(settings, versions, chosen, ds: str) -> int:
+    """Register a version for ``ds`` with the base per-user values and promote it (no champion yet)."""
+    v = versions.add(ds=ds)
+    chosen[v] = measured()
+    d = promote(settings, ds=ds)
+    assert d.action == "promoted" and d.candidates[0].kind == "first", d.summary()
+    return v
+
+
 def champion(settings) -> int | None:
     return aliases(settings, tracking.connect(settings)).get(CHAMPION)
 
@@ -229,10 +238,8 @@ def test_better_challenger_is_promoted_and_rollback_restores_the_previous_champi
     store, versions, chosen, tmp_path
 ):
     settings = _with_policy(store, tmp_path, floor_model=None)
-    v1 = versions.add(ds="2026-01-04")
-    chosen[v1] = measured()
-    first = promote(settings, ds="2026-01-04")
-    assert first.action == "promoted" and champion(store) == v1 and first.candidates[0].kind == "first"
+    v1 = first_champion(settings, versions, chosen, "2026-01-04")
+    assert champion(store) == v1
     v2 = versions.add(model="member")
     chosen[v2] = measured(1.05)
     second = promote(settings, ds=DS)
@@ -262,9 +269,7 @@ def test_the_best_version_that_passes_is_promoted_and_the_decisions_table_says_w
     store, versions, chosen, tmp_path
 ):
     settings = _with_policy(store, tmp_path, floor_model=None)
-    v1 = versions.add(ds="2026-01-04")
-    chosen[v1] = measured()
-    promote(settings, ds="2026-01-04")
+    v1 = first_champion(settings, versions, chosen, "2026-01-04")
     best = versions.add(model="member")  # best on the primary metric, but loses 10% on unvisited
     chosen[best] = measured(1.10, unvisited=0.90)
     second = versions.add(model="lightgcn")  # a smaller gain, no drop
@@ -299,9 +304,7 @@ def test_a_refresh_replaces_the_champion_unless_shown_worse_and_a_champion_that_
     store, versions, chosen, tmp_path
 ):
     settings = _with_policy(store, tmp_path, floor_model=None)
-    v1 = versions.add(ds="2026-01-03")
-    chosen[v1] = measured()
-    promote(settings, ds="2026-01-03")
+    first_champion(settings, versions, chosen, "2026-01-03")
     refresh = versions.add(ds="2026-01-04")  # same model and config, retrained: slightly worse is fine
     chosen[refresh] = measured(0.98)
     d = promote(settings, ds="2026-01-04")
@@ -316,9 +319,7 @@ def test_a_refresh_replaces_the_champion_unless_shown_worse_and_a_champion_that_
 
 def test_a_date_older_than_the_champions_never_replaces_it(store, versions, chosen, tmp_path):
     settings = _with_policy(store, tmp_path, floor_model=None)
-    newer = versions.add(ds="2026-01-09")
-    chosen[newer] = measured()
-    promote(settings, ds="2026-01-09")
+    newer = first_champion(settings, versions, chosen, "2026-01-09")
     older = versions.add(model="member")  # a backfill of an earlier date, however good
     chosen[older] = measured(2.0)
     d = promote(settings, ds=DS)

@@ -66,3 +66,13 @@ def merged_config(name: str, overrides: dict[str, Any] | None = None) -> dict[st
 def build_model(name: str, data: TrainingData, overrides: dict[str, Any] | None = None) -> Recommender:
     config = merged_config(name, overrides)
     return model_class(name)(data, config)
+
+
+def fitted_closed_form(name: str, data: TrainingData) -> Recommender:
+    """``name`` with its defaults, fitted on ``data``: only for closed-form models (``fit()`` in
+    seconds), such as the promotion floor."""
+    model = build_model(name, data)
+    if model.trainable:
+        raise ValueError(f"{name} is gradient-trained; only a closed-form model is fitted here")
+    model.fit()
+    return model
