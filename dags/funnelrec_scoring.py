@@ -1,10 +1,12 @@
-"""funnelrec_scoring: score every active user with ``@champion``, validate, publish.
+"""funnelrec_scoring: build the date's serving context, score every active user with ``@champion``
+from it, validate, publish.
 
 Runs when the nightly DAG's promote task emits the ``funnelrec_champion`` asset (its extra carries
 the data date: asset-triggered runs have no logical date) and on its own daily cron
-(``airflow.scoring_schedule``), which scores the previous day. ``score -> validate_scores ->
-publish``: nothing is visible to analysts until the scores pass their suite, and the publish swaps
-the date's partition in atomically.
+(``airflow.scoring_schedule``), which scores the previous day. ``context -> validate_serving ->
+score -> validate_scores -> publish``: the champion scores each user from the context as of the
+date (never from its training tables), nothing is visible to analysts until the scores pass their
+suite, and the publish swaps the date's partition in atomically.
 """
 
 from __future__ import annotations
@@ -25,6 +27,16 @@ def _date():
 
 
 @task
+def context() -> dict:
+    from infra.spark import get_spark
+    from jobs.context import run_context
+
+    s = load_settings()
+    r = run_context(get_spark(s), s, _date())
+    return {"ds": _date().isoformat(), "users": r.users, "items": r.items}
+
+
+@task
 def score() -> dict:
     from training.score import run_score
 
@@ -38,14 +50,17 @@ def score() -> dict:
     return {"ds": _date().isoformat(), "version": result["champion"]["version"], "rows": result["rows"]}
 
 
-@task
-def validate_scores() -> dict:
-    from infra.spark import get_spark
-    from validation.stage import run_validate
+def _validate(table: str):
+    @task(task_id=f"validate_{table}")
+    def validate() -> dict:
+        from infra.spark import get_spark
+        from validation.stage import run_validate
 
-    s = load_settings()
-    summary = run_validate(get_spark(s), s, "scores", _date())
-    return {"success": summary["success"]}
+        s = load_settings()
+        summary = run_validate(get_spark(s), s, table, _date())
+        return {"success": summary["success"]}
+
+    return validate()
 
 
 @task
@@ -68,7 +83,7 @@ def publish() -> dict:
     doc_md=__doc__,
 )
 def funnelrec_scoring():
-    score() >> validate_scores() >> publish()
+    context() >> _validate("serving") >> score() >> _validate("scores") >> publish()
 
 
 funnelrec_scoring()

@@ -18,7 +18,7 @@ from pathlib import Path
 from infra.dates import InvalidDateError, parse_run_date
 from infra.logs import configure, get_logger, stage
 from infra.settings import Settings, load_settings
-from infra.tables import MANIFEST_FILE, SESSIONIZED, TRAINING, events_dir, quarantine_dir
+from infra.tables import MANIFEST_FILE, SERVING, SESSIONIZED, TRAINING, events_dir, quarantine_dir
 
 EXIT_FAILED = 1
 
@@ -34,6 +34,8 @@ NIGHTLY_STAGES = (
     "evaluate",
     "register",
     "promote",
+    "context",
+    "validate serving",
     "score",
     "validate scores",
     "publish",
@@ -170,6 +172,18 @@ def cmd_rollback(args, settings: Settings) -> int:
     return 0
 
 
+def cmd_context(args, settings: Settings) -> int:
+    from infra.spark import get_spark
+    from jobs.context import run_context
+
+    r = run_context(get_spark(settings), settings, args.date)
+    print(
+        f"context of {r.users} active users, catalogue of {r.items} items -> "
+        f"{SERVING.dir(settings.paths.warehouse_root, args.date)}"
+    )
+    return 0
+
+
 def cmd_score(args, settings: Settings) -> int:
     from training.score import run_score, summary_json
 
@@ -195,6 +209,7 @@ def cmd_publish(args, settings: Settings) -> int:
 
 def cmd_nightly(args, settings: Settings) -> int:
     from infra.spark import get_spark
+    from jobs.context import run_context
     from jobs.ingest import run_ingest
     from jobs.publish import run_publish
     from jobs.sessionize import run_sessionize
@@ -220,6 +235,8 @@ def cmd_nightly(args, settings: Settings) -> int:
         results[name] = run_evaluate(settings, ds, name)
         register(settings, ds, name)
     decision = promote(settings, ds=ds)
+    run_context(spark, settings, args.date)
+    run_validate(spark, settings, "serving", args.date)
     run_score(settings, args.date, spark=spark)
     run_validate(spark, settings, "scores", args.date)
     published = run_publish(settings, args.date)
@@ -376,12 +393,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(
         "validate",
         "Validate a table of --date with its Great Expectations suite, run as a GX checkpoint on the Spark "
-        "DataFrame: events (the history window), sessions (sessionized/ds=D) or training (training/ds=D). Writes "
+        "DataFrame: events (the history window), sessions (sessionized/ds=D), training (training/ds=D), serving "
+        "(serving/ds=D) or scores (the staged or published scores of D, against serving/ds=D). Writes "
         "warehouse/validation/TABLE/ds=D/result.json and the Data Docs site (validation.data_docs_dir); exits 1 "
         "listing each failed expectation.",
         cmd_validate,
     )
-    p.add_argument("--table", required=True, choices=["events", "sessions", "training", "scores"])
+    p.add_argument("--table", required=True, choices=["events", "sessions", "training", "serving", "scores"])
     p = add(
         "train",
         "Train one model on the training tables of --date (warehouse/training/ds=D) or of --benchmark NAME "
@@ -440,12 +458,22 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_rollback,
         dated=False,
     )
+    add(
+        "context",
+        "Build what scoring of --date reads from the events up to it: each active user's context (visited set "
+        "and purchases of the last split.observation_days days, last scoring.history_length events) and the "
+        "date's catalogue (items with an event in the last scoring.catalogue_days days, by popularity), "
+        "written to warehouse/serving/ds=D.",
+        cmd_context,
+    )
     p = add(
         "score",
         "Score every active user of --date (any event in the last scoring.active_days days) with "
-        "models:/<registered_model>@champion against all items, excluding what they bought; top scoring.k with "
-        "score, rank, item type and expert weights, written to warehouse/scores_staged/ds=D for `validate "
-        "--table scores` and `publish`.",
+        "models:/<registered_model>@champion from the user's context as of --date (warehouse/serving/ds=D, "
+        "built by `context`) against the date's catalogue, excluding what they bought; users the champion "
+        "cannot score get the catalogue's most popular items (expert 'fallback'). Top scoring.k with score, "
+        "rank, item type and expert weights, written to warehouse/scores_staged/ds=D for `validate --table "
+        "scores` and `publish`.",
         cmd_score,
     )
     p.add_argument(

@@ -74,7 +74,7 @@ class ValidationSettings(_Section):
     data_docs_dir: Path | None = None
     events_min_rows: int = Field(ge=0)
     events_max_rows: int = Field(gt=0)
-    scores_min_user_share: float = Field(ge=0, le=1)
+    scores_max_fallback_share: float = Field(ge=0, le=1)
 
 
 class TrainingSettings(_Section):
@@ -104,6 +104,8 @@ class MlflowSettings(_Section):
 class ScoringSettings(_Section):
     k: int = Field(gt=0)
     active_days: int = Field(gt=0)
+    catalogue_days: int = Field(gt=0)
+    history_length: int = Field(ge=0)
     batch_size: int = Field(gt=0)
     path: Literal["local", "spark"]
 

@@ -11,6 +11,7 @@ Layout under ``paths.warehouse_root``:
 - ``quarantine/source=<s>/run_date=<d>/``     rows ingest could not accept (under ``quarantine_root``)
 - ``sessionized/ds=<d>/{sessions,session_events}/``  the run's sessionized window
 - ``training/ds=<d>/{interactions,visited,heldout,user_map,item_map,train_events}/`` + ``manifest.json``
+- ``serving/ds=<d>/{serving_context,catalogue}/``  what scoring of the date reads: users' context, items
 
 A *bundle* (``sessionized``, ``training``) is the set of tables one stage writes for one date; it
 is published as a unit (see ``infra.publish``), so readers never mix tables of two runs.
@@ -27,12 +28,14 @@ BEHAVIORS: tuple[str, ...] = ("view", "fav", "cart", "remove_from_cart", "purcha
 PURCHASE = "purchase"
 #: Behaviours that make an item *visited* for a user: everything but the purchase itself.
 VISIT_BEHAVIORS: tuple[str, ...] = tuple(b for b in BEHAVIORS if b != PURCHASE)
+#: ``scores.expert`` of the rows the champion could not score, served by the catalogue's popularity.
+FALLBACK = "fallback"
 
 
 @dataclass(frozen=True)
 class Column:
     name: str
-    dtype: str  # string | int | long | double | bool | timestamp | date
+    dtype: str  # string | int | long | double | bool | timestamp | date | array<string>
     nullable: bool
     doc: str
 
@@ -64,6 +67,7 @@ class Table:
             "bool": T.BooleanType(),
             "timestamp": T.TimestampType(),
             "date": T.DateType(),
+            "array<string>": T.ArrayType(T.StringType(), containsNull=False),
         }
         return T.StructType(
             [
@@ -84,6 +88,7 @@ class Table:
             "bool": pa.bool_(),
             "timestamp": pa.timestamp("us", tz="UTC"),
             "date": pa.date32(),
+            "array<string>": pa.list_(pa.field("element", pa.string(), nullable=False)),
         }
         return pa.schema(
             [
@@ -242,6 +247,49 @@ TRAIN_EVENTS = Table(
 )
 
 
+SERVING_CONTEXT = Table(
+    "serving_context",
+    (
+        C("user_id", "string", "an active user of the date: any event in the last scoring.active_days days"),
+        C(
+            "visited",
+            "array<string>",
+            "the user's visited set as of the date: items with a non-purchase event in the last "
+            "split.observation_days days (sorted)",
+        ),
+        C("bought", "array<string>", "items the user bought in that window (sorted); never recommended"),
+        C(
+            "history_items",
+            "array<string>",
+            "the user's last scoring.history_length events' items, oldest first (the split's event order)",
+        ),
+        C("history_behaviors", "array<string>", "the behaviour of each of those events"),
+        C("events", "long", "the user's events in the window"),
+        C("last_event", "timestamp", "the user's latest event"),
+    ),
+    "Each active user's context as of the date, which the champion scores from (`context`): not the "
+    "tables the champion was trained on.",
+)
+
+CATALOGUE = Table(
+    "catalogue",
+    (
+        C("item_id", "string", "an item with any event in the last scoring.catalogue_days days"),
+        C("category_id", "string", "most frequent category of its events", nullable=True),
+        *(C(f"n_{b}s", "long", f"{b} events in the window") for b in ("view", "fav", "cart", "purchase")),
+        C("n_users", "long", "distinct users with an event on it"),
+        C("first_seen", "timestamp", "first event in the window"),
+        C("last_seen", "timestamp", "last event in the window"),
+        C(
+            "popularity_rank",
+            "int",
+            "1..n: most purchased first, then most events, then item id (the scoring fallback's order)",
+        ),
+    ),
+    "The date's catalogue: the only items the scorer may recommend, and what dim_items and "
+    "coverage count (`context`).",
+)
+
 SCORES = Table(
     "scores",
     (
@@ -249,11 +297,12 @@ SCORES = Table(
         C("rank", "int", "1 = best; 1..K without gaps"),
         C("item_id", "string", "recommended item; never one the user bought"),
         C("score", "double", "the model's score (comparable within a user and model version only)"),
-        C("item_type", "string", "visited (in the user's visited set) | unvisited"),
+        C("item_type", "string", "visited (in the user's visited set as of ds: serving_context) | unvisited"),
         C(
             "expert",
             "string",
-            "the expert behind the score (MoE models), null for single-tower models",
+            "the expert behind the score (MoE models), 'fallback' for rows the champion could not score "
+            "(the catalogue's popularity order), null for single-tower models' own rows",
             nullable=True,
         ),
         C("expert_weights", "string", "JSON object expert -> gate weight, {} for single-tower models"),
@@ -333,6 +382,7 @@ class Bundle:
 
 
 SESSIONIZED = Bundle("sessionized", (SESSIONS, SESSION_EVENTS))
+SERVING = Bundle("serving", (SERVING_CONTEXT, CATALOGUE))
 TRAINING = Bundle("training", (INTERACTIONS, VISITED, HELDOUT, USER_MAP, ITEM_MAP, TRAIN_EVENTS))
 MANIFEST_FILE = "manifest.json"
 
@@ -356,6 +406,8 @@ ALL_TABLES: tuple[Table, ...] = (
     USER_MAP,
     ITEM_MAP,
     TRAIN_EVENTS,
+    SERVING_CONTEXT,
+    CATALOGUE,
     SCORES,
     DECISIONS,
 )

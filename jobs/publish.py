@@ -10,10 +10,14 @@ and write the daily report.
    ==========================  ====================================================================
    ``fct_recommendations``     every published recommendation, all dates (view over scores/)
    ``recommendations_latest``  the latest date only (view)
-   ``dim_items``               items seen in the active window: category, funnel counts, popularity
-   ``dim_users``               users seen in the active window: activity and visited-set size
+   ``dim_items``               the published date's catalogue (``serving/ds=<d>/catalogue``: the
+                               only items that may be recommended): category, funnel counts, popularity
+   ``dim_users``               the published date's active users (``serving_context``): activity,
+                               visited-set size, whether scored
+   ``fct_catalogue``           every date's catalogue, with ``ds`` (view over ``serving/``)
    ``agg_item_exposure``       per date and item: users it was recommended to, mean rank (view)
-   ``agg_catalog_coverage``    per date: distinct items recommended / items in ``dim_items`` (view)
+   ``agg_catalog_coverage``    per date: distinct items recommended / items in that date's catalogue
+                               (view; at most 1, since only catalogue items are recommended)
    ``model_runs``              every tracked run: model, date, metrics, registered version, aliases
    ``fct_promotion_gates``     every promotion decision: per date, candidate and gate (view over
                                ``decisions/``, written by ``promote``)
@@ -26,7 +30,7 @@ Reruns of a date give the same rows (the scores are a function of the champion a
 from __future__ import annotations
 
 import os
-from datetime import date, timedelta
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +40,16 @@ import pandas as pd
 from infra import publish
 from infra.logs import stage
 from infra.settings import Settings
-from infra.tables import DECISIONS, SCORES, analytics_db, events_dir, scores_dir, scores_staged_dir
+from infra.tables import (
+    CATALOGUE,
+    DECISIONS,
+    SCORES,
+    SERVING,
+    SERVING_CONTEXT,
+    analytics_db,
+    scores_dir,
+    scores_staged_dir,
+)
 
 #: Table and view documentation, written into the database as COMMENTs (``duckdb_views()``,
 #: ``duckdb_tables()``) so analysts can read it where they query.
@@ -44,13 +57,17 @@ DOCS = {
     "fct_recommendations": "Top-K recommendations per active user and date, all published dates. "
     "Columns as in the scores table; one row per (ds, user_id, rank).",
     "recommendations_latest": "fct_recommendations restricted to the latest published date.",
-    "dim_items": "Items seen in the active window before the latest published date: category, "
+    "dim_items": "The catalogue of the latest published date: items with an event in the last "
+    "scoring.catalogue_days days (the only items that may be recommended), category, "
     "view/fav/cart/purchase counts, distinct users and popularity rank (1 = most purchased).",
-    "dim_users": "Users seen in the active window: first/last event, events, purchases, visited-set size "
-    "(distinct items viewed, faved or carted) and whether they were scored on the latest date.",
+    "dim_users": "The active users of the latest published date (its serving context): latest event, events "
+    "and distinct items bought in the context window, visited-set size (distinct items viewed, faved or "
+    "carted) and whether they were scored.",
+    "fct_catalogue": "Every date's catalogue (dim_items per date), with ds.",
     "agg_item_exposure": "Per date and item: users the item was recommended to, share of scored users, "
     "mean rank, visited/unvisited split.",
-    "agg_catalog_coverage": "Per date: distinct items recommended, catalogue size (dim_items), coverage share.",
+    "agg_catalog_coverage": "Per date: distinct items recommended, that date's catalogue size, coverage share "
+    "(at most 1).",
     "model_runs": "Every tracked train/evaluate run: model, data date, validation/test metrics per setting "
     "(HR and NDCG, and chance_HR: what a random ranking of the same candidates scores), registered version "
     "and the aliases it holds now.",
@@ -86,16 +103,6 @@ def publish_scores(settings: Settings, run_date: date) -> Path:
             f"no scores for {run_date} at {staged} or {target}: run `funnelrec score` first"
         )
     return target
-
-
-def _events_window(settings: Settings, run_date: date) -> str:
-    first = run_date - timedelta(days=settings.scoring.active_days - 1)
-    sources = ", ".join(f"'{s}'" for s in settings.pipeline.sources)
-    root = events_dir(settings.paths.warehouse_root)
-    return (
-        f"SELECT * FROM read_parquet('{root}/*/*/*.parquet', hive_partitioning = true) "
-        f"WHERE source IN ({sources}) AND CAST(event_date AS DATE) BETWEEN DATE '{first}' AND DATE '{run_date}'"
-    )
 
 
 def _model_runs(settings: Settings) -> pd.DataFrame:
@@ -176,6 +183,11 @@ def build_analytics(settings: Settings, run_date: date) -> Path:
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     tmp.unlink(missing_ok=True)
     scores = scores_dir(wh)
+    serving = Path(wh) / SERVING.name
+    if not SERVING.dir(wh, run_date).exists():
+        raise FileNotFoundError(
+            f"no serving bundle for {run_date} at {SERVING.dir(wh, run_date)}: run `funnelrec context` first"
+        )
     runs = _model_runs(settings)
     con = duckdb.connect(str(tmp))
     try:
@@ -188,33 +200,24 @@ def build_analytics(settings: Settings, run_date: date) -> Path:
             CREATE VIEW recommendations_latest AS
             SELECT * FROM fct_recommendations WHERE ds = (SELECT max(ds) FROM fct_recommendations);
 
+            CREATE VIEW fct_catalogue AS
+            SELECT CAST(ds AS DATE) AS ds, {", ".join(CATALOGUE.column_names)}
+            FROM read_parquet('{serving}/ds=*/{CATALOGUE.name}/*.parquet', hive_partitioning = true);
+
             CREATE TABLE dim_items AS
-            WITH ev AS ({_events_window(settings, run_date)})
-            SELECT item_id,
-                   mode(category_id) AS category_id,
-                   count(*) FILTER (WHERE behavior = 'view') AS n_views,
-                   count(*) FILTER (WHERE behavior = 'fav') AS n_favs,
-                   count(*) FILTER (WHERE behavior = 'cart') AS n_carts,
-                   count(*) FILTER (WHERE behavior = 'purchase') AS n_purchases,
-                   count(DISTINCT user_id) AS n_users,
-                   min(event_time) AS first_seen,
-                   max(event_time) AS last_seen,
-                   CAST(row_number() OVER (ORDER BY count(*) FILTER (WHERE behavior = 'purchase') DESC,
-                                                    count(*) DESC, item_id) AS INTEGER) AS popularity_rank
-            FROM ev GROUP BY item_id;
+            SELECT {", ".join(CATALOGUE.column_names)}
+            FROM read_parquet('{serving}/ds={run_date}/{CATALOGUE.name}/*.parquet', hive_partitioning = false);
 
             CREATE TABLE dim_users AS
-            WITH ev AS ({_events_window(settings, run_date)}),
-                 scored AS (SELECT DISTINCT user_id FROM fct_recommendations WHERE ds = DATE '{run_date}')
-            SELECT ev.user_id,
-                   min(event_time) AS first_event,
-                   max(event_time) AS last_event,
-                   count(*) AS n_events,
-                   count(*) FILTER (WHERE behavior = 'purchase') AS n_purchases,
-                   count(DISTINCT item_id) FILTER (WHERE behavior <> 'purchase') AS visited_set_size,
-                   bool_or(scored.user_id IS NOT NULL) AS scored_latest
-            FROM ev LEFT JOIN scored USING (user_id)
-            GROUP BY ev.user_id;
+            WITH scored AS (SELECT DISTINCT user_id FROM fct_recommendations WHERE ds = DATE '{run_date}')
+            SELECT c.user_id,
+                   c.last_event,
+                   c.events AS n_events,
+                   len(c.bought) AS bought_items,
+                   len(c.visited) AS visited_set_size,
+                   scored.user_id IS NOT NULL AS scored_latest
+            FROM read_parquet('{serving}/ds={run_date}/{SERVING_CONTEXT.name}/*.parquet', hive_partitioning = false) c
+            LEFT JOIN scored USING (user_id);
 
             CREATE VIEW agg_item_exposure AS
             SELECT ds, item_id,
@@ -227,11 +230,11 @@ def build_analytics(settings: Settings, run_date: date) -> Path:
             GROUP BY ds, item_id;
 
             CREATE VIEW agg_catalog_coverage AS
-            SELECT ds,
-                   count(DISTINCT item_id) AS items_recommended,
-                   (SELECT count(*) FROM dim_items) AS catalogue_items,
-                   count(DISTINCT item_id) / (SELECT count(*) FROM dim_items) AS coverage
-            FROM fct_recommendations GROUP BY ds;
+            WITH rec AS (SELECT ds, count(DISTINCT item_id) AS items_recommended FROM fct_recommendations GROUP BY ds),
+                 cat AS (SELECT ds, count(*) AS catalogue_items FROM fct_catalogue GROUP BY ds)
+            SELECT rec.ds, rec.items_recommended, cat.catalogue_items,
+                   rec.items_recommended / cat.catalogue_items AS coverage
+            FROM rec LEFT JOIN cat USING (ds);
             """
         )
         con.register("runs_df", runs)
@@ -241,7 +244,8 @@ def build_analytics(settings: Settings, run_date: date) -> Path:
         for name, doc in DOCS.items():
             kind = (
                 "VIEW"
-                if name in ("fct_recommendations", "recommendations_latest", "fct_promotion_gates")
+                if name
+                in ("fct_recommendations", "recommendations_latest", "fct_promotion_gates", "fct_catalogue")
                 or name.startswith("agg_")
                 else "TABLE"
             )

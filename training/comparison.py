@@ -2,14 +2,16 @@
 
 Promotion compares the champion and each challenger on the *same* held-out purchases: those of the
 challenger's date. ``measure_version`` loads a version from the registry (its logged model and the
-training tables it was trained on), scores the date's users through its own id maps, and runs the
-one evaluator on the date's split with that split's mask:
+training tables it was trained on), scores the date's users through its own id maps *from the
+date's context* (the date's visited sets gate MEMBER's experts, as they will when it serves that
+date), and runs the one evaluator on the date's split with that split's mask:
 
 - for ``validation`` it scores with the version's *validation fit*, which never saw anything at or
   after its own date's validation window; a later date's validation window starts no earlier, so
   an older champion has not seen those purchases either (``training/README.md``); for ``test`` it
   scores with the refit;
-- users of the date the version never saw are counted as misses (every metric 0), never dropped;
+- users of the date the version cannot score (``can_score``: for most models, users it never saw)
+  are counted as misses (every metric 0), never dropped;
 - items of the date the version never saw get ``-inf`` (ranked last, tied among themselves).
 
 On its own date the maps are the identity and the result equals the version's logged metrics.
@@ -23,11 +25,13 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+import scipy.sparse as sp
 import torch
 
 from infra.tables import ITEM_MAP, USER_MAP
 from training.data import TrainingData, load_training_data
 from training.evaluate import KS, PerUser, ScoreFn, evaluate_per_user
+from training.models.base import Context
 
 
 @dataclass(frozen=True)
@@ -60,31 +64,47 @@ def _index_map(src_ids: np.ndarray, dst_ids: np.ndarray) -> np.ndarray:
     return pd.Index(dst_ids).get_indexer(src_ids).astype(np.int64)
 
 
-def mapped_scorer(model, own_tables: Path, target_tables: Path) -> tuple[ScoreFn, np.ndarray]:
+def mapped_scorer(model, own_tables: Path, target: TrainingData) -> tuple[ScoreFn, np.ndarray]:
     """A scorer of the target bundle's users over its items, backed by ``model`` (trained on
-    ``own_tables``), and the target users it cannot score ((n_target_users,) bool)."""
+    ``own_tables``) scoring each user from the target's context (its visited sets and events,
+    mapped into the model's ids), and the target users it cannot score ((n_target_users,) bool)."""
     own_users, own_items = _ids(own_tables, USER_MAP, "user"), _ids(own_tables, ITEM_MAP, "item")
-    tgt_users, tgt_items = _ids(target_tables, USER_MAP, "user"), _ids(target_tables, ITEM_MAP, "item")
+    tgt_users, tgt_items = _ids(target.root, USER_MAP, "user"), _ids(target.root, ITEM_MAP, "item")
     user_to_own = _index_map(tgt_users, own_users)  # target user idx -> own idx (-1: unknown)
     item_to_own = _index_map(tgt_items, own_items)  # target item idx -> own idx (-1: unknown)
     identity = np.array_equal(user_to_own, np.arange(len(own_users))) and np.array_equal(
         item_to_own, np.arange(len(own_items))
     )
-    unscorable = user_to_own < 0
     if identity:
-        return model.scores, unscorable
+        everyone = Context.of_training(target, np.arange(target.n_users), model.history_length)
+        return model.context_scorer(target), ~model.can_score(everyone.to(model.device)).cpu().numpy()
     known_items = torch.from_numpy(np.flatnonzero(item_to_own >= 0))
     own_cols = torch.from_numpy(item_to_own[item_to_own >= 0])
 
+    def context(users: np.ndarray) -> Context:
+        vis = target.visited[users].tocoo()
+        keep = item_to_own[vis.col] >= 0
+        visited = sp.csr_matrix(
+            (vis.data[keep], (vis.row[keep], item_to_own[vis.col[keep]])), shape=(len(users), len(own_items))
+        )
+        items, behaviors = target.history(users, model.history_length)
+        items = np.where(items >= 0, item_to_own[np.maximum(items, 0)], -1)
+        behaviors[items < 0] = -1
+        return Context(
+            torch.from_numpy(user_to_own[users]),
+            visited,
+            torch.from_numpy(items),
+            torch.from_numpy(behaviors),
+        ).to(model.device)
+
+    unscorable = ~model.can_score(context(np.arange(target.n_users))).cpu().numpy()
+
     def score(users: torch.Tensor) -> torch.Tensor:
-        own = torch.from_numpy(user_to_own[users.cpu().numpy()]).to(users.device)
+        ctx = context(users.cpu().numpy())
         out = torch.full((len(users), len(tgt_items)), float("-inf"), device=users.device)
-        known = own >= 0
-        if known.any():
-            s = model.scores(own[known]).to(users.device, torch.float32)
-            rows = known.nonzero().squeeze(1)
-            out[rows[:, None], known_items.to(users.device)[None, :]] = s[:, own_cols.to(users.device)]
-        out[~known] = 0.0  # counted as misses by the evaluator, whatever they score
+        s = model.scores(ctx).to(users.device, torch.float32)
+        out[:, known_items.to(users.device)] = s[:, own_cols.to(users.device)]
+        out[~model.can_score(ctx).to(users.device)] = 0.0  # counted as misses by the evaluator
         return out
 
     return score, unscorable
@@ -99,7 +119,7 @@ def measure(
     device: str | torch.device = "cpu",
 ) -> Measured:
     """``model`` (trained on ``own_tables``) on ``target``'s ``split``, per user."""
-    fn, unscorable = mapped_scorer(model, Path(own_tables), target.root)
+    fn, unscorable = mapped_scorer(model, Path(own_tables), target)
     return Measured(
         evaluate_per_user(fn, target, split, batch_size=batch_size, device=device, unscorable=unscorable)
     )

@@ -94,6 +94,38 @@ class TrainingData:
         out.data[:] = 1.0
         return out.tocsr()
 
+    def history(self, users: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """The last ``length`` training events of each user in ``users`` (this view's rows), oldest
+        first: ``(items, behaviors)``, both (len(users), length) int64, left-padded with -1;
+        behaviours as funnel positions. Events of one second are ordered by funnel stage, then
+        item index."""
+        users = np.asarray(users, np.int64)
+        items = np.full((len(users), length), -1, np.int64)
+        behaviors = np.full((len(users), length), -1, np.int64)
+        if length == 0 or len(users) == 0:
+            return items, behaviors
+        indptr, seq_items, seq_behaviors = self._sequences
+        for row, u in enumerate(users):
+            lo, hi = indptr[u], indptr[u + 1]
+            take = min(length, hi - lo)
+            if take:
+                items[row, length - take :] = seq_items[hi - take : hi]
+                behaviors[row, length - take :] = seq_behaviors[hi - take : hi]
+        return items, behaviors
+
+    @cached_property
+    def _sequences(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every user's training events in time order: (indptr over users, items, funnel positions)."""
+        cols = ["user_idx", "item_idx", "behavior", "event_time", "validation_fit"]
+        ev = _read(self.root / TRAIN_EVENTS.name, cols).to_pandas()
+        if self.view == "validation" and self.refit:
+            ev = ev[ev["validation_fit"]]
+        ev = ev.assign(_b=ev["behavior"].map({b: i for i, b in enumerate(BEHAVIORS)}).astype(np.int64))
+        ev = ev.sort_values(["user_idx", "event_time", "_b", "item_idx"], kind="stable")
+        indptr = np.zeros(self.n_users + 1, np.int64)
+        np.cumsum(np.bincount(ev["user_idx"].to_numpy(), minlength=self.n_users), out=indptr[1:])
+        return indptr, ev["item_idx"].to_numpy(np.int64), ev["_b"].to_numpy(np.int64)
+
     def mask_for(self, split: str) -> sp.csr_matrix:
         """Items excluded from ranking when evaluating ``split`` (manifest's eval_mask).
 

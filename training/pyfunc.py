@@ -1,14 +1,34 @@
 """The MLflow pyfunc of a trained model: all a scorer needs behind ``models:/funnelrec@champion``.
 
 The logged model bundles the state dict and ``model.json``, the training tables it was trained on
-(id maps, interaction graphs, visited sets, known purchases) and the ``training``/``infra`` code, so
-loading it needs no warehouse. Input: a DataFrame with a ``user_id`` column (the source's ids) and
-an optional ``k`` parameter; output: top-K rows per known user (``training.scoring.OUTPUT_COLUMNS``),
-best first. Users the model has never seen get no rows.
+(id maps and the interaction graphs its embeddings are propagated over) and the ``training``/``infra``
+code, so loading it needs no warehouse.
+
+**It scores from the context it is given, never from its training tables.** Input: one row per
+user, with the user's context as of the scoring date (the ``serving_context`` table's columns):
+
+- ``user_id`` (string, the source's id);
+- ``visited`` (array of item ids): the visited set; it gates MEMBER's experts and types each row
+  ``visited`` / ``unvisited``;
+- ``bought`` (array of item ids): never recommended;
+- ``history_items`` / ``history_behaviors`` (arrays, oldest first): recent events, for models that
+  read them (``history_length``).
+
+Params: ``k``; ``batch_size`` (memory only); ``catalogue``: the item ids that may be recommended, most
+popular first (the ``catalogue`` table in ``popularity_rank`` order). Empty (the default): every
+item the model knows, in its training purchases' popularity order.
+
+Output: exactly ``k`` rows per input user, best first (``training.scoring.OUTPUT_COLUMNS``), when
+the catalogue has ``k`` items the user has not bought. Users the model cannot score (``can_score``:
+trained without them) and the ranks a model leaves short (too few catalogue items it knows) are
+filled by the **fallback**: the catalogue's popularity order, skipping bought and already listed
+items, with ``expert = "fallback"``, ``expert_weights = "{}"`` and ``score`` = 1 / the item's
+position in that order (1-based).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -17,26 +37,41 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
+from infra.tables import FALLBACK
 from training.scoring import OUTPUT_COLUMNS
 
 DEFAULT_K = 50
-PIP_REQUIREMENTS_PACKAGES = ("torch", "numpy", "pandas", "scipy", "pyarrow", "pyyaml", "pydantic", "mlflow")
+#: Input columns besides ``user_id``: the user's context as of the scoring date.
+CONTEXT_COLUMNS = ("visited", "bought", "history_items", "history_behaviors")
+#: Distributions the bundled code imports, besides the standard library (import names differ for
+#: pyyaml: ``yaml``). ``tests/registry/test_pyfunc.py`` imports the bundle with only these allowed.
+PIP_REQUIREMENTS_PACKAGES = (
+    "torch",
+    "numpy",
+    "pandas",
+    "scipy",
+    "pyarrow",
+    "pyyaml",
+    "pydantic",
+    "mlflow",
+    "implicit",
+    "threadpoolctl",
+    "tqdm",
+)
 
 
 class FunnelrecModel(mlflow.pyfunc.PythonModel):
-    """Top-K recommendations with item type and expert weights, ids in and out."""
+    """Top-K recommendations with item type and expert weights, ids and context in, ids out."""
 
     def load_context(self, context) -> None:
         from training.artifacts import load_model_dir, read_meta
         from training.data import load_training_data
-        from training.scoring import known_purchases
 
         tables = Path(context.artifacts["tables"])
         model_path = Path(context.artifacts["model"])
         self.data = load_training_data(tables)
         self.meta = read_meta(model_path)
         self.model = load_model_dir(model_path, self.data, device=None)
-        self.exclude = known_purchases(self.data)
         import pyarrow.parquet as pq
 
         users = pq.read_table(tables / "user_map", columns=["user_id", "user_idx"]).to_pandas()
@@ -46,33 +81,156 @@ class FunnelrecModel(mlflow.pyfunc.PythonModel):
         self.item_ids = np.empty(self.data.n_items, dtype=object)
         self.item_ids[items["item_idx"].to_numpy()] = items["item_id"].to_numpy()
         self.user_index = pd.Index(self.user_ids)
+        self.item_index = pd.Index(self.item_ids)
+        bought = np.asarray(self.data.purchases.sum(0)).ravel()
+        self.popular = self.item_ids[np.lexsort((np.arange(len(bought)), -bought))]
 
     def predict(
         self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
         from training.scoring import recommend, to_frame
 
-        k = int((params or {}).get("k", DEFAULT_K))
-        batch_size = int((params or {}).get("batch_size", 4096))
+        params = params or {}
+        k = int(params.get("k", DEFAULT_K))
+        batch_size = int(params.get("batch_size", 4096))
         if k <= 0:
             raise ValueError(f"k must be positive, got {k}")
-        ids = pd.Series(model_input["user_id"]).astype(str).drop_duplicates()
-        pos = self.user_index.get_indexer(ids)
-        users = pos[pos >= 0]
-        recs = recommend(self.model, users, self.exclude, k, batch_size)
-        return to_frame(recs, self.user_ids, self.item_ids)
+        catalogue = params.get("catalogue")
+        order = np.asarray(catalogue if catalogue is not None and len(catalogue) else self.popular, object)
+        frame = pd.DataFrame(model_input).drop_duplicates("user_id").reset_index(drop=True)
+        frame["user_id"] = frame["user_id"].astype(str)
+        ctx = self.context_of(frame)
+        exclude = self._matrix(frame["bought"])
+        allowed = None
+        if catalogue is not None and len(catalogue):
+            allowed = np.zeros(self.data.n_items, bool)
+            pos = self.item_index.get_indexer(order)
+            allowed[pos[pos >= 0]] = True
+        recs = recommend(self.model, ctx, exclude, k, batch_size, allowed)
+        out = to_frame(recs, frame["user_id"].to_numpy(object), self.item_ids)
+        return fill_with_fallback(out, frame, order, k)
+
+    def training_context_frame(self, user_ids: list[str], history_length: int = 5) -> pd.DataFrame:
+        """Input rows of known users in the context of the bundled training tables (the input
+        example logged with the model; the nightly scorer passes the date's context instead)."""
+        from infra.tables import BEHAVIORS
+
+        idx = self.user_index.get_indexer(pd.Index(user_ids))
+        idx = idx[idx >= 0]
+
+        def ids(m, u):
+            return list(self.item_ids[m.indices[m.indptr[u] : m.indptr[u + 1]]])
+
+        items, behaviors = self.data.history(idx, history_length)
+        return pd.DataFrame(
+            {
+                "user_id": list(self.user_ids[idx]),
+                "visited": [ids(self.data.visited, u) for u in idx],
+                "bought": [ids(self.data.purchases, u) for u in idx],
+                "history_items": [list(self.item_ids[r[r >= 0]]) for r in items],
+                "history_behaviors": [[BEHAVIORS[b] for b in r[r >= 0]] for r in behaviors],
+            }
+        )
+
+    def context_of(self, frame: pd.DataFrame):
+        """The model's ``Context`` of the input rows (ids it does not know dropped or -1)."""
+        import torch
+
+        from infra.tables import BEHAVIORS
+        from training.models.base import Context
+
+        users = self.user_index.get_indexer(frame["user_id"])
+        length = self.model.history_length
+        items = np.full((len(frame), length), -1, np.int64)
+        behaviors = np.full((len(frame), length), -1, np.int64)
+        if length:
+            funnel = {b: i for i, b in enumerate(BEHAVIORS)}
+            for row, (its, bs) in enumerate(
+                zip(frame["history_items"], frame["history_behaviors"], strict=True)
+            ):
+                its, bs = list(its)[-length:], list(bs)[-length:]
+                if its:
+                    items[row, length - len(its) :] = self.item_index.get_indexer(its)
+                    behaviors[row, length - len(bs) :] = [funnel.get(b, -1) for b in bs]
+        behaviors[items < 0] = -1
+        return Context(
+            torch.from_numpy(users.astype(np.int64)),
+            self._matrix(frame["visited"]),
+            torch.from_numpy(items),
+            torch.from_numpy(behaviors),
+        )
+
+    def _matrix(self, lists: pd.Series):
+        """(rows, n_items) 0/1 CSR of each row's list of item ids (ids the model does not know dropped)."""
+        import scipy.sparse as sp
+
+        lengths = lists.map(len).to_numpy()
+        flat = (
+            np.concatenate([np.asarray(v, object) for v in lists]) if lengths.sum() else np.zeros(0, object)
+        )
+        rows = np.repeat(np.arange(len(lists)), lengths)
+        cols = self.item_index.get_indexer(flat) if len(flat) else np.zeros(0, np.int64)
+        keep = cols >= 0
+        out = sp.csr_matrix(
+            (np.ones(int(keep.sum()), np.float32), (rows[keep], cols[keep])),
+            shape=(len(lists), self.data.n_items),
+        )
+        out.sum_duplicates()
+        out.data[:] = 1.0
+        return out
+
+
+def fill_with_fallback(recs: pd.DataFrame, frame: pd.DataFrame, order: np.ndarray, k: int) -> pd.DataFrame:
+    """``recs`` with every user of ``frame`` topped up to ``k`` rows from ``order`` (most popular
+    first), skipping each user's bought and already listed items: the fallback rows."""
+    have = recs.groupby("user_id", sort=False).size()
+    short = frame[frame["user_id"].map(have).fillna(0).to_numpy() < k]
+    if short.empty:
+        return recs
+    listed = recs[recs["user_id"].isin(short["user_id"])].groupby("user_id")["item_id"].agg(set)
+    rows = []
+    for user, visited, bought in zip(short["user_id"], short["visited"], short["bought"], strict=True):
+        skip = set(bought) | listed.get(user, set())
+        visited = set(visited)
+        rank = int(have.get(user, 0))
+        for pos, item in enumerate(order):
+            if rank >= k:
+                break
+            if item in skip:
+                continue
+            rank += 1
+            rows.append((user, rank, item, 1.0 / (pos + 1), "visited" if item in visited else "unvisited"))
+    fill = pd.DataFrame(rows, columns=["user_id", "rank", "item_id", "score", "item_type"])
+    fill = fill.assign(expert=FALLBACK, expert_weights=json.dumps({}))
+    # Column by column: concat would warn about (and one day retype) an all-null expert column.
+    out = pd.DataFrame(
+        {c: np.concatenate([recs[c].to_numpy(object), fill[c].to_numpy(object)]) for c in fill}
+    )
+    out = out.astype({"rank": np.int64, "score": np.float64})
+    order_of = {u: i for i, u in enumerate(frame["user_id"])}
+    out = out.assign(_o=out["user_id"].map(order_of)).sort_values(["_o", "rank"], kind="stable")
+    return out.drop(columns="_o").reset_index(drop=True)
 
 
 def signature():
-    """Input: ``user_id`` (string); params ``k`` and ``batch_size``; output: ``OUTPUT_COLUMNS``."""
+    """Input: ``user_id`` and the context columns; params ``k``, ``batch_size``, ``catalogue``;
+    output: ``OUTPUT_COLUMNS``."""
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import Array
 
     outputs = [ColSpec(t, name, required=name != "expert") for name, t in OUTPUT_COLUMNS]
+    inputs = [ColSpec("string", "user_id"), *(ColSpec(Array(DataType.string), c) for c in CONTEXT_COLUMNS)]
     return ModelSignature(
-        inputs=Schema([ColSpec("string", "user_id")]),
+        inputs=Schema(inputs),
         outputs=Schema(outputs),
-        params=ParamSchema([ParamSpec("k", "long", DEFAULT_K), ParamSpec("batch_size", "long", 4096)]),
+        params=ParamSchema(
+            [
+                ParamSpec("k", "long", DEFAULT_K),
+                ParamSpec("batch_size", "long", 4096),
+                ParamSpec("catalogue", DataType.string, [], (-1,)),
+            ]
+        ),
     )
 
 
@@ -99,13 +257,19 @@ def expected_signature_problems(sig) -> list[str]:
     inputs = {c.name: getattr(c.type, "name", str(c.type)) for c in sig.inputs.inputs} if sig.inputs else {}
     if inputs.get("user_id") != "string":
         problems.append(f"input must have a string column user_id; has {inputs or 'none'}")
+    lacking = [c for c in CONTEXT_COLUMNS if c not in inputs]
+    if lacking:
+        problems.append(
+            f"input lacks the context columns {lacking} (a model that scores from its training tables)"
+        )
     outputs = {c.name for c in sig.outputs.inputs} if sig.outputs else set()
     missing = [name for name, _ in OUTPUT_COLUMNS if name not in outputs]
     if missing:
         problems.append(f"output lacks {missing}")
     params = {p.name for p in sig.params.params} if sig.params else set()
-    if "k" not in params:
-        problems.append("no `k` parameter")
+    for p in ("k", "catalogue"):
+        if p not in params:
+            problems.append(f"no `{p}` parameter")
     return problems
 
 
@@ -130,7 +294,7 @@ def log_pyfunc(model_path: Path, tables: Path, run_id: str, example_users: list[
     ctx = mlflow.pyfunc.PythonModelContext(artifacts=artifacts, model_config={})
     impl = FunnelrecModel()
     impl.load_context(ctx)
-    example_in = pd.DataFrame({"user_id": example_users})
+    example_in = impl.training_context_frame(example_users)
     impl.predict(ctx, example_in, {"k": 3})  # fail here, not in the scorer, if the bundle is broken
     t0 = time.perf_counter()
     with mlflow.start_run(run_id=run_id):

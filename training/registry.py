@@ -338,7 +338,7 @@ def measure_floor(name: str, target, split: str, batch_size: int):
     from training.models import fitted_closed_form
 
     floor = fitted_closed_form(name, target)
-    return Measured(evaluate_per_user(floor.scores, target, split, batch_size=batch_size))
+    return Measured(evaluate_per_user(floor.context_scorer(target), target, split, batch_size=batch_size))
 
 
 # -- gates ---------------------------------------------------------------------------------------

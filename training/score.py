@@ -1,10 +1,11 @@
 """The ``score`` stage: top-K for every active user of a date with ``@champion``.
 
-Active users are the users with any event in the last ``scoring.active_days`` days up to the date
-(the ``events`` table). Each is ranked against all items by the champion's pyfunc, which excludes
-the purchases its training tables know; purchases made since (in the events window) are excluded
-here, by asking for K + (the user's new purchases) and dropping them, so nobody is recommended
-what they already bought.
+It reads the date's ``serving`` bundle (``funnelrec context``): each active user's context as of the
+date (visited set, purchases, recent events) and the date's catalogue. The champion's pyfunc scores
+each user from that context, never from the tables it was trained on, ranks only catalogue items,
+never recommends what the user bought in the context window, and gives every user K rows: users it
+cannot score and ranks it leaves short come from the fallback (the catalogue's popularity order,
+``expert = "fallback"``; see ``training.pyfunc``).
 
 Two paths give the same rows: ``local`` (one process, batched; CUDA when present) and ``spark``
 (``mapInPandas``; the downloaded model is broadcast to the executors as a tarball and loaded once
@@ -20,25 +21,26 @@ import json
 import tarfile
 import tempfile
 from dataclasses import dataclass
-from datetime import date, timedelta
+from datetime import date
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from infra import publish
 from infra.logs import stage
 from infra.settings import Settings
-from infra.tables import PURCHASE, SCORES, events_dir, scores_staged_dir
+from infra.tables import CATALOGUE, FALLBACK, SCORES, SERVING, SERVING_CONTEXT, scores_staged_dir
 from training import tracking
 from training.registry import CHAMPION, PromotionError
 
 #: Columns the pyfunc returns, before the lineage columns are added.
 PREDICTED = ["user_id", "rank", "item_id", "score", "item_type", "expert", "expert_weights"]
+#: The serving context columns the pyfunc takes as input.
+CONTEXT_INPUT = ["user_id", "visited", "bought", "history_items", "history_behaviors"]
 
 
 @dataclass(frozen=True)
@@ -74,47 +76,29 @@ def champion(settings: Settings) -> Champion:
     )
 
 
-def active_users(settings: Settings, run_date: date) -> pd.DataFrame:
-    """``user_id`` (sorted) and ``bought`` (sorted item ids purchased in the window) of active users."""
-    first = run_date - timedelta(days=settings.scoring.active_days - 1)
-    root = events_dir(settings.paths.warehouse_root)
-    if not root.exists():
-        raise FileNotFoundError(f"no events at {root}: run `funnelrec ingest` first")
-    part = pads.partitioning(pa.schema([("source", pa.string()), ("event_date", pa.string())]), flavor="hive")
-    dataset = pads.dataset(root, format="parquet", partitioning=part)
-    f = pads.field
-    flt = (
-        f("source").isin(list(settings.pipeline.sources))
-        & (f("event_date") >= first.isoformat())
-        & (f("event_date") <= run_date.isoformat())
-    )
-    ev = dataset.to_table(columns=["user_id", "item_id", "behavior"], filter=flt).to_pandas()
-    users = np.sort(ev["user_id"].unique())
-    bought = (
-        ev.loc[ev["behavior"] == PURCHASE, ["user_id", "item_id"]]
-        .drop_duplicates()
-        .sort_values(["user_id", "item_id"])
-        .groupby("user_id")["item_id"]
-        .agg(list)
-    )
-    out = pd.DataFrame({"user_id": users})
-    out["bought"] = out["user_id"].map(bought).apply(lambda v: v if isinstance(v, list) else [])
-    return out
+def serving_inputs(settings: Settings, run_date: date) -> tuple[pd.DataFrame, list[str]]:
+    """The date's active users with their context (``CONTEXT_INPUT``, sorted by user) and its
+    catalogue (item ids, most popular first)."""
+    bundle = SERVING.dir(settings.paths.warehouse_root, run_date)
+    if not bundle.exists():
+        raise FileNotFoundError(
+            f"no serving context for {run_date} at {bundle}: run `funnelrec context --date {run_date}` first"
+        )
+    users = pq.read_table(bundle / SERVING_CONTEXT.name, columns=CONTEXT_INPUT).to_pandas()
+    for col in CONTEXT_INPUT[1:]:
+        users[col] = users[col].map(list)
+    users = users.sort_values("user_id").reset_index(drop=True)
+    items = pq.read_table(bundle / CATALOGUE.name, columns=["item_id", "popularity_rank"]).to_pandas()
+    return users, items.sort_values("popularity_rank")["item_id"].tolist()
 
 
-def score_frame(model, users: pd.DataFrame, k: int, batch_size: int) -> pd.DataFrame:
-    """Top-``k`` rows (``PREDICTED`` columns) for ``users`` (``user_id``, ``bought``): the one scoring function."""
+def score_frame(model, users: pd.DataFrame, catalogue: list[str], k: int, batch_size: int) -> pd.DataFrame:
+    """Top-``k`` rows (``PREDICTED`` columns) for ``users`` (``CONTEXT_INPUT``): the one scoring function."""
     if users.empty:
         return pd.DataFrame({c: pd.Series(dtype=object) for c in PREDICTED})
-    margin = int(users["bought"].map(len).max())
-    recs = model.predict(users[["user_id"]], params={"k": k + margin, "batch_size": batch_size})
-    if margin:
-        bought = users[["user_id", "bought"]].explode("bought").dropna()
-        bought = bought.rename(columns={"bought": "item_id"}).assign(_drop=True)
-        recs = recs.merge(bought, on=["user_id", "item_id"], how="left")
-        recs = recs[recs["_drop"].isna()].drop(columns="_drop")
-        recs["rank"] = recs.groupby("user_id", sort=False).cumcount() + 1
-    recs = recs[recs["rank"] <= k]
+    recs = model.predict(
+        users[CONTEXT_INPUT], params={"k": k, "batch_size": batch_size, "catalogue": catalogue}
+    )
     return recs[PREDICTED].reset_index(drop=True)
 
 
@@ -150,15 +134,23 @@ def run_score(settings: Settings, run_date: date, path: str | None = None, spark
         if path == "spark" and spark is None:
             raise ValueError("the spark scoring path needs a SparkSession")
         model = load_for_scoring(champ.uri)  # refuses a wrong signature before any scoring starts
-        users = active_users(settings, run_date)
+        users, catalogue = serving_inputs(settings, run_date)
         if path == "local":
-            frame = _lineage(score_frame(model, users, cfg.k, cfg.batch_size), champ)
+            frame = _lineage(score_frame(model, users, catalogue, cfg.k, cfg.batch_size), champ)
             _write_local(frame, target)
             rows, scored = len(frame), frame["user_id"].nunique()
+            fallback = int((frame["expert"] == FALLBACK).sum())
         else:
-            rows, scored = spark_score(spark, champ, users, target, cfg.k, cfg.batch_size)
+            rows, scored, fallback = spark_score(
+                spark, champ, users, catalogue, target, cfg.k, cfg.batch_size
+            )
         counts.update(
-            model=champ.model, version=champ.version, active_users=len(users), scored_users=scored, rows=rows
+            model=champ.model,
+            version=champ.version,
+            active_users=len(users),
+            scored_users=scored,
+            rows=rows,
+            fallback_rows=fallback,
         )
     return {
         "path": str(target),
@@ -166,6 +158,7 @@ def run_score(settings: Settings, run_date: date, path: str | None = None, spark
         "active_users": len(users),
         "scored_users": scored,
         "rows": rows,
+        "fallback_rows": fallback,
     }
 
 
@@ -197,27 +190,27 @@ def _executor_model(blob: bytes):
 
 
 def spark_score(
-    spark, champ: Champion, users: pd.DataFrame, target: Path, k: int, batch_size: int
-) -> tuple[int, int]:
-    """Score ``users`` on the executors; write the partition with Spark. Returns (rows, users scored)."""
+    spark, champ: Champion, users: pd.DataFrame, catalogue: list[str], target: Path, k: int, batch_size: int
+) -> tuple[int, int, int]:
+    """Score ``users`` on the executors; write the partition with Spark. Returns (rows, users
+    scored, fallback rows)."""
     from pyspark.sql import functions as F
     from pyspark.sql import types as T
 
     blob = spark.sparkContext.broadcast(_model_blob(champ.uri))
+    items = spark.sparkContext.broadcast(catalogue)
     schema = T.StructType([f for f in SCORES.spark_schema() if f.name in PREDICTED])
 
     def score_partition(batches):
         model = _executor_model(blob.value)
         for pdf in batches:
-            yield score_frame(model, pdf, k, batch_size)
+            for col in CONTEXT_INPUT[1:]:
+                pdf[col] = pdf[col].map(list)
+            yield score_frame(model, pdf, items.value, k, batch_size)
 
     parallelism = max(spark.sparkContext.defaultParallelism, 1)
-    sdf = spark.createDataFrame(
-        users,
-        T.StructType(
-            [T.StructField("user_id", T.StringType()), T.StructField("bought", T.ArrayType(T.StringType()))]
-        ),
-    ).repartition(parallelism, "user_id")
+    context_schema = T.StructType([f for f in SERVING_CONTEXT.spark_schema() if f.name in CONTEXT_INPUT])
+    sdf = spark.createDataFrame(users[CONTEXT_INPUT], context_schema).repartition(parallelism, "user_id")
     out = (
         sdf.mapInPandas(score_partition, schema)
         .withColumn("rank", F.col("rank").cast("int"))
@@ -232,9 +225,14 @@ def spark_score(
     with publish.staged_dir(target) as staged:
         out.write.parquet(str(staged))
     written = spark.read.parquet(str(target))
-    stats = written.agg(F.count("*").alias("rows"), F.countDistinct("user_id").alias("users")).first()
+    stats = written.agg(
+        F.count("*").alias("rows"),
+        F.countDistinct("user_id").alias("users"),
+        F.count(F.when(F.col("expert") == FALLBACK, 1)).alias("fallback"),
+    ).first()
     blob.unpersist()
-    return int(stats["rows"]), int(stats["users"])
+    items.unpersist()
+    return int(stats["rows"]), int(stats["users"]), int(stats["fallback"])
 
 
 def summary_json(result: dict[str, Any]) -> str:

@@ -1,8 +1,9 @@
 """Top-K recommendations of a trained model: the one scoring function behind the MLflow pyfunc,
 the batched ``score`` path and the Spark path (which calls the pyfunc on executors).
 
-Every call ranks a batch of users against **all** items, excludes each user's known purchases,
-and keeps the top K with ties broken by item index (the evaluator's rule), so results do not
+Every call ranks a batch of users, each in its ``Context`` (as of the scoring date), against every
+allowed item (the date's catalogue), excludes each user's purchases, and keeps the top K with ties
+broken by item index (the evaluator's rule), so results do not
 depend on the batch size, the device or which path produced them. No users x items table is held
 beyond one batch.
 """
@@ -18,7 +19,7 @@ import scipy.sparse as sp
 import torch
 
 from training.data import TrainingData
-from training.models.base import Recommender
+from training.models.base import Context, Recommender
 
 #: Columns of a recommendation row, as the pyfunc returns them (its output signature).
 OUTPUT_COLUMNS: tuple[tuple[str, str], ...] = (
@@ -76,9 +77,9 @@ def _top_k_exact(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
 
 @dataclass
 class Recommendations:
-    """Flat top-K rows (one per user and rank) in index space."""
+    """Flat top-K rows (one per context row and rank) in index space; ``row`` indexes the context."""
 
-    user_idx: np.ndarray
+    row: np.ndarray
     rank: np.ndarray
     item_idx: np.ndarray
     score: np.ndarray
@@ -102,11 +103,17 @@ def known_purchases(data: TrainingData) -> sp.csr_matrix:
 MIN_ROWS = 16
 
 
-def _scores(model: Recommender, users: torch.Tensor) -> torch.Tensor:
-    n = len(users)
+def _scores(model: Recommender, context: Context) -> torch.Tensor:
+    n = len(context)
     if n < MIN_ROWS:
-        users = torch.cat([users, users[:1].expand(MIN_ROWS - n)])
-    out = model.scores(users)[:n].float()
+        pad = np.zeros(MIN_ROWS - n, np.int64)  # copies of row 0
+        context = Context(
+            torch.cat([context.users, context.users[pad]]),
+            sp.vstack([context.visited, context.visited[pad]]).tocsr(),
+            torch.cat([context.history, context.history[pad]]),
+            torch.cat([context.history_behavior, context.history_behavior[pad]]),
+        )
+    out = model.scores(context)[:n].float()
     # Masked in place below: a broadcast or strided view must become its own tensor first.
     return out if out.is_contiguous() else out.clone()
 
@@ -114,31 +121,37 @@ def _scores(model: Recommender, users: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def recommend(
     model: Recommender,
-    users: np.ndarray,
+    context: Context,
     exclude: sp.csr_matrix,
     k: int,
     batch_size: int = 4096,
+    allowed: np.ndarray | None = None,
 ) -> Recommendations:
-    """Top-``k`` items for each user index in ``users`` (in the given order), ``exclude`` masked."""
+    """Top-``k`` items for each row of ``context`` that the model can score (``can_score``), in row
+    order; ``exclude`` (one row per context row) masked, and only ``allowed`` items ((n_items,) bool,
+    None = all) ranked. A row with fewer than ``k`` rankable items gets fewer rows."""
     dev = model.device
+    barred = None if allowed is None else torch.as_tensor(~np.asarray(allowed, bool), device=dev)
     parts: list[tuple] = []
-    for start in range(0, len(users), batch_size):
-        u = torch.as_tensor(np.asarray(users[start : start + batch_size], np.int64), device=dev)
-        scores = _scores(model, u)
-        ex = exclude[u.cpu().numpy()].tocoo()
+    for start in range(0, len(context), batch_size):
+        ctx = context.rows(start, start + batch_size).to(dev)
+        scores = _scores(model, ctx)
+        ex = exclude[start : start + batch_size].tocoo()
         if ex.nnz:
             rows = torch.as_tensor(ex.row, dtype=torch.long, device=dev)
             cols = torch.as_tensor(ex.col, dtype=torch.long, device=dev)
             scores[rows, cols] = float("-inf")
+        if barred is not None:
+            scores[:, barred] = float("-inf")
         items, values = top_k(scores, k)
-        valid = items >= 0
-        row_users = u[:, None].expand_as(items)[valid]
+        valid = (items >= 0) & model.can_score(ctx).to(dev)[:, None]
+        local = torch.arange(len(ctx), device=dev)[:, None].expand_as(items)[valid]
         flat_items = items[valid]
         ranks = (torch.arange(items.shape[1], device=dev)[None, :].expand_as(items) + 1)[valid]
-        why = model.explain(row_users, flat_items)
+        why = model.explain(ctx, local, flat_items)
         parts.append(
             (
-                row_users.cpu().numpy(),
+                local.cpu().numpy() + start,
                 ranks.cpu().numpy(),
                 flat_items.cpu().numpy(),
                 values[valid].double().cpu().numpy(),
@@ -162,7 +175,8 @@ def recommend(
 
 
 def to_frame(recs: Recommendations, user_ids: np.ndarray, item_ids: np.ndarray) -> pd.DataFrame:
-    """Index space -> the pyfunc's output rows (``OUTPUT_COLUMNS``), ids from the bundle's maps."""
+    """Index space -> the pyfunc's output rows (``OUTPUT_COLUMNS``): ``user_ids`` per context row,
+    ``item_ids`` per model item."""
     experts = list(recs.weights)
     if experts:
         w = np.stack([recs.weights[e] for e in experts], axis=1)
@@ -173,7 +187,7 @@ def to_frame(recs: Recommendations, user_ids: np.ndarray, item_ids: np.ndarray) 
         weights = ["{}"] * len(recs.rank)
     return pd.DataFrame(
         {
-            "user_id": user_ids[recs.user_idx],
+            "user_id": user_ids[recs.row],
             "rank": recs.rank.astype(np.int64),
             "item_id": item_ids[recs.item_idx],
             "score": recs.score.astype(np.float64),

@@ -83,7 +83,7 @@ def run_evaluate(
             if split in data.heldout:
                 model, _, meta = load_trained(wh, ds, name, settings.training.device, data=data)
                 out[split] = evaluate_scores(
-                    model.scores,
+                    model.context_scorer(data),
                     data,
                     split,
                     batch_size=settings.training.eval_batch_size,
@@ -122,7 +122,9 @@ def _floor_metrics(
         if split not in data.heldout:
             continue
         floor = fitted_closed_form(name, data)
-        out[split] = evaluate_scores(floor.scores, data, split, batch_size=settings.training.eval_batch_size)
+        out[split] = evaluate_scores(
+            floor.context_scorer(data), data, split, batch_size=settings.training.eval_batch_size
+        )
     return out
 
 

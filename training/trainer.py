@@ -126,7 +126,7 @@ def validation_metric(model: Recommender, data: TrainingData, cfg: TrainConfig, 
         return None
     model.eval()
     m = evaluate_scores(
-        model.scores,
+        model.context_scorer(data),
         data,
         "validation",
         settings=("standard",),

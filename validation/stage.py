@@ -1,6 +1,7 @@
 """The `validate` stage: one GX checkpoint per table and date (what the CLI and the DAG call).
 
-Tables: ``events`` (the history window ending on the date), ``sessions``, ``training``. Results land
+Tables: ``events`` (the history window ending on the date), ``sessions``, ``training``,
+``serving`` (the context and catalogue scoring reads), ``scores`` (checked against ``serving``). Results land
 in ``<warehouse>/validation/<table>/ds=<date>/result.json`` (for MLflow to attach) and in the Data
 Docs site at ``validation.data_docs_dir``. A failed suite raises ``ValidationFailed``.
 
@@ -12,8 +13,7 @@ runner unpersists each after its checkpoint.
 from __future__ import annotations
 
 import json
-import math
-from datetime import date, datetime, timedelta
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +24,15 @@ from infra.dates import window_start
 from infra.logs import stage
 from infra.settings import Settings
 from infra.tables import (
+    CATALOGUE,
     EVENTS,
     HELDOUT,
     INTERACTIONS,
     ITEM_MAP,
     MANIFEST_FILE,
     SCORES,
+    SERVING,
+    SERVING_CONTEXT,
     SESSION_EVENTS,
     SESSIONIZED,
     SESSIONS,
@@ -46,7 +49,7 @@ from infra.tables import (
 from validation import suites
 from validation.runner import run_checkpoint
 
-TABLES = ("events", "sessions", "training", "scores")
+TABLES = ("events", "sessions", "training", "serving", "scores")
 
 
 def result_path(settings: Settings, table: str, ds: str) -> Path:
@@ -59,35 +62,49 @@ def _read(spark: SparkSession, table: Table, path: Path):
     return spark.read.schema(table.spark_schema()).parquet(str(path))
 
 
+def _serving(spark: SparkSession, wh: Path, run_date: date):
+    bundle = SERVING.dir(wh, run_date)
+    return (
+        _read(spark, SERVING_CONTEXT, bundle / SERVING_CONTEXT.name),
+        _read(spark, CATALOGUE, bundle / CATALOGUE.name),
+    )
+
+
 def _scores_pair(spark: SparkSession, settings: Settings, run_date: date):
-    """The scores of a date (staged by `score`, else already published) and its suite."""
+    """The scores of a date (staged by `score`, else already published) and its suite, checked
+    against the date's serving bundle (the context the champion scored from)."""
     wh, ds = Path(settings.paths.warehouse_root), run_date.isoformat()
     path = scores_staged_dir(wh, ds)
     if not path.exists():
         path = scores_dir(wh) / f"ds={ds}"
     scores = _read(spark, SCORES, path).drop("ds")
-    first = run_date - timedelta(days=settings.scoring.active_days - 1)
-    history = _read(spark, EVENTS, events_dir(wh)).filter(
-        F.col("source").isin(settings.pipeline.sources) & (F.col("event_date") <= F.lit(run_date))
+    context, catalogue = _serving(spark, wh, run_date)
+    active = context.count()
+    view = suites.scores_view(scores, context, catalogue).persist()
+    return suites.scores_suite(
+        settings.scoring.k, active, settings.validation.scores_max_fallback_share
+    ), view
+
+
+def _serving_pairs(spark: SparkSession, settings: Settings, run_date: date):
+    """The serving bundle's suites: the context against the date's events, the catalogue on its own."""
+    wh, cfg = Path(settings.paths.warehouse_root), settings.scoring
+    context, catalogue = _serving(spark, wh, run_date)
+    active_from = window_start(run_date, cfg.active_days)
+    events = _read(spark, EVENTS, events_dir(wh)).filter(
+        F.col("source").isin(settings.pipeline.sources)
+        & (F.col("event_date") >= F.lit(active_from))
+        & (F.col("event_date") <= F.lit(run_date))
     )
-    events = history.filter(F.col("event_date") >= F.lit(first))
     active = events.select("user_id").distinct().count()
-    min_users = math.ceil(settings.validation.scores_min_user_share * active)
-    visited = _model_visited(spark, wh, scores)
-    view = suites.scores_view(scores, events, history.select("item_id"), visited).persist()
-    return suites.scores_suite(settings.scoring.k, min_users, check_visited=visited is not None), view
-
-
-def _model_visited(spark: SparkSession, wh: Path, scores):
-    """The visited pairs, as ids, of the training tables the scoring model learned from (None if gone)."""
-    trained = [r["trained_ds"] for r in scores.select("trained_ds").distinct().limit(2).collect()]
-    if len(trained) != 1 or not TRAINING.dir(wh, trained[0]).exists():
-        return None
-    bundle = TRAINING.dir(wh, trained[0])
-    vis = _read(spark, VISITED, bundle / VISITED.name)
-    users = _read(spark, USER_MAP, bundle / USER_MAP.name)
-    items = _read(spark, ITEM_MAP, bundle / ITEM_MAP.name).select("item_id", "item_idx")
-    return vis.join(users, "user_idx").join(items, "item_idx").select("user_id", "item_id")
+    items = catalogue.count()
+    return [
+        (
+            suites.serving_context_suite(active_from, run_date, active, cfg.history_length),
+            suites.serving_context_view(context),
+        ),
+        (suites.catalogue_suite(window_start(run_date, cfg.catalogue_days), run_date, items), catalogue),
+    ]
 
 
 def run_validate(spark: SparkSession, settings: Settings, table: str, run_date: date) -> dict[str, Any]:
@@ -117,6 +134,8 @@ def run_validate(spark: SparkSession, settings: Settings, table: str, run_date: 
             ),
             suites.sessions_unique(sessions),
         ]
+    elif table == "serving":
+        pairs = _serving_pairs(spark, settings, run_date)
     elif table == "scores":
         pairs = [_scores_pair(spark, settings, run_date)]
     else:

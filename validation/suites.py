@@ -15,7 +15,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql.window import Window
 
-from infra.tables import BEHAVIORS, EVENTS, PURCHASE
+from infra.tables import BEHAVIORS, EVENTS, FALLBACK, PURCHASE
 from validation.runner import Check, Suite
 
 
@@ -250,49 +250,127 @@ def id_map_suite(kind: str, rows: int, minimum: int) -> Suite:
 
 
 # -- scores -------------------------------------------------------------------------------------
-def scores_view(
-    scores: DataFrame, window_events: DataFrame, catalogue: DataFrame, visited: DataFrame | None
-) -> DataFrame:
-    """Scores with per-user checks and flags against the events and the model's training tables.
+# -- serving bundle -----------------------------------------------------------------------------
+def serving_context_suite(active_from: date, run_date: date, active_users: int, history_length: int) -> Suite:
+    """``active_users``: distinct users of the date's events in the active window, counted apart."""
+    return Suite(
+        "serving_context",
+        [
+            Check(gxe.ExpectColumnValuesToBeUnique(column="user_id"), "a user with two context rows"),
+            *(
+                Check(gxe.ExpectColumnValuesToNotBeNull(column=c), f"a context row without {c}")
+                for c in ("user_id", "visited", "bought", "history_items", "history_behaviors")
+            ),
+            Check(
+                gxe.ExpectTableRowCountToBeBetween(min_value=active_users, max_value=active_users),
+                f"not exactly the {active_users} users active in the window (users lost or invented)",
+            ),
+            Check(
+                gxe.ExpectColumnValuesToBeBetween(
+                    column="last_event",
+                    min_value=_day_start(active_from),
+                    max_value=_day_start(run_date + timedelta(days=1)),
+                    strict_max=True,
+                ),
+                "a context user whose latest event is outside the active window, or after the date",
+            ),
+            Check(
+                gxe.ExpectColumnValuesToBeBetween(column="events", min_value=1),
+                "a context row with no event behind it",
+            ),
+            Check(
+                gxe.ExpectColumnValuesToBeBetween(
+                    column="history_length", min_value=0, max_value=history_length
+                ),
+                f"a history longer than scoring.history_length={history_length}",
+            ),
+            Check(
+                gxe.ExpectColumnPairValuesToBeEqual(
+                    column_A="history_length", column_B="history_behaviors_length"
+                ),
+                "history items and behaviours of different lengths (events misaligned)",
+            ),
+        ],
+    )
 
-    ``catalogue``: every item id the events know (``item_id``); ``visited``: the model's visited
-    pairs (``user_id``, ``item_id``) from its training tables, or None when they are gone.
-    """
+
+def serving_context_view(context: DataFrame) -> DataFrame:
+    return context.withColumns(
+        {
+            "history_length": F.size("history_items"),
+            "history_behaviors_length": F.size("history_behaviors"),
+        }
+    )
+
+
+def catalogue_suite(first: date, run_date: date, items: int) -> Suite:
+    """``items``: the catalogue's row count (ranks must be exactly 1..items)."""
+    return Suite(
+        "catalogue",
+        [
+            Check(gxe.ExpectColumnValuesToBeUnique(column="item_id"), "an item listed twice"),
+            Check(gxe.ExpectColumnValuesToNotBeNull(column="item_id"), "a catalogue row without an item"),
+            Check(
+                gxe.ExpectColumnValuesToBeUnique(column="popularity_rank"), "two items at one popularity rank"
+            ),
+            Check(
+                gxe.ExpectColumnValuesToBeBetween(
+                    column="popularity_rank", min_value=1, max_value=max(items, 1)
+                ),
+                "a popularity rank outside 1..items (the fallback's order has gaps)",
+            ),
+            Check(
+                gxe.ExpectColumnValuesToBeBetween(
+                    column="last_seen",
+                    min_value=_day_start(first),
+                    max_value=_day_start(run_date + timedelta(days=1)),
+                    strict_max=True,
+                ),
+                "an item without an event in the catalogue window (it may be gone from the shop)",
+            ),
+            Check(
+                gxe.ExpectTableRowCountToBeBetween(min_value=1),
+                "an empty catalogue: nothing could be recommended",
+            ),
+        ],
+    )
+
+
+def scores_view(scores: DataFrame, context: DataFrame, catalogue: DataFrame) -> DataFrame:
+    """Scores with per-user checks and flags against the date's serving bundle: ``context``
+    (``serving_context``: the active users, their visited sets and purchases as of the date) and
+    ``catalogue`` (the items that may be recommended)."""
     per_user = Window.partitionBy("user_id")
     by_rank = per_user.orderBy("rank")
-    bought = (
-        window_events.filter(F.col("behavior") == PURCHASE)
-        .select("user_id", "item_id")
-        .distinct()
-        .withColumn("already_bought", F.lit(True))
-    )
-    active = window_events.select("user_id").distinct().withColumn("active_user", F.lit(True))
-    known = catalogue.select("item_id").distinct().withColumn("known_item", F.lit(True))
+    users = context.select("user_id", "visited", "bought", F.lit(True).alias("active_user"))
+    items = catalogue.select("item_id", F.lit(True).alias("in_catalogue"))
     prev = F.lag("score").over(by_rank)
+    fallback = (F.col("expert") == F.lit(FALLBACK)).cast("double")
     out = (
         scores.withColumn("rows_of_user", F.count("*").over(per_user))
         .withColumn("max_rank_of_user", F.max("rank").over(per_user))
         .withColumn("score_not_above_previous", prev.isNull() | (F.col("score") <= prev))
-        .join(bought, ["user_id", "item_id"], "left")
-        .withColumn("already_bought", F.coalesce("already_bought", F.lit(False)))
-        .join(active, ["user_id"], "left")
+        .withColumn("fallback_user", F.min(F.coalesce(fallback, F.lit(0.0))).over(per_user))
+        .join(F.broadcast(items), ["item_id"], "left")
+        .join(users, ["user_id"], "left")
+        .withColumn("in_catalogue", F.coalesce("in_catalogue", F.lit(False)))
         .withColumn("active_user", F.coalesce("active_user", F.lit(False)))
-        .join(known, ["item_id"], "left")
-        .withColumn("known_item", F.coalesce("known_item", F.lit(False)))
-    )
-    if visited is not None:
-        pairs = visited.select("user_id", "item_id").distinct().withColumn("_v", F.lit(True))
-        out = (
-            out.join(pairs, ["user_id", "item_id"], "left")
-            .withColumn("expected_item_type", F.when(F.col("_v"), "visited").otherwise("unvisited"))
-            .drop("_v")
+        .withColumn("already_bought", F.coalesce(F.array_contains("bought", F.col("item_id")), F.lit(False)))
+        .withColumn(
+            "expected_item_type",
+            F.when(
+                F.coalesce(F.array_contains("visited", F.col("item_id")), F.lit(False)), "visited"
+            ).otherwise("unvisited"),
         )
+        .drop("visited", "bought")
+    )
     return out
 
 
-def scores_suite(k: int, min_users: int, check_visited: bool = True) -> Suite:
-    """``min_users``: the fewest distinct users the table must cover (a share of the active users);
-    ``check_visited``: whether the view carries ``expected_item_type`` (the model's visited sets)."""
+def scores_suite(k: int, active_users: int, max_fallback_share: float) -> Suite:
+    """``active_users``: the users of the date's serving context, every one of whom must be scored;
+    ``max_fallback_share``: the largest share of them the fallback may serve (its observed value is
+    in the result either way)."""
     checks = [
         *(
             Check(gxe.ExpectColumnValuesToNotBeNull(column=c), f"a recommendation without {c}")
@@ -335,8 +413,10 @@ def scores_suite(k: int, min_users: int, check_visited: bool = True) -> Suite:
             "rows of two model versions in one date (a mixed or half-rewritten partition)",
         ),
         Check(
-            gxe.ExpectColumnUniqueValueCountToBeBetween(column="user_id", min_value=max(min_users, 1)),
-            f"fewer than {min_users} users scored (validation.scores_min_user_share of the active users)",
+            gxe.ExpectColumnUniqueValueCountToBeBetween(
+                column="user_id", min_value=active_users, max_value=active_users
+            ),
+            f"not every one of the {active_users} active users scored",
         ),
         Check(
             gxe.ExpectColumnValuesToBeBetween(column="rows_of_user", min_value=k, max_value=k),
@@ -347,15 +427,20 @@ def scores_suite(k: int, min_users: int, check_visited: bool = True) -> Suite:
             "a score higher than the one ranked above it (ranks not in score order)",
         ),
         Check(
-            gxe.ExpectColumnValuesToBeInSet(column="known_item", value_set=[True]),
-            "an item id no event ever mentioned (not in the catalogue)",
+            gxe.ExpectColumnValuesToBeInSet(column="in_catalogue", value_set=[True]),
+            "an item outside the date's catalogue (no event in the last scoring.catalogue_days days)",
+        ),
+        Check(
+            gxe.ExpectColumnPairValuesToBeEqual(column_A="item_type", column_B="expected_item_type"),
+            "an item type that disagrees with the user's visited set as of the date (serving_context)",
+        ),
+        # Every user has K rows, so the mean over rows is the share of users.
+        Check(
+            gxe.ExpectColumnMeanToBeBetween(
+                column="fallback_user", min_value=0.0, max_value=max_fallback_share
+            ),
+            "the champion could score too few of the active users (its training tables too old, or a "
+            f"wrong id mapping): more than {max_fallback_share:.0%} served by the popularity fallback",
         ),
     ]
-    if check_visited:
-        checks.append(
-            Check(
-                gxe.ExpectColumnPairValuesToBeEqual(column_A="item_type", column_B="expected_item_type"),
-                "an item type that disagrees with the user's visited set in the model's training tables",
-            )
-        )
     return Suite("scores", checks)

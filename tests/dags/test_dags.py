@@ -62,7 +62,13 @@ def test_nightly_graph_is_what_the_design_says(airflow_db):
 
     scoring = dagbag(write_config("graph")).get_dag(SCORING)
     up = {t.task_id: set(t.upstream_task_ids) for t in scoring.tasks}
-    assert up == {"score": set(), "validate_scores": {"score"}, "publish": {"validate_scores"}}
+    assert up == {
+        "context": set(),
+        "validate_serving": {"context"},
+        "score": {"validate_serving"},
+        "validate_scores": {"score"},
+        "publish": {"validate_scores"},
+    }
     assert CHAMPION_ASSET in str(scoring.timetable.asset_condition)
 
 

@@ -382,7 +382,7 @@ def test_the_champion_is_measured_on_the_challengers_split_as_an_independent_eva
     # item ids u0..u59 / i0..i49 have the same indices in both bundles.
     target = load_training_data(settings.paths.warehouse_root / "training" / f"ds={later}", "validation")
     model, _, _ = load_trained(trained.paths.warehouse_root, DS, "als_multi")
-    want = evaluate_scores(model.scores, target, "validation")
+    want = evaluate_scores(model.context_scorer(target), target, "validation")
     assert gate["min_relative_gain"].champion_value == pytest.approx(want["standard"]["NDCG@20"], abs=1e-12)
     assert gate["min_relative_gain"].users == want["standard"]["users"]
     tags = tracking.connect(settings).get_model_version("funnelrec_sameday", str(challenger)).tags

@@ -10,6 +10,7 @@ import torch
 from tests.conftest import DEMO_DATE
 from training.artifacts import METRICS, load_trained, model_dir
 from training.models import build_model
+from training.models.base import Context
 from training.stages import run_evaluate, run_train
 from training.trainer import fit_model
 
@@ -37,16 +38,18 @@ def test_train_evaluate_and_reload(retailrocket, name):
     users = torch.arange(0, manifest["stats"]["users"], 97)
     fit, val_data, _ = load_trained(wh, DEMO_DATE, name, view="validation")
     again = fit_model(name, val_data, seed, {"train": {"epochs": 2}}, progress=False).model
-    assert torch.equal(fit.scores(users), again.scores(users))
+    val_ctx = Context.of_training(val_data, users)
+    assert torch.equal(fit.scores(val_ctx), again.scores(val_ctx))
     model, data, meta = load_trained(wh, DEMO_DATE, name)
+    ctx = Context.of_training(data, users)
     assert meta["refit_epochs"] == (meta["best_epoch"] if model.trainable else 1)
     trained = fit_model(name, data, seed, {"train": {"epochs": meta["refit_epochs"]}}, progress=False).model
-    assert torch.equal(model.scores(users), trained.scores(users))
-    assert not torch.equal(model.scores(users), fit.scores(users))  # the refit saw more
+    assert torch.equal(model.scores(ctx), trained.scores(ctx))
+    assert not torch.equal(model.scores(ctx), fit.scores(ctx))  # the refit saw more
     if trained.trainable:
         fresh = build_model(name, data, {"seed": settings.seeds.train})
         fresh.eval()
-        assert not torch.equal(model.scores(users), fresh.scores(users))
+        assert not torch.equal(model.scores(ctx), fresh.scores(ctx))
 
 
 def test_member_beats_popularity_on_the_visited_heavy_demo(retailrocket):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from training.evaluate import evaluate_scores, flatten
 from training.models import available_models, default_config, model_class
+from training.models.base import Context
 from training.trainer import fit_model
 
 TRAINABLE = [m for m in available_models() if model_class(m).trainable]
@@ -51,7 +53,7 @@ def test_bpr_loss_falls(name, lr, tiny):
 @pytest.mark.parametrize("name", [m for m in FITTED if m != "popularity"])
 def test_fitted_models_rank_better_than_chance(name, tiny):
     r = fit_model(name, tiny, seed=3, progress=False)
-    m = evaluate_scores(r.model.scores, tiny, "test", ks=(10,))
+    m = evaluate_scores(r.model.context_scorer(tiny), tiny, "test", ks=(10,))
     # 50 items, 2 masked purchases: a random ranking finds the item in the top 10 about 21% of the time.
     assert m["standard"]["HR@10"] > 0.3
 
@@ -61,7 +63,7 @@ def test_popularity_ranks_items_by_purchases(tiny):
 
     model = fit_model("popularity", tiny, seed=0, progress=False).model
     counts = np.asarray(tiny.purchases.sum(0)).ravel()
-    s = model.scores(torch.tensor([0, 5]))
+    s = model.scores(Context.of_training(tiny, [0, 5]))
     assert torch.equal(s[0], s[1])  # not personalised
     order = torch.argsort(s[0], descending=True, stable=True).numpy()
     assert (np.diff(counts[order]) <= 0).all()
@@ -70,7 +72,7 @@ def test_popularity_ranks_items_by_purchases(tiny):
 @pytest.mark.parametrize("name", ["member", "lightgcn", "als"])
 def test_same_seed_same_metrics(name, tiny):
     runs = [fit_model(name, tiny, seed=s, overrides=FAST, progress=False) for s in (5, 5, 6)]
-    metrics = [flatten(evaluate_scores(r.model.scores, tiny, "test")) for r in runs]
+    metrics = [flatten(evaluate_scores(r.model.context_scorer(tiny), tiny, "test")) for r in runs]
     assert metrics[0] == metrics[1]
     states = [r.model.state_dict() for r in runs]
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
@@ -80,9 +82,9 @@ def test_same_seed_same_metrics(name, tiny):
 @pytest.mark.parametrize("name", ["member", "member_funnel"])
 def test_member_gate_sends_visited_items_to_the_visited_expert(name, tiny):
     model = fit_model(name, tiny, seed=1, overrides=FAST, progress=False).model
-    users = torch.arange(tiny.n_users)
-    experts = model.expert_scores(users)
-    gated = model.scores(users)
+    ctx = Context.of_training(tiny, torch.arange(tiny.n_users))
+    experts = model.expert_scores(ctx)
+    gated = model.scores(ctx)
     visited = torch.from_numpy(tiny.visited.toarray() > 0)
     assert visited.any() and (~visited).any()
     # Per-pair dot products for visited items, a matmul elsewhere: equal up to float rounding.
@@ -93,9 +95,30 @@ def test_member_gate_sends_visited_items_to_the_visited_expert(name, tiny):
         torch.tensor([0, 0]),
         torch.tensor([int(tiny.visited[0].indices[0]), int((~visited[0]).nonzero()[0])]),
     )
-    ex = model.explain(u, i)
+    ex = model.explain(ctx, u, i)
     assert ex["visited"].tolist() == [True, False]
     assert ex["w_visited"].tolist() == [1.0, 0.0] and ex["w_unvisited"].tolist() == [0.0, 1.0]
+
+
+def test_member_gate_reads_the_visited_sets_of_the_context_it_is_given(tiny):
+    """Scoring on a later night: the user's visited set then, not the one MEMBER was trained with."""
+    import scipy.sparse as sp
+
+    model = fit_model("member", tiny, seed=1, overrides=FAST, progress=False).model
+    trained = Context.of_training(tiny, torch.tensor([0, 1]))
+    new_item = int(np.flatnonzero(tiny.visited[0].toarray().ravel() == 0)[0])
+    later = Context(
+        trained.users,
+        (trained.visited + sp.csr_matrix(([1.0], ([0], [new_item])), shape=trained.visited.shape)).tocsr(),
+        trained.history,
+        trained.history_behavior,
+    )
+    experts, before, after = model.expert_scores(later), model.scores(trained), model.scores(later)
+    torch.testing.assert_close(after[0, new_item], experts["visited"][0, new_item])
+    assert before[0, new_item] == experts["unvisited"][0, new_item] != after[0, new_item]
+    assert torch.equal(after[1], before[1])
+    ex = model.explain(later, torch.tensor([0]), torch.tensor([new_item]))
+    assert ex["visited"].tolist() == [True] and ex["w_visited"].tolist() == [1.0]
 
 
 def test_variant_file_holds_only_its_differences_from_the_base_model():
@@ -115,8 +138,8 @@ def test_funnel_bias_adds_the_weights_of_the_users_own_behaviours_to_visited_ite
     assert model._funnel_behaviors == ["view", "cart"]
     plain.eval()
     model.eval()
-    users = torch.arange(tiny.n_users)
-    got, want = model.scores(users), plain.scores(users)
+    ctx = Context.of_training(tiny, torch.arange(tiny.n_users))
+    got, want = model.scores(ctx), plain.scores(ctx)
     views = torch.from_numpy(tiny.matrices["view"].toarray() > 0)
     carts = torch.from_numpy(tiny.matrices["cart"].toarray() > 0)
     assert (carts & ~views).sum() == 0 and carts.any()  # the fixture carts only viewed items

@@ -7,6 +7,7 @@ import scipy.sparse as sp
 import torch
 
 from training.models import build_model
+from training.models.base import Context
 from training.scoring import known_purchases, recommend, top_k
 from training.trainer import fit_model
 
@@ -42,15 +43,26 @@ def test_top_k_agrees_with_a_full_sort_on_rows_with_and_without_boundary_ties():
 
 def test_recommendations_do_not_depend_on_the_batch_size(tiny):
     model = fit_model("als_multi", tiny, seed=1, overrides={"train": {"epochs": 2}}).model
-    users = np.arange(tiny.n_users)
+    ctx = Context.of_training(tiny, np.arange(tiny.n_users))
     exclude = known_purchases(tiny)
-    ref = recommend(model, users, exclude, 7, batch_size=tiny.n_users)
+    ref = recommend(model, ctx, exclude, 7, batch_size=tiny.n_users)
     for bs in (1, 5, 33):
-        got = recommend(model, users, exclude, 7, batch_size=bs)
+        got = recommend(model, ctx, exclude, 7, batch_size=bs)
         assert np.array_equal(got.item_idx, ref.item_idx) and np.array_equal(got.score, ref.score)
     assert np.array_equal(ref.rank[:7], np.arange(1, 8))
-    assert not np.asarray(exclude[ref.user_idx, ref.item_idx]).any()
-    assert np.array_equal(ref.visited, np.asarray(tiny.visited[ref.user_idx, ref.item_idx]).ravel() > 0)
+    assert not np.asarray(exclude[ref.row, ref.item_idx]).any()
+    assert np.array_equal(ref.visited, np.asarray(tiny.visited[ref.row, ref.item_idx]).ravel() > 0)
+
+
+def test_only_allowed_items_are_recommended_and_unscorable_rows_get_none(tiny):
+    model = fit_model("als_multi", tiny, seed=1).model
+    ctx = Context.of_training(tiny, np.arange(6))
+    ctx.users[2] = -1  # a user the model was not trained on
+    allowed = np.zeros(tiny.n_items, bool)
+    allowed[::3] = True
+    recs = recommend(model, ctx, known_purchases(tiny)[:6], 5, allowed=allowed)
+    assert allowed[recs.item_idx].all()
+    assert 2 not in set(recs.row) and set(recs.row) == {0, 1, 3, 4, 5}
 
 
 def test_known_purchases_cover_training_and_every_heldout_split(tiny):
@@ -63,7 +75,7 @@ def test_known_purchases_cover_training_and_every_heldout_split(tiny):
 
 def test_member_explains_each_item_by_the_expert_that_scored_it(tiny):
     model = build_model("member", tiny)
-    recs = recommend(model, np.arange(10), known_purchases(tiny), 5)
+    recs = recommend(model, Context.of_training(tiny, np.arange(10)), known_purchases(tiny)[:10], 5)
     assert set(recs.weights) == {"visited", "unvisited"}
     assert np.array_equal(recs.weights["visited"] == 1.0, recs.visited)
     assert np.array_equal(recs.weights["unvisited"] == 1.0, ~recs.visited)

@@ -40,6 +40,7 @@ def test_every_stage_has_help_that_names_its_tables():
         "register",
         "promote",
         "rollback",
+        "context",
         "score",
         "publish",
         "synth",

@@ -15,7 +15,7 @@ from implicit.cpu.bpr import BayesianPersonalizedRanking
 from threadpoolctl import threadpool_limits
 
 from training.data import TrainingData
-from training.models.base import Recommender
+from training.models.base import Context, Recommender
 
 
 class _ImplicitMF(Recommender):
@@ -53,8 +53,9 @@ class _ImplicitMF(Recommender):
         self.user_factors = torch.from_numpy(np.ascontiguousarray(uf, np.float32))
         self.item_factors = torch.from_numpy(np.ascontiguousarray(itf, np.float32))
 
-    def scores(self, users: torch.Tensor) -> torch.Tensor:
-        return self.user_factors[users.to(self.user_factors.device)] @ self.item_factors.T
+    def scores(self, context: Context) -> torch.Tensor:
+        users = context.users.clamp(min=0).to(self.user_factors.device)
+        return self.user_factors[users] @ self.item_factors.T
 
 
 class ALS(_ImplicitMF):

@@ -7,9 +7,17 @@ special-cases a model:
 - ``loss(batch)``: the training objective for a batch, as ``{"loss": total, <part>: value, ...}``;
 - ``fit()``: closed-form / external training for models that are not trained by gradient steps
   (``trainable = False``: popularity, the ``implicit`` models);
-- ``scores(users)``: (B, n_items) scores of a batch of users against every item;
-- ``explain(users, items)``: per (user, item) the item type (visited / unvisited) and the expert or
-  gate weights behind its score.
+- ``scores(context)``: (B, n_items) scores of a batch of users against every item, from the users'
+  ``Context``: who they are to the model and what they did as of the scoring date;
+- ``can_score(context)``: (B,) which of those rows the scores mean anything for (by default the
+  users the model was trained on; a model that scores from context alone says True for all);
+- ``explain(context, rows, items)``: per (row, item) the item type (visited / unvisited, from the
+  context) and the expert or gate weights behind its score.
+
+A model never reads who visited what from the tables it was trained on when it scores: the
+evaluator hands it the context of its evaluation data (``Context.of_training``), the nightly scorer
+the context of the scoring date (``serving_context``, see ``training.pyfunc``). Training (losses,
+negatives) uses the training tables as before.
 
 Models are found by name (``training.models.get_model``): ``training/models/<name>.py`` defines a
 subclass with ``name = "<name>"`` and ``training/models/<name>.yaml`` its commented defaults.
@@ -17,7 +25,8 @@ subclass with ``name = "<name>"`` and ``training/models/<name>.yaml`` its commen
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -58,12 +67,61 @@ class PairSet:
         return out
 
 
+@dataclass
+class Context:
+    """A batch of users as a model sees them when it scores them, in the model's index space.
+
+    Attributes:
+        users: (B,) long: the model's user index of each row, -1 for a user it was not trained on.
+        visited: (B, n_items) CSR: each row's visited set as of the scoring date (items the model
+            does not know are absent).
+        history: (B, L) long: the row's last L events' item indices, oldest first, left-padded
+            with -1 (an event on an item the model does not know is -1 too); L is the model's
+            ``history_length`` (0: no history is built).
+        history_behavior: (B, L) long: each event's behaviour as its funnel position
+            (``infra.tables.BEHAVIORS``), -1 where ``history`` is.
+    """
+
+    users: torch.Tensor
+    visited: sp.csr_matrix
+    history: torch.Tensor
+    history_behavior: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def rows(self, start: int, stop: int) -> Context:
+        """Rows ``start:stop`` as their own context."""
+        return Context(
+            self.users[start:stop],
+            self.visited[start:stop],
+            self.history[start:stop],
+            self.history_behavior[start:stop],
+        )
+
+    def to(self, device) -> Context:
+        return Context(
+            self.users.to(device), self.visited, self.history.to(device), self.history_behavior.to(device)
+        )
+
+    @classmethod
+    def of_training(cls, data: TrainingData, users, history_length: int = 0) -> Context:
+        """Training users (indices of ``data``) in the context of ``data`` itself: its visited sets
+        and its training events. What the evaluator scores with."""
+        u = torch.as_tensor(np.asarray(users.cpu() if torch.is_tensor(users) else users, np.int64))
+        idx = u.numpy()
+        items, behaviors = data.history(idx, history_length)
+        return cls(u, data.visited[idx], torch.from_numpy(items), torch.from_numpy(behaviors))
+
+
 class Recommender(nn.Module):
     name: ClassVar[str] = ""
     #: Gradient-trained by the Trainer (True) or fitted once by ``fit()`` (False).
     trainable: ClassVar[bool] = True
     #: Names of the experts ``explain`` reports weights for (empty for single-tower models).
     experts: ClassVar[tuple[str, ...]] = ()
+    #: Recent events per user the model reads from its context (0: it reads none).
+    history_length: ClassVar[int] = 0
 
     def __init__(self, data: TrainingData, config: dict[str, Any]):
         super().__init__()
@@ -83,29 +141,37 @@ class Recommender(nn.Module):
         raise NotImplementedError(f"{self.name} is gradient-trained: use the Trainer")
 
     # -- scoring -----------------------------------------------------------------------------
-    def scores(self, users: torch.Tensor) -> torch.Tensor:
-        """(B,) user indices -> (B, n_items) scores; higher is better.
+    def scores(self, context: Context) -> torch.Tensor:
+        """(B, n_items) scores of the context's users; higher is better. Rows ``can_score`` says
+        False for may hold anything finite.
 
         A freshly allocated tensor (scoring masks it in place, without a copy), or a non-contiguous
         view such as a broadcast row (which scoring copies first); never a view of model state.
         """
         raise NotImplementedError
 
-    def visited_rows(self, users: torch.Tensor) -> torch.Tensor:
-        """(B, n_items) bool: whether each item is in each user's visited set."""
-        return torch.from_numpy(self._visited[users.cpu().numpy()].toarray() > 0).to(users.device)
+    def can_score(self, context: Context) -> torch.Tensor:
+        """(B,) bool: rows whose scores mean something. By default the users the model was trained
+        on; the scorer serves the others by its fallback."""
+        return context.users >= 0
+
+    def context_scorer(self, data: TrainingData) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Scores of ``data``'s users in ``data``'s own context (the evaluator's ``ScoreFn``)."""
+
+        def score(users: torch.Tensor) -> torch.Tensor:
+            return self.scores(Context.of_training(data, users, self.history_length).to(self.device))
+
+        return score
 
     def is_visited(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """(P,) bool: whether each (user, item) pair is in the user's visited set."""
+        """(P,) bool: whether each (user, item) pair is in the user's *training* visited set."""
         vis = self._visited_pairs.contains(users.cpu().numpy(), items.cpu().numpy())
         return torch.from_numpy(vis).to(users.device)
 
-    def explain(self, users: torch.Tensor, items: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per row of (users, items), both (P,): ``visited`` (bool) and one weight per expert.
-
-        Single-tower models report no expert weights.
-        """
-        return {"visited": self.is_visited(users, items)}
+    def explain(self, context: Context, rows: torch.Tensor, items: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per (row of the context, item), both (P,): ``visited`` (bool, from the context's visited
+        sets) and one weight per expert. Single-tower models report no expert weights."""
+        return {"visited": context_visited(context, rows, items)}
 
     def train(self, mode: bool = True):
         # Cached propagated embeddings are only valid until the parameters change.
@@ -119,6 +185,12 @@ class Recommender(nn.Module):
         for b in self.buffers():
             return b.device
         return torch.device("cpu")
+
+
+def context_visited(context: Context, rows: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """(P,) bool: whether each item is in its row's visited set of ``context``."""
+    vis = PairSet(context.visited).contains(rows.cpu().numpy(), items.cpu().numpy())
+    return torch.from_numpy(vis).to(rows.device)
 
 
 def bpr_triplets(

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from training.data import TrainingData
-from training.models.base import Recommender, bpr_loss, bpr_triplets
+from training.models.base import Context, Recommender, bpr_loss, bpr_triplets
 from training.models.graph import LightGCNEncoder, normalized_adjacency
 
 
@@ -41,7 +41,8 @@ class LightGCN(Recommender):
         )
         return {"loss": rank + reg, "bpr": rank, "reg": reg}
 
-    def scores(self, users: torch.Tensor) -> torch.Tensor:
+    def scores(self, context: Context) -> torch.Tensor:
+        users = context.users.clamp(min=0)
         if self._cache is None or self.training:
             with torch.no_grad():
                 self._cache = self.encoder(self._adj)

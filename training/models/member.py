@@ -43,7 +43,7 @@ from torch import nn
 
 from infra.tables import BEHAVIORS, VISIT_BEHAVIORS
 from training.data import TrainingData
-from training.models.base import PairSet, Recommender, bpr_loss, bpr_triplets
+from training.models.base import Context, PairSet, Recommender, bpr_loss, bpr_triplets, context_visited
 from training.models.graph import normalized_adjacency, propagate
 
 
@@ -270,38 +270,45 @@ class Member(Recommender):
                 self._cache = (*self.expert_reps(out, "visited"), *self.expert_reps(out, "unvisited"))
         return self._cache
 
-    def _visited_entries(self, users: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rows into ``users``, item indices) of every visited item of the batch's users."""
-        vis = self._visited[users.cpu().numpy()].tocoo()
+    @staticmethod
+    def _visited_entries(context: Context, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows of the context, item indices) of every visited item of the context's users."""
+        vis = context.visited.tocoo()
         keep = vis.data > 0
         rows = torch.as_tensor(vis.row[keep], dtype=torch.long, device=device)
         return rows, torch.as_tensor(vis.col[keep], dtype=torch.long, device=device)
 
-    def expert_scores(self, users: torch.Tensor) -> dict[str, torch.Tensor]:
+    def expert_scores(self, context: Context) -> dict[str, torch.Tensor]:
         """(B, n_items) scores of each expert, before gating (the visited expert's with its funnel
         bias on the user's visited items)."""
         vu, vi, uu, ui = self._reps()
+        users = context.users.clamp(min=0)
         visited = vu[users] @ vi.T
         if self.funnel is not None:
-            rows, cols = self._visited_entries(users, visited.device)
+            rows, cols = self._visited_entries(context, visited.device)
             with torch.no_grad():
                 visited[rows, cols] += self.funnel_bias(users[rows], cols).to(visited.dtype)
         return {"visited": visited, "unvisited": uu[users] @ ui.T}
 
-    def scores(self, users: torch.Tensor) -> torch.Tensor:
+    def scores(self, context: Context) -> torch.Tensor:
         """The unvisited expert everywhere, then the visited expert's dot products written over the
-        user's visited items only: one dense matmul instead of two and no dense visited mask."""
+        context's visited items only: one dense matmul instead of two and no dense visited mask.
+
+        The gate reads the visited set of the context (as of the scoring date), not of training.
+        The funnel bias reads which behaviours the user showed on the item *in training*: an item
+        visited since then is scored by the visited expert without it."""
         vu, vi, uu, ui = self._reps()
+        users = context.users.clamp(min=0)
         out = uu[users] @ ui.T
-        rows, cols = self._visited_entries(users, out.device)
+        rows, cols = self._visited_entries(context, out.device)
         if len(rows):
             with torch.no_grad():
                 bias = self.funnel_bias(users[rows], cols)
             out[rows, cols] = ((vu[users[rows]] * vi[cols]).sum(-1) + bias).to(out.dtype)
         return out
 
-    def explain(self, users: torch.Tensor, items: torch.Tensor) -> dict[str, torch.Tensor]:
-        vis = self.is_visited(users, items)
+    def explain(self, context: Context, rows: torch.Tensor, items: torch.Tensor) -> dict[str, torch.Tensor]:
+        vis = context_visited(context, rows, items)
         return {"visited": vis, "w_visited": vis.float(), "w_unvisited": (~vis).float()}
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from training.data import TrainingData
-from training.models.base import Recommender
+from training.models.base import Context, Recommender
 
 
 class Popularity(Recommender):
@@ -26,5 +26,9 @@ class Popularity(Recommender):
                 score += w * np.asarray(self._data.matrices[behavior].sum(0)).ravel()
         self.item_score.copy_(torch.from_numpy(np.log1p(score)).float())
 
-    def scores(self, users: torch.Tensor) -> torch.Tensor:
-        return self.item_score.to(users.device).expand(len(users), -1)
+    def scores(self, context: Context) -> torch.Tensor:
+        return self.item_score.to(context.users.device).expand(len(context), -1)
+
+    def can_score(self, context: Context) -> torch.Tensor:
+        # Everyone gets the same list: a user the training never saw is scored as well as any.
+        return torch.ones(len(context), dtype=torch.bool, device=context.users.device)
