@@ -1,8 +1,10 @@
 """The MLflow pyfunc of a trained model: all a scorer needs behind ``models:/funnelrec@champion``.
 
 The logged model bundles the state dict and ``model.json``, the training tables it was trained on
-(id maps and the interaction graphs its embeddings are propagated over) and the ``training``/``infra``
-code, so loading it needs no warehouse.
+(id maps and the interaction graphs its embeddings are propagated over) and the modules of
+``training``/``infra`` that loading and serving import (``bundled_modules``), so loading it needs
+no warehouse and no checkout; its pip requirements are exact pins of every distribution those
+modules import (``PIP_REQUIREMENTS_PACKAGES``).
 
 **It scores from the context it is given, never from its training tables.** Input: one row per
 user, with the user's context as of the scoring date (the ``serving_context`` table's columns):
@@ -29,6 +31,7 @@ position in that order (1-based).
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -43,8 +46,9 @@ from training.scoring import OUTPUT_COLUMNS
 DEFAULT_K = 50
 #: Input columns besides ``user_id``: the user's context as of the scoring date.
 CONTEXT_COLUMNS = ("visited", "bought", "history_items", "history_behaviors")
-#: Distributions the bundled code imports, besides the standard library (import names differ for
-#: pyyaml: ``yaml``). ``tests/registry/test_pyfunc.py`` imports the bundle with only these allowed.
+#: Distributions the bundled code imports (``bundled_modules``), besides the standard library.
+#: ``tests/registry/test_pyfunc.py`` checks the list against the bundle's imports and loads the
+#: bundle with only these distributions (and what they depend on) importable.
 PIP_REQUIREMENTS_PACKAGES = (
     "torch",
     "numpy",
@@ -52,12 +56,17 @@ PIP_REQUIREMENTS_PACKAGES = (
     "scipy",
     "pyarrow",
     "pyyaml",
-    "pydantic",
     "mlflow",
     "implicit",
     "threadpoolctl",
     "tqdm",
 )
+#: Imports inside functions the pyfunc never calls, so not required to serve: top-level module ->
+#: where and why.
+NOT_SERVED_IMPORTS = {"pyspark": "infra.tables: Table.spark_schema renders schemas for the Spark jobs"}
+#: Where loading starts: the pyfunc, and every model (found by name at load, not by an import).
+ENTRY_MODULES = ("training.pyfunc", "training.models.*")
+BUNDLED_PACKAGES = ("training", "infra")
 
 
 class FunnelrecModel(mlflow.pyfunc.PythonModel):
@@ -284,11 +293,73 @@ def pip_requirements() -> list[str]:
     return out
 
 
+def _module_file(root: Path, name: str) -> Path | None:
+    path = root.joinpath(*name.split("."))
+    if (path / "__init__.py").is_file():
+        return path / "__init__.py"
+    return path.with_suffix(".py") if path.with_suffix(".py").is_file() else None
+
+
+def bundled_modules(root: Path | None = None) -> tuple[dict[str, Path], dict[str, set[str]]]:
+    """The modules of ``training``/``infra`` that loading and serving the pyfunc can import (every
+    import statement, at module level or inside a function, followed from ``ENTRY_MODULES``), and
+    the other top-level modules they import (name -> importing modules), standard library aside."""
+    import ast
+    import sys
+
+    root = Path(root or Path(__file__).resolve().parents[1])
+    todo = [m for m in ENTRY_MODULES if not m.endswith("*")]
+    for pattern in (m for m in ENTRY_MODULES if m.endswith("*")):
+        pkg = pattern[:-2]
+        todo += [
+            f"{pkg}.{p.stem}" for p in root.joinpath(*pkg.split(".")).glob("*.py") if p.stem != "__init__"
+        ]
+    found: dict[str, Path] = {}
+    external: dict[str, set[str]] = {}
+    while todo:
+        name = todo.pop()
+        path = _module_file(root, name)
+        if name in found or path is None:
+            continue
+        found[name] = path
+        parts = name.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # parent packages run first
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            else:
+                continue
+            for imported in names:
+                top = imported.split(".")[0]
+                if top in BUNDLED_PACKAGES or _module_file(root, top):
+                    todo.append(imported)
+                elif top not in sys.stdlib_module_names and top != "__future__":
+                    external.setdefault(top, set()).add(name)
+    return found, external
+
+
+def bundle_code(dest: Path) -> list[str]:
+    """Copy ``bundled_modules`` into ``dest`` as packages, with the YAML files beside them (the
+    models' defaults); returns the ``code_paths`` to log."""
+    import shutil
+
+    root = Path(__file__).resolve().parents[1]
+    modules, _ = bundled_modules(root)
+    folders = {path.parent for path in modules.values()}
+    files = [*modules.values(), *(y for folder in folders for y in folder.glob("*.yaml"))]
+    for path in files:
+        target = dest / path.relative_to(root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
+    return [str(dest / pkg) for pkg in BUNDLED_PACKAGES]
+
+
 def log_pyfunc(model_path: Path, tables: Path, run_id: str, example_users: list[str]) -> str:
     """Log the pyfunc into ``run_id`` under ``model``; returns the model URI (``runs:/<id>/model``)."""
     import mlflow
 
-    root = Path(__file__).resolve().parents[1]
     artifacts = {"model": str(model_path), "tables": str(tables)}
     # Build an output example by running the very code the logged model will run.
     ctx = mlflow.pyfunc.PythonModelContext(artifacts=artifacts, model_config={})
@@ -297,12 +368,12 @@ def log_pyfunc(model_path: Path, tables: Path, run_id: str, example_users: list[
     example_in = impl.training_context_frame(example_users)
     impl.predict(ctx, example_in, {"k": 3})  # fail here, not in the scorer, if the bundle is broken
     t0 = time.perf_counter()
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id), tempfile.TemporaryDirectory(prefix="funnelrec-code-") as code:
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=FunnelrecModel(),
             artifacts=artifacts,
-            code_paths=[str(root / "training"), str(root / "infra")],
+            code_paths=bundle_code(Path(code)),
             signature=signature(),
             input_example=example_in,
             pip_requirements=pip_requirements(),

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -15,7 +19,13 @@ from training import tracking
 from training.artifacts import load_trained
 from training.evaluate import KS, METRICS, SETTINGS
 from training.models.base import Context
-from training.pyfunc import SignatureMismatch, load_for_scoring
+from training.pyfunc import (
+    NOT_SERVED_IMPORTS,
+    PIP_REQUIREMENTS_PACKAGES,
+    SignatureMismatch,
+    bundled_modules,
+    load_for_scoring,
+)
 from training.registry import promote, register
 from training.scoring import known_purchases, recommend, to_frame
 
@@ -159,3 +169,108 @@ def test_a_model_whose_signature_does_not_fit_the_scorer_is_refused(trained, tmp
         )
     with pytest.raises(SignatureMismatch, match="string column user_id"):
         load_for_scoring(info.model_uri)
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _installed_with(names) -> set[str]:
+    """The distributions ``names`` install: themselves and their dependencies, transitively
+    (extras left out), as far as this environment has them."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    from packaging.requirements import Requirement
+
+    todo, seen = [_canonical(n) for n in names], set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        try:
+            dist = distribution(name)
+        except PackageNotFoundError:
+            continue
+        seen.add(name)
+        for text in dist.requires or []:
+            req = Requirement(text)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(_canonical(req.name))
+    return seen
+
+
+def test_pip_requirements_name_every_distribution_the_bundled_code_imports(trained, champion):
+    from importlib.metadata import packages_distributions
+
+    modules, external = bundled_modules()
+    assert {"training.pyfunc", "training.models.member", "training.trainer", "infra.tables"} <= set(modules)
+    assert "infra.cli" not in modules and "training.registry" not in modules  # not needed to serve
+    owners = packages_distributions()
+    required = {_canonical(p) for p in PIP_REQUIREMENTS_PACKAGES}
+    missing = {
+        top: sorted(where)
+        for top, where in external.items()
+        if top not in NOT_SERVED_IMPORTS and not {_canonical(d) for d in owners.get(top, [])} & required
+    }
+    assert not missing, f"imported by the bundle but not in its pip requirements: {missing}"
+    assert {"implicit", "tqdm", "threadpoolctl"} <= set(external)
+    tracking.connect(trained)
+    local = mlflow.artifacts.download_artifacts(f"models:/{trained.mlflow.registered_model}@champion")
+    logged = {line.split("==")[0] for line in (Path(local) / "requirements.txt").read_text().split()}
+    assert {_canonical(p) for p in logged} == required
+
+
+BLOCKED_LOAD = """
+import importlib.abc, importlib.machinery, json, sys, sysconfig
+allowed = set(json.loads(sys.argv[2]))
+stdlib = tuple(sysconfig.get_paths(vars={"installed_base": sys.base_prefix, "platbase": sys.base_exec_prefix,
+    "base": sys.base_prefix, "installed_platbase": sys.base_exec_prefix})[k] for k in ("stdlib", "platstdlib"))
+class Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        top = name.split(".")[0]
+        if top in allowed or top in sys.stdlib_module_names:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        origin = str(getattr(spec, "origin", ""))
+        if origin.startswith(stdlib) and "site-packages" not in origin:  # private stdlib modules
+            return None
+        raise ModuleNotFoundError(f"{name} is not in the logged model's requirements", name=name)
+# The checkout is installed in editable mode: without its finder only the bundled code is importable.
+sys.meta_path = [Blocker()] + [f for f in sys.meta_path if "editable" not in type(f).__module__]
+sys.path = [p for p in sys.path if p not in ("", ".") and "__editable__" not in p]
+import mlflow.pyfunc
+import pandas as pd
+model = mlflow.pyfunc.load_model(sys.argv[1])
+frame = pd.DataFrame(json.loads(sys.argv[3]))
+out = model.predict(frame, params={"k": 5})
+print(json.dumps({"rows": len(out), "pyfunc": sys.modules["training.pyfunc"].__file__}))
+"""
+
+
+def test_the_logged_model_loads_and_predicts_with_only_its_requirements_importable(
+    trained, champion, tmp_path
+):
+    from importlib.metadata import packages_distributions
+
+    tracking.connect(trained)
+    local = mlflow.artifacts.download_artifacts(
+        f"models:/{trained.mlflow.registered_model}@champion", dst_path=str(tmp_path / "model")
+    )
+    installed = _installed_with(PIP_REQUIREMENTS_PACKAGES)
+    allowed = sorted(
+        top for top, dists in packages_distributions().items() if {_canonical(d) for d in dists} & installed
+    )
+    frame = {"user_id": ["u1", "stranger"], "visited": [["i1"], []], "bought": [[], ["i2"]]}
+    frame.update(history_items=[["i1"], []], history_behaviors=[["view"], []])
+    script = tmp_path / "load.py"
+    script.write_text(BLOCKED_LOAD)
+    done = subprocess.run(
+        [sys.executable, str(script), local, json.dumps([*allowed, "training", "infra"]), json.dumps(frame)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["rows"] == 10 and out["pyfunc"].startswith(str(tmp_path / "model"))
