@@ -155,10 +155,12 @@ def run(benchmark: str, seeds: list[int], models: list[str], work: Path, max_epo
                 r, chosen = fit.final, fit.validation  # tested: the refit; chosen on validation
                 train_s = time.perf_counter() - t
                 t = time.perf_counter()
-                m = evaluate_scores(r.model.scores, data, "test", batch_size=2048, device=r.model.device)
+                m = evaluate_scores(
+                    r.model.context_scorer(data), data, "test", batch_size=2048, device=r.model.device
+                )
                 extra = {}
                 if name == "member" and seed == seeds[0]:
-                    extra["score_all_users_top50_seconds"] = time_full_scoring(r.model, data.n_users)
+                    extra["score_all_users_top50_seconds"] = time_full_scoring(r.model, data)
                     print(
                         f"  {name}: top-50 for all {data.n_users:,} users in "
                         f"{extra['score_all_users_top50_seconds']:.1f} s",
@@ -193,13 +195,15 @@ def run(benchmark: str, seeds: list[int], models: list[str], work: Path, max_epo
     return results
 
 
-def time_full_scoring(model, n_users: int, k: int = 50, batch: int = 4096) -> float:
-    """Seconds to score every user against every item and keep the top-k (batched; no dense table)."""
+def time_full_scoring(model, data, k: int = 50, batch: int = 4096) -> float:
+    """Seconds to score every user (in the data's own context) against every item and keep the
+    top-k (batched; no dense table)."""
+    score = model.context_scorer(data)
     t = time.perf_counter()
     with torch.no_grad():
-        for start in range(0, n_users, batch):
-            users = torch.arange(start, min(start + batch, n_users), device=model.device)
-            torch.topk(model.scores(users), k, dim=1)
+        for start in range(0, data.n_users, batch):
+            users = torch.arange(start, min(start + batch, data.n_users), device=model.device)
+            torch.topk(score(users), k, dim=1)
     return time.perf_counter() - t
 
 

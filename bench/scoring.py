@@ -37,6 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from training.data import TrainingData  # noqa: E402
 from training.models import build_model  # noqa: E402
+from training.models.base import Context  # noqa: E402
 from training.scoring import known_purchases, recommend  # noqa: E402
 
 
@@ -101,7 +102,9 @@ def bench_single(args) -> dict:
         model.eval()
 
         def run(m=model):
-            recommend(m, users, exclude, args.k, batch_size=args.batch)
+            recommend(
+                m, Context.of_training(data, users, m.history_length), exclude, args.k, batch_size=args.batch
+            )
 
         out[f"recommend_{name}"] = {"seconds": timed(run)}
     out["pyfunc_predict_als_multi"] = {"seconds": pyfunc_seconds(data, args)}
@@ -113,8 +116,6 @@ def bench_single(args) -> dict:
 
 def pyfunc_seconds(data: TrainingData, args) -> float:
     """Log the real pyfunc of an ALS model trained on ``data`` and time ``predict`` for every user."""
-    import pandas as pd
-
     import mlflow
     from tests.registry.conftest import write_bundle
     from training.artifacts import save_trained
@@ -133,7 +134,8 @@ def pyfunc_seconds(data: TrainingData, args) -> float:
         )
         impl = FunnelrecModel()
         impl.load_context(ctx)
-        frame = pd.DataFrame({"user_id": [f"u{u}" for u in range(args.users)]})
+        # Every user in the training tables' own context (visited set, purchases; no history).
+        frame = impl.training_context_frame([f"u{u}" for u in range(args.users)], history_length=0)
         return timed(lambda: impl.predict(ctx, frame, {"k": args.k, "batch_size": args.batch}), repeat=1)
 
 
