@@ -7,6 +7,10 @@ the data date: asset-triggered runs have no logical date) and on its own daily c
 score -> validate_scores -> publish``: the champion scores each user from the context as of the
 date (never from its training tables), nothing is visible to analysts until the scores pass their
 suite, and the publish swaps the date's partition in atomically.
+
+A run scores every date it was triggered for (``infra.orchestration.data_dates``): when the
+scheduler batches several champion asset events into one run (a backfill), each task handles each
+date in order, so no date goes unscored.
 """
 
 from __future__ import annotations
@@ -15,15 +19,15 @@ from datetime import UTC, datetime
 
 from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, dag, get_current_context, task
 
-from infra.orchestration import CHAMPION_ASSET, data_date, default_args
+from infra.orchestration import CHAMPION_ASSET, data_dates, default_args
 from infra.settings import load_settings
 
 SETTINGS = load_settings()
 CFG = SETTINGS.airflow
 
 
-def _date():
-    return data_date(get_current_context())
+def _dates():
+    return data_dates(get_current_context())
 
 
 @task
@@ -32,8 +36,11 @@ def context() -> dict:
     from jobs.context import run_context
 
     s = load_settings()
-    r = run_context(get_spark(s), s, _date())
-    return {"ds": _date().isoformat(), "users": r.users, "items": r.items}
+    out = {}
+    for d in _dates():
+        r = run_context(get_spark(s), s, d)
+        out[d.isoformat()] = {"users": r.users, "items": r.items}
+    return out
 
 
 @task
@@ -46,8 +53,11 @@ def score() -> dict:
         from infra.spark import get_spark
 
         spark = get_spark(s)
-    result = run_score(s, _date(), spark=spark)
-    return {"ds": _date().isoformat(), "version": result["champion"]["version"], "rows": result["rows"]}
+    out = {}
+    for d in _dates():
+        result = run_score(s, d, spark=spark)
+        out[d.isoformat()] = {"version": result["champion"]["version"], "rows": result["rows"]}
+    return out
 
 
 def _validate(table: str):
@@ -57,8 +67,7 @@ def _validate(table: str):
         from validation.stage import run_validate
 
         s = load_settings()
-        summary = run_validate(get_spark(s), s, table, _date())
-        return {"success": summary["success"]}
+        return {d.isoformat(): run_validate(get_spark(s), s, table, d)["success"] for d in _dates()}
 
     return validate()
 
@@ -67,7 +76,7 @@ def _validate(table: str):
 def publish() -> dict:
     from jobs.publish import run_publish
 
-    return run_publish(load_settings(), _date())
+    return {d.isoformat(): run_publish(load_settings(), d) for d in _dates()}
 
 
 @dag(

@@ -9,6 +9,11 @@ The data date of a run (the ``--date`` of every stage) is, in order:
 3. the start of the run's data interval (the nightly DAG's cron data intervals: the 02:00 run of
    day D+1 processes day D; backfills too);
 4. the day before the run's logical date (the scoring DAG's own daily trigger).
+
+The scoring DAG scores ``data_dates``: every date of a run. The scheduler may batch several
+champion asset events into one scoring run (a backfill promotes faster than scoring runs start);
+each event's date is scored, oldest first, so no date goes unscored. ``dates`` in the run's conf
+(a list) does the same by hand.
 """
 
 from __future__ import annotations
@@ -28,6 +33,25 @@ from infra.settings import Settings, load_settings
 REPO = Path(__file__).resolve().parents[1]
 DAGS_FOLDER = REPO / "dags"
 CHAMPION_ASSET = "funnelrec_champion"
+
+
+def data_dates(context: dict[str, Any]) -> list[date]:
+    """Every data date of the running DAG run, oldest first: conf ``dates`` or ``ds``, else the
+    dates of all triggering champion asset events, else ``data_date``'s."""
+    dag_run = context.get("dag_run")
+    conf = (getattr(dag_run, "conf", None) or {}) if dag_run is not None else {}
+    if conf.get("dates"):
+        return sorted({parse_run_date(str(d)) for d in conf["dates"]})
+    if conf.get("ds"):
+        return [parse_run_date(str(conf["ds"]))]
+    events = context.get("triggering_asset_events") or {}
+    found = {
+        parse_run_date(str(e.extra["ds"]))
+        for evs in events.values()
+        for e in evs
+        if (getattr(e, "extra", None) or {}).get("ds")
+    }
+    return sorted(found) if found else [data_date(context)]
 
 
 def data_date(context: dict[str, Any]) -> date:

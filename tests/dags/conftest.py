@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -27,11 +28,41 @@ os.environ.update(
 DATE = "2017-12-03"
 
 
-def write_config(name: str, **extra) -> Path:
+#: A shopper the bundled slice does not have: first seen on DATE (``with_newcomer``).
+NEWCOMER = "990001"
+
+
+def with_newcomer() -> Path:
+    """A data root: the bundled Taobao slice plus a file of ``NEWCOMER``'s first events, on DATE:
+    views of the three most viewed items of the slice's first week, and a cart of the first."""
+    import gzip
+
+    import pandas as pd
+
+    root = ROOT / "data-newcomer"
+    folder = root / "taobao_userbehavior"
+    if folder.exists():
+        return root
+    folder.mkdir(parents=True)
+    for src in (SAMPLE_DATA / "taobao_userbehavior").glob("*.csv*"):
+        (folder / src.name).symlink_to(src)
+    with gzip.open(next(folder.glob("*.csv.gz")), "rt") as fh:
+        df = pd.read_csv(fh, header=None, names=["user", "item", "category", "behavior", "ts"])
+    week = df[(df["behavior"] == "pv") & (df["ts"] < 1512086400)]  # before 2017-12-01 UTC
+    top = week.groupby(["item", "category"]).size().sort_values(ascending=False).index[:3]
+    start = int(datetime.fromisoformat(DATE).replace(tzinfo=UTC).timestamp()) + 36000
+    rows = [(NEWCOMER, i, c, "pv", start + 60 * n) for n, (i, c) in enumerate(top)]
+    rows.append((NEWCOMER, top[0][0], top[0][1], "cart", start + 600))
+    (folder / "newcomer.csv").write_text("".join(",".join(map(str, r)) + "\n" for r in rows))
+    return root
+
+
+def write_config(name: str, policy_overrides: dict | None = None, **extra) -> Path:
     """A settings file for a DAG run: the bundled Taobao slice, two fast models, its own warehouse."""
     wh = ROOT / name
     policy = yaml.safe_load((DAGS_FOLDER.parent / "mlflow" / "promotion.yaml").read_text())
     policy["min_users"] = 3  # the slice is sparse: its 3-day validation window keeps 4 users
+    policy.update(policy_overrides or {})
     (ROOT / f"{name}-policy.yaml").write_text(yaml.safe_dump(policy))
     cfg = {
         "paths": {

@@ -13,7 +13,7 @@ import pytest
 
 from infra.orchestration import CHAMPION_ASSET
 from infra.tables import TRAINING, scores_dir
-from tests.dags.conftest import DATE, ROOT, dagbag, write_config
+from tests.dags.conftest import DATE, NEWCOMER, ROOT, dagbag, with_newcomer, write_config
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
 NIGHTLY, SCORING = "funnelrec_nightly", "funnelrec_scoring"
@@ -72,29 +72,61 @@ def test_nightly_graph_is_what_the_design_says(airflow_db):
     assert CHAMPION_ASSET in str(scoring.timetable.asset_condition)
 
 
-def _nightly(config):
+def _nightly(config, ds: str = DATE):
     dag = dagbag(config).get_dag(NIGHTLY)
-    return dag.test(logical_date=datetime.fromisoformat(DATE).replace(tzinfo=UTC), run_conf={"ds": DATE})
+    return dag.test(logical_date=datetime.fromisoformat(ds).replace(tzinfo=UTC), run_conf={"ds": ds})
 
 
-def _scoring(config):
+def _etl(config, ds: str):
+    """The nightly's ETL task group alone: the date's events, sessions and training tables."""
+    dag = dagbag(config).get_dag(NIGHTLY)
+    etl = dag.partial_subset(
+        task_ids=[t for t in dag.task_ids if t.startswith("etl.")],
+        include_upstream=False,
+        include_downstream=False,
+    )
+    return etl.test(logical_date=datetime.fromisoformat(ds).replace(tzinfo=UTC), run_conf={"ds": ds})
+
+
+def _scoring(config, **conf):
     dag = dagbag(config).get_dag(SCORING)
-    return dag.test(run_conf={"ds": DATE})
+    return dag.test(run_conf=conf)
 
 
-def _snapshot(wh) -> dict:
-    bundle = TRAINING.dir(wh, DATE)
-    scores = pq.read_table(scores_dir(wh) / f"ds={DATE}").to_pandas().sort_values(["user_id", "rank"])
+def _scores(wh, ds: str):
+    return pq.read_table(scores_dir(wh) / f"ds={ds}").to_pandas().sort_values(["user_id", "rank"])
+
+
+def _snapshot(wh, ds: str) -> dict:
+    bundle = TRAINING.dir(wh, ds)
     return {
         "checksums": json.loads((bundle / "manifest.json").read_text())["checksums"],
-        "scores": scores.reset_index(drop=True),
+        "scores": _scores(wh, ds).reset_index(drop=True),
     }
 
 
-def test_nightly_then_scoring_end_to_end_and_a_rerun_changes_nothing(airflow_db, spark):
-    config = write_config("e2e")
+def _ids(bundle, key: str) -> dict[int, str]:
+    t = pq.read_table(bundle / f"{key}_map").to_pandas()
+    return dict(zip(t[f"{key}_idx"], t[f"{key}_id"], strict=True))
+
+
+D1, D2 = "2017-12-01", "2017-12-02"
+
+
+def test_nightly_then_scoring_from_each_nights_context_every_date_scored_and_a_rerun_changes_nothing(
+    airflow_db, spark
+):
+    """A MEMBER champion trained on D1 serves D3 (= DATE) from D3's context: an item a shopper first
+    viewed after D1 is typed visited and scored by the visited expert, and a shopper first seen on
+    D3 gets K rows (the fallback); a run triggered for two dates scores both."""
+    config = write_config(
+        "e2e",
+        policy_overrides={"floor_model": None},  # the first champion is MEMBER, whatever it scores
+        paths={"data_root": str(with_newcomer())},
+        training={"models": ["member"], "max_epochs": 2},
+    )
     wh = ROOT / "e2e"
-    run = _nightly(config)
+    run = _nightly(config, D1)
     assert str(run.state) == "success", _states(run)
     promote = next(ti for ti in run.get_task_instances() if ti.task_id == "train_eval.promote")
     assert promote.xcom_pull(task_ids="train_eval.promote")["decision"] == "promoted"
@@ -109,19 +141,51 @@ def test_nightly_then_scoring_end_to_end_and_a_rerun_changes_nothing(airflow_db,
             .filter(AssetModel.name == CHAMPION_ASSET)
             .all()
         )
-        assert [e.extra["ds"] for e in events] == [DATE] and events[0].extra["decision"] == "promoted"
+        assert [e.extra["ds"] for e in events] == [D1] and events[0].extra["decision"] == "promoted"
         champion = events[0].extra["champion"]
 
-    run = _scoring(config)
+    run = _scoring(config, ds=D1)
     assert str(run.state) == "success", _states(run)
-    first = _snapshot(wh)
+    first = _snapshot(wh, D1)
     assert first["scores"]["model_version"].eq(champion).all() and len(first["scores"]) > 0
-    assert (wh / "reports" / f"ds={DATE}" / "report.html").is_file()
+    assert (wh / "reports" / f"ds={D1}" / "report.html").is_file()
 
-    # The same date again: same tables; the retrained model ties the champion, so the gate keeps it.
-    assert str(_nightly(config).state) == "success"
-    assert str(_scoring(config).state) == "success"
-    again = _snapshot(wh)
+    # Two nights later: D2's and D3's events arrive; the D1 champion serves both dates in one run.
+    assert str(_etl(config, DATE).state) == "success"
+    run = _scoring(config, dates=[DATE, D2])
+    assert str(run.state) == "success", _states(run)
+    k = 50
+    trained = TRAINING.dir(wh, D1)
+    users, items = _ids(trained, "user"), _ids(trained, "item")
+    old = pq.read_table(trained / "visited").to_pandas()
+    old_visited = set(zip(old["user_idx"].map(users), old["item_idx"].map(items), strict=True))
+    for ds in (D2, DATE):
+        scores = _scores(wh, ds)
+        context = pq.read_table(wh / "serving" / f"ds={ds}" / "serving_context").to_pandas()
+        assert set(scores["user_id"]) == set(context["user_id"])  # every active user
+        assert scores.groupby("user_id").size().eq(k).all() and scores["model_version"].eq(champion).all()
+    scores = _scores(wh, DATE)
+    context = pq.read_table(wh / "serving" / f"ds={DATE}" / "serving_context").to_pandas()
+    visited_now = {(u, i) for u, vs in zip(context["user_id"], context["visited"], strict=True) for i in vs}
+    pairs = list(zip(scores["user_id"], scores["item_id"], strict=True))
+    fresh = scores[[p in visited_now and p not in old_visited and p[0] in users.values() for p in pairs]]
+    # Visited since the champion's training date: its own tables would call these unvisited.
+    assert len(fresh) > 0
+    assert fresh["item_type"].eq("visited").all() and fresh["expert"].eq("visited").all()
+    newcomer = scores[scores["user_id"] == NEWCOMER]
+    assert NEWCOMER not in set(users.values()) and len(newcomer) == k
+    assert newcomer["expert"].eq("fallback").all() and newcomer["rank"].tolist() == list(range(1, k + 1))
+    seen = {i for u, i in visited_now if u == NEWCOMER}
+    assert (
+        newcomer["item_type"]
+        .eq(newcomer["item_id"].isin(seen).map({True: "visited", False: "unvisited"}))
+        .all()
+    )
+
+    # D1 again: same tables; the retrained model ties the champion, so the gate keeps it.
+    assert str(_nightly(config, D1).state) == "success"
+    assert str(_scoring(config, ds=D1).state) == "success"
+    again = _snapshot(wh, D1)
     assert again["checksums"] == first["checksums"]
     assert again["scores"].equals(first["scores"])
 
@@ -148,21 +212,20 @@ def test_etl_through_spark_submit_gives_the_in_process_tables(airflow_db, spark,
     in-process tasks of the end-to-end test."""
     monkeypatch.setenv("AIRFLOW_CONN_FUNNELREC_SPARK", json.dumps({"conn_type": "spark", "host": "local[1]"}))
     monkeypatch.setenv("PATH", f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}")
-    config = write_config("submit", airflow={"spark_submit_conn_id": "funnelrec_spark"})
+    config = write_config(
+        "submit",
+        airflow={"spark_submit_conn_id": "funnelrec_spark"},
+        paths={"data_root": str(with_newcomer())},
+    )
     dag = dagbag(config).get_dag(NIGHTLY)
     assert type(dag.get_task("etl.ingest")).__name__ == "StageSubmit"
-    etl = dag.partial_subset(
-        task_ids=[t for t in dag.task_ids if t.startswith("etl.")],
-        include_upstream=False,
-        include_downstream=False,
-    )
-    run = etl.test(logical_date=datetime.fromisoformat(DATE).replace(tzinfo=UTC), run_conf={"ds": DATE})
+    run = _etl(config, DATE)
     assert str(run.state) == "success", _states(run)
     submitted = json.loads((TRAINING.dir(ROOT / "submit", DATE) / "manifest.json").read_text())["checksums"]
 
-    reference = ROOT / "e2e"
+    reference = ROOT / "e2e"  # its ETL of DATE ran in process, on the same data
     if not TRAINING.dir(reference, DATE).exists():
-        run = _nightly(write_config("e2e"))
+        run = _etl(write_config("e2e", paths={"data_root": str(with_newcomer())}), DATE)
         assert str(run.state) == "success", _states(run)
     expected = json.loads((TRAINING.dir(reference, DATE) / "manifest.json").read_text())["checksums"]
     assert submitted == expected
