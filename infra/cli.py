@@ -18,7 +18,15 @@ from pathlib import Path
 from infra.dates import InvalidDateError, parse_run_date
 from infra.logs import configure, get_logger, stage
 from infra.settings import Settings, load_settings
-from infra.tables import MANIFEST_FILE, SERVING, SESSIONIZED, TRAINING, events_dir, quarantine_dir
+from infra.tables import (
+    MANIFEST_FILE,
+    SERVING,
+    SESSIONIZED,
+    TRAINING,
+    events_dir,
+    quarantine_dir,
+    scores_dir,
+)
 
 EXIT_FAILED = 1
 
@@ -164,11 +172,55 @@ def cmd_promote(args, settings: Settings) -> int:
     return EXIT_FAILED if args.strict and decision.action not in ("promoted", "already_champion") else 0
 
 
+def latest_published(settings: Settings) -> date | None:
+    """The latest date with published scores (``scores/ds=D``), or None."""
+    root = scores_dir(settings.paths.warehouse_root)
+    days = (
+        sorted(p.name.removeprefix("ds=") for p in root.glob("ds=*") if p.is_dir()) if root.exists() else []
+    )
+    return parse_run_date(days[-1]) if days else None
+
+
+def rescore(settings: Settings, run_date: date) -> dict:
+    """Score ``run_date`` again with the current @champion, validate and publish it (the serving
+    context is rebuilt when it is gone)."""
+    from infra.spark import get_spark
+    from jobs.context import run_context
+    from jobs.publish import run_publish
+    from training.score import run_score
+    from validation.stage import run_validate
+
+    spark = get_spark(settings)
+    if not SERVING.dir(settings.paths.warehouse_root, run_date).exists():
+        run_context(spark, settings, run_date)
+        run_validate(spark, settings, "serving", run_date)
+    scored = run_score(settings, run_date, spark=spark if settings.scoring.path == "spark" else None)
+    run_validate(spark, settings, "scores", run_date)
+    run_publish(settings, run_date)
+    return scored
+
+
 def cmd_rollback(args, settings: Settings) -> int:
     from training.registry import rollback
 
     decision = rollback(settings)
     print(f"@champion: version {decision.version} -> version {decision.champion_after}")
+    latest = latest_published(settings)
+    if latest is None:
+        return 0
+    if not args.rescore:
+        print(
+            f"The published recommendations of {latest} are still version {decision.version}'s. To replace "
+            f"them with version {decision.champion_after}'s: funnelrec score --date {latest} && funnelrec "
+            f"validate --table scores --date {latest} && funnelrec publish --date {latest} "
+            "(or run rollback with --rescore)."
+        )
+        return 0
+    scored = rescore(settings, latest)
+    print(
+        f"re-scored {latest} with version {scored['champion']['version']}: {scored['rows']} rows for "
+        f"{scored['scored_users']} users, validated and published"
+    )
     return 0
 
 
@@ -451,12 +503,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--date", type=_date, metavar="YYYY-MM-DD", help="consider the best version registered for this date"
     )
     p.add_argument("--strict", action="store_true", help="exit 1 when the challenger is refused")
-    add(
+    p = add(
         "rollback",
         "Give @champion back to the version that held it before the current one (the alias history is kept "
-        "in registered-model tags).",
+        "in registered-model tags). The published recommendations stay the rolled-back version's until the "
+        "latest published date is scored again: --rescore does it (score, validate scores, publish), else "
+        "the command prints the steps.",
         cmd_rollback,
         dated=False,
+    )
+    p.add_argument(
+        "--rescore",
+        action="store_true",
+        help="score the latest published date again with the restored champion, validate and publish it",
     )
     add(
         "context",

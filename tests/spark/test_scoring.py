@@ -200,7 +200,7 @@ def test_the_five_readme_queries_run_and_return_rows(published):
             assert rows, question
         # One catalogue: every recommended item is in dim_items, so coverage cannot pass 100%.
         outside = "select count(*) from recommendations_latest r anti join dim_items d using (item_id)"
-        assert con.sql(outside).fetchone() == (0,)
+        assert con.sql(outside).fetchall() == [(0,)]
         coverage = con.sql("select items_recommended, catalogue_items, coverage from agg_catalog_coverage")
         (recommended, items, share), *_ = coverage.fetchall()
         assert 0 < recommended <= items == len(con.sql("from dim_items").fetchall()) and share <= 1
@@ -249,3 +249,44 @@ def test_report_renders_in_headless_chromium_with_every_section(published, tmp_p
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
     assert pixels.std() > 10  # not a blank page
     assert (pixels < 128).mean() > 0.01  # text and plots drawn
+
+
+def test_rollback_with_rescore_publishes_the_restored_champions_rows(published, tmp_path):
+    """Runs last: it changes the champion. A second version takes @champion (a refresh of the same
+    model), then `funnelrec rollback --rescore` gives it back and re-publishes the latest date."""
+    from infra.cli import main
+
+    settings, _, local = published
+    run_train(settings, DEMO_DATE, "als_multi")
+    run_evaluate(settings, DEMO_DATE, "als_multi")
+    v2 = register(settings, DEMO_DATE, "als_multi")
+    assert v2 == 2 and promote(settings, version=v2).champion_after == 2
+    cfg = tmp_path / "settings.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "paths": {
+                    "warehouse_root": str(settings.paths.warehouse_root),
+                    "data_root": str(settings.paths.data_root),
+                },
+                "mlflow": {"registered_model": "scoring", "experiment": "scoring"},
+                "pipeline": {"sources": list(settings.pipeline.sources)},
+                "split": settings.split.model_dump(),
+                "scoring": {"active_days": settings.scoring.active_days},
+            }
+        )
+    )
+    # Published by version 2 first, as a nightly would have.
+    assert main(["--config", str(cfg), "score", "--date", DEMO_DATE]) == 0
+    assert main(["--config", str(cfg), "validate", "--table", "scores", "--date", DEMO_DATE]) == 0
+    assert main(["--config", str(cfg), "publish", "--date", DEMO_DATE]) == 0
+    wh = settings.paths.warehouse_root
+    assert set(pq.read_table(scores_dir(wh) / f"ds={DEMO_DATE}").column("model_version").to_pylist()) == {2}
+
+    assert main(["--config", str(cfg), "rollback", "--rescore"]) == 0
+    after = pq.read_table(scores_dir(wh) / f"ds={DEMO_DATE}").to_pandas()
+    assert set(after["model_version"]) == {1}
+    after = after.sort_values(["user_id", "rank"]).reset_index(drop=True)
+    assert after[["user_id", "rank", "item_id"]].equals(local[["user_id", "rank", "item_id"]])
+    with duckdb.connect(str(analytics_db(wh)), read_only=True) as con:
+        assert con.sql("select distinct model_version from recommendations_latest").fetchall() == [(1,)]
