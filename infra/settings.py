@@ -105,6 +105,7 @@ class ScoringSettings(_Section):
     k: int = Field(gt=0)
     active_days: int = Field(gt=0)
     catalogue_days: int = Field(gt=0)
+    outcome_days: int = Field(gt=0)
     history_length: int = Field(ge=0)
     batch_size: int = Field(gt=0)
     path: Literal["local", "spark"]

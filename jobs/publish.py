@@ -21,6 +21,10 @@ and write the daily report.
    ``model_runs``              every tracked run: model, date, metrics, registered version, aliases
    ``fct_promotion_gates``     every promotion decision: per date, candidate and gate (view over
                                ``decisions/``, written by ``promote``)
+   ``fct_recommendation_outcomes``  every published recommendation and whether the user bought the
+                               item in the ``scoring.outcome_days`` days after its date (view)
+   ``agg_recommendation_outcomes``  hit rate at 10 and at K per date and serving model version:
+                               overall, by item type, by expert (view)
    ==========================  ====================================================================
 3. ``reports/ds=<d>/report.html``: see ``jobs.report``.
 
@@ -47,6 +51,7 @@ from infra.tables import (
     SERVING,
     SERVING_CONTEXT,
     analytics_db,
+    events_dir,
     scores_dir,
     scores_staged_dir,
 )
@@ -71,6 +76,12 @@ DOCS = {
     "model_runs": "Every tracked train/evaluate run: model, data date, validation/test metrics per setting "
     "(HR and NDCG, and chance_HR: what a random ranking of the same candidates scores), registered version "
     "and the aliases it holds now.",
+    "fct_recommendation_outcomes": "Every published recommendation with its outcome: bought (the user "
+    "purchased the item on D+1..D+N, N = scoring.outcome_days), first_bought_at, days_observed (how many of "
+    "those N days have events yet) and complete (all N have). Updated as later nights arrive.",
+    "agg_recommendation_outcomes": "Per date, serving model version and slice (all, item_type=..., expert=...): "
+    "users, hit_rate_at_10 and hit_rate_at_k (share of the slice's users with a bought item among their "
+    "top 10 / all K recommendations of the slice), days_observed and complete.",
     "fct_promotion_gates": "Every promotion decision (the decisions table): per date, candidate version and "
     "gate, its status (pass, fail, not_evaluable), the candidate's and the champion's means on the same "
     "users, the relative change and its bootstrap interval, and the outcome.",
@@ -175,6 +186,63 @@ def _decisions_view(wh: Path) -> str:
     return f"CREATE VIEW fct_promotion_gates AS SELECT {cols} WHERE false"
 
 
+def outcome_views(con, scores: Path, events: Path, sources: list[str], days: int) -> None:
+    """``fct_recommendation_outcomes`` and ``agg_recommendation_outcomes`` on ``con``: published
+    recommendations (``scores``) joined with the purchases of the ``events`` table on the ``days``
+    days after each date (the date itself excluded: it is in the context the list was made from)."""
+    in_sources = ", ".join(f"'{s}'" for s in sources)
+    con.execute(
+        f"""
+        CREATE VIEW fct_recommendation_outcomes AS
+        WITH recs AS (
+            SELECT CAST(ds AS DATE) AS ds, user_id, rank, item_id, item_type, expert, model, model_version
+            FROM read_parquet('{scores}/ds=*/*.parquet', hive_partitioning = true)
+        ),
+        buys AS (
+            SELECT user_id, item_id, event_time, CAST(event_date AS DATE) AS event_date
+            FROM read_parquet('{events}/*/*/*.parquet', hive_partitioning = true)
+            WHERE behavior = 'purchase' AND source IN ({in_sources})
+        ),
+        seen AS (
+            SELECT max(CAST(event_date AS DATE)) AS last_day
+            FROM read_parquet('{events}/*/*/*.parquet', hive_partitioning = true)
+            WHERE source IN ({in_sources})
+        ),
+        hits AS (
+            SELECT r.ds, r.user_id, r.item_id, min(b.event_time) AS first_bought_at
+            FROM recs r JOIN buys b ON b.user_id = r.user_id AND b.item_id = r.item_id
+             AND b.event_date > r.ds AND b.event_date <= r.ds + INTERVAL {days} DAY
+            GROUP BY ALL
+        )
+        SELECT r.*, h.first_bought_at IS NOT NULL AS bought, h.first_bought_at,
+               CAST(greatest(0, least({days}, date_diff('day', r.ds, (SELECT last_day FROM seen)))) AS INTEGER)
+                   AS days_observed,
+               date_diff('day', r.ds, (SELECT last_day FROM seen)) >= {days} AS complete
+        FROM recs r LEFT JOIN hits h USING (ds, user_id, item_id);
+
+        CREATE VIEW agg_recommendation_outcomes AS
+        WITH per_user AS (
+            SELECT ds, model_version, user_id,
+                   CASE WHEN GROUPING(item_type) = 0 THEN 'item_type=' || item_type
+                        WHEN GROUPING(expert) = 0 THEN 'expert=' || coalesce(expert, 'none')
+                        ELSE 'all' END AS slice,
+                   bool_or(bought AND rank <= 10) AS hit_at_10,
+                   bool_or(bought) AS hit_at_k,
+                   any_value(days_observed) AS days_observed,
+                   any_value(complete) AS complete
+            FROM fct_recommendation_outcomes
+            GROUP BY GROUPING SETS ((ds, model_version, user_id), (ds, model_version, user_id, item_type),
+                                    (ds, model_version, user_id, expert))
+        )
+        SELECT ds, model_version, slice, count(*) AS users,
+               avg(CAST(hit_at_10 AS DOUBLE)) AS hit_rate_at_10,
+               avg(CAST(hit_at_k AS DOUBLE)) AS hit_rate_at_k,
+               any_value(days_observed) AS days_observed, bool_and(complete) AS complete
+        FROM per_user GROUP BY ds, model_version, slice;
+        """
+    )
+
+
 def build_analytics(settings: Settings, run_date: date) -> Path:
     """Rebuild the analysts' DuckDB file next to the old one, then rename it over it."""
     wh = settings.paths.warehouse_root
@@ -241,13 +309,12 @@ def build_analytics(settings: Settings, run_date: date) -> Path:
         con.execute("CREATE TABLE model_runs AS SELECT * FROM runs_df")
         con.unregister("runs_df")
         con.execute(_decisions_view(wh))
+        outcome_views(
+            con, scores, events_dir(wh), list(settings.pipeline.sources), settings.scoring.outcome_days
+        )
         for name, doc in DOCS.items():
             kind = (
-                "VIEW"
-                if name
-                in ("fct_recommendations", "recommendations_latest", "fct_promotion_gates", "fct_catalogue")
-                or name.startswith("agg_")
-                else "TABLE"
+                "VIEW" if name.startswith(("fct_", "agg_")) or name == "recommendations_latest" else "TABLE"
             )
             con.execute(f"COMMENT ON {kind} {name} IS '{doc.replace(chr(39), chr(39) * 2)}'")
     finally:

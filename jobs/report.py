@@ -5,7 +5,9 @@ its MLflow run and the Data Docs, and its test HR@20 beside the chance level of 
 ``promotion`` (the latest promotion decision up to the date: every candidate and gate, with the
 candidate's and the champion's means on the same users and the interval of the change),
 ``metrics`` (test metrics over data dates per setting),
-``coverage`` (catalogue coverage over dates), ``item-types`` (visited vs unvisited share by rank),
+``outcomes`` (how the published lists did: hit rate at 10 and at K of each date's list against the
+purchases of the following ``scoring.outcome_days`` days, per serving version, and by slice for the
+latest date with outcomes), ``coverage`` (catalogue coverage over dates), ``item-types`` (visited vs unvisited share by rank),
 ``popularity`` (how popular the recommended items are against the catalogue).
 Everything is read from the analysts' DuckDB file, so the report shows what analysts can query.
 """
@@ -120,6 +122,23 @@ def write_report(settings: Settings, run_date: date, db: Path) -> Path:
             [run_date],
         ).df()
         catalogue = con.execute("SELECT popularity_rank FROM dim_items").df()
+        outcomes = con.execute(
+            "SELECT * FROM agg_recommendation_outcomes WHERE slice = 'all' AND ds <= ? ORDER BY ds",
+            [run_date],
+        ).df()
+        judged = con.execute(
+            "SELECT max(ds) FROM agg_recommendation_outcomes WHERE days_observed > 0 AND ds <= ?", [run_date]
+        ).fetchone()[0]
+        slices = con.execute(
+            "SELECT model_version, slice, users, hit_rate_at_10, hit_rate_at_k, days_observed, complete "
+            "FROM agg_recommendation_outcomes WHERE ds = ? ORDER BY model_version, slice",
+            [judged],
+        ).df()
+        fallback = con.execute(
+            "SELECT count(DISTINCT user_id) FILTER (WHERE expert = 'fallback') FROM fct_recommendations "
+            "WHERE ds = ?",
+            [run_date],
+        ).fetchone()[0]
     finally:
         con.close()
 
@@ -131,6 +150,32 @@ def write_report(settings: Settings, run_date: date, db: Path) -> Path:
     ax.legend(fontsize=7)
     fig.tight_layout()
     metrics_png = _png(fig)
+    plt.close(fig)
+
+    fig = plt.figure(figsize=(8, 3))
+    ax = fig.subplots()
+    observed = outcomes[outcomes["days_observed"] > 0]
+    for version, part in observed.groupby("model_version"):
+        for col, style in (("hit_rate_at_k", "-"), ("hit_rate_at_10", ":")):
+            ax.plot(
+                [str(d)[:10] for d in part["ds"]], part[col], style, marker="o", label=f"v{version} {col}"
+            )
+    ax.set(
+        title="published lists: bought within the following days (hollow: days still to come)",
+        ylabel="hit rate",
+    )
+    incomplete = observed[~observed["complete"].astype(bool)]
+    ax.scatter(
+        [str(d)[:10] for d in incomplete["ds"]],
+        incomplete["hit_rate_at_k"],
+        facecolors="white",
+        edgecolors="k",
+        zorder=3,
+    )
+    if len(observed):
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    outcomes_png = _png(fig)
     plt.close(fig)
 
     fig = plt.figure(figsize=(8, 3))
@@ -183,7 +228,8 @@ img {{ max-width: 100%; }} .kpi {{ font-size: 1.2em; }}
 <h1>funnelrec daily report: {run_date}</h1>
 <section id="champion"><h2>Champion</h2>
 <p class="kpi">{html.escape(str(name))} version {version} (<b>{html.escape(str(model))}</b>) scored
-{users} active users, {rows} recommendations.</p>
+{users} active users, {rows} recommendations; {fallback} users it could not score were served the
+catalogue's most popular items (expert <code>fallback</code>).</p>
 <p>{_mlflow_link(settings, run_id)} &middot; <a href="{docs.as_uri()}">Data Docs (validation results)</a></p>
 <p>Test metrics of the champion's run. <code>chance_hr20</code> is what a random ranking of the same
 candidates would score: read <code>hr20</code> against it (a visited list of a few items is hit by chance).</p>
@@ -194,6 +240,13 @@ candidates would score: read <code>hr20</code> against it (a visited list of a f
 <code>change</code> is the candidate's mean over the champion's on the same users, with its bootstrap interval.
 A refresh (the champion's own model retrained) is kept unless shown worse; a challenge must win.</p>
 {_table(gates) if len(gates) else "<p>No promotion decision recorded yet.</p>"}
+</section>
+<section id="outcomes"><h2>Outcomes of what was served</h2>
+<p>Each published date's list against what its users bought in the following
+{settings.scoring.outcome_days} days (the date itself excluded): the share of users with a bought item in
+their top 10 and top K. Recent dates are still filling in.</p>
+<img alt="hit rate of published lists by date" src="{outcomes_png}">
+{f"<p>By slice, {judged}:</p>" + _table(slices) if judged is not None else "<p>No published date has a following day with events yet.</p>"}
 </section>
 <section id="metrics"><h2>Metrics over time</h2><img alt="test NDCG@20 per setting by date" src="{metrics_png}"></section>
 <section id="coverage"><h2>Catalogue coverage</h2>

@@ -232,13 +232,16 @@ def test_report_renders_in_headless_chromium_with_every_section(published, tmp_p
         f"--user-data-dir={tmp_path / 'profile'}",
     ]
     dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
-    for section in ("champion", "promotion", "metrics", "coverage", "item-types", "popularity"):
+    for section in ("champion", "promotion", "outcomes", "metrics", "coverage", "item-types", "popularity"):
         assert f'<section id="{section}">' in dom.stdout, section
     # The fixture's promotion: the first champion's gates, read back from the decisions table.
     promotion = dom.stdout.split('<section id="promotion">')[1].split("</section>")[0]
     assert "min_users" in promotion and "floor" in promotion and "promoted" in promotion
     assert "chance_hr20" in dom.stdout
-    assert dom.stdout.count('<img alt="') == 4 and "als_multi" in dom.stdout
+    assert dom.stdout.count('<img alt="') == 5 and "als_multi" in dom.stdout
+    # The demo date is the slice's last day: no following day has events to judge its list by yet.
+    outcomes = dom.stdout.split('<section id="outcomes">')[1].split("</section>")[0]
+    assert "No published date has a following day with events yet" in outcomes
     shot = tmp_path / "report.png"
     subprocess.run(
         [*flags, "--window-size=1200,2000", f"--screenshot={shot}", page.as_uri()],

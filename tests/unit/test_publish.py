@@ -59,3 +59,73 @@ def test_publish_partitions_replaces_only_staged_partitions(tmp_path):
     assert (root / "event_date=2015-01-01" / "part-0.parquet").read_text() == "keep"
     assert (root / "event_date=2015-01-02" / "part-0.parquet").read_text() == "new"
     assert (root / "event_date=2015-01-03" / "part-0.parquet").read_text() == "added"
+
+
+def test_outcomes_count_a_hit_exactly_when_the_item_was_bought_in_the_n_days_after_its_date(tmp_path):
+    """Hand-checked: N = 7; recommendations of 2020-01-10 against purchases on other days, by other
+    users, of other sources and of other behaviours."""
+    from datetime import UTC, datetime
+
+    import duckdb
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from infra.tables import EVENTS, SCORES
+    from jobs.publish import outcome_views
+
+    scores, events = tmp_path / "scores", tmp_path / "events"
+    recs = [  # user, rank, item, item type, expert
+        ("a", 1, "i1", "visited", "visited"),
+        ("a", 2, "i2", "unvisited", "unvisited"),
+        ("a", 3, "i3", "unvisited", "fallback"),
+        ("b", 1, "i1", "visited", "visited"),
+    ]
+    rows = [
+        {"user_id": u, "rank": r, "item_id": i, "score": 1.0 / r, "item_type": t, "expert": e,
+         "expert_weights": "{}", "model": "member", "model_name": "m", "model_version": 3, "run_id": "x",
+         "trained_ds": "2020-01-09"}
+        for u, r, i, t, e in recs
+    ]  # fmt: skip
+    (scores / "ds=2020-01-10").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows, SCORES.arrow_schema()), scores / "ds=2020-01-10" / "p.parquet")
+    happened = [  # source, day, user, item, behaviour
+        ("shop", 10, "a", "i1", "purchase"),  # the date itself: in the context the list came from
+        ("shop", 11, "a", "i2", "purchase"),  # day 1: a hit
+        ("shop", 12, "a", "i3", "view"),  # not a purchase
+        ("shop", 12, "c", "i1", "purchase"),  # another user
+        ("other", 12, "a", "i3", "purchase"),  # a source this pipeline does not serve
+        ("shop", 17, "b", "i1", "purchase"),  # day 7: a hit
+        ("shop", 18, "a", "i3", "purchase"),  # day 8: too late
+    ]
+    for source, day, user, item, behavior in happened:
+        folder = events / f"source={source}" / f"event_date=2020-01-{day:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        row = {"event_time": datetime(2020, 1, day, 12, tzinfo=UTC), "user_id": user, "item_id": item}
+        row.update(behavior=behavior, category_id=None, brand=None, price=None, source_session_id=None)
+        pq.write_table(
+            pa.Table.from_pylist([row], EVENTS.arrow_schema()), folder / f"{user}-{item}-{behavior}.parquet"
+        )
+    con = duckdb.connect()
+    outcome_views(con, scores, events, ["shop"], days=7)
+    got = con.sql(
+        "select user_id, item_id, bought, days_observed, complete from fct_recommendation_outcomes order by all"
+    ).fetchall()
+    assert got == [
+        ("a", "i1", False, 7, True),
+        ("a", "i2", True, 7, True),
+        ("a", "i3", False, 7, True),
+        ("b", "i1", True, 7, True),
+    ]
+    agg = dict(
+        con.sql(
+            "select slice, (users, hit_rate_at_10, hit_rate_at_k) from agg_recommendation_outcomes"
+        ).fetchall()
+    )
+    assert agg["all"] == (2, 1.0, 1.0)
+    assert agg["item_type=visited"] == (2, 0.5, 0.5) and agg["item_type=unvisited"] == (1, 1.0, 1.0)
+    assert agg["expert=fallback"] == (1, 0.0, 0.0) and agg["expert=unvisited"] == (1, 1.0, 1.0)
+    # One night short of N days after the date: not complete yet.
+    outcome_views(con := duckdb.connect(), scores, events, ["shop"], days=9)
+    assert con.sql("select distinct days_observed, complete from fct_recommendation_outcomes").fetchall() == [
+        (8, False)
+    ]
