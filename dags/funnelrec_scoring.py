@@ -4,13 +4,14 @@ from it, validate, publish.
 Runs when the nightly DAG's promote task emits the ``funnelrec_champion`` asset (its extra carries
 the data date: asset-triggered runs have no logical date) and on its own daily cron
 (``airflow.scoring_schedule``), which scores the previous day. ``context -> validate_serving ->
-score -> validate_scores -> publish``: the champion scores each user from the context as of the
+score -> validate_scores -> publish -> prune``: the champion scores each user from the context as of the
 date (never from its training tables), nothing is visible to analysts until the scores pass their
 suite, and the publish swaps the date's partition in atomically.
 
 A run scores every date it was triggered for (``infra.orchestration.data_dates``): when the
 scheduler batches several champion asset events into one run (a backfill), each task handles each
-date in order, so no date goes unscored.
+date in order, so no date goes unscored. ``prune`` applies retention (``training/retention.py``)
+as of the run's latest date.
 """
 
 from __future__ import annotations
@@ -79,6 +80,14 @@ def publish() -> dict:
     return {d.isoformat(): run_publish(load_settings(), d) for d in _dates()}
 
 
+@task
+def prune() -> dict:
+    from training.retention import run_retention
+
+    r = run_retention(load_settings(), max(_dates()))
+    return {"removed": len(r.removed), "pruned_versions": r.pruned_versions}
+
+
 @dag(
     dag_id="funnelrec_scoring",
     schedule=AssetOrTimeSchedule(
@@ -92,7 +101,7 @@ def publish() -> dict:
     doc_md=__doc__,
 )
 def funnelrec_scoring():
-    context() >> _validate("serving") >> score() >> _validate("scores") >> publish()
+    context() >> _validate("serving") >> score() >> _validate("scores") >> publish() >> prune()
 
 
 funnelrec_scoring()

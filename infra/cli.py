@@ -236,6 +236,22 @@ def cmd_context(args, settings: Settings) -> int:
     return 0
 
 
+def cmd_prune(args, settings: Settings) -> int:
+    from training.retention import run_retention
+
+    r = run_retention(settings, args.date)
+    print(
+        f"kept {settings.retention.days} nights (from {r.cutoff}) and versions "
+        f"{sorted(r.protected) or 'none'} (current aliases, last {settings.retention.champions} champions); "
+        f"removed {len(r.removed)} dated folders, pruned the artifacts of versions {r.pruned_versions or 'none'}"
+    )
+    if r.kept_remote:
+        print(
+            f"versions {r.kept_remote} have remote artifacts: tagged, left to the store's clean-up (mlflow gc)"
+        )
+    return 0
+
+
 def cmd_score(args, settings: Settings) -> int:
     from training.score import run_score, summary_json
 
@@ -524,6 +540,15 @@ def build_parser() -> argparse.ArgumentParser:
         "date's catalogue (items with an event in the last scoring.catalogue_days days, by popularity), "
         "written to warehouse/serving/ds=D.",
         cmd_context,
+    )
+    add(
+        "prune",
+        "Retention as of --date: delete the dated outputs (scores, staged scores, serving bundles, sessionized "
+        "and training tables, models, validation results, reports) older than retention.days nights, except the "
+        "training tables and models of versions a current alias points to or among the last "
+        "retention.champions champions; delete the logged-model artifacts of other registered versions of "
+        "pruned dates (tagged funnelrec.pruned). Events, quarantine, decisions and MLflow runs stay.",
+        cmd_prune,
     )
     p = add(
         "score",

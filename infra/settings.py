@@ -75,6 +75,8 @@ class ValidationSettings(_Section):
     events_min_rows: int = Field(ge=0)
     events_max_rows: int = Field(gt=0)
     scores_max_fallback_share: float = Field(ge=0, le=1)
+    scores_min_overlap: float = Field(ge=0, le=1)
+    scores_min_coverage_ratio: float = Field(ge=0)
 
 
 class TrainingSettings(_Section):
@@ -111,6 +113,11 @@ class ScoringSettings(_Section):
     path: Literal["local", "spark"]
 
 
+class RetentionSettings(_Section):
+    days: int = Field(gt=0)
+    champions: int = Field(gt=0)
+
+
 class AirflowSettings(_Section):
     home: Path | None = None
     schedule: str
@@ -144,6 +151,7 @@ class Settings(_Section):
     seeds: Seeds
     mlflow: MlflowSettings
     scoring: ScoringSettings
+    retention: RetentionSettings
     airflow: AirflowSettings
     logging: LoggingSettings
 

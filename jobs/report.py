@@ -7,7 +7,10 @@ candidate's and the champion's means on the same users and the interval of the c
 ``metrics`` (test metrics over data dates per setting),
 ``outcomes`` (how the published lists did: hit rate at 10 and at K of each date's list against the
 purchases of the following ``scoring.outcome_days`` days, per serving version, and by slice for the
-latest date with outcomes), ``coverage`` (catalogue coverage over dates), ``item-types`` (visited vs unvisited share by rank),
+latest date with outcomes), ``drift`` (each user's top K against the previous published date's, and both nights' score
+distributions), ``checks`` (every validation suite of the date: passed or failed, and each failed
+expectation with its count, from the result files), ``coverage`` (catalogue coverage over dates),
+``item-types`` (visited vs unvisited share by rank),
 ``popularity`` (how popular the recommended items are against the catalogue).
 Everything is read from the analysts' DuckDB file, so the report shows what analysts can query.
 """
@@ -23,7 +26,7 @@ from pathlib import Path
 import duckdb
 
 from infra.settings import Settings
-from infra.tables import report_path
+from infra.tables import report_path, validation_result_path
 
 SETTINGS = ("standard", "visited", "unvisited", "long_tail", "tail_items")
 GATE_COLUMNS = (
@@ -73,6 +76,47 @@ def _mlflow_link(settings: Settings, run_id: str) -> str:
         f'<a href="{ui}/#/runs/{run_id}">MLflow run {run_id}</a> (start the UI with '
         f"<code>.venv/bin/mlflow ui --backend-store-uri {html.escape(uri)} --host 127.0.0.1</code>)"
     )
+
+
+#: The suites of a night, in pipeline order (``validation/<table>/ds=<d>/result.json``).
+CHECKED_TABLES = ("events", "sessions", "training", "serving", "scores")
+
+
+def validation_rows(settings: Settings, run_date: date):
+    """One row per suite run for ``run_date``: table, suite, pass/fail, expectations evaluated, and
+    each failed expectation with its unexpected count or observed value; tables not validated for
+    the date say so. Read from the result files, so the page needs nothing from a CDN (GX's Data
+    Docs do)."""
+    import json
+
+    import pandas as pd
+
+    rows = []
+    for table in CHECKED_TABLES:
+        path = validation_result_path(settings.paths.warehouse_root, table, run_date)
+        if not path.exists():
+            rows.append({"table": table, "suite": "-", "result": "not run for this date"})
+            continue
+        result = json.loads(path.read_text())
+        for name, suite in result.get("suites", {}).items():
+            failed = []
+            for exp in suite.get("expectations", []):
+                if not exp.get("success"):
+                    got = exp.get("result") or {}
+                    value = got.get("unexpected_count", got.get("observed_value"))
+                    column = exp.get("kwargs", {}).get("column", "")
+                    failed.append(f"{exp['expectation_type']}({column}): {value}")
+            stats = suite.get("statistics", {})
+            rows.append(
+                {
+                    "table": table,
+                    "suite": name,
+                    "result": "passed" if suite.get("success") else "FAILED",
+                    "expectations": stats.get("evaluated_expectations"),
+                    "failed": "; ".join(failed) or "-",
+                }
+            )
+    return pd.DataFrame(rows, columns=["table", "suite", "result", "expectations", "failed"])
 
 
 def write_report(settings: Settings, run_date: date, db: Path) -> Path:
@@ -134,6 +178,26 @@ def write_report(settings: Settings, run_date: date, db: Path) -> Path:
             "FROM agg_recommendation_outcomes WHERE ds = ? ORDER BY model_version, slice",
             [judged],
         ).df()
+        previous = con.execute("SELECT max(ds) FROM fct_recommendations WHERE ds < ?", [run_date]).fetchone()[
+            0
+        ]
+        overlap = con.execute(
+            "WITH today AS (SELECT user_id, item_id FROM fct_recommendations WHERE ds = $d), "
+            "before AS (SELECT user_id, item_id FROM fct_recommendations WHERE ds = $p), "
+            "both_nights AS (SELECT DISTINCT user_id FROM before) "
+            "SELECT t.user_id, count(b.item_id) / count(*) AS overlap FROM today t "
+            "JOIN both_nights USING (user_id) LEFT JOIN before b USING (user_id, item_id) GROUP BY t.user_id",
+            {"d": run_date, "p": previous},
+        ).df()
+        spread = con.execute(
+            "SELECT ds, model_version, count(*) AS rows, quantile_cont(score, 0.1) AS p10, "
+            "quantile_cont(score, 0.5) AS p50, quantile_cont(score, 0.9) AS p90 FROM fct_recommendations "
+            "WHERE ds IN ($d, $p) GROUP BY ds, model_version ORDER BY ds",
+            {"d": run_date, "p": previous},
+        ).df()
+        night_scores = con.execute(
+            "SELECT ds, score FROM fct_recommendations WHERE ds IN ($d, $p)", {"d": run_date, "p": previous}
+        ).df()
         fallback = con.execute(
             "SELECT count(DISTINCT user_id) FILTER (WHERE expert = 'fallback') FROM fct_recommendations "
             "WHERE ds = ?",
@@ -177,6 +241,20 @@ def write_report(settings: Settings, run_date: date, db: Path) -> Path:
     fig.tight_layout()
     outcomes_png = _png(fig)
     plt.close(fig)
+
+    fig = plt.figure(figsize=(8, 3))
+    left, right = fig.subplots(1, 2)
+    left.hist(overlap["overlap"], bins=20, range=(0, 1), color="#4c72b0")
+    left.set(title=f"top-K overlap with {previous or 'no previous date'}", xlabel="share of the list kept")
+    for ds, part in night_scores.groupby("ds"):
+        right.hist(part["score"], bins=40, alpha=0.5, density=True, label=str(ds)[:10])
+    right.set(title="score distribution", xlabel="score")
+    if len(night_scores):
+        right.legend(fontsize=7)
+    fig.tight_layout()
+    drift_png = _png(fig)
+    plt.close(fig)
+    checks = validation_rows(settings, run_date)
 
     fig = plt.figure(figsize=(8, 3))
     ax = fig.subplots()
@@ -246,9 +324,31 @@ A refresh (the champion's own model retrained) is kept unless shown worse; a cha
 {settings.scoring.outcome_days} days (the date itself excluded): the share of users with a bought item in
 their top 10 and top K. Recent dates are still filling in.</p>
 <img alt="hit rate of published lists by date" src="{outcomes_png}">
-{f"<p>By slice, {judged}:</p>" + _table(slices) if judged is not None else "<p>No published date has a following day with events yet.</p>"}
+{
+        f"<p>By slice, {judged}:</p>" + _table(slices)
+        if judged is not None
+        else "<p>No published date has a following day with events yet.</p>"
+    }
 </section>
-<section id="metrics"><h2>Metrics over time</h2><img alt="test NDCG@20 per setting by date" src="{metrics_png}"></section>
+<section id="drift"><h2>Day over day</h2>
+{
+        f"<p class='kpi'>Mean overlap of a user's top K with {previous}'s: {float(overlap['overlap'].mean()):.1%} "
+        f"over {len(overlap)} users scored both nights.</p>"
+        if previous is not None and len(overlap)
+        else "<p>No earlier published date to compare with.</p>"
+    }
+<p>Scores are comparable within one model version only: a new champion shifts them by design.</p>
+{_table(spread)}
+<img alt="overlap with the previous night and score distributions" src="{drift_png}">
+</section>
+<section id="checks"><h2>The night's validation results</h2>
+<p>Every Great Expectations suite run for {run_date}, from its result file (the Data Docs site loads
+its scripts from public CDNs and renders empty without a network).</p>
+{_table(checks)}
+</section>
+<section id="metrics"><h2>Metrics over time</h2><img alt="test NDCG@20 per setting by date" src="{
+        metrics_png
+    }"></section>
 <section id="coverage"><h2>Catalogue coverage</h2>
 <p class="kpi">{(latest_cov["items_recommended"] if latest_cov is not None else 0)} of
 {(latest_cov["catalogue_items"] if latest_cov is not None else 0)} items recommended

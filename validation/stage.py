@@ -80,10 +80,42 @@ def _scores_pair(spark: SparkSession, settings: Settings, run_date: date):
     scores = _read(spark, SCORES, path).drop("ds")
     context, catalogue = _serving(spark, wh, run_date)
     active = context.count()
-    view = suites.scores_view(scores, context, catalogue).persist()
-    return suites.scores_suite(
-        settings.scoring.k, active, settings.validation.scores_max_fallback_share
-    ), view
+    view = suites.scores_view(scores, context, catalogue)
+    cfg = settings.validation
+    drift = _previous_night(spark, settings, run_date, scores, catalogue.count())
+    if drift is not None:
+        previous, prev_scores, coverage_ratio = drift
+        view = suites.with_drift(view, prev_scores, settings.scoring.k, coverage_ratio)
+    suite = suites.scores_suite(settings.scoring.k, active, cfg.scores_max_fallback_share)
+    if drift is not None:
+        suite.checks += suites.drift_checks(previous, cfg.scores_min_overlap, cfg.scores_min_coverage_ratio)
+    return suite, view.persist()
+
+
+def previous_published(wh: Path, run_date: date) -> date | None:
+    """The latest date before ``run_date`` with published scores."""
+    root = scores_dir(wh)
+    days = [p.name.removeprefix("ds=") for p in root.glob("ds=*")] if root.exists() else []
+    before = sorted(d for d in days if d < run_date.isoformat())
+    return date.fromisoformat(before[-1]) if before else None
+
+
+def _previous_night(spark: SparkSession, settings: Settings, run_date: date, scores, items: int):
+    """``(date, its scores, coverage over its coverage)`` of the previous published date, or None
+    (the first date, or no user scored both nights)."""
+    wh = Path(settings.paths.warehouse_root)
+    previous = previous_published(wh, run_date)
+    if previous is None:
+        return None
+    prev = _read(spark, SCORES, scores_dir(wh) / f"ds={previous}").select("user_id", "item_id")
+    if prev.join(scores.select("user_id").distinct(), "user_id", "left_semi").limit(1).count() == 0:
+        return None
+    prev_catalogue = SERVING.dir(wh, previous) / CATALOGUE.name
+    # A pruned serving bundle leaves the previous catalogue unknown: today's stands in for it.
+    prev_items = spark.read.parquet(str(prev_catalogue)).count() if prev_catalogue.exists() else items
+    coverage = scores.select("item_id").distinct().count() / max(items, 1)
+    prev_coverage = prev.select("item_id").distinct().count() / max(prev_items, 1)
+    return previous, prev, coverage / prev_coverage if prev_coverage else 1.0
 
 
 def _serving_pairs(spark: SparkSession, settings: Settings, run_date: date):

@@ -367,6 +367,38 @@ def scores_view(scores: DataFrame, context: DataFrame, catalogue: DataFrame) -> 
     return out
 
 
+def with_drift(view: DataFrame, previous: DataFrame, k: int, coverage_ratio: float) -> DataFrame:
+    """``view`` with ``overlap_with_previous`` (the share of the user's top K that was in their
+    previous night's list; null for a user not scored then) and ``coverage_ratio`` (a constant)."""
+    prev = previous.select("user_id", "item_id", F.lit(1).alias("_was"))
+    users = previous.select("user_id").distinct().withColumn("_scored_before", F.lit(True))
+    per_user = Window.partitionBy("user_id")
+    overlap = F.sum(F.coalesce("_was", F.lit(0))).over(per_user) / F.lit(float(k))
+    return (
+        view.join(prev, ["user_id", "item_id"], "left")
+        .join(users, "user_id", "left")
+        .withColumn("overlap_with_previous", F.when(F.col("_scored_before"), overlap))
+        .withColumn("coverage_ratio", F.lit(float(coverage_ratio)))
+        .drop("_was", "_scored_before")
+    )
+
+
+def drift_checks(previous: date, min_overlap: float, min_coverage_ratio: float) -> list[Check]:
+    """Day-over-day collapse against the ``previous`` published date (on a ``with_drift`` view)."""
+    return [
+        Check(
+            gxe.ExpectColumnMeanToBeBetween(column="overlap_with_previous", min_value=min_overlap),
+            f"lists replaced wholesale overnight: mean overlap with {previous}'s top K below {min_overlap} "
+            "(an id mapping or context bug, or a broken champion)",
+        ),
+        Check(
+            gxe.ExpectColumnMinToBeBetween(column="coverage_ratio", min_value=min_coverage_ratio),
+            f"catalogue coverage collapsed against {previous}'s (below {min_coverage_ratio} of it): the "
+            "champion recommends a few items to everyone",
+        ),
+    ]
+
+
 def scores_suite(k: int, active_users: int, max_fallback_share: float) -> Suite:
     """``active_users``: the users of the date's serving context, every one of whom must be scored;
     ``max_fallback_share``: the largest share of them the fallback may serve (its observed value is

@@ -68,6 +68,7 @@ def test_nightly_graph_is_what_the_design_says(airflow_db):
         "score": {"validate_serving"},
         "validate_scores": {"score"},
         "publish": {"validate_scores"},
+        "prune": {"publish"},
     }
     assert CHAMPION_ASSET in str(scoring.timetable.asset_condition)
 

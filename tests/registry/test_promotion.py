@@ -14,6 +14,8 @@ import json
 import subprocess
 import sys
 import time
+from datetime import date
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -164,24 +166,27 @@ class Versions:
         self.exp = tracking.experiment_id(settings, self.client)
         self.source = None
 
-    def add(self, model: str = "als_multi", ds: str = DS, config: str = "c1") -> int:
+    def add(self, model: str = "als_multi", ds: str = DS, config: str = "c1", own_model: bool = False) -> int:
+        """``own_model``: log a pyfunc for this version alone (else one logged model is shared)."""
         from training.pyfunc import log_pyfunc
 
         name = self.settings.mlflow.registered_model
         if not (self.settings.paths.warehouse_root / "training" / f"ds={ds}").is_dir():
             write_bundle(tiny_data(), self.settings.paths.warehouse_root, ds)  # the date's held-out pairs
         run = self.client.create_run(self.exp)
-        if self.source is None:
-            self.source = log_pyfunc(self.model_dir, self.tables, run.info.run_id, ["u0", "u1"])
+        source = self.source
+        if source is None or own_model:
+            source = log_pyfunc(self.model_dir, self.tables, run.info.run_id, ["u0", "u1"])
+            self.source = self.source or source
         self.client.set_terminated(run.info.run_id)
         with contextlib.suppress(MlflowException):  # exists already
             self.client.create_registered_model(name)
         mv = self.client.create_model_version(
             name,
-            self.source,
+            source,
             run_id=run.info.run_id,
             tags={"funnelrec.ds": ds, "funnelrec.model": model, "funnelrec.config": config},
-            model_id=self.source.rsplit("/", 1)[-1],
+            model_id=source.rsplit("/", 1)[-1],
         )
         return int(mv.version)
 
@@ -498,3 +503,55 @@ def test_bundle_fixture_round_trips(tmp_path):
     assert {s: len(v[0]) for s, v in loaded.heldout.items()} == {
         s: len(v[0]) for s, v in data.heldout.items()
     }
+
+
+# The embedded store: its artifacts are a local folder retention deletes (a server's are left to mlflow gc).
+@pytest.mark.parametrize("store", ["sqlite"], indirect=True)
+def test_retention_prunes_old_nights_and_unserved_artifacts_but_never_the_champions(
+    store, versions, chosen, tmp_path
+):
+    import mlflow
+    from training.retention import PRUNED_TAG, run_retention
+
+    settings = _with_policy(store, tmp_path, floor_model=None)
+    settings = settings.model_copy(
+        update={"retention": settings.retention.model_copy(update={"days": 3, "champions": 1})}
+    )
+    wh = settings.paths.warehouse_root
+    old = versions.add(ds="2026-01-01", own_model=True)
+    chosen[old] = measured()
+    assert promote(settings, ds="2026-01-01").champion_after == old  # an old champion, still serving
+    stale = versions.add(ds="2026-01-02", own_model=True)  # never promoted, date past retention
+    recent = versions.add(ds="2026-01-09", own_model=True)
+    for day in ("2026-01-01", "2026-01-02", "2026-01-08", "2026-01-10"):
+        for root in ("scores", "serving", "models", "reports", "validation/scores"):
+            (wh / root / f"ds={day}").mkdir(parents=True, exist_ok=True)
+    (wh / "training" / "ds=tmall").mkdir(parents=True)  # a benchmark's tables: not a night
+
+    def artifacts(v):
+        client = tracking.connect(settings)
+        uri = client.get_model_version_download_uri(settings.mlflow.registered_model, str(v))
+        return Path(uri.removeprefix("file://"))
+
+    assert all(artifacts(v).is_dir() for v in (old, stale, recent))
+    result = run_retention(settings, date(2026, 1, 10))
+    assert str(result.cutoff) == "2026-01-08" and set(result.protected) == {old}
+
+    def kept(root, day):
+        return (wh / root / f"ds={day}").is_dir()
+
+    for root in ("scores", "serving", "reports", "validation/scores"):
+        assert not kept(root, "2026-01-01") and not kept(root, "2026-01-02"), root
+        assert kept(root, "2026-01-08") and kept(root, "2026-01-10"), root
+    # The champion's date keeps its model and training tables; the stale date loses both.
+    assert kept("models", "2026-01-01") and kept("training", "2026-01-01")
+    assert not kept("models", "2026-01-02") and not kept("training", "2026-01-02")
+    assert kept("training", "tmall") and kept("training", "2026-01-09")
+    assert result.pruned_versions == [stale] and not artifacts(stale).exists()
+    assert PRUNED_TAG in versions.tags(stale) and PRUNED_TAG not in versions.tags(old)
+    assert artifacts(old).is_dir() and artifacts(recent).is_dir()
+    champion_model = mlflow.pyfunc.load_model(f"models:/{settings.mlflow.registered_model}@champion")
+    assert champion_model.metadata.signature is not None
+    # A second run changes nothing.
+    again = run_retention(settings, date(2026, 1, 10))
+    assert again.removed == [] and again.pruned_versions == []

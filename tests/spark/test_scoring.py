@@ -125,6 +125,39 @@ def test_scored_table_passes_its_suite_and_a_broken_one_fails_naming_what_broke(
         shutil.rmtree(target)
 
 
+def test_a_collapse_against_the_previous_night_fails_the_scores_suite_with_the_reason(published, spark):
+    """The previous published night is a copy of this one: the real scores keep every list (overlap
+    1); a table giving everyone the same 50 items collapses both overlap and coverage."""
+    settings, _, local = published
+    wh = settings.paths.warehouse_root
+    previous = scores_dir(wh) / "ds=2015-09-17"
+    shutil.copytree(scores_dir(wh) / f"ds={DEMO_DATE}", previous)
+    target = scores_staged_dir(wh, DEMO_DATE)
+    try:
+        summary = run_validate(spark, settings, "scores", RUN_DATE)  # the published partition
+        observed = {
+            e["kwargs"].get("column"): e["result"].get("observed_value")
+            for e in summary["suites"]["scores"]["expectations"]
+            if e["expectation_type"]
+            in ("expect_column_mean_to_be_between", "expect_column_min_to_be_between")
+        }
+        assert observed["overlap_with_previous"] == pytest.approx(1.0)
+        assert observed["coverage_ratio"] == pytest.approx(1.0)
+        same = local.copy()
+        top = local[local["expert"] != "fallback"]["item_id"].value_counts().index[: settings.scoring.k]
+        same["item_id"] = np.tile(np.asarray(top), len(same) // len(top))
+        target.mkdir(parents=True)
+        pq.write_table(pa.Table.from_pandas(same, schema=SCORES.arrow_schema()), target / "part-0.parquet")
+        with pytest.raises(ValidationFailed) as err:
+            run_validate(spark, settings, "scores", RUN_DATE)
+        text = str(err.value)
+        assert "lists replaced wholesale overnight" in text and "2015-09-17" in text
+        assert "catalogue coverage collapsed" in text
+    finally:
+        shutil.rmtree(previous)
+        shutil.rmtree(target, ignore_errors=True)
+
+
 def test_a_killed_scoring_run_leaves_the_published_date_readable(published, tmp_path):
     settings, _, local = published
     wh = settings.paths.warehouse_root
@@ -232,13 +265,16 @@ def test_report_renders_in_headless_chromium_with_every_section(published, tmp_p
         f"--user-data-dir={tmp_path / 'profile'}",
     ]
     dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
-    for section in ("champion", "promotion", "outcomes", "metrics", "coverage", "item-types", "popularity"):
+    sections = ("champion", "promotion", "outcomes", "drift", "checks", "metrics", "coverage", "item-types")
+    for section in (*sections, "popularity"):
         assert f'<section id="{section}">' in dom.stdout, section
     # The fixture's promotion: the first champion's gates, read back from the decisions table.
     promotion = dom.stdout.split('<section id="promotion">')[1].split("</section>")[0]
     assert "min_users" in promotion and "floor" in promotion and "promoted" in promotion
     assert "chance_hr20" in dom.stdout
-    assert dom.stdout.count('<img alt="') == 5 and "als_multi" in dom.stdout
+    assert dom.stdout.count('<img alt="') == 6 and "als_multi" in dom.stdout
+    checks = dom.stdout.split('<section id="checks">')[1].split("</section>")[0]
+    assert checks.count("<td>passed</td>") >= 3 and "FAILED" not in checks  # serving, catalogue, scores
     # The demo date is the slice's last day: no following day has events to judge its list by yet.
     outcomes = dom.stdout.split('<section id="outcomes">')[1].split("</section>")[0]
     assert "No published date has a following day with events yet" in outcomes

@@ -41,6 +41,7 @@ def test_every_stage_has_help_that_names_its_tables():
         "promote",
         "rollback",
         "context",
+        "prune",
         "score",
         "publish",
         "synth",
