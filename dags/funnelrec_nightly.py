@@ -147,6 +147,7 @@ def promote(versions: list[int]) -> dict:
     dag_id="funnelrec_nightly",
     schedule=CronDataIntervalTimetable(CFG.schedule, timezone="UTC"),
     start_date=datetime.combine(CFG.start_date, datetime.min.time(), tzinfo=UTC),
+    end_date=datetime.combine(CFG.end_date, datetime.max.time(), tzinfo=UTC) if CFG.end_date else None,
     catchup=False,
     max_active_runs=1,
     default_args=default_args(SETTINGS),

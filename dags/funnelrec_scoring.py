@@ -92,7 +92,9 @@ def prune() -> dict:
     dag_id="funnelrec_scoring",
     schedule=AssetOrTimeSchedule(
         timetable=CronTriggerTimetable(CFG.scoring_schedule, timezone="UTC"), assets=[Asset(CHAMPION_ASSET)]
-    ),
+    )
+    if CFG.scoring_schedule
+    else [Asset(CHAMPION_ASSET)],
     start_date=datetime.combine(CFG.start_date, datetime.min.time(), tzinfo=UTC),
     catchup=False,
     max_active_runs=1,

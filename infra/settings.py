@@ -121,8 +121,9 @@ class RetentionSettings(_Section):
 class AirflowSettings(_Section):
     home: Path | None = None
     schedule: str
-    scoring_schedule: str
+    scoring_schedule: str | None = None
     start_date: date
+    end_date: date | None = None
     retries: int = Field(ge=0)
     retry_delay_minutes: float = Field(gt=0)
     max_retry_delay_minutes: float = Field(gt=0)

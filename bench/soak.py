@@ -1,0 +1,332 @@
+"""Seven nights in a row, as production runs them: a real Airflow scheduler, a backfill of the
+nightly DAG over consecutive dates (``--max-active-runs 1``), each night's promotion triggering
+its scoring run through the champion asset, and retention pruning inside the soak.
+
+What it starts (all in their own process groups, stopped at the end): ``airflow scheduler``,
+``airflow dag-processor`` and ``airflow api-server`` on 127.0.0.1 (tasks talk to its execution API),
+with a LocalExecutor on a SQLite metadata DB in a work folder; the warehouse lives there too. The
+nightly DAG gets ``airflow.end_date`` = the last date and the scoring DAG no cron
+(``scoring_schedule: null``), so the only runs are the backfill's and the ones its promotions
+trigger.
+
+Per date it saves (``--out``, default ``bench/results/soak.json``): the champion after the night
+(version, model), the decision (per candidate: kind, outcome, the gates that failed), the champion's
+and the challenger's primary metric on the date's held-out users and how many users, scored users
+and the fallback's share, catalogue coverage, the outcome hit rate (where later nights are known),
+the wall time of the nightly and the scoring run, and the disk under the warehouse when the date's
+scoring finished. At the end it checks that no process it started is left.
+
+    .venv/bin/python bench/soak.py                      # 2015-09-12 .. 2015-09-18, retention 3 days
+    .venv/bin/python bench/soak.py --first 2015-09-10 --nights 5 --models popularity,als_multi
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date, timedelta
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import yaml  # noqa: E402
+
+NIGHTLY, SCORING = "funnelrec_nightly", "funnelrec_scoring"
+
+
+def soak_config(work: Path, first: date, last: date, args) -> Path:
+    """The demo's settings (bundled RetailRocket slice, leave-last-purchase) for a run of nights."""
+    demo = yaml.safe_load((REPO / "infra" / "demo.yaml").read_text())
+    wh = work / "warehouse"
+    cfg = {
+        **demo,
+        "paths": {
+            "data_root": str(REPO / "jobs" / "sample_data"),
+            "warehouse_root": str(wh),
+            "quarantine_root": str(wh / "quarantine"),
+        },
+        "training": {"models": args.models.split(","), "max_epochs": args.max_epochs},
+        "retention": {"days": args.retention_days, "champions": 3},
+        "airflow": {
+            "home": str(work / "airflow"),
+            "start_date": first.isoformat(),
+            "end_date": last.isoformat(),
+            "scoring_schedule": None,
+            "retries": 0,
+        },
+    }
+    path = work / "soak.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def runs(db: Path) -> list[dict]:
+    """Every DAG run of the metadata DB (read-only), oldest first."""
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        rows = con.execute(
+            "SELECT dag_id, run_id, state, run_type, conf, start_date, end_date FROM dag_run ORDER BY id"
+        ).fetchall()
+    finally:
+        con.close()
+    keys = ("dag_id", "run_id", "state", "run_type", "conf", "start_date", "end_date")
+    return [dict(zip(keys, r, strict=True)) for r in rows]
+
+
+def seconds(run: dict) -> float | None:
+    from datetime import datetime
+
+    if not run.get("start_date") or not run.get("end_date"):
+        return None
+    start, end = (datetime.fromisoformat(str(run[k])) for k in ("start_date", "end_date"))
+    return round((end - start).total_seconds(), 1)
+
+
+def disk_mb(path: Path) -> float:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            p = Path(root) / f
+            if not p.is_symlink():
+                total += p.stat().st_size
+    return round(total / 2**20, 1)
+
+
+def date_figures(settings, ds: str) -> dict:
+    """What the warehouse says about ``ds`` right after its scoring run (before retention prunes it)."""
+    import pyarrow.parquet as pq
+
+    wh = Path(settings.paths.warehouse_root)
+    out: dict = {}
+    scores = wh / "scores" / f"ds={ds}"
+    if scores.exists():
+        t = pq.read_table(
+            scores, columns=["user_id", "item_id", "expert", "model", "model_version"]
+        ).to_pandas()
+        users = t["user_id"].nunique()
+        fallback_users = t.loc[t["expert"] == "fallback", "user_id"].nunique()
+        catalogue = wh / "serving" / f"ds={ds}" / "catalogue"
+        items = pq.read_table(catalogue).num_rows if catalogue.exists() else None
+        out.update(
+            scored_users=users,
+            fallback_share=round(fallback_users / users, 4) if users else None,
+            coverage=round(t["item_id"].nunique() / items, 4) if items else None,
+            served_version=int(t["model_version"].iloc[0]) if len(t) else None,
+            served_model=t["model"].iloc[0] if len(t) else None,
+        )
+    decisions = wh / "decisions" / f"ds={ds}"
+    if decisions.exists():
+        d = pq.read_table(decisions).to_pandas()
+        candidates = []
+        for version, g in d.groupby("version"):
+            paired = g[g["gate"].isin(["min_relative_gain", "refresh_non_inferiority"])]
+            row = paired.iloc[0] if len(paired) else g.iloc[0]
+            candidates.append(
+                {
+                    "version": int(version),
+                    "model": g["model"].iloc[0],
+                    "kind": g["kind"].iloc[0],
+                    "outcome": g["outcome"].iloc[0],
+                    "failed_gates": sorted(g.loc[g["status"] == "fail", "gate"]),
+                    "value": _num(g["candidate_value"].iloc[0]),
+                    "champion_value": _num(row["champion_value"]),
+                    "users": _num(row["users"]),
+                }
+            )
+        out["decision"] = {
+            "champion_before": _num(d["champion_before"].iloc[0]),
+            "champion_after": _num(d["champion_after"].iloc[0]),
+            "candidates": candidates,
+        }
+    return out
+
+
+def _num(v):
+    import math
+    import numbers
+
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return None
+    return int(v) if isinstance(v, numbers.Integral) else float(v)
+
+
+def outcome_rates(settings) -> dict[str, dict]:
+    import duckdb
+
+    from infra.tables import analytics_db
+
+    db = analytics_db(settings.paths.warehouse_root)
+    if not db.exists():
+        return {}
+    with duckdb.connect(str(db), read_only=True) as con:
+        rows = con.execute(
+            "SELECT CAST(ds AS VARCHAR), hit_rate_at_10, hit_rate_at_k, days_observed, complete "
+            "FROM agg_recommendation_outcomes WHERE slice = 'all'"
+        ).fetchall()
+    return {
+        r[0]: {"hit_rate_at_10": r[1], "hit_rate_at_k": r[2], "days_observed": r[3], "complete": r[4]}
+        for r in rows
+    }
+
+
+def stop(procs: dict[str, subprocess.Popen]) -> None:
+    for p in procs.values():
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    for p in procs.values():
+        try:
+            p.wait(timeout=max(deadline - time.monotonic(), 1))
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def leftovers(work: Path) -> list[str]:
+    """Processes still running whose command line names the work folder (ours, if any)."""
+    import psutil
+
+    out = []
+    for proc in psutil.process_iter(["pid", "cmdline", "environ"]):
+        try:
+            text = (
+                " ".join(proc.info["cmdline"] or [])
+                + " "
+                + str((proc.info["environ"] or {}).get("AIRFLOW_HOME", ""))
+            )
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if str(work) in text and proc.pid != os.getpid():
+            out.append(f"{proc.pid} {' '.join(proc.info['cmdline'] or [])[:120]}")
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--first", default="2015-09-12", help="first nightly date (default: 2015-09-12)")
+    p.add_argument("--nights", type=int, default=7)
+    p.add_argument("--models", default="popularity,als_multi,member_funnel")
+    p.add_argument("--max-epochs", type=int, default=15)
+    p.add_argument("--retention-days", type=int, default=3)
+    p.add_argument("--timeout-minutes", type=float, default=120)
+    p.add_argument("--work", help="work folder (default: a new temporary folder)")
+    p.add_argument("--out", default=str(REPO / "bench" / "results" / "soak.json"))
+    args = p.parse_args()
+
+    from infra.orchestration import airflow_env, init_airflow
+    from infra.settings import load_settings
+
+    first = date.fromisoformat(args.first)
+    last = first + timedelta(days=args.nights - 1)
+    dates = [(first + timedelta(days=i)).isoformat() for i in range(args.nights)]
+    work = Path(args.work or tempfile.mkdtemp(prefix="funnelrec-soak-")).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    config = soak_config(work, first, last, args)
+    settings = load_settings(config, environ={})
+    env = airflow_env(settings, str(config))
+    env["AIRFLOW__CORE__PARALLELISM"] = "4"  # two cores: a few task processes at a time
+    init_airflow(settings, env)
+    airflow = str(Path(sys.executable).with_name("airflow"))
+    logs = work / "logs"
+    logs.mkdir(exist_ok=True)
+    procs: dict[str, subprocess.Popen] = {}
+    per_date: dict[str, dict] = {d: {"ds": d} for d in dates}
+    t0 = time.monotonic()
+    try:
+        for name, cmd in (
+            ("api-server", [airflow, "api-server", "--host", "127.0.0.1", "--port", "8080"]),
+            ("dag-processor", [airflow, "dag-processor"]),
+            ("scheduler", [airflow, "scheduler"]),
+        ):
+            with open(logs / f"{name}.log", "w") as log:  # the child keeps its own descriptor
+                procs[name] = subprocess.Popen(
+                    cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                )
+        db = Path(settings.airflow.home) / "airflow.db"
+        for dag_id in (NIGHTLY, SCORING):  # parsed by the dag-processor, then unpaused
+            deadline = time.monotonic() + 300
+            while subprocess.run(
+                [airflow, "dags", "unpause", dag_id], env=env, capture_output=True
+            ).returncode:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{dag_id} was not parsed in 5 minutes: see {logs}")
+                time.sleep(10)
+        subprocess.run(
+            [airflow, "backfill", "create", "--dag-id", NIGHTLY, "--from-date", dates[0], "--to-date", dates[-1],
+             "--max-active-runs", "1"],
+            env=env, check=True, capture_output=True,
+        )  # fmt: skip
+        print(f"soak: backfill of {dates[0]}..{dates[-1]} created; work folder {work}", flush=True)
+        done: set[str] = set()
+        finished = 0
+        while len(done) < len(dates):
+            if time.monotonic() - t0 > args.timeout_minutes * 60:
+                raise TimeoutError(f"soak did not finish in {args.timeout_minutes} minutes")
+            all_runs = runs(db)
+            nightly = [r for r in all_runs if r["dag_id"] == NIGHTLY]
+            if any(r["state"] == "failed" for r in nightly):
+                failed = [r["run_id"] for r in nightly if r["state"] == "failed"]
+                raise RuntimeError(
+                    f"nightly runs failed: {failed}; task logs under {settings.airflow.home}/logs"
+                )
+            scoring = [r for r in all_runs if r["dag_id"] == SCORING and r["state"] in ("success", "failed")]
+            if any(r["state"] == "failed" for r in scoring):
+                raise RuntimeError(f"a scoring run failed; task logs under {settings.airflow.home}/logs")
+            if len(scoring) == finished:
+                time.sleep(20)
+                continue
+            finished = len(scoring)  # a scoring run ended (published, then pruned): read its dates
+            for ds in dates:
+                published = Path(settings.paths.warehouse_root) / "scores" / f"ds={ds}"
+                if ds in done or not published.exists():
+                    continue
+                per_date[ds].update(date_figures(settings, ds))
+                per_date[ds]["warehouse_mb_after_scoring"] = disk_mb(Path(settings.paths.warehouse_root))
+                per_date[ds]["elapsed_minutes"] = round((time.monotonic() - t0) / 60, 1)
+                done.add(ds)
+                print(f"soak: {ds} scored: {json.dumps(per_date[ds], default=str)}", flush=True)
+        # The last scoring run prunes after publishing: wait for every run to end.
+        while any(r["state"] in ("queued", "running") for r in runs(db)):
+            time.sleep(10)
+    finally:
+        stop(procs)
+    all_runs = runs(db)
+    nightly = sorted((r for r in all_runs if r["dag_id"] == NIGHTLY), key=lambda r: r["run_id"])
+    for r, ds in zip(nightly, dates, strict=False):
+        per_date[ds]["nightly_seconds"] = seconds(r)
+    scoring = [r for r in all_runs if r["dag_id"] == SCORING]
+    rates = outcome_rates(settings)
+    for ds in dates:
+        per_date[ds]["outcome"] = rates.get(ds)
+    left = leftovers(work)
+    result = {
+        "what": "bench/soak.py: consecutive nightly dates as one Airflow backfill under a real scheduler",
+        "dates": dates,
+        "models": args.models.split(","),
+        "max_epochs": args.max_epochs,
+        "retention_days": args.retention_days,
+        "nights": [per_date[d] for d in dates],
+        "scoring_runs": [
+            {"run_id": r["run_id"], "state": r["state"], "seconds": seconds(r)} for r in scoring
+        ],
+        "warehouse_mb_end": disk_mb(Path(settings.paths.warehouse_root)),
+        "total_minutes": round((time.monotonic() - t0) / 60, 1),
+        "leftover_processes": left,
+        "work": str(work),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(json.dumps(result, indent=2, default=str))
+    return 1 if left else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
