@@ -47,6 +47,7 @@ NIGHTLY_STAGES = (
     "score",
     "validate scores",
     "publish",
+    "prune",
 )
 
 
@@ -283,6 +284,7 @@ def cmd_nightly(args, settings: Settings) -> int:
     from jobs.sessionize import run_sessionize
     from jobs.split import run_split
     from training.registry import promote, register
+    from training.retention import run_retention
     from training.score import run_score
     from training.stages import format_metrics, run_evaluate, run_train
     from validation.stage import run_validate
@@ -308,6 +310,7 @@ def cmd_nightly(args, settings: Settings) -> int:
     run_score(settings, args.date, spark=spark)
     run_validate(spark, settings, "scores", args.date)
     published = run_publish(settings, args.date)
+    run_retention(settings, args.date)
     log.info(f"stage=nightly date={ds} ran={','.join(NIGHTLY_STAGES)}")
     for name, metrics in results.items():
         if "test" in metrics:
