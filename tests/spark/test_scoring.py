@@ -127,7 +127,7 @@ def test_scored_table_passes_its_suite_and_a_broken_one_fails_naming_what_broke(
 
 def test_a_collapse_against_the_previous_night_fails_the_scores_suite_with_the_reason(published, spark):
     """The previous published night is a copy of this one: the real scores keep every list (overlap
-    1); a table giving everyone the same 50 items collapses both overlap and coverage."""
+    1); a table giving everyone the same 50 other items collapses both overlap and coverage."""
     settings, _, local = published
     wh = settings.paths.warehouse_root
     previous = scores_dir(wh) / "ds=2015-09-17"
@@ -143,9 +143,10 @@ def test_a_collapse_against_the_previous_night_fails_the_scores_suite_with_the_r
         }
         assert observed["overlap_with_previous"] == pytest.approx(1.0)
         assert observed["coverage_ratio"] == pytest.approx(1.0)
-        same = local.copy()
-        top = local[local["expert"] != "fallback"]["item_id"].value_counts().index[: settings.scoring.k]
-        same["item_id"] = np.tile(np.asarray(top), len(same) // len(top))
+        same = local.copy()  # everyone gets the same 50 catalogue items nobody got the night before
+        _, catalogue = serving_inputs(settings, RUN_DATE)
+        unseen = [i for i in catalogue if i not in set(local["item_id"])][: settings.scoring.k]
+        same["item_id"] = np.tile(np.asarray(unseen), len(same) // len(unseen))
         target.mkdir(parents=True)
         pq.write_table(pa.Table.from_pandas(same, schema=SCORES.arrow_schema()), target / "part-0.parquet")
         with pytest.raises(ValidationFailed) as err:
@@ -156,6 +157,7 @@ def test_a_collapse_against_the_previous_night_fails_the_scores_suite_with_the_r
     finally:
         shutil.rmtree(previous)
         shutil.rmtree(target, ignore_errors=True)
+    run_validate(spark, settings, "scores", RUN_DATE)  # the date's result file: the published scores' again
 
 
 def test_a_killed_scoring_run_leaves_the_published_date_readable(published, tmp_path):
