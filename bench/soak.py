@@ -81,6 +81,19 @@ def runs(db: Path) -> list[dict]:
     return [dict(zip(keys, r, strict=True)) for r in rows]
 
 
+def paused(db: Path) -> dict[str, bool]:
+    """``{dag_id: is_paused}`` of the parsed DAGs (empty until the dag-processor has run)."""
+    if not db.exists():
+        return {}
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        return {d: bool(p) for d, p in con.execute("SELECT dag_id, is_paused FROM dag")}
+    except sqlite3.OperationalError:
+        return {}
+    finally:
+        con.close()
+
+
 def seconds(run: dict) -> float | None:
     from datetime import datetime
 
@@ -209,6 +222,10 @@ def leftovers(work: Path) -> list[str]:
     return out
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--first", default="2015-09-12", help="first nightly date (default: 2015-09-12)")
@@ -233,6 +250,8 @@ def main() -> int:
     settings = load_settings(config, environ={})
     env = airflow_env(settings, str(config))
     env["AIRFLOW__CORE__PARALLELISM"] = "4"  # two cores: a few task processes at a time
+    env["AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION"] = "False"
+    signal.signal(signal.SIGTERM, _interrupt)  # a killed soak still stops what it started
     init_airflow(settings, env)
     airflow = str(Path(sys.executable).with_name("airflow"))
     logs = work / "logs"
@@ -251,19 +270,27 @@ def main() -> int:
                     cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
                 )
         db = Path(settings.airflow.home) / "airflow.db"
-        for dag_id in (NIGHTLY, SCORING):  # parsed by the dag-processor, then unpaused
-            deadline = time.monotonic() + 300
-            while subprocess.run(
-                [airflow, "dags", "unpause", dag_id], env=env, capture_output=True
-            ).returncode:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{dag_id} was not parsed in 5 minutes: see {logs}")
-                time.sleep(10)
-        subprocess.run(
-            [airflow, "backfill", "create", "--dag-id", NIGHTLY, "--from-date", dates[0], "--to-date", dates[-1],
-             "--max-active-runs", "1"],
-            env=env, check=True, capture_output=True,
-        )  # fmt: skip
+        deadline = time.monotonic() + 300
+        while paused(db) != {NIGHTLY: False, SCORING: False}:  # parsed by the dag-processor, unpaused
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the DAGs were not parsed and unpaused in 5 minutes: see {logs}")
+            for dag_id, is_paused in paused(db).items():
+                if is_paused:
+                    subprocess.run([airflow, "dags", "unpause", dag_id], env=env, capture_output=True)
+            time.sleep(5)
+        # The backfill creates the runs whose logical date (the day processed) is in [from, to).
+        to = (last + timedelta(days=1)).isoformat()
+        backfill = [airflow, "backfill", "create", "--dag-id", NIGHTLY, "--from-date", dates[0],
+                    "--to-date", to, "--max-active-runs", "1"]  # fmt: skip
+        for attempt in range(6):  # the first parse may not have stored the serialized DAG yet
+            made = subprocess.run(backfill, env=env, capture_output=True, text=True)
+            if made.returncode == 0:
+                break
+            if attempt == 5:
+                raise RuntimeError(
+                    f"airflow backfill create failed: {made.stdout[-2000:]} {made.stderr[-2000:]}"
+                )
+            time.sleep(10)
         print(f"soak: backfill of {dates[0]}..{dates[-1]} created; work folder {work}", flush=True)
         done: set[str] = set()
         finished = 0

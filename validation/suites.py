@@ -251,6 +251,19 @@ def id_map_suite(kind: str, rows: int, minimum: int) -> Suite:
 
 # -- scores -------------------------------------------------------------------------------------
 # -- serving bundle -----------------------------------------------------------------------------
+def _within_days(column: str, first: date, last: date, guards: str) -> Check:
+    """``column`` (a timestamp) on a day from ``first`` to ``last``, both included."""
+    return Check(
+        gxe.ExpectColumnValuesToBeBetween(
+            column=column,
+            min_value=_day_start(first),
+            max_value=_day_start(last + timedelta(days=1)),
+            strict_max=True,
+        ),
+        guards,
+    )
+
+
 def serving_context_suite(active_from: date, run_date: date, active_users: int, history_length: int) -> Suite:
     """``active_users``: distinct users of the date's events in the active window, counted apart."""
     return Suite(
@@ -265,13 +278,10 @@ def serving_context_suite(active_from: date, run_date: date, active_users: int, 
                 gxe.ExpectTableRowCountToBeBetween(min_value=active_users, max_value=active_users),
                 f"not exactly the {active_users} users active in the window (users lost or invented)",
             ),
-            Check(
-                gxe.ExpectColumnValuesToBeBetween(
-                    column="last_event",
-                    min_value=_day_start(active_from),
-                    max_value=_day_start(run_date + timedelta(days=1)),
-                    strict_max=True,
-                ),
+            _within_days(
+                "last_event",
+                active_from,
+                run_date,
                 "a context user whose latest event is outside the active window, or after the date",
             ),
             Check(
@@ -319,13 +329,10 @@ def catalogue_suite(first: date, run_date: date, items: int) -> Suite:
                 ),
                 "a popularity rank outside 1..items (the fallback's order has gaps)",
             ),
-            Check(
-                gxe.ExpectColumnValuesToBeBetween(
-                    column="last_seen",
-                    min_value=_day_start(first),
-                    max_value=_day_start(run_date + timedelta(days=1)),
-                    strict_max=True,
-                ),
+            _within_days(
+                "last_seen",
+                first,
+                run_date,
                 "an item without an event in the catalogue window (it may be gone from the shop)",
             ),
             Check(
