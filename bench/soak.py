@@ -222,6 +222,46 @@ def leftovers(work: Path) -> list[str]:
     return out
 
 
+def markdown(result: dict) -> str:
+    """The per-night table of ``bench/README.md``."""
+    head = (
+        "| date | decision | champion after | champion / challenger primary (users) | scored users | "
+        "fallback | coverage | hit rate @K (days seen) | nightly s | warehouse MB |\n"
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|"
+    )
+    lines = [head]
+    for n in result["nights"]:
+        d = n.get("decision") or {}
+        cands = d.get("candidates", [])
+        promoted = [c for c in cands if c["outcome"] == "promoted"]
+        refused = [f"v{c['version']} {c['model']} {c['kind']}: {','.join(c['failed_gates']) or c['outcome']}"
+                   for c in cands if c["outcome"] != "promoted"]  # fmt: skip
+        decision = (
+            f"{promoted[0]['kind']} v{promoted[0]['version']} {promoted[0]['model']}" if promoted else "kept"
+        ) + (f"; refused {'; '.join(refused)}" if refused else "")
+        best = promoted[0] if promoted else max(cands, key=lambda c: c["value"] or 0, default=None)
+        primary = "-"
+        if best:
+            champ = best["champion_value"]
+            primary = (
+                f"{champ:.4f} / {best['value']:.4f} ({best['users']})"
+                if champ
+                else f"- / {best['value']:.4f}"
+            )
+        out = n.get("outcome") or {}
+        hit = (
+            f"{out['hit_rate_at_k']:.3f} ({out['days_observed']})"
+            if out and out.get("days_observed")
+            else "-"
+        )
+        lines.append(
+            f"| {n['ds']} | {decision} | v{d.get('champion_after')} {n.get('served_model', '')} | {primary} | "
+            f"{n.get('scored_users')} | {n.get('fallback_share')} | {n.get('coverage')} | {hit} | "
+            f"{n.get('nightly_seconds')} | {n.get('warehouse_mb_after_scoring')} |"
+        )
+    return "\n".join(lines)
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -236,7 +276,11 @@ def main() -> int:
     p.add_argument("--timeout-minutes", type=float, default=120)
     p.add_argument("--work", help="work folder (default: a new temporary folder)")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "soak.json"))
+    p.add_argument("--table", metavar="JSON", help="print the markdown table of a saved soak and exit")
     args = p.parse_args()
+    if args.table:
+        print(markdown(json.loads(Path(args.table).read_text())))
+        return 0
 
     from infra.orchestration import airflow_env, init_airflow
     from infra.settings import load_settings
@@ -351,7 +395,8 @@ def main() -> int:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n")
-    print(json.dumps(result, indent=2, default=str))
+    print(markdown(result))
+    print(f"leftover processes: {left or 'none'}; warehouse {result['warehouse_mb_end']} MB at the end")
     return 1 if left else 0
 
 
