@@ -24,8 +24,8 @@ from infra.tables import (
     SESSIONIZED,
     TRAINING,
     events_dir,
+    published_dates,
     quarantine_dir,
-    scores_dir,
 )
 
 EXIT_FAILED = 1
@@ -175,11 +175,8 @@ def cmd_promote(args, settings: Settings) -> int:
 
 def latest_published(settings: Settings) -> date | None:
     """The latest date with published scores (``scores/ds=D``), or None."""
-    root = scores_dir(settings.paths.warehouse_root)
-    days = (
-        sorted(p.name.removeprefix("ds=") for p in root.glob("ds=*") if p.is_dir()) if root.exists() else []
-    )
-    return parse_run_date(days[-1]) if days else None
+    days = published_dates(settings.paths.warehouse_root)
+    return days[-1] if days else None
 
 
 def rescore(settings: Settings, run_date: date) -> dict:

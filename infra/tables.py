@@ -418,6 +418,13 @@ def scores_dir(warehouse_root: Path) -> Path:
     return Path(warehouse_root) / SCORES.name
 
 
+def published_dates(warehouse_root: Path) -> list[date]:
+    """Dates with published scores (``scores/ds=<d>``), oldest first."""
+    root = scores_dir(warehouse_root)
+    found = [p.name.removeprefix("ds=") for p in root.glob("ds=*") if p.is_dir()] if root.exists() else []
+    return sorted(date.fromisoformat(d) for d in found)
+
+
 def scores_staged_dir(warehouse_root: Path, ds: date | str) -> Path:
     """Scores of a date written by `score`, validated, then moved into ``scores/`` by `publish`."""
     return Path(warehouse_root) / "scores_staged" / f"ds={ds}"

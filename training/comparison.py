@@ -24,12 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import scipy.sparse as sp
 import torch
 
-from infra.tables import ITEM_MAP, USER_MAP
-from training.data import TrainingData, load_training_data
+from training.data import TrainingData, ids, load_training_data
 from training.evaluate import KS, PerUser, ScoreFn, evaluate_per_user
 from training.models.base import Context
 
@@ -50,13 +48,6 @@ class Measured:
         return pu.metric(name, int(k), self.ks)
 
 
-def _ids(tables: Path, table, key: str) -> np.ndarray:
-    t = pq.read_table(tables / table.name, columns=[f"{key}_id", f"{key}_idx"]).to_pandas()
-    out = np.empty(len(t), dtype=object)
-    out[t[f"{key}_idx"].to_numpy()] = t[f"{key}_id"].to_numpy()
-    return out
-
-
 def _index_map(src_ids: np.ndarray, dst_ids: np.ndarray) -> np.ndarray:
     """For each id of ``src_ids``, its position in ``dst_ids`` (-1 when absent)."""
     import pandas as pd
@@ -68,8 +59,8 @@ def mapped_scorer(model, own_tables: Path, target: TrainingData) -> tuple[ScoreF
     """A scorer of the target bundle's users over its items, backed by ``model`` (trained on
     ``own_tables``) scoring each user from the target's context (its visited sets and events,
     mapped into the model's ids), and the target users it cannot score ((n_target_users,) bool)."""
-    own_users, own_items = _ids(own_tables, USER_MAP, "user"), _ids(own_tables, ITEM_MAP, "item")
-    tgt_users, tgt_items = _ids(target.root, USER_MAP, "user"), _ids(target.root, ITEM_MAP, "item")
+    own_users, own_items = ids(own_tables, "user"), ids(own_tables, "item")
+    tgt_users, tgt_items = ids(target.root, "user"), ids(target.root, "item")
     user_to_own = _index_map(tgt_users, own_users)  # target user idx -> own idx (-1: unknown)
     item_to_own = _index_map(tgt_items, own_items)  # target item idx -> own idx (-1: unknown)
     identity = np.array_equal(user_to_own, np.arange(len(own_users))) and np.array_equal(

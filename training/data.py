@@ -144,7 +144,18 @@ class TrainingData:
 VIEWS: tuple[str, ...] = ("full", "validation")
 
 
-def _csr(user: np.ndarray, item: np.ndarray, n_users: int, n_items: int) -> sp.csr_matrix:
+def ids(root: Path, key: str) -> np.ndarray:
+    """The source ids of a bundle's ``user_map`` (``key="user"``) or ``item_map`` (``"item"``),
+    indexed by their contiguous index."""
+    table = {"user": USER_MAP, "item": ITEM_MAP}[key]
+    t = _read(Path(root) / table.name, [f"{key}_id", f"{key}_idx"]).to_pandas()
+    out = np.empty(len(t), dtype=object)
+    out[t[f"{key}_idx"].to_numpy()] = t[f"{key}_id"].to_numpy()
+    return out
+
+
+def binary_csr(user: np.ndarray, item: np.ndarray, n_users: int, n_items: int) -> sp.csr_matrix:
+    """(n_users, n_items) CSR with 1 at every (user, item) pair, repeats counted once."""
     m = sp.csr_matrix((np.ones(len(user), np.float32), (user, item)), shape=(n_users, n_items))
     m.sum_duplicates()
     m.data[:] = 1.0
@@ -177,8 +188,8 @@ def load_training_data(root: Path, view: str = "full") -> TrainingData:
         part = inter[inter["behavior"] == b]
         if len(part) == 0 and b != PURCHASE:
             continue
-        matrices[b] = _csr(part["user_idx"].to_numpy(), part["item_idx"].to_numpy(), n_users, n_items)
-    visited = _csr(vis["user_idx"].to_numpy(), vis["item_idx"].to_numpy(), n_users, n_items)
+        matrices[b] = binary_csr(part["user_idx"].to_numpy(), part["item_idx"].to_numpy(), n_users, n_items)
+    visited = binary_csr(vis["user_idx"].to_numpy(), vis["item_idx"].to_numpy(), n_users, n_items)
     held = _read(root / HELDOUT.name, ["user_idx", "item_idx", "split", "visited"]).to_pandas()
     heldout = {
         s: (

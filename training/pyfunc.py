@@ -74,21 +74,14 @@ class FunnelrecModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         from training.artifacts import load_model_dir, read_meta
-        from training.data import load_training_data
+        from training.data import ids, load_training_data
 
         tables = Path(context.artifacts["tables"])
         model_path = Path(context.artifacts["model"])
         self.data = load_training_data(tables)
         self.meta = read_meta(model_path)
         self.model = load_model_dir(model_path, self.data, device=None)
-        import pyarrow.parquet as pq
-
-        users = pq.read_table(tables / "user_map", columns=["user_id", "user_idx"]).to_pandas()
-        items = pq.read_table(tables / "item_map", columns=["item_id", "item_idx"]).to_pandas()
-        self.user_ids = np.empty(self.data.n_users, dtype=object)
-        self.user_ids[users["user_idx"].to_numpy()] = users["user_id"].to_numpy()
-        self.item_ids = np.empty(self.data.n_items, dtype=object)
-        self.item_ids[items["item_idx"].to_numpy()] = items["item_id"].to_numpy()
+        self.user_ids, self.item_ids = ids(tables, "user"), ids(tables, "item")
         self.user_index = pd.Index(self.user_ids)
         self.item_index = pd.Index(self.item_ids)
         bought = np.asarray(self.data.purchases.sum(0)).ravel()
@@ -105,13 +98,14 @@ class FunnelrecModel(mlflow.pyfunc.PythonModel):
         if k <= 0:
             raise ValueError(f"k must be positive, got {k}")
         catalogue = params.get("catalogue")
-        order = np.asarray(catalogue if catalogue is not None and len(catalogue) else self.popular, object)
+        given = catalogue is not None and len(catalogue) > 0
+        order = np.asarray(catalogue if given else self.popular, object)
         frame = pd.DataFrame(model_input).drop_duplicates("user_id").reset_index(drop=True)
         frame["user_id"] = frame["user_id"].astype(str)
         ctx = self.context_of(frame)
         exclude = self._matrix(frame["bought"])
         allowed = None
-        if catalogue is not None and len(catalogue):
+        if given:
             allowed = np.zeros(self.data.n_items, bool)
             pos = self.item_index.get_indexer(order)
             allowed[pos[pos >= 0]] = True
@@ -171,7 +165,7 @@ class FunnelrecModel(mlflow.pyfunc.PythonModel):
 
     def _matrix(self, lists: pd.Series):
         """(rows, n_items) 0/1 CSR of each row's list of item ids (ids the model does not know dropped)."""
-        import scipy.sparse as sp
+        from training.data import binary_csr
 
         lengths = lists.map(len).to_numpy()
         flat = (
@@ -180,13 +174,7 @@ class FunnelrecModel(mlflow.pyfunc.PythonModel):
         rows = np.repeat(np.arange(len(lists)), lengths)
         cols = self.item_index.get_indexer(flat) if len(flat) else np.zeros(0, np.int64)
         keep = cols >= 0
-        out = sp.csr_matrix(
-            (np.ones(int(keep.sum()), np.float32), (rows[keep], cols[keep])),
-            shape=(len(lists), self.data.n_items),
-        )
-        out.sum_duplicates()
-        out.data[:] = 1.0
-        return out
+        return binary_csr(rows[keep], cols[keep], len(lists), self.data.n_items)
 
 
 def fill_with_fallback(recs: pd.DataFrame, frame: pd.DataFrame, order: np.ndarray, k: int) -> pd.DataFrame:

@@ -224,7 +224,7 @@ def config_fingerprint(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _model_tags(settings: Settings, client) -> dict[str, str]:
+def model_tags(settings: Settings, client) -> dict[str, str]:
     rm = call(settings, "read model", lambda: client.get_registered_model(settings.mlflow.registered_model))
     return dict(rm.tags or {})
 
@@ -504,7 +504,7 @@ def registry_lease(settings: Settings, client, owner: str) -> Iterator[str]:
     deadline = time.monotonic() + ttl
     delay = SETTLE_SECONDS
     while True:
-        held = _model_tags(settings, client).get(LOCK_TAG)
+        held = model_tags(settings, client).get(LOCK_TAG)
         if held:
             holder = json.loads(held)
             if holder["until"] < time.time():
@@ -513,7 +513,7 @@ def registry_lease(settings: Settings, client, owner: str) -> Iterator[str]:
             lease = json.dumps({"token": token, "until": time.time() + ttl})
             call(settings, "take lease", lambda v=lease: client.set_registered_model_tag(model, LOCK_TAG, v))
             time.sleep(SETTLE_SECONDS)
-            now = _model_tags(settings, client).get(LOCK_TAG)
+            now = model_tags(settings, client).get(LOCK_TAG)
             if now and json.loads(now)["token"] == token:
                 break
         if time.monotonic() > deadline:
@@ -525,14 +525,14 @@ def registry_lease(settings: Settings, client, owner: str) -> Iterator[str]:
     try:
         yield token
     finally:
-        now = _model_tags(settings, client).get(LOCK_TAG)
+        now = model_tags(settings, client).get(LOCK_TAG)
         if now and json.loads(now)["token"] == token:
             call(settings, "release lease", lambda: client.delete_registered_model_tag(model, LOCK_TAG))
 
 
 def _append_history(settings: Settings, client, entry: dict[str, Any], stack: list[int]) -> None:
     model = settings.mlflow.registered_model
-    tags = _model_tags(settings, client)
+    tags = model_tags(settings, client)
     history = [*json.loads(tags.get(HISTORY_TAG, "[]"))[-(HISTORY_KEEP - 1) :], entry]
     call(
         settings,
@@ -653,7 +653,7 @@ def _move_champion(
     """Point ``champion`` at the chosen candidate while holding the lease; record the move in the
     alias history. Returns the alias as read back after the write (another writer may have won)."""
     model = settings.mlflow.registered_model
-    held = _model_tags(settings, client).get(LOCK_TAG)
+    held = model_tags(settings, client).get(LOCK_TAG)
     if not held or json.loads(held)["token"] != lease:
         raise PromotionError(
             f"lost the promotion lease of {model} before moving @{CHAMPION}; no alias changed"
@@ -665,7 +665,7 @@ def _move_champion(
     )
     after = alias_version(settings, client, CHAMPION)  # check after write
     if after == chosen.version:
-        stack = json.loads(_model_tags(settings, client).get(STACK_TAG, "[]"))
+        stack = json.loads(model_tags(settings, client).get(STACK_TAG, "[]"))
         if not stack and champion is not None:
             stack = [champion]
         stack.append(chosen.version)
@@ -785,7 +785,7 @@ def rollback(settings: Settings) -> Decision:
     model = settings.mlflow.registered_model
     with registry_lease(settings, client, owner="rollback"):
         current = alias_version(settings, client, CHAMPION)
-        stack = [as_version(v) for v in json.loads(_model_tags(settings, client).get(STACK_TAG, "[]"))]
+        stack = [as_version(v) for v in json.loads(model_tags(settings, client).get(STACK_TAG, "[]"))]
         while stack and stack[-1] != current:
             stack.pop()  # alias moved by hand since: the stack's tail is stale
         if current is None or len(stack) < 2:
@@ -817,4 +817,4 @@ def rollback(settings: Settings) -> Decision:
 
 def history(settings: Settings) -> list[dict[str, Any]]:
     client = connect(settings)
-    return json.loads(_model_tags(settings, client).get(HISTORY_TAG, "[]"))
+    return json.loads(model_tags(settings, client).get(HISTORY_TAG, "[]"))

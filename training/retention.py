@@ -29,7 +29,7 @@ from infra.dates import InvalidDateError, parse_run_date
 from infra.logs import stage
 from infra.settings import Settings
 from infra.tables import SCORES, SERVING, SESSIONIZED, TRAINING
-from training.registry import STACK_TAG, _model_tags, aliases, as_version
+from training.registry import STACK_TAG, aliases, as_version, model_tags
 from training.tracking import call, connect
 
 PRUNED_TAG = "funnelrec.pruned"
@@ -70,7 +70,7 @@ def protected_versions(settings: Settings, client) -> dict[int, str]:
     keep = set(aliases(settings, client).values())
     if not keep:
         return {}  # no champion yet (or no registered model): nothing to serve, nothing to roll back to
-    stack = json.loads(_model_tags(settings, client).get(STACK_TAG, "[]"))
+    stack = json.loads(model_tags(settings, client).get(STACK_TAG, "[]"))
     keep |= {as_version(v) for v in stack[-settings.retention.champions :]}
     out = {}
     for v in sorted(keep):

@@ -42,6 +42,7 @@ from infra.tables import (
     VISITED,
     Table,
     events_dir,
+    published_dates,
     scores_dir,
     scores_staged_dir,
     validation_result_path,
@@ -92,21 +93,14 @@ def _scores_pair(spark: SparkSession, settings: Settings, run_date: date):
     return suite, view.persist()
 
 
-def previous_published(wh: Path, run_date: date) -> date | None:
-    """The latest date before ``run_date`` with published scores."""
-    root = scores_dir(wh)
-    days = [p.name.removeprefix("ds=") for p in root.glob("ds=*")] if root.exists() else []
-    before = sorted(d for d in days if d < run_date.isoformat())
-    return date.fromisoformat(before[-1]) if before else None
-
-
 def _previous_night(spark: SparkSession, settings: Settings, run_date: date, scores, items: int):
     """``(date, its scores, coverage over its coverage)`` of the previous published date, or None
     (the first date, or no user scored both nights)."""
     wh = Path(settings.paths.warehouse_root)
-    previous = previous_published(wh, run_date)
-    if previous is None:
+    before = [d for d in published_dates(wh) if d < run_date]
+    if not before:
         return None
+    previous = before[-1]
     prev = _read(spark, SCORES, scores_dir(wh) / f"ds={previous}").select("user_id", "item_id")
     if prev.join(scores.select("user_id").distinct(), "user_id", "left_semi").limit(1).count() == 0:
         return None

@@ -14,6 +14,7 @@ import pytest
 from infra.orchestration import CHAMPION_ASSET
 from infra.tables import TRAINING, scores_dir
 from tests.dags.conftest import DATE, NEWCOMER, ROOT, dagbag, with_newcomer, write_config
+from training.data import ids
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
 NIGHTLY, SCORING = "funnelrec_nightly", "funnelrec_scoring"
@@ -106,11 +107,6 @@ def _snapshot(wh, ds: str) -> dict:
     }
 
 
-def _ids(bundle, key: str) -> dict[int, str]:
-    t = pq.read_table(bundle / f"{key}_map").to_pandas()
-    return dict(zip(t[f"{key}_idx"], t[f"{key}_id"], strict=True))
-
-
 D1, D2 = "2017-12-01", "2017-12-02"
 
 
@@ -157,9 +153,10 @@ def test_nightly_then_scoring_from_each_nights_context_every_date_scored_and_a_r
     assert str(run.state) == "success", _states(run)
     k = 50
     trained = TRAINING.dir(wh, D1)
-    users, items = _ids(trained, "user"), _ids(trained, "item")
+    users, items = ids(trained, "user"), ids(trained, "item")
     old = pq.read_table(trained / "visited").to_pandas()
-    old_visited = set(zip(old["user_idx"].map(users), old["item_idx"].map(items), strict=True))
+    old_visited = set(zip(users[old["user_idx"]], items[old["item_idx"]], strict=True))
+    known = set(users)
     for ds in (D2, DATE):
         scores = _scores(wh, ds)
         context = pq.read_table(wh / "serving" / f"ds={ds}" / "serving_context").to_pandas()
@@ -169,12 +166,12 @@ def test_nightly_then_scoring_from_each_nights_context_every_date_scored_and_a_r
     context = pq.read_table(wh / "serving" / f"ds={DATE}" / "serving_context").to_pandas()
     visited_now = {(u, i) for u, vs in zip(context["user_id"], context["visited"], strict=True) for i in vs}
     pairs = list(zip(scores["user_id"], scores["item_id"], strict=True))
-    fresh = scores[[p in visited_now and p not in old_visited and p[0] in users.values() for p in pairs]]
+    fresh = scores[[p in visited_now and p not in old_visited and p[0] in known for p in pairs]]
     # Visited since the champion's training date: its own tables would call these unvisited.
     assert len(fresh) > 0
     assert fresh["item_type"].eq("visited").all() and fresh["expert"].eq("visited").all()
     newcomer = scores[scores["user_id"] == NEWCOMER]
-    assert NEWCOMER not in set(users.values()) and len(newcomer) == k
+    assert NEWCOMER not in known and len(newcomer) == k
     assert newcomer["expert"].eq("fallback").all() and newcomer["rank"].tolist() == list(range(1, k + 1))
     seen = {i for u, i in visited_now if u == NEWCOMER}
     assert (

@@ -139,12 +139,19 @@ def test_every_user_gets_k_rows_and_the_fallback_serves_unknown_users_from_the_c
     assert new.item_id.tolist() == catalogue[1:11] and set(new.expert) == {FALLBACK}
     assert new.set_index("item_id").loc["i7", "item_type"] == "visited"
     assert (new.set_index("item_id").drop(index="i7").item_type == "unvisited").all()
-    # A known user ranks only catalogue items the model knows; the model's own rows come first.
+    # A known user ranks only catalogue items the model knows.
     known = got[got.user_id == "u1"]
-    assert set(known.item_id) <= set(catalogue) and "zz-new-item" not in set(known.item_id)
-    assert (known.expert != FALLBACK).all() or known.expert.tolist().index(FALLBACK) == (
-        known.expert != FALLBACK
-    ).sum()
+    assert set(known.item_id) <= set(catalogue) and (known.expert != FALLBACK).all()
+    # With K = 13 the model runs out after the 12 catalogue items it knows: the fallback adds the
+    # one it does not, ranked after them.
+    longer = model.predict(newcomer[newcomer.user_id == "u1"], params={"k": 13, "catalogue": catalogue})
+    assert longer["rank"].tolist() == list(range(1, 14))
+    assert (longer.expert.iloc[:12] != FALLBACK).all() and longer.iloc[12][
+        ["item_id", "expert"]
+    ].tolist() == [
+        "zz-new-item",
+        FALLBACK,
+    ]
 
 
 def test_registering_the_same_run_again_reuses_its_version(trained, champion):
