@@ -498,6 +498,8 @@ def evaluate_gates(
 @contextmanager
 def registry_lease(settings: Settings, client, owner: str) -> Iterator[str]:
     """Hold the registered model's promotion lease (a tag) while the body runs."""
+    from mlflow.exceptions import MlflowException
+
     model = settings.mlflow.registered_model
     token = f"{owner}:{uuid.uuid4().hex}"
     ttl = settings.mlflow.lock_timeout_seconds
@@ -511,7 +513,17 @@ def registry_lease(settings: Settings, client, owner: str) -> Iterator[str]:
                 held = None  # a crashed holder's lease expired
         if not held:
             lease = json.dumps({"token": token, "until": time.time() + ttl})
-            call(settings, "take lease", lambda v=lease: client.set_registered_model_tag(model, LOCK_TAG, v))
+            try:
+                call(
+                    settings,
+                    "take lease",
+                    lambda v=lease: client.set_registered_model_tag(model, LOCK_TAG, v),
+                )
+            except MlflowException as exc:
+                if not _lost_insert_race(exc):
+                    raise
+                # Both saw no lease and inserted the tag at once: the store refused one insert.
+                # The re-read below says who holds it.
             time.sleep(SETTLE_SECONDS)
             now = model_tags(settings, client).get(LOCK_TAG)
             if now and json.loads(now)["token"] == token:
@@ -528,6 +540,15 @@ def registry_lease(settings: Settings, client, owner: str) -> Iterator[str]:
         now = model_tags(settings, client).get(LOCK_TAG)
         if now and json.loads(now)["token"] == token:
             call(settings, "release lease", lambda: client.delete_registered_model_tag(model, LOCK_TAG))
+
+
+def _lost_insert_race(exc: BaseException) -> bool:
+    """Whether a tag write failed only because another writer inserted the same key first (a
+    database store's unique key: SQLAlchemy's IntegrityError under MLflow's exception)."""
+    from sqlalchemy.exc import IntegrityError
+
+    cause = exc.__cause__
+    return isinstance(cause, IntegrityError) or "IntegrityError" in str(exc)
 
 
 def _append_history(settings: Settings, client, entry: dict[str, Any], stack: list[int]) -> None:

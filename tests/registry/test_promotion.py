@@ -407,6 +407,25 @@ def test_alias_versions_are_ints_whether_the_store_returns_int_or_str(store, ver
     assert registry.as_version("7") == registry.as_version(7) == 7
 
 
+def test_a_lease_insert_lost_to_another_writer_is_told_apart_from_other_store_errors():
+    """Two promotions that both saw no lease insert the tag at once; a database store refuses one
+    insert on its unique key (seen once in CI as an IntegrityError). That one waits; others raise."""
+    from sqlalchemy.exc import IntegrityError
+
+    from training.registry import _lost_insert_race
+
+    try:
+        try:
+            raise IntegrityError(
+                "INSERT INTO registered_model_tags", {}, Exception("UNIQUE constraint failed")
+            )
+        except IntegrityError as cause:
+            raise MlflowException(str(cause)) from cause
+    except MlflowException as exc:
+        assert _lost_insert_race(exc)
+    assert not _lost_insert_race(MlflowException("RESOURCE_DOES_NOT_EXIST: no model funnelrec"))
+
+
 def test_two_promotions_of_a_date_at_once_decide_it_once(tmp_path, trained):
     mlflow_cfg = {"lock_timeout_seconds": 60, "promotion_policy": str(trained.mlflow.promotion_policy)}
     settings = settings_under(tmp_path, {"mlflow": mlflow_cfg})
