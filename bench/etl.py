@@ -68,7 +68,7 @@ def run_spark(data_root: Path, work: Path, master: str, cores: int, validate: bo
     from jobs.ingest import ingest_source
     from jobs.sessionize import run_sessionize
     from jobs.split import run_split
-    from validation.stage import run_validate
+    from validation.validate import run_validate
 
     settings = load_settings(
         environ={},

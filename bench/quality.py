@@ -45,7 +45,7 @@ from infra.logs import configure  # noqa: E402
 from infra.settings import load_settings  # noqa: E402
 from infra.tables import TRAINING  # noqa: E402
 from training.evaluate import KS, SETTINGS, evaluate_scores  # noqa: E402
-from training.stages import load_views  # noqa: E402
+from training.train_evaluate import load_views  # noqa: E402
 from training.trainer import fit_and_refit  # noqa: E402
 
 MODELS = ["popularity", "als", "als_multi", "bpr", "bpr_multi", "lightgcn", "member", "member_funnel"]

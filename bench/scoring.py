@@ -4,7 +4,7 @@ Single process, on Tmall shapes (41,738 users x 11,953 items, K = 50, seeded syn
 with Tmall's counts): users scored per second by
 
 - ``bare``: a matmul of user and item embeddings plus ``torch.topk``, nothing else (the limit);
-- ``recommend``: ``training.scoring.recommend`` (exclusions, deterministic tie order, explanations)
+- ``recommend``: ``training.recommend.recommend`` (exclusions, deterministic tie order, explanations)
   for an ALS-shaped model (one matmul) and for MEMBER (two experts, gated);
 - ``pyfunc``: the logged MLflow pyfunc's ``predict`` (ids in, rows out), what ``score`` runs.
 
@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))
 from training.data import TrainingData  # noqa: E402
 from training.models import build_model  # noqa: E402
 from training.models.base import Context  # noqa: E402
-from training.scoring import known_purchases, recommend  # noqa: E402
+from training.recommend import known_purchases, recommend  # noqa: E402
 
 
 def synthetic(n_users: int, n_items: int, seed: int = 0) -> TrainingData:

@@ -72,7 +72,7 @@ def _validate(table: str):
     @task(task_id=f"validate_{table}")
     def validate() -> dict:
         from infra.spark import get_spark
-        from validation.stage import run_validate
+        from validation.validate import run_validate
 
         s = _settings()
         summary = run_validate(get_spark(s), s, table, data_date(get_current_context()))
@@ -105,7 +105,7 @@ def _spark_submit(stage: str):
 
 @task(pool=CFG.gpu_pool, pool_slots=1)
 def train(model: str) -> dict:
-    from training.stages import run_train
+    from training.train_evaluate import run_train
 
     meta = run_train(_settings(), _ds(), model)
     return {k: meta[k] for k in ("device", "best_epoch", "epochs_run", "seconds_per_epoch", "run_id")}
@@ -113,7 +113,7 @@ def train(model: str) -> dict:
 
 @task
 def evaluate(model: str) -> dict:
-    from training.stages import run_evaluate
+    from training.train_evaluate import run_evaluate
 
     out = run_evaluate(_settings(), _ds(), model)
     return {split: values["standard"] for split, values in out.items()}

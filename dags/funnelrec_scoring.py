@@ -65,7 +65,7 @@ def _validate(table: str):
     @task(task_id=f"validate_{table}")
     def validate() -> dict:
         from infra.spark import get_spark
-        from validation.stage import run_validate
+        from validation.validate import run_validate
 
         s = load_settings()
         return {d.isoformat(): run_validate(get_spark(s), s, table, d)["success"] for d in _dates()}

@@ -121,7 +121,7 @@ def _ds(args) -> str:
 
 def cmd_validate(args, settings: Settings) -> int:
     from infra.spark import get_spark
-    from validation.stage import result_path, run_validate
+    from validation.validate import result_path, run_validate
 
     summary = run_validate(get_spark(settings), settings, args.table, args.date)
     print(
@@ -132,7 +132,7 @@ def cmd_validate(args, settings: Settings) -> int:
 
 
 def cmd_train(args, settings: Settings) -> int:
-    from training.stages import run_train
+    from training.train_evaluate import run_train
 
     meta = run_train(settings, _ds(args), args.model, epochs=args.epochs)
     print(
@@ -144,7 +144,7 @@ def cmd_train(args, settings: Settings) -> int:
 
 
 def cmd_evaluate(args, settings: Settings) -> int:
-    from training.stages import format_metrics, run_evaluate
+    from training.train_evaluate import format_metrics, run_evaluate
 
     metrics = run_evaluate(settings, _ds(args), args.model)
     for split, values in metrics.items():
@@ -186,7 +186,7 @@ def rescore(settings: Settings, run_date: date) -> dict:
     from jobs.context import run_context
     from jobs.publish import run_publish
     from training.score import run_score
-    from validation.stage import run_validate
+    from validation.validate import run_validate
 
     spark = get_spark(settings)
     if not SERVING.dir(settings.paths.warehouse_root, run_date).exists():
@@ -283,8 +283,8 @@ def cmd_nightly(args, settings: Settings) -> int:
     from training.registry import promote, register
     from training.retention import run_retention
     from training.score import run_score
-    from training.stages import format_metrics, run_evaluate, run_train
-    from validation.stage import run_validate
+    from training.train_evaluate import format_metrics, run_evaluate, run_train
+    from validation.validate import run_validate
 
     log = get_logger()
     spark = get_spark(settings)
@@ -326,7 +326,7 @@ def cmd_nightly(args, settings: Settings) -> int:
 def cmd_status(args, settings: Settings) -> int:
     import json
 
-    from training.stages import format_metrics
+    from training.train_evaluate import format_metrics
 
     wh, ds = settings.paths.warehouse_root, args.date.isoformat()
     for name in settings.training.models:

@@ -14,7 +14,7 @@ Layout under ``paths.warehouse_root``:
 - ``serving/ds=<d>/{serving_context,catalogue}/``  what scoring of the date reads: users' context, items
 
 A *bundle* (``sessionized``, ``training``) is the set of tables one stage writes for one date; it
-is published as a unit (see ``infra.publish``), so readers never mix tables of two runs.
+is published as a unit (see ``infra.atomic``), so readers never mix tables of two runs.
 """
 
 from __future__ import annotations
@@ -99,27 +99,29 @@ class Table:
         )
 
 
-def C(name: str, dtype: str, doc: str, nullable: bool = False) -> Column:
+def column(name: str, dtype: str, doc: str, nullable: bool = False) -> Column:
     return Column(name, dtype, nullable, doc)
 
 
 _EVENT_COLUMNS = (
-    C("event_time", "timestamp", "when the event happened, UTC"),
-    C("user_id", "string", "the source's user id (float-looking ids normalised, e.g. 266079.0 -> 266079)"),
-    C("item_id", "string", "the source's item id, normalised like user_id"),
-    C("behavior", "string", f"one of {', '.join(BEHAVIORS)}"),
-    C("category_id", "string", "item category, when the source has one", nullable=True),
-    C("brand", "string", "item brand, when the source has one", nullable=True),
-    C("price", "double", "price at event time, >= 0, when the source has one", nullable=True),
-    C("source_session_id", "string", "the source's own session id, when it has one", nullable=True),
+    column("event_time", "timestamp", "when the event happened, UTC"),
+    column(
+        "user_id", "string", "the source's user id (float-looking ids normalised, e.g. 266079.0 -> 266079)"
+    ),
+    column("item_id", "string", "the source's item id, normalised like user_id"),
+    column("behavior", "string", f"one of {', '.join(BEHAVIORS)}"),
+    column("category_id", "string", "item category, when the source has one", nullable=True),
+    column("brand", "string", "item brand, when the source has one", nullable=True),
+    column("price", "double", "price at event time, >= 0, when the source has one", nullable=True),
+    column("source_session_id", "string", "the source's own session id, when it has one", nullable=True),
 )
 
 EVENTS = Table(
     "events",
     (
         *_EVENT_COLUMNS,
-        C("source", "string", "name of the source mapping that produced the row"),
-        C("event_date", "date", "UTC date of event_time"),
+        column("source", "string", "name of the source mapping that produced the row"),
+        column("event_date", "date", "UTC date of event_time"),
     ),
     "Canonical behaviour events, exact duplicates removed. Written by `ingest`.",
     partition_by=("source", "event_date"),
@@ -128,13 +130,13 @@ EVENTS = Table(
 QUARANTINE = Table(
     "quarantine",
     (
-        C("file", "string", "input file the row came from"),
-        C("line_number", "long", "1-based line number in that file (header included)"),
-        C("raw_line", "string", "the line as read, without its line ending"),
-        C("reason", "string", "why it was refused: see jobs.ingest.REASONS"),
-        C("detail", "string", "the offending value or a short explanation", nullable=True),
-        C("source", "string", "source mapping name"),
-        C("run_date", "date", "run date of the ingest that refused it"),
+        column("file", "string", "input file the row came from"),
+        column("line_number", "long", "1-based line number in that file (header included)"),
+        column("raw_line", "string", "the line as read, without its line ending"),
+        column("reason", "string", "why it was refused: see jobs.ingest.REASONS"),
+        column("detail", "string", "the offending value or a short explanation", nullable=True),
+        column("source", "string", "source mapping name"),
+        column("run_date", "date", "run date of the ingest that refused it"),
     ),
     "Input rows ingest refused, with the reason. Nothing is dropped silently.",
     partition_by=("source", "run_date"),
@@ -143,14 +145,16 @@ QUARANTINE = Table(
 SESSIONS = Table(
     "sessions",
     (
-        C("session_id", "string", "stable id: hash of source, user, session start and source session id"),
-        C("user_id", "string", "user"),
-        C("source", "string", "source mapping name"),
-        C("session_start", "timestamp", "first event time"),
-        C("session_end", "timestamp", "last event time"),
-        C("event_count", "long", "events in the session"),
-        *(C(f"n_{b}", "long", f"{b} events in the session") for b in BEHAVIORS),
-        C("purchased", "bool", "whether the session has a purchase"),
+        column(
+            "session_id", "string", "stable id: hash of source, user, session start and source session id"
+        ),
+        column("user_id", "string", "user"),
+        column("source", "string", "source mapping name"),
+        column("session_start", "timestamp", "first event time"),
+        column("session_end", "timestamp", "last event time"),
+        column("event_count", "long", "events in the session"),
+        *(column(f"n_{b}", "long", f"{b} events in the session") for b in BEHAVIORS),
+        column("purchased", "bool", "whether the session has a purchase"),
     ),
     "Sessions of the run's history window. Written by `sessionize`.",
 )
@@ -159,10 +163,10 @@ SESSION_EVENTS = Table(
     "session_events",
     (
         *_EVENT_COLUMNS,
-        C("source", "string", "source mapping name"),
-        C("event_date", "date", "UTC date of event_time"),
-        C("session_id", "string", "the session the event belongs to (sessions.session_id)"),
-        C("seq_in_session", "int", "1-based position of the event in its session"),
+        column("source", "string", "source mapping name"),
+        column("event_date", "date", "UTC date of event_time"),
+        column("session_id", "string", "the session the event belongs to (sessions.session_id)"),
+        column("seq_in_session", "int", "1-based position of the event in its session"),
     ),
     "Events of the run's history window, each with its session. Written by `sessionize`.",
 )
@@ -170,11 +174,11 @@ SESSION_EVENTS = Table(
 INTERACTIONS = Table(
     "interactions",
     (
-        C("user_idx", "int", "contiguous user index (user_map)"),
-        C("item_idx", "int", "contiguous item index (item_map)"),
-        C("behavior", "string", "canonical behaviour"),
-        C("count", "long", "events of this behaviour for the pair in the training period"),
-        C(
+        column("user_idx", "int", "contiguous user index (user_map)"),
+        column("item_idx", "int", "contiguous item index (item_map)"),
+        column("behavior", "string", "canonical behaviour"),
+        column("count", "long", "events of this behaviour for the pair in the training period"),
+        column(
             "last_time",
             "timestamp",
             "last such event in the training period (null for benchmarks)",
@@ -187,8 +191,8 @@ INTERACTIONS = Table(
 VISITED = Table(
     "visited",
     (
-        C("user_idx", "int", "contiguous user index"),
-        C("item_idx", "int", "an item the user reached through a non-purchase behaviour in training"),
+        column("user_idx", "int", "contiguous user index"),
+        column("item_idx", "int", "an item the user reached through a non-purchase behaviour in training"),
     ),
     "Each user's visited set: items with any non-purchase behaviour in the training period.",
 )
@@ -196,11 +200,11 @@ VISITED = Table(
 HELDOUT = Table(
     "heldout",
     (
-        C("user_idx", "int", "contiguous user index"),
-        C("item_idx", "int", "the purchased item"),
-        C("split", "string", "validation | test"),
-        C("event_time", "timestamp", "purchase time (null for benchmarks without times)", nullable=True),
-        C(
+        column("user_idx", "int", "contiguous user index"),
+        column("item_idx", "int", "the purchased item"),
+        column("split", "string", "validation | test"),
+        column("event_time", "timestamp", "purchase time (null for benchmarks without times)", nullable=True),
+        column(
             "visited",
             "bool",
             "whether the item is in the user's visited set of the data its model saw: the validation "
@@ -213,16 +217,16 @@ HELDOUT = Table(
 
 USER_MAP = Table(
     "user_map",
-    (C("user_id", "string", "source user id"), C("user_idx", "int", "0..n_users-1")),
+    (column("user_id", "string", "source user id"), column("user_idx", "int", "0..n_users-1")),
     "User id to contiguous index, one-to-one.",
 )
 
 ITEM_MAP = Table(
     "item_map",
     (
-        C("item_id", "string", "source item id"),
-        C("item_idx", "int", "0..n_items-1"),
-        C("category_id", "string", "most frequent category seen for the item", nullable=True),
+        column("item_id", "string", "source item id"),
+        column("item_idx", "int", "0..n_items-1"),
+        column("category_id", "string", "most frequent category seen for the item", nullable=True),
     ),
     "Item id to contiguous index, one-to-one; the catalogue every model ranks over.",
 )
@@ -230,12 +234,12 @@ ITEM_MAP = Table(
 TRAIN_EVENTS = Table(
     "train_events",
     (
-        C("user_idx", "int", "contiguous user index"),
-        C("item_idx", "int", "contiguous item index"),
-        C("behavior", "string", "canonical behaviour"),
-        C("event_time", "timestamp", "event time (benchmarks without times: null)", nullable=True),
-        C("session_id", "string", "session id (null for benchmarks)", nullable=True),
-        C(
+        column("user_idx", "int", "contiguous user index"),
+        column("item_idx", "int", "contiguous item index"),
+        column("behavior", "string", "canonical behaviour"),
+        column("event_time", "timestamp", "event time (benchmarks without times: null)", nullable=True),
+        column("session_id", "string", "session id (null for benchmarks)", nullable=True),
+        column(
             "validation_fit",
             "bool",
             "the validation fit sees this row: it comes before its user's validation purchase "
@@ -250,22 +254,24 @@ TRAIN_EVENTS = Table(
 SERVING_CONTEXT = Table(
     "serving_context",
     (
-        C("user_id", "string", "an active user of the date: any event in the last scoring.active_days days"),
-        C(
+        column(
+            "user_id", "string", "an active user of the date: any event in the last scoring.active_days days"
+        ),
+        column(
             "visited",
             "array<string>",
             "the user's visited set as of the date: items with a non-purchase event in the last "
             "split.observation_days days (sorted)",
         ),
-        C("bought", "array<string>", "items the user bought in that window (sorted); never recommended"),
-        C(
+        column("bought", "array<string>", "items the user bought in that window (sorted); never recommended"),
+        column(
             "history_items",
             "array<string>",
             "the user's last scoring.history_length events' items, oldest first (the split's event order)",
         ),
-        C("history_behaviors", "array<string>", "the behaviour of each of those events"),
-        C("events", "long", "the user's events in the window"),
-        C("last_event", "timestamp", "the user's latest event"),
+        column("history_behaviors", "array<string>", "the behaviour of each of those events"),
+        column("events", "long", "the user's events in the window"),
+        column("last_event", "timestamp", "the user's latest event"),
     ),
     "Each active user's context as of the date, which the champion scores from (`context`): not the "
     "tables the champion was trained on.",
@@ -274,13 +280,16 @@ SERVING_CONTEXT = Table(
 CATALOGUE = Table(
     "catalogue",
     (
-        C("item_id", "string", "an item with any event in the last scoring.catalogue_days days"),
-        C("category_id", "string", "most frequent category of its events", nullable=True),
-        *(C(f"n_{b}s", "long", f"{b} events in the window") for b in ("view", "fav", "cart", "purchase")),
-        C("n_users", "long", "distinct users with an event on it"),
-        C("first_seen", "timestamp", "first event in the window"),
-        C("last_seen", "timestamp", "last event in the window"),
-        C(
+        column("item_id", "string", "an item with any event in the last scoring.catalogue_days days"),
+        column("category_id", "string", "most frequent category of its events", nullable=True),
+        *(
+            column(f"n_{b}s", "long", f"{b} events in the window")
+            for b in ("view", "fav", "cart", "purchase")
+        ),
+        column("n_users", "long", "distinct users with an event on it"),
+        column("first_seen", "timestamp", "first event in the window"),
+        column("last_seen", "timestamp", "last event in the window"),
+        column(
             "popularity_rank",
             "int",
             "1..n: most purchased first, then most events, then item id (the scoring fallback's order)",
@@ -293,25 +302,29 @@ CATALOGUE = Table(
 SCORES = Table(
     "scores",
     (
-        C("user_id", "string", "an active user (any event in the last scoring.active_days days)"),
-        C("rank", "int", "1 = best; 1..K without gaps"),
-        C("item_id", "string", "recommended item; never one the user bought"),
-        C("score", "double", "the model's score (comparable within a user and model version only)"),
-        C("item_type", "string", "visited (in the user's visited set as of ds: serving_context) | unvisited"),
-        C(
+        column("user_id", "string", "an active user (any event in the last scoring.active_days days)"),
+        column("rank", "int", "1 = best; 1..K without gaps"),
+        column("item_id", "string", "recommended item; never one the user bought"),
+        column("score", "double", "the model's score (comparable within a user and model version only)"),
+        column(
+            "item_type", "string", "visited (in the user's visited set as of ds: serving_context) | unvisited"
+        ),
+        column(
             "expert",
             "string",
             "the expert behind the score (MoE models), 'fallback' for rows the champion could not score "
             "(the catalogue's popularity order), null for single-tower models' own rows",
             nullable=True,
         ),
-        C("expert_weights", "string", "JSON object expert -> gate weight, {} for single-tower models"),
-        C("model", "string", "model configuration that produced it, e.g. member"),
-        C("model_name", "string", "registered model name"),
-        C("model_version", "int", "registered model version (the champion when scored)"),
-        C("run_id", "string", "MLflow run of that version"),
-        C("trained_ds", "string", "the training tables the model learned from (training/ds=<trained_ds>)"),
-        C("ds", "date", "scoring date"),
+        column("expert_weights", "string", "JSON object expert -> gate weight, {} for single-tower models"),
+        column("model", "string", "model configuration that produced it, e.g. member"),
+        column("model_name", "string", "registered model name"),
+        column("model_version", "int", "registered model version (the champion when scored)"),
+        column("run_id", "string", "MLflow run of that version"),
+        column(
+            "trained_ds", "string", "the training tables the model learned from (training/ds=<trained_ds>)"
+        ),
+        column("ds", "date", "scoring date"),
     ),
     "Top-K recommendations per active user and date. Written by `score`, published by `publish`.",
     partition_by=("ds",),
@@ -321,39 +334,39 @@ SCORES = Table(
 DECISIONS = Table(
     "decisions",
     (
-        C("ds", "string", "the date whose held-out purchases every candidate was measured on"),
-        C("decided_at", "string", "when promote ran (UTC, ISO 8601)"),
-        C("version", "int", "candidate registered version"),
-        C("model", "string", "candidate model configuration", nullable=True),
-        C(
+        column("ds", "string", "the date whose held-out purchases every candidate was measured on"),
+        column("decided_at", "string", "when promote ran (UTC, ISO 8601)"),
+        column("version", "int", "candidate registered version"),
+        column("model", "string", "candidate model configuration", nullable=True),
+        column(
             "kind",
             "string",
             "first (no champion yet) | refresh (the champion's own model and config) | challenge",
         ),
-        C("candidate_value", "double", "candidate's primary metric on the date's split", nullable=True),
-        C("outcome", "string", "promoted | refused | not_reached (a better candidate passed first)"),
-        C("champion_before", "int", "champion when promote ran", nullable=True),
-        C("champion_after", "int", "champion after it", nullable=True),
-        C(
+        column("candidate_value", "double", "candidate's primary metric on the date's split", nullable=True),
+        column("outcome", "string", "promoted | refused | not_reached (a better candidate passed first)"),
+        column("champion_before", "int", "champion when promote ran", nullable=True),
+        column("champion_after", "int", "champion after it", nullable=True),
+        column(
             "gate",
             "string",
             "gate name (min_users, floor, min_relative_gain, refresh_non_inferiority, "
             "max_drop_<setting>, primary_metric, champion_measured)",
         ),
-        C(
+        column(
             "status",
             "string",
             "pass | fail | not_evaluable (too few users to judge; neither passes nor refuses)",
         ),
-        C("setting", "string", "evaluation setting the gate reads", nullable=True),
-        C("users", "long", "users both were measured on", nullable=True),
-        C("value", "double", "candidate's mean over those users", nullable=True),
-        C("champion_value", "double", "champion's mean over the same users", nullable=True),
-        C("change", "double", "relative change value / champion_value - 1", nullable=True),
-        C("change_low", "double", "bootstrap interval of the change: low end", nullable=True),
-        C("change_high", "double", "bootstrap interval of the change: high end", nullable=True),
-        C("threshold", "double", "the policy's threshold for this gate", nullable=True),
-        C("detail", "string", "the gate in words, with its numbers"),
+        column("setting", "string", "evaluation setting the gate reads", nullable=True),
+        column("users", "long", "users both were measured on", nullable=True),
+        column("value", "double", "candidate's mean over those users", nullable=True),
+        column("champion_value", "double", "champion's mean over the same users", nullable=True),
+        column("change", "double", "relative change value / champion_value - 1", nullable=True),
+        column("change_low", "double", "bootstrap interval of the change: low end", nullable=True),
+        column("change_high", "double", "bootstrap interval of the change: high end", nullable=True),
+        column("threshold", "double", "the policy's threshold for this gate", nullable=True),
+        column("detail", "string", "the gate in words, with its numbers"),
     ),
     "Promotion decisions: one row per candidate version and gate, per date (`promote`). "
     "The report and analysts read it.",

@@ -27,7 +27,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.window import Window
 
-from infra import publish
+from infra import atomic
 from infra.dates import window_start
 from infra.logs import stage
 from infra.settings import Settings
@@ -123,7 +123,7 @@ def run_context(spark: SparkSession, settings: Settings, run_date: date) -> Cont
         )
         parts = int(settings.spark.conf.get("spark.sql.shuffle.partitions", "8"))
         target = SERVING.dir(settings.paths.warehouse_root, run_date)
-        with publish.staged_dir(target) as staged:
+        with atomic.staged_dir(target) as staged:
             users.repartition(parts, "user_id").sortWithinPartitions("user_id").write.parquet(
                 str(staged / SERVING_CONTEXT.name)
             )

@@ -22,7 +22,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.window import Window
 
-from infra import publish
+from infra import atomic
 from infra.logs import stage
 from infra.settings import Settings
 from infra.tables import EVENTS, QUARANTINE, events_dir, quarantine_dir
@@ -333,7 +333,7 @@ def _publish(spark, settings, mapping, run_date, files, parsed) -> IngestResult:
         qdir = (
             quarantine_dir(settings.paths.quarantine_root) / f"source={mapping.name}" / f"run_date={run_date}"
         )
-        with publish.staged_dir(qdir) as staged:
+        with atomic.staged_dir(qdir) as staged:
             bad.select(*QUARANTINE.data_columns).coalesce(1).sortWithinPartitions(
                 "file", "line_number"
             ).write.parquet(str(staged))
@@ -374,7 +374,7 @@ def _publish(spark, settings, mapping, run_date, files, parsed) -> IngestResult:
         "source_session_id",
     )
     target = events_dir(settings.paths.warehouse_root) / f"source={mapping.name}"
-    with publish.scratch_dir(target.parent, mapping.name) as staged:
+    with atomic.scratch_dir(target.parent, mapping.name) as staged:
         events.write.partitionBy("event_date").parquet(str(staged))
         written = spark.read.parquet(str(staged))
         summary = written.agg(
@@ -382,7 +382,7 @@ def _publish(spark, settings, mapping, run_date, files, parsed) -> IngestResult:
             F.countDistinct("user_id").alias("users"),
             F.countDistinct("item_id").alias("items"),
         ).first()
-        partitions = [str(p.relative_to(target)) for p in publish.publish_partitions(staged, target)]
+        partitions = [str(p.relative_to(target)) for p in atomic.publish_partitions(staged, target)]
     return IngestResult(
         source=mapping.name,
         run_date=run_date,

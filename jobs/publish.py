@@ -41,7 +41,7 @@ from typing import Any
 import duckdb
 import pandas as pd
 
-from infra import publish
+from infra import atomic
 from infra.logs import stage
 from infra.settings import Settings
 from infra.tables import (
@@ -108,7 +108,7 @@ def publish_scores(settings: Settings, run_date: date) -> Path:
     target = scores_dir(wh) / f"ds={run_date.isoformat()}"
     if staged.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
-        publish.swap_in(staged, target)
+        atomic.swap_in(staged, target)
     elif not target.exists():
         raise FileNotFoundError(
             f"no scores for {run_date} at {staged} or {target}: run `funnelrec score` first"

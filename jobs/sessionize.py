@@ -16,7 +16,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.window import Window
 
-from infra import publish
+from infra import atomic
 from infra.dates import window_start
 from infra.logs import stage
 from infra.settings import Settings
@@ -127,7 +127,7 @@ def run_sessionize(spark: SparkSession, settings: Settings, run_date: date) -> S
             events.repartition(parts, "user_id"), cfg.gap_minutes, cfg.use_source_session
         )
         target = SESSIONIZED.dir(settings.paths.warehouse_root, run_date)
-        with publish.staged_dir(target) as staged:
+        with atomic.staged_dir(target) as staged:
             session_events.write.parquet(str(staged / SESSION_EVENTS.name))
             # Sessions are aggregated from the written events rather than recomputing the windows.
             sessions = sessions_of(

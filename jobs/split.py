@@ -41,7 +41,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.window import Window
 
-from infra import publish
+from infra import atomic
 from infra.dates import window_start
 from infra.logs import stage
 from infra.settings import Settings
@@ -529,7 +529,7 @@ def publish_training_tables(
         TRAIN_EVENTS.name: ("user_idx", "event_time", "item_idx", "behavior"),
     }
     tables_by_name: dict[str, Table] = {t.name: t for t in TRAINING.tables}
-    with publish.staged_dir(target) as staged:
+    with atomic.staged_dir(target) as staged:
         written: dict[str, DataFrame] = {}
         for name, df in built.tables.items():
             out = df.select(*tables_by_name[name].column_names)

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from infra import publish
+from infra import atomic
 from infra.tables import TRAINING
 from training.data import TrainingData, load_training_data
 from training.models import build_model
@@ -85,7 +85,7 @@ def save_trained(
     def state(m: Recommender) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in m.state_dict().items()}
 
-    with publish.staged_dir(target) as staged:
+    with atomic.staged_dir(target) as staged:
         staged.mkdir(parents=True)
         torch.save(state(model), staged / STATE)
         if fit.refitted:

@@ -20,7 +20,7 @@ Params: ``k``; ``batch_size`` (memory only); ``catalogue``: the item ids that ma
 popular first (the ``catalogue`` table in ``popularity_rank`` order). Empty (the default): every
 item the model knows, in its training purchases' popularity order.
 
-Output: exactly ``k`` rows per input user, best first (``training.scoring.OUTPUT_COLUMNS``), when
+Output: exactly ``k`` rows per input user, best first (``training.recommend.OUTPUT_COLUMNS``), when
 the catalogue has ``k`` items the user has not bought. Users the model cannot score (``can_score``:
 trained without them) and the ranks a model leaves short (too few catalogue items it knows) are
 filled by the **fallback**: the catalogue's popularity order, skipping bought and already listed
@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 
 from infra.tables import FALLBACK
-from training.scoring import OUTPUT_COLUMNS
+from training.recommend import OUTPUT_COLUMNS
 
 DEFAULT_K = 50
 #: Input columns besides ``user_id``: the user's context as of the scoring date.
@@ -90,7 +90,7 @@ class FunnelrecModel(mlflow.pyfunc.PythonModel):
     def predict(
         self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
-        from training.scoring import recommend, to_frame
+        from training.recommend import recommend, to_frame
 
         params = params or {}
         k = int(params.get("k", DEFAULT_K))

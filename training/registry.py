@@ -603,7 +603,7 @@ def write_decisions(settings: Settings, ds: str, d: Decision) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from infra import publish
+    from infra import atomic
     from infra.tables import DECISIONS, decisions_dir
 
     at = _now()
@@ -635,7 +635,7 @@ def write_decisions(settings: Settings, ds: str, d: Decision) -> Path:
     ]
     table = pa.Table.from_pylist(rows, schema=DECISIONS.arrow_schema())
     target = decisions_dir(settings.paths.warehouse_root, ds)
-    with publish.staged_dir(target) as staged:
+    with atomic.staged_dir(target) as staged:
         staged.mkdir(parents=True)
         pq.write_table(table, staged / "part-00000.parquet")
     return target

@@ -30,7 +30,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from infra import publish
+from infra import atomic
 from infra.logs import stage
 from infra.settings import Settings
 from infra.tables import CATALOGUE, FALLBACK, SCORES, SERVING, SERVING_CONTEXT, scores_staged_dir
@@ -115,7 +115,7 @@ def _lineage(frame: pd.DataFrame, champ: Champion) -> pd.DataFrame:
 
 def _write_local(frame: pd.DataFrame, target: Path) -> None:
     table = pa.Table.from_pandas(frame, schema=SCORES.arrow_schema(), preserve_index=False)
-    with publish.staged_dir(target) as staged:
+    with atomic.staged_dir(target) as staged:
         staged.mkdir(parents=True)
         pq.write_table(table, staged / "part-00000.parquet")
 
@@ -222,7 +222,7 @@ def spark_score(
         .select(*SCORES.data_columns)
         .sortWithinPartitions("user_id", "rank")
     )
-    with publish.staged_dir(target) as staged:
+    with atomic.staged_dir(target) as staged:
         out.write.parquet(str(staged))
     written = spark.read.parquet(str(target))
     stats = written.agg(

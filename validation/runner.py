@@ -136,7 +136,7 @@ def _run_checkpoint(
         source = None
     if source is None or source.persist:
         # GX would cache every batch; a Parquet-backed table is cheaper to re-read column by column
-        # than to cache whole; the stage caches the joined views itself (``validation/stage.py``).
+        # than to cache whole; the stage caches the joined views itself (``validation/validate.py``).
         source = ctx.data_sources.add_or_update_spark(name=DATASOURCE, persist=False)
     results: dict[str, Any] = {}
     failures: list[Failure] = []

@@ -163,7 +163,7 @@ def store(request, tmp_path):
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """A real training run of `als_multi` and `popularity` on the tiny bundle, tracked in SQLite."""
-    from training.stages import run_evaluate, run_train
+    from training.train_evaluate import run_evaluate, run_train
 
     base = tmp_path_factory.mktemp("trained")
     policy = yaml.safe_load(DEFAULT_PROMOTION_POLICY.read_text())

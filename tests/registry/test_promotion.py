@@ -364,7 +364,7 @@ def test_the_champion_is_measured_on_the_challengers_split_as_an_independent_eva
 ):
     from training.artifacts import load_trained
     from training.data import load_training_data
-    from training.stages import run_evaluate, run_train
+    from training.train_evaluate import run_evaluate, run_train
 
     # A warehouse of its own, on the trained fixture's store (its runs), under another model name.
     store = {"tracking_uri": trained.mlflow_tracking_uri, "registered_model": "funnelrec_sameday"}

@@ -26,8 +26,8 @@ from training.pyfunc import (
     bundled_modules,
     load_for_scoring,
 )
+from training.recommend import known_purchases, recommend, to_frame
 from training.registry import promote, register
-from training.scoring import known_purchases, recommend, to_frame
 
 
 @pytest.fixture(scope="module")

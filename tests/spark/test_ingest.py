@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from infra import publish
+from infra import atomic
 from infra.tables import events_dir
 from jobs.ingest import BadInputError, ingest_source
 
@@ -157,7 +157,7 @@ def test_killed_publish_leaves_previous_partitions_readable(spark, make_settings
     def killed(*args, **kwargs):
         raise KeyboardInterrupt("task killed while publishing")
 
-    monkeypatch.setattr(publish, "publish_partitions", killed)
+    monkeypatch.setattr(atomic, "publish_partitions", killed)
     with pytest.raises(KeyboardInterrupt):
         ingest_source(spark, settings, "taobao", run_date)
     after = _partition_files(root)
@@ -165,4 +165,4 @@ def test_killed_publish_leaves_previous_partitions_readable(spark, make_settings
     assert all(filecmp.cmp(before[k], after[k], shallow=False) for k in after)
     assert {k: p.read_bytes() for k, p in after.items()} == snapshot
     assert spark.read.parquet(str(root)).count() == 10_000
-    assert not any((root / publish.STAGING).iterdir())
+    assert not any((root / atomic.STAGING).iterdir())

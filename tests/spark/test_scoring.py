@@ -25,9 +25,9 @@ from jobs.publish import run_publish
 from tests.conftest import DEMO_DATE, REPO
 from training.registry import promote, register
 from training.score import run_score, serving_inputs
-from training.stages import run_evaluate, run_train
+from training.train_evaluate import run_evaluate, run_train
 from validation.runner import ValidationFailed
-from validation.stage import run_validate
+from validation.validate import run_validate
 
 pytestmark = pytest.mark.spark
 RUN_DATE = date.fromisoformat(DEMO_DATE)

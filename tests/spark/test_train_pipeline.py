@@ -11,7 +11,7 @@ from tests.conftest import DEMO_DATE
 from training.artifacts import METRICS, load_trained, model_dir
 from training.models import build_model
 from training.models.base import Context
-from training.stages import run_evaluate, run_train
+from training.train_evaluate import run_evaluate, run_train
 from training.trainer import fit_model
 
 pytestmark = pytest.mark.spark

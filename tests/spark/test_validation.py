@@ -25,7 +25,7 @@ from jobs.sessionize import run_sessionize
 from jobs.split import run_split
 from tests.conftest import settings_under
 from validation.runner import ValidationFailed
-from validation.stage import result_path, run_validate
+from validation.validate import result_path, run_validate
 
 pytestmark = pytest.mark.spark
 RUN = date(2020, 1, 3)

@@ -8,7 +8,7 @@ import torch
 
 from training.models import build_model
 from training.models.base import Context
-from training.scoring import known_purchases, recommend, top_k
+from training.recommend import known_purchases, recommend, top_k
 from training.trainer import fit_model
 
 

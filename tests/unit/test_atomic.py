@@ -1,6 +1,6 @@
 import pytest
 
-from infra import publish
+from infra import atomic
 
 
 def _write(d, text):
@@ -11,28 +11,28 @@ def _write(d, text):
 def test_staged_dir_swaps_in_new_content_and_removes_staging(tmp_path):
     target = tmp_path / "t" / "ds=2015-09-18"
     _write(target, "old")
-    with publish.staged_dir(target) as staged:
+    with atomic.staged_dir(target) as staged:
         _write(staged, "new")
         assert (target / "part-0.parquet").read_text() == "old"  # readers still see the old one
     assert (target / "part-0.parquet").read_text() == "new"
-    assert not any((target.parent / publish.STAGING).iterdir())
+    assert not any((target.parent / atomic.STAGING).iterdir())
 
 
 def test_failure_inside_staged_dir_leaves_previous_content(tmp_path):
     target = tmp_path / "t" / "ds=2015-09-18"
     _write(target, "old")
-    with pytest.raises(RuntimeError), publish.staged_dir(target) as staged:
+    with pytest.raises(RuntimeError), atomic.staged_dir(target) as staged:
         _write(staged, "half")
         raise RuntimeError("killed mid-write")
     assert (target / "part-0.parquet").read_text() == "old"
-    assert not any((target.parent / publish.STAGING).iterdir())
+    assert not any((target.parent / atomic.STAGING).iterdir())
 
 
 def test_exchange_is_atomic_on_linux(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     _write(a, "A")
     _write(b, "B")
-    assert publish._exchange(a, b)
+    assert atomic._exchange(a, b)
     assert (a / "part-0.parquet").read_text() == "B"
     assert (b / "part-0.parquet").read_text() == "A"
 
@@ -40,10 +40,10 @@ def test_exchange_is_atomic_on_linux(tmp_path):
 def test_recover_restores_target_after_an_interrupted_fallback_swap(tmp_path):
     target = tmp_path / "t" / "ds=1"
     _write(target, "old")
-    trash = publish._trash_path(target)
+    trash = atomic._trash_path(target)
     trash.parent.mkdir(parents=True)
     target.rename(trash)  # the fallback was killed between its two renames
-    publish.recover(target)
+    atomic.recover(target)
     assert (target / "part-0.parquet").read_text() == "old"
 
 
@@ -54,7 +54,7 @@ def test_publish_partitions_replaces_only_staged_partitions(tmp_path):
     staged = tmp_path / "staged"
     _write(staged / "event_date=2015-01-02", "new")
     _write(staged / "event_date=2015-01-03", "added")
-    published = publish.publish_partitions(staged, root)
+    published = atomic.publish_partitions(staged, root)
     assert [p.name for p in published] == ["event_date=2015-01-02", "event_date=2015-01-03"]
     assert (root / "event_date=2015-01-01" / "part-0.parquet").read_text() == "keep"
     assert (root / "event_date=2015-01-02" / "part-0.parquet").read_text() == "new"
