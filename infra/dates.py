@@ -19,7 +19,7 @@ def parse_run_date(text: str) -> date:
     try:
         return date.fromisoformat(text)
     except ValueError as exc:
-        raise InvalidDateError(f"invalid date {text!r}: {exc}") from None
+        raise InvalidDateError(f"invalid date {text!r}: {exc} (expected YYYY-MM-DD)") from None
 
 
 def window_start(run_date: date, days: int) -> date:

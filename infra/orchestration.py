@@ -1,5 +1,9 @@
-"""What the Airflow DAGs share: the data date of a run, the failure record, and the local Airflow
-home (``funnelrec airflow ...``).
+"""The Airflow side of the pipeline: the DAGs' tasks built from the pipeline's declaration, the data
+date of a run, the failure record, and the local Airflow home (``funnelrec airflow ...``).
+
+``pipeline_tasks`` makes one task per step of a DAG (``infra/pipeline.py``): task ids, task groups,
+pools, the asset a step emits and the edges all come from the declarations, and every task calls
+the same stage function as the CLI. Airflow is imported only inside it, when a DAG file is parsed.
 
 The data date of a run (the ``--date`` of every stage) is, in order:
 
@@ -28,11 +32,14 @@ from pathlib import Path
 from typing import Any
 
 from infra.dates import parse_run_date
+from infra.pipeline import Pipeline, Task, load_pipeline
 from infra.settings import Settings, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
 DAGS_FOLDER = REPO / "dags"
-CHAMPION_ASSET = "funnelrec_champion"
+#: Airflow asset names: ``funnelrec_<what a step emits>``.
+ASSET_PREFIX = "funnelrec_"
+CHAMPION_ASSET = f"{ASSET_PREFIX}champion"
 
 
 def data_dates(context: dict[str, Any]) -> list[date]:
@@ -168,3 +175,105 @@ def init_airflow(settings: Settings, env: dict[str, str]) -> None:
             check=True,
             stdout=subprocess.DEVNULL,
         )
+
+
+def asset_name(emits: str) -> str:
+    return f"{ASSET_PREFIX}{emits}"
+
+
+def pipeline_tasks(
+    dag: str, settings: Settings, *, batched: bool = False, pipeline: Pipeline | None = None
+) -> dict[str, Any]:
+    """Create the tasks of ``dag``'s steps inside the DAG being defined and wire them.
+
+    Each task runs its step for the run's data date (``data_date``), or for every date of the run
+    when ``batched`` (``data_dates``: a scoring run the scheduler triggered for several champion
+    events), and returns the stage's ``Outcome.data`` (per date when batched) as its XCom. Returns
+    the operators by task id (without the task group prefix)."""
+    from airflow.sdk import TaskGroup
+
+    pipeline = pipeline or load_pipeline()
+    tasks = pipeline.tasks(settings.training.models, dag=dag)
+    groups: dict[str, Any] = {}
+    made: dict[str, Any] = {}
+    for t in tasks:
+        if t.group is None:
+            made[t.task_id] = _operator(t, settings, batched)
+            continue
+        if t.group not in groups:
+            groups[t.group] = TaskGroup(group_id=t.group)
+        with groups[t.group]:
+            made[t.task_id] = _operator(t, settings, batched)
+    for task_id, ups in pipeline.upstream(tasks).items():
+        for up in sorted(ups):
+            made[up] >> made[task_id]
+    return made
+
+
+def _operator(t: Task, settings: Settings, batched: bool):
+    from airflow.sdk import Asset, get_current_context, task
+
+    if t.stage.submit and settings.airflow.spark_submit_conn_id:
+        return _spark_submit(t, settings)
+    cfg = settings.airflow
+    kwargs: dict[str, Any] = {"task_id": t.task_id}
+    if t.stage.gpu:
+        kwargs.update(pool=cfg.gpu_pool, pool_slots=1)
+    elif t.step.serial:
+        # One slot: two dates (a backfill) never run this step at once.
+        kwargs.update(pool=cfg.promote_pool, pool_slots=1)
+    asset = Asset(asset_name(t.step.emits)) if t.step.emits else None
+    if asset is not None:
+        kwargs["outlets"] = [asset]
+
+    def run_step() -> dict:
+        context = get_current_context()
+        s = load_settings()
+        dates = data_dates(context) if batched else [data_date(context)]
+        data, outcome = {}, None
+        for d in dates:
+            outcome = t.run(s, d)
+            if outcome.exit_code:
+                raise RuntimeError(f"{t.task_id} {d}: {outcome.text}")
+            data[d.isoformat()] = outcome.data
+        if asset is not None and outcome is not None and outcome.event is not None:
+            context["outlet_events"][asset].extra = outcome.event
+        return data if batched else data[dates[0].isoformat()]
+
+    return task(**kwargs)(run_step)()
+
+
+def _spark_submit(t: Task, settings: Settings):
+    """The step as ``spark-submit infra/cli.py <stage> --date <ds> ...`` on a Spark connection.
+
+    The date is computed when the task runs, by the same ``data_date`` rule as the in-process tasks
+    (a Jinja template could not read the triggering asset events)."""
+    from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
+
+    from infra.spark import use_this_interpreter
+
+    class StageSubmit(SparkSubmitOperator):
+        def execute(self, context):
+            self.application_args = [t.stage.name, *_argv(t.options(data_date(context)))]
+            use_this_interpreter()  # spark-submit's driver: the worker's venv, with the project
+            return super().execute(context)
+
+    return StageSubmit(
+        task_id=t.task_id,
+        conn_id=settings.airflow.spark_submit_conn_id,
+        application=str(REPO / "infra" / "cli.py"),
+        conf=dict(settings.spark.conf),
+        name=f"funnelrec-{t.task_id}",
+    )
+
+
+def _argv(options: dict[str, Any]) -> list[str]:
+    """Options as the CLI takes them (``date`` -> ``--date 2015-09-18``, a true flag -> ``--flag``)."""
+    argv: list[str] = []
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif value not in (None, False):
+            argv += [flag, value.isoformat() if isinstance(value, date) else str(value)]
+    return argv

@@ -6,13 +6,13 @@ import json
 import os
 import sys
 from datetime import UTC, datetime
-from itertools import pairwise
 
 import pyarrow.parquet as pq
 import pytest
 
 from infra.orchestration import CHAMPION_ASSET
 from infra.tables import TRAINING, scores_dir
+from tests import stage_plugin
 from tests.dags.conftest import DATE, NEWCOMER, ROOT, dagbag, with_newcomer, write_config
 from training.data import ids
 
@@ -30,26 +30,45 @@ def test_dagbag_has_no_import_errors(airflow_db):
     assert {NIGHTLY, SCORING} <= set(bag.dag_ids)
 
 
-def test_nightly_graph_is_what_the_design_says(airflow_db):
-    dag = dagbag(write_config("graph")).get_dag(NIGHTLY)
-    up = {t.task_id: set(t.upstream_task_ids) for t in dag.tasks}
-    chain = [
-        "etl.ingest",
-        "etl.validate_events",
-        "etl.sessionize",
-        "etl.validate_sessions",
-        "etl.split",
-        "etl.validate_training",
-    ]
-    assert up[chain[0]] == set()
-    for before, after in pairwise(chain):
-        assert up[after] == {before}
+#: Edges (upstream, downstream) of the DAGs as they were written by hand before the pipeline
+#: declaration (1c30b8a), for training.models = [popularity, als_multi].
+NIGHTLY_EDGES = {
+    ("etl.ingest", "etl.validate_events"),
+    ("etl.validate_events", "etl.sessionize"),
+    ("etl.sessionize", "etl.validate_sessions"),
+    ("etl.validate_sessions", "etl.split"),
+    ("etl.split", "etl.validate_training"),
+    *(
+        edge
+        for m in ("popularity", "als_multi")
+        for edge in (
+            ("etl.validate_training", f"train_eval.train_{m}"),
+            (f"train_eval.train_{m}", f"train_eval.evaluate_{m}"),
+            (f"train_eval.evaluate_{m}", f"train_eval.register_{m}"),
+            (f"train_eval.register_{m}", "train_eval.promote"),
+        )
+    ),
+}
+SCORING_EDGES = {
+    ("context", "validate_serving"),
+    ("validate_serving", "score"),
+    ("score", "validate_scores"),
+    ("validate_scores", "publish"),
+    ("publish", "prune"),
+}
+
+
+def _edges(dag) -> set[tuple[str, str]]:
+    return {(up, t.task_id) for t in dag.tasks for up in t.upstream_task_ids}
+
+
+def test_the_generated_dags_have_the_task_ids_and_edges_of_the_hand_written_ones(airflow_db):
+    bag = dagbag(write_config("graph"))
+    dag = bag.get_dag(NIGHTLY)
+    assert _edges(dag) == NIGHTLY_EDGES
+    assert set(dag.task_ids) == {t for edge in NIGHTLY_EDGES for t in edge}
     for model in ("popularity", "als_multi"):
-        assert up[f"train_eval.train_{model}"] == {"etl.validate_training"}
-        assert up[f"train_eval.evaluate_{model}"] == {f"train_eval.train_{model}"}
-        assert up[f"train_eval.register_{model}"] == {f"train_eval.evaluate_{model}"}
         assert dag.get_task(f"train_eval.train_{model}").pool == "gpu"
-    assert up["train_eval.promote"] == {"train_eval.register_popularity", "train_eval.register_als_multi"}
     assert [a.name for a in dag.get_task("train_eval.promote").outlets] == [CHAMPION_ASSET]
     assert dag.get_task("train_eval.promote").pool == "promote"
     from airflow.models.pool import Pool
@@ -61,16 +80,9 @@ def test_nightly_graph_is_what_the_design_says(airflow_db):
     assert ingest.on_failure_callback
     assert dag.timetable.expression == "0 2 * * *"
 
-    scoring = dagbag(write_config("graph")).get_dag(SCORING)
-    up = {t.task_id: set(t.upstream_task_ids) for t in scoring.tasks}
-    assert up == {
-        "context": set(),
-        "validate_serving": {"context"},
-        "score": {"validate_serving"},
-        "validate_scores": {"score"},
-        "publish": {"validate_scores"},
-        "prune": {"publish"},
-    }
+    scoring = bag.get_dag(SCORING)
+    assert _edges(scoring) == SCORING_EDGES
+    assert set(scoring.task_ids) == {t for edge in SCORING_EDGES for t in edge}
     assert CHAMPION_ASSET in str(scoring.timetable.asset_condition)
 
 
@@ -204,10 +216,14 @@ def test_broken_input_fails_its_validation_task_and_nothing_downstream_runs(airf
     os.environ.pop("FUNNELREC_CONFIG", None)
 
 
-def test_etl_through_spark_submit_gives_the_in_process_tables(airflow_db, spark, monkeypatch):
+def test_etl_through_spark_submit_gives_the_in_process_tables_and_runs_an_added_stage(
+    airflow_db, spark, monkeypatch, tmp_path
+):
     """``airflow.spark_submit_conn_id`` runs ingest, sessionize and split with SparkSubmitOperator
     (a real ``spark-submit`` of ``infra/cli.py`` on the connection's master): same tables as the
-    in-process tasks of the end-to-end test."""
+    in-process tasks of the end-to-end test. A stage added by an entry point alone (reads
+    ``events``) is a task of the ETL group after the events' validation, and runs in the same run."""
+    stage_plugin.install(tmp_path, monkeypatch)
     monkeypatch.setenv("AIRFLOW_CONN_FUNNELREC_SPARK", json.dumps({"conn_type": "spark", "host": "local[1]"}))
     monkeypatch.setenv("PATH", f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}")
     config = write_config(
@@ -217,8 +233,14 @@ def test_etl_through_spark_submit_gives_the_in_process_tables(airflow_db, spark,
     )
     dag = dagbag(config).get_dag(NIGHTLY)
     assert type(dag.get_task("etl.ingest")).__name__ == "StageSubmit"
+    added = f"etl.{stage_plugin.STAGE}"
+    assert dag.get_task(added).upstream_task_ids == {"etl.validate_events"}
     run = _etl(config, DATE)
     assert str(run.state) == "success", _states(run)
+    assert _states(run)[added] == "success"
+    counted = json.loads((ROOT / "submit" / "event_counts" / f"ds={DATE}" / "counts.json").read_text())
+    events = pq.read_table(ROOT / "submit" / "events", filters=[("event_date", "=", DATE)])
+    assert counted["events"] == events.num_rows > 0
     submitted = json.loads((TRAINING.dir(ROOT / "submit", DATE) / "manifest.json").read_text())["checksums"]
 
     reference = ROOT / "e2e"  # its ETL of DATE ran in process, on the same data

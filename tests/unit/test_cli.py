@@ -1,11 +1,67 @@
+"""The CLI built from the pipeline's declaration: the same commands and options as the argparse CLI
+it replaced, whole one-line summaries, usage errors (exit 2) and an added stage found."""
+
+import re
 import subprocess
 import sys
 
 import pytest
+import typer
 
-from infra.cli import build_parser, main
+from infra.cli import build_app, main
 from infra.dates import InvalidDateError, parse_run_date
+from infra.pipeline import load_pipeline
+from tests import stage_plugin
 from tests.conftest import REPO
+
+#: (command, option) pairs of the argparse CLI before the pipeline declaration (1c30b8a).
+BEFORE = {
+    ("airflow", "args"),
+    ("context", "--date"),
+    ("evaluate", "--benchmark"),
+    ("evaluate", "--date"),
+    ("evaluate", "--model"),
+    ("ingest", "--date"),
+    ("ingest", "--source"),
+    ("nightly", "--date"),
+    ("promote", "--date"),
+    ("promote", "--strict"),
+    ("promote", "--version"),
+    ("prune", "--date"),
+    ("publish", "--date"),
+    ("register", "--benchmark"),
+    ("register", "--date"),
+    ("register", "--model"),
+    ("rollback", "--rescore"),
+    ("score", "--date"),
+    ("score", "--path"),
+    ("sessionize", "--date"),
+    ("split", "--benchmark"),
+    ("split", "--date"),
+    ("split", "--name"),
+    ("status", "--date"),
+    ("synth", "--days"),
+    ("synth", "--end-date"),
+    ("synth", "--events"),
+    ("synth", "--out"),
+    ("synth", "--seed"),
+    ("train", "--benchmark"),
+    ("train", "--date"),
+    ("train", "--epochs"),
+    ("train", "--model"),
+    ("validate", "--date"),
+    ("validate", "--table"),
+}
+
+
+def _pairs(app) -> set[tuple[str, str]]:
+    group = typer.main.get_command(app)
+    out = set()
+    for name, command in group.commands.items():
+        for param in command.params:
+            flags = [o for o in param.opts if o.startswith("--")]
+            out.add((name, flags[0] if flags else param.name))
+    return out
 
 
 @pytest.mark.parametrize("bad", ["2026-13-01", "../x", "2026-02-30", "2026-1-1", "20260101", ""])
@@ -27,33 +83,42 @@ def test_good_date_parses():
     assert parse_run_date("2015-09-18").isoformat() == "2015-09-18"
 
 
+def test_the_cli_offers_the_same_commands_and_options_as_before():
+    assert _pairs(build_app()) == BEFORE
+
+
+def test_exactly_one_of_date_and_benchmark(capsys):
+    for argv in (
+        ["train", "--model", "popularity"],
+        ["train", "--model", "x", "--date", "2015-09-18", "--benchmark", "b"],
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+        assert "exactly one of --date or --benchmark" in capsys.readouterr().err
+
+
 def test_every_stage_has_help_that_names_its_tables():
-    parser = build_parser()
-    sub = next(a for a in parser._actions if a.dest == "command")
-    expected = {
-        "ingest",
-        "sessionize",
-        "split",
-        "validate",
-        "train",
-        "evaluate",
-        "register",
-        "promote",
-        "rollback",
-        "context",
-        "prune",
-        "score",
-        "publish",
-        "synth",
-        "airflow",
-        "status",
-        "nightly",
-    }
-    assert set(sub.choices) == expected
-    assert "events" in sub.choices["ingest"].description
-    assert "quarantine" in sub.choices["ingest"].description
-    assert "sessions" in sub.choices["sessionize"].description
-    assert "training" in sub.choices["split"].description
+    commands = typer.main.get_command(build_app()).commands
+    assert "events" in commands["ingest"].help and "quarantine" in commands["ingest"].help
+    assert "sessions" in commands["sessionize"].help
+    assert "training" in commands["split"].help
+
+
+def test_top_level_help_shows_each_summary_whole():
+    """Each command's one-line summary is the declared sentence, never cut at a dot of a path."""
+    out = subprocess.run(
+        [sys.executable, "-m", "infra.cli", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PATH": "/usr/bin:/bin", "COLUMNS": "80"},
+        cwd=REPO,
+    ).stdout
+    listed = dict(re.findall(r"^  ([a-z_]+) +(.+)$", out, flags=re.M))
+    for stage in load_pipeline():
+        assert listed[stage.name] == stage.summary, out
+        assert stage.summary.endswith("."), stage.name
 
 
 def test_installed_console_script_runs():
@@ -61,6 +126,14 @@ def test_installed_console_script_runs():
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "infra.cli"]
     out = subprocess.run([*cmd, "--help"], capture_output=True, text=True, check=True)
     assert "ingest" in out.stdout and "nightly" in out.stdout
+
+
+def test_a_stage_failure_is_one_line_and_exit_1(tmp_path, capsys):
+    config = tmp_path / "settings.yaml"
+    config.write_text(f"paths:\n  warehouse_root: {tmp_path / 'wh'}\n")
+    assert main(["--config", str(config), "train", "--date", "2015-09-18", "--model", "popularity"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("funnelrec train: FileNotFoundError"), err
 
 
 def test_synth_writes_taobao_format_files(tmp_path, monkeypatch, capsys):
@@ -72,3 +145,13 @@ def test_synth_writes_taobao_format_files(tmp_path, monkeypatch, capsys):
     assert len(fields) == 5 and all(f.isdigit() for f in (*fields[:3], fields[4]))
     assert fields[3] in {"pv", "fav", "cart", "buy"}
     assert "5000 events" in capsys.readouterr().out
+
+
+def test_an_added_stage_is_a_command_and_a_step_after_what_it_reads(tmp_path, monkeypatch):
+    stage_plugin.install(tmp_path, monkeypatch)
+    pipeline = load_pipeline()
+    assert stage_plugin.STAGE in typer.main.get_command(build_app(pipeline)).commands
+    ids = [t.task_id for t in pipeline.tasks(["popularity"])]
+    assert ids.index("validate_events") < ids.index(stage_plugin.STAGE)
+    nightly = pipeline.tasks(["popularity"], dag="nightly")
+    assert pipeline.upstream(nightly)[stage_plugin.STAGE] == {"validate_events"}

@@ -1,0 +1,198 @@
+"""The Spark jobs' stages, as the pipeline declares them (``infra/pipeline.py``).
+
+Each function here is what the CLI command, the DAG task and the test fixtures call: it starts what
+the stage needs (the SparkSession), calls the job and says what it wrote. The job modules are
+imported inside the functions, so declaring the stages imports no Spark.
+"""
+
+from __future__ import annotations
+
+from datetime import date
+from pathlib import Path
+
+from infra.pipeline import DATE, Option, Outcome, Stage, Step
+from infra.settings import Settings
+from infra.tables import SERVING, SESSIONIZED, TRAINING
+
+
+def ingest(settings: Settings, date: date, source: list[str] | None = None) -> Outcome:
+    from infra.spark import get_spark
+    from jobs.ingest import run_ingest, summary_json
+
+    results = run_ingest(get_spark(settings), settings, date, source or None)
+    return Outcome(summary_json(results), {"ds": date.isoformat(), "sources": [r.source for r in results]})
+
+
+def sessionize(settings: Settings, date: date) -> Outcome:
+    from infra.spark import get_spark
+    from jobs.sessionize import run_sessionize
+
+    r = run_sessionize(get_spark(settings), settings, date)
+    target = SESSIONIZED.dir(settings.paths.warehouse_root, date)
+    return Outcome(
+        f"sessions: {r.sessions} over {r.events} events of {r.users} users -> {target}",
+        {"ds": date.isoformat(), "sessions": r.sessions, "events": r.events, "users": r.users},
+    )
+
+
+def split(
+    settings: Settings, date: date | None = None, benchmark: str | None = None, name: str | None = None
+) -> Outcome:
+    import json
+
+    from infra.spark import get_spark
+
+    spark = get_spark(settings)
+    if benchmark:
+        from jobs.benchmarks import run_benchmark_split
+
+        manifest = run_benchmark_split(spark, settings, Path(benchmark), name)
+    else:
+        from jobs.split import run_split
+
+        manifest = run_split(spark, settings, date)
+    target = TRAINING.dir(settings.paths.warehouse_root, manifest["ds"])
+    return Outcome(
+        f"{json.dumps(manifest['stats'], indent=2)}\ntraining tables -> {target}",
+        {"ds": manifest["ds"], "stats": manifest["stats"]},
+    )
+
+
+def context(settings: Settings, date: date) -> Outcome:
+    from infra.spark import get_spark
+    from jobs.context import run_context
+
+    r = run_context(get_spark(settings), settings, date)
+    target = SERVING.dir(settings.paths.warehouse_root, date)
+    return Outcome(
+        f"context of {r.users} active users, catalogue of {r.items} items -> {target}",
+        {"users": r.users, "items": r.items},
+    )
+
+
+def publish(settings: Settings, date: date) -> Outcome:
+    from jobs.publish import run_publish
+
+    out = run_publish(settings, date)
+    lines = [f"{out['rows']} recommendations for {out['users']} users published for {date}:"]
+    lines += [f"  {key:<8} {out[key]}" for key in ("scores", "duckdb", "report")]
+    return Outcome("\n".join(lines), {k: str(v) for k, v in out.items()})
+
+
+def synth(
+    settings: Settings,
+    events: int,
+    seed: int = 0,
+    out: str | None = None,
+    end_date: date = date(2017, 12, 3),
+    days: int = 9,
+) -> Outcome:
+    from infra.logs import stage
+    from jobs.synth import SynthParams, generate
+
+    folder = Path(out) if out else settings.paths.data_root / "synthetic"
+    params = SynthParams(events=events, seed=seed, end_date=end_date, days=days)
+    with stage("synth", events=events, seed=seed) as counts:
+        result = generate(folder, params)
+        counts.update(users=result.users, files=len(result.files), **result.counts)
+    return Outcome(
+        f"{result.events} events of {result.users} users in {len(result.files)} file(s) under {folder} "
+        "(Taobao format; ingest with the `synthetic` mapping)",
+        {"events": result.events, "users": result.users, "files": len(result.files)},
+    )
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage(
+        "ingest",
+        "jobs.pipeline:ingest",
+        "Raw logs of each source -> events and quarantine.",
+        "Read the raw logs of each configured source (paths.data_root + its mapping) and write the "
+        "canonical `events` table (warehouse/events/source=S/event_date=D) and refused rows to "
+        "`quarantine` (quarantine_root/source=S/run_date=D).",
+        options=(
+            DATE,
+            Option(
+                "source",
+                list,
+                "source mapping name or YAML path (repeatable); default: pipeline.sources",
+            ),
+        ),
+        steps=(Step(reads=("raw_logs",), writes=("events", "quarantine"), group="etl"),),
+        spark=True,
+        submit=True,
+    ),
+    Stage(
+        "sessionize",
+        "jobs.pipeline:sessionize",
+        "Events of the history window -> sessions.",
+        "Read `events` of the history window ending on --date and write `sessions` and "
+        "`session_events` (warehouse/sessionized/ds=D).",
+        options=(DATE,),
+        steps=(Step(reads=("events",), writes=("sessionized",), group="etl"),),
+        spark=True,
+        submit=True,
+    ),
+    Stage(
+        "split",
+        "jobs.pipeline:split",
+        "Sessions -> training tables and held-out purchases.",
+        "Read `session_events` of --date and write the training tables: interactions, visited sets, "
+        "held-out purchases labelled visited/unvisited, id maps and a manifest (warehouse/training/ds=D). "
+        "With --benchmark FOLDER, read an MBGCN/MEMBER benchmark folder instead and reproduce MEMBER's "
+        "split (warehouse/training/ds=NAME).",
+        options=(
+            Option("date", date, "run date (UTC day)", metavar="YYYY-MM-DD"),
+            Option("benchmark", str, "benchmark folder (user item files per behaviour)", metavar="FOLDER"),
+            Option("name", str, "name of the benchmark's tables (default: the folder name)"),
+        ),
+        one_of=(("date", "benchmark"),),
+        steps=(Step(reads=("sessionized",), writes=("training",), group="etl"),),
+        spark=True,
+        submit=True,
+    ),
+    Stage(
+        "context",
+        "jobs.pipeline:context",
+        "Events up to the date -> serving context and catalogue.",
+        "Build what scoring of --date reads from the events up to it: each active user's context "
+        "(visited set and purchases of the last split.observation_days days, last scoring.history_length "
+        "events) and the date's catalogue (items with an event in the last scoring.catalogue_days days, by "
+        "popularity), written to warehouse/serving/ds=D.",
+        options=(DATE,),
+        steps=(Step(reads=("events",), writes=("serving",), dag="scoring"),),
+        spark=True,
+    ),
+    Stage(
+        "publish",
+        "jobs.pipeline:publish",
+        "Validated scores -> published scores, DuckDB marts, report.",
+        "Move the validated scores of --date into warehouse/scores/ds=D atomically, rebuild the analysts' "
+        "DuckDB file (warehouse/analytics/funnelrec.duckdb: fct_recommendations, recommendations_latest, "
+        "dim_items, dim_users, agg_item_exposure, agg_catalog_coverage, model_runs, decisions, outcomes) "
+        "and write warehouse/reports/ds=D/report.html.",
+        options=(DATE,),
+        steps=(
+            Step(
+                reads=("scores_staged", "serving", "events", "decisions", "model_runs"),
+                writes=("scores", "analytics", "report"),
+                dag="scoring",
+            ),
+        ),
+    ),
+    Stage(
+        "synth",
+        "jobs.pipeline:synth",
+        "Write a seeded synthetic log (Taobao format).",
+        "Write a seeded synthetic log in the Taobao UserBehavior format (power-law items, sessions, "
+        "view -> fav/cart -> purchase funnels, daily rhythm), streamed to part-NNNNN.csv files under --out "
+        "(default <data_root>/synthetic). Reads nothing.",
+        options=(
+            Option("events", int, "number of events (1e5 .. 1e8)", required=True),
+            Option("seed", int, "seed of the generator", default=0),
+            Option("out", str, "output folder (default <data_root>/synthetic)"),
+            Option("end_date", date, "last day of the log", default=date(2017, 12, 3), metavar="YYYY-MM-DD"),
+            Option("days", int, "days the log spans", default=9),
+        ),
+    ),
+)

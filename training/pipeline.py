@@ -1,0 +1,351 @@
+"""The training, registry and scoring stages, as the pipeline declares them (``infra/pipeline.py``).
+
+Each function here is what the CLI command, the DAG task and the test fixtures call. The modules
+doing the work are imported inside the functions, so declaring the stages imports no torch or MLflow.
+"""
+
+from __future__ import annotations
+
+from datetime import date
+from pathlib import Path
+
+from infra.pipeline import DATE, MODEL, Option, Outcome, Stage, Step
+from infra.settings import Settings
+
+#: ``--date`` or ``--benchmark``: which training tables a model stage reads.
+_DATASET = (
+    Option("date", date, "run date whose training tables to use", metavar="YYYY-MM-DD"),
+    Option("benchmark", str, "benchmark tables written by `split --benchmark`", metavar="NAME"),
+)
+_MODEL = Option("model", str, "model name (training/models/<name>.yaml)", required=True)
+
+
+def dataset(date: date | None, benchmark: str | None) -> str:
+    """The ``ds`` of the training tables a model stage reads: the benchmark's name or the date."""
+    return benchmark if benchmark else date.isoformat()
+
+
+def train(
+    settings: Settings,
+    model: str,
+    date: date | None = None,
+    benchmark: str | None = None,
+    epochs: int | None = None,
+) -> Outcome:
+    from training.train_evaluate import run_train
+
+    meta = run_train(settings, dataset(date, benchmark), model, epochs=epochs)
+    return Outcome(
+        f"{model}: best epoch {meta['best_epoch']} of {meta['epochs_run']} "
+        f"({meta['seconds_per_epoch']:.1f} s/epoch on {meta['device']}, peak RSS {meta['peak_rss_mb']:.0f} MB) "
+        f"-> {meta['path']}",
+        {k: meta[k] for k in ("device", "best_epoch", "epochs_run", "seconds_per_epoch", "run_id")},
+    )
+
+
+def evaluate(
+    settings: Settings, model: str, date: date | None = None, benchmark: str | None = None
+) -> Outcome:
+    from training.train_evaluate import format_metrics, run_evaluate
+
+    metrics = run_evaluate(settings, dataset(date, benchmark), model)
+    text = "\n".join(f"\n{model} on {split}:\n{format_metrics(values)}" for split, values in metrics.items())
+    return Outcome(text, {split: values["standard"] for split, values in metrics.items()})
+
+
+def register(
+    settings: Settings, model: str, date: date | None = None, benchmark: str | None = None
+) -> Outcome:
+    from training.registry import register as register_version
+
+    ds = dataset(date, benchmark)
+    version = register_version(settings, ds, model)
+    return Outcome(
+        f"{model} {ds}: registered as {settings.mlflow.registered_model} version {version} (@challenger)",
+        {"version": version},
+    )
+
+
+def promote(
+    settings: Settings, version: int | None = None, date: date | None = None, strict: bool = False
+) -> Outcome:
+    from training.registry import promote as apply_policy
+
+    ds = date.isoformat() if date else None
+    decision = apply_policy(settings, version=version, ds=ds)
+    # A refusal is the policy working, not a failure of the stage; --strict makes it one.
+    refused = decision.action not in ("promoted", "already_champion")
+    return Outcome(
+        decision.summary(),
+        {"decision": decision.action, "version": decision.version, "champion": decision.champion_after},
+        # Asset-triggered scoring runs have no logical date: they read it from this event.
+        event={
+            "ds": ds,
+            "decision": decision.action,
+            "champion": decision.champion_after,
+            "considered": decision.version,
+        },
+        exit_code=1 if strict and refused else 0,
+    )
+
+
+def score(settings: Settings, date: date, path: str | None = None) -> Outcome:
+    from training.score import run_score, summary_json
+
+    path = path or settings.scoring.path
+    spark = None
+    if path == "spark":
+        from infra.spark import get_spark
+
+        spark = get_spark(settings)
+    result = run_score(settings, date, path=path, spark=spark)
+    return Outcome(summary_json(result), {"version": result["champion"]["version"], "rows": result["rows"]})
+
+
+def prune(settings: Settings, date: date) -> Outcome:
+    from training.retention import run_retention
+
+    r = run_retention(settings, date)
+    text = (
+        f"kept {settings.retention.days} nights (from {r.cutoff}) and versions "
+        f"{sorted(r.protected) or 'none'} (current aliases, last {settings.retention.champions} champions); "
+        f"removed {len(r.removed)} dated folders, pruned the artifacts of versions {r.pruned_versions or 'none'}"
+    )
+    if r.kept_remote:
+        text += f"\nversions {r.kept_remote} have remote artifacts: tagged, left to the store's clean-up (mlflow gc)"
+    return Outcome(text, {"removed": len(r.removed), "pruned_versions": r.pruned_versions})
+
+
+def rollback(settings: Settings, rescore: bool = False) -> Outcome:
+    from infra.pipeline import load_pipeline
+    from infra.tables import SERVING, published_dates
+    from training.registry import rollback as give_back
+
+    decision = give_back(settings)
+    lines = [f"@champion: version {decision.version} -> version {decision.champion_after}"]
+    data = {"from": decision.version, "to": decision.champion_after}
+    published = published_dates(settings.paths.warehouse_root)
+    if not published:
+        return Outcome("\n".join(lines), data)
+    latest = published[-1]
+    if not rescore:
+        lines.append(
+            f"The published recommendations of {latest} are still version {decision.version}'s. To replace "
+            f"them with version {decision.champion_after}'s: funnelrec score --date {latest} && funnelrec "
+            f"validate --table scores --date {latest} && funnelrec publish --date {latest} "
+            "(or run rollback with --rescore)."
+        )
+        return Outcome("\n".join(lines), data)
+    # The scoring DAG's steps for the latest date (its serving context is rebuilt when pruned).
+    scoring = [
+        t for t in load_pipeline().tasks(settings.training.models, dag="scoring") if t.task_id != "prune"
+    ]
+    have_context = SERVING.dir(settings.paths.warehouse_root, latest).exists()
+    for task in scoring:
+        if have_context and "serving" in task.writes | task.checks:
+            continue
+        task.run(settings, latest)
+    lines.append(
+        f"re-scored {latest} with version {decision.champion_after}, validated and published "
+        f"({', '.join(t.task_id for t in scoring)})"
+    )
+    return Outcome("\n".join(lines), {**data, "rescored": latest.isoformat()})
+
+
+def status(settings: Settings, date: date) -> Outcome:
+    import json
+
+    from infra.tables import (
+        MANIFEST_FILE,
+        SESSIONIZED,
+        TRAINING,
+        analytics_db,
+        events_dir,
+        quarantine_dir,
+        report_path,
+        scores_dir,
+    )
+    from training.train_evaluate import format_metrics
+
+    wh, ds = settings.paths.warehouse_root, date.isoformat()
+    lines: list[str] = []
+    for name in settings.training.models:
+        path = wh / "models" / f"ds={ds}" / name / "metrics.json"
+        if path.is_file():
+            metrics = json.loads(path.read_text())
+            if "test" in metrics:
+                lines += [f"\n{name} on test ({ds}):", format_metrics(metrics["test"])]
+        else:
+            lines.append(f"\n{name}: no metrics for {ds} at {path}")
+    try:
+        from training.registry import aliases, history
+        from training.tracking import connect
+
+        client = connect(settings)
+        lines.append(f"\nregistry {settings.mlflow.registered_model}: aliases {aliases(settings, client)}")
+        lines += [f"  {e['at']} {e['action']} {e['from']} -> {e['to']}" for e in history(settings)[-3:]]
+    except Exception as exc:  # status reads only: an unreachable store is one line of its report
+        lines.append(f"\nregistry: not readable ({exc})")
+    places = [
+        ("events", events_dir(wh)),
+        ("quarantine", quarantine_dir(settings.paths.quarantine_root)),
+        ("sessions", SESSIONIZED.dir(wh, date)),
+        ("training tables", TRAINING.dir(wh, date)),
+        ("training manifest", TRAINING.dir(wh, date) / MANIFEST_FILE),
+        ("trained models", wh / "models" / f"ds={ds}"),
+        ("validation results", wh / "validation"),
+        ("Data Docs", settings.validation.data_docs_dir / "index.html"),
+        ("scores", scores_dir(wh) / f"ds={ds}"),
+        ("analytics DuckDB", analytics_db(wh)),
+        ("daily report", report_path(wh, ds)),
+        ("MLflow store", settings.mlflow_tracking_uri),
+        ("Airflow home", settings.airflow.home),
+    ]
+    lines.append(f"\noutputs of {ds}:")
+    for name, where in places:
+        exists = Path(where).exists() if not str(where).startswith(("sqlite:", "http")) else True
+        lines.append(f"  {name:<18} {where}{'' if exists else '  (missing)'}")
+    return Outcome("\n".join(lines))
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage(
+        "train",
+        "training.pipeline:train",
+        "Training tables -> a trained model (validation fit, refit).",
+        "Train one model on the training tables of --date (warehouse/training/ds=D) or of --benchmark NAME "
+        "(warehouse/training/ds=NAME): a validation fit early-stopped on the validation split, then a refit "
+        "on every training event for its best epoch count; write both state dicts, the config and the "
+        "history to warehouse/models/ds=D/MODEL.",
+        options=(
+            *_DATASET,
+            _MODEL,
+            Option("epochs", int, "cap on epochs (default: the model's own setting)"),
+        ),
+        one_of=(("date", "benchmark"),),
+        steps=(Step(reads=("training",), writes=(f"models/{MODEL}",), group="train_eval", per_model=True),),
+        gpu=True,
+    ),
+    Stage(
+        "evaluate",
+        "training.pipeline:evaluate",
+        "A trained model -> metrics on the held-out purchases.",
+        "Rank all items for every user with a held-out purchase (the purchases its model trained on masked) "
+        "and write HR, NDCG and Recall @10/20/50 with the users, mean candidates and chance HR of each "
+        "setting (standard, visited, unvisited, long_tail, tail_items) and split, validation with the "
+        "validation fit and test with the refit, to warehouse/models/ds=D/MODEL/metrics.json.",
+        options=(*_DATASET, _MODEL),
+        one_of=(("date", "benchmark"),),
+        steps=(
+            Step(
+                reads=("training", f"models/{MODEL}"),
+                writes=(f"metrics/{MODEL}", "model_runs"),
+                group="train_eval",
+                per_model=True,
+            ),
+        ),
+    ),
+    Stage(
+        "register",
+        "training.pipeline:register",
+        "A trained, evaluated model -> a registry version (@challenger).",
+        "Log the trained and evaluated MODEL of --date (or --benchmark) as an MLflow pyfunc (signature, "
+        "input example, id maps and tables bundled) into its run, register it as a new version of "
+        "mlflow.registered_model and give it the alias `challenger`. Registering the same run again reuses "
+        "its version.",
+        options=(*_DATASET, _MODEL),
+        one_of=(("date", "benchmark"),),
+        steps=(
+            Step(
+                reads=(f"models/{MODEL}", f"metrics/{MODEL}"),
+                writes=("registry",),
+                group="train_eval",
+                per_model=True,
+            ),
+        ),
+    ),
+    Stage(
+        "promote",
+        "training.pipeline:promote",
+        "Apply the promotion policy: a candidate may become @champion.",
+        "Apply the promotion policy to the candidates of a date: --version N, else every version registered "
+        "for --date, else @challenger. The policy is mlflow/promotion.yaml or the mlflow.promotion_policy "
+        "setting. Each candidate and the champion are measured on the date's held-out purchases; the best "
+        "candidate that passes every gate becomes `champion` (a refresh of the champion's own model unless "
+        "shown worse, a challenge only when it wins). Each gate's numbers are tagged on the versions and "
+        "written to warehouse/decisions/ds=D. A refusal exits 0 (1 with --strict).",
+        options=(
+            Option("version", int, "registered version to consider"),
+            Option("date", date, "consider the best version registered for this date", metavar="YYYY-MM-DD"),
+            Option("strict", bool, "exit 1 when the challenger is refused", default=False),
+        ),
+        steps=(
+            Step(
+                reads=("registry", "training"),
+                writes=("champion", "decisions"),
+                group="train_eval",
+                emits="champion",
+                serial=True,
+            ),
+        ),
+    ),
+    Stage(
+        "rollback",
+        "training.pipeline:rollback",
+        "Give @champion back to the previous champion.",
+        "Give @champion back to the version that held it before the current one (the alias history is kept "
+        "in registered-model tags). The published recommendations stay the rolled-back version's until the "
+        "latest published date is scored again: --rescore does it (the scoring DAG's steps: score, validate "
+        "scores, publish), else the command prints the steps.",
+        options=(
+            Option(
+                "rescore",
+                bool,
+                "score the latest published date again with the restored champion, validate and publish it",
+                default=False,
+            ),
+        ),
+    ),
+    Stage(
+        "score",
+        "training.pipeline:score",
+        "Score every active user with @champion -> staged top-K.",
+        "Score every active user of --date (any event in the last scoring.active_days days) with "
+        "models:/<registered_model>@champion from the user's context as of --date (warehouse/serving/ds=D, "
+        "built by `context`) against the date's catalogue, excluding what they bought; users the champion "
+        "cannot score get the catalogue's most popular items (expert 'fallback'). Top scoring.k with score, "
+        "rank, item type and expert weights, written to warehouse/scores_staged/ds=D for `validate --table "
+        "scores` and `publish`.",
+        options=(
+            DATE,
+            Option(
+                "path",
+                str,
+                "local: one process, batched (CUDA when present); spark: mapInPandas on spark.master "
+                "(default: scoring.path)",
+                choices=("local", "spark"),
+            ),
+        ),
+        steps=(Step(reads=("serving", "champion"), writes=("scores_staged",), dag="scoring"),),
+    ),
+    Stage(
+        "prune",
+        "training.pipeline:prune",
+        "Retention: delete dated outputs older than retention.days.",
+        "Retention as of --date: delete the dated outputs (scores, staged scores, serving bundles, "
+        "sessionized and training tables, models, validation results, reports) older than retention.days "
+        "nights, except the training tables and models of versions a current alias points to or among the "
+        "last retention.champions champions; delete the logged-model artifacts of other registered versions "
+        "of pruned dates (tagged funnelrec.pruned). Events, quarantine, decisions and MLflow runs stay.",
+        options=(DATE,),
+        steps=(Step(reads=("scores", "registry"), dag="scoring"),),
+    ),
+    Stage(
+        "status",
+        "training.pipeline:status",
+        "Print a date's metrics, registry aliases and outputs.",
+        "Print what a date produced: each model's test metrics, the registry's aliases and recent "
+        "promotions, and where every output of the date is (missing ones marked). Reads only.",
+        options=(DATE,),
+    ),
+)
