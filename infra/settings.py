@@ -1,25 +1,39 @@
 """One typed settings object for every stage.
 
-Layers, last wins: ``infra/defaults.yaml`` (commented, shipped with the code) < a user YAML
-(``--config`` or ``$FUNNELREC_CONFIG``) < environment variables ``FUNNELREC__SECTION__KEY``.
-Relative paths are resolved against the working directory at load time.
+Layers, last wins (pydantic-settings sources): ``infra/defaults.yaml`` (commented, shipped with the
+code) < a user YAML (``--config`` or ``$FUNNELREC_CONFIG``) < environment variables
+``FUNNELREC__SECTION__KEY`` < the ``overrides`` mappings of ``load_settings``. Sections merge key by
+key across layers. A key no section knows, in any layer, is refused with ``UnknownSettingError``,
+which names the key, where it came from and the nearest valid key. Relative paths are resolved
+against the working directory at load time.
 """
 
 from __future__ import annotations
 
-import copy
 import os
+from collections.abc import Mapping, Sequence
 from datetime import date
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from infra.keys import UnknownSettingError, unknown_key_hint, unknown_keys
 
 DEFAULTS_FILE = Path(__file__).with_name("defaults.yaml")
 #: The checkout's promotion policy; `mlflow/` is configuration only (never an importable package).
 DEFAULT_PROMOTION_POLICY = Path(__file__).resolve().parents[1] / "mlflow" / "promotion.yaml"
 ENV_PREFIX = "FUNNELREC__"
+ENV_DELIMITER = "__"
 CONFIG_ENV = "FUNNELREC_CONFIG"
 
 
@@ -140,7 +154,19 @@ class LoggingSettings(_Section):
     format: Literal["logfmt", "json"]
 
 
-class Settings(_Section):
+class Settings(BaseSettings):
+    """Every section; ``load_settings`` builds it (``Settings()`` alone layers the same sources over
+    ``os.environ``, its keyword arguments on top, but resolves no paths)."""
+
+    model_config = SettingsConfigDict(
+        extra="forbid",
+        frozen=True,
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_DELIMITER,
+        # _Environment lower-cases the names itself, all but a Spark conf key's.
+        case_sensitive=True,
+    )
+
     paths: Paths
     pipeline: Pipeline
     spark: SparkSettings
@@ -167,67 +193,167 @@ class Settings(_Section):
     def mlflow_registry_uri(self) -> str:
         return self.mlflow.registry_uri or self.mlflow_tracking_uri
 
-
-def _deep_merge(base: dict, override: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def _env_overrides(environ: dict[str, str]) -> dict:
-    """FUNNELREC__SPARK__MASTER=x -> {"spark": {"master": "x"}}; values parsed as YAML scalars."""
-    out: dict = {}
-    for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX):
-            continue
-        keys = [k.lower() for k in name[len(ENV_PREFIX) :].split("__") if k]
-        if not keys:
-            continue
-        node = out
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-        # Spark conf keys contain dots and keep their case, e.g. FUNNELREC__SPARK__CONF__spark.sql.shuffle.partitions
-        last = name[len(ENV_PREFIX) :].split("__")[-1]
-        node[last if keys[:2] == ["spark", "conf"] else keys[-1]] = yaml.safe_load(raw)
-    return out
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # No .env files or secrets directories: the layers are the ones the module docstring lists.
+        return (init_settings, *_layers(settings_cls, os.environ, None, ()))
 
 
-def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"settings file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"settings file {path} must hold a mapping at the top level")
-    return data
+def _holds(data: Any, loc: Sequence[str | int]) -> bool:
+    for key in loc:
+        if not isinstance(data, Mapping) or key not in data:
+            return False
+        data = data[key]
+    return True
+
+
+# -- layers -------------------------------------------------------------------------------------
+class _YamlFile(YamlConfigSettingsSource):
+    """One settings YAML. Unlike the library's source, a missing file is an error, not an empty layer."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path):
+        if not path.is_file():
+            raise FileNotFoundError(f"settings file not found: {path}")
+        self.origin = str(path)
+        super().__init__(settings_cls, yaml_file=path)
+
+    def _read_file(self, file_path: Any) -> dict[str, Any]:
+        data = super()._read_file(file_path)
+        if not isinstance(data, dict):
+            raise ValueError(f"settings file {file_path} must hold a mapping at the top level")
+        return data
+
+    def origin_of(self, loc: Sequence[str | int]) -> str | None:
+        return self.origin if _holds(self.yaml_data, loc) else None
+
+
+class _Overrides(InitSettingsSource):
+    """A nested mapping given in code (tests, DAG tasks)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], values: Mapping[str, Any]):
+        super().__init__(settings_cls, init_kwargs=dict(values))
+
+    def origin_of(self, loc: Sequence[str | int]) -> str | None:
+        return "overrides" if _holds(self.init_kwargs, loc) else None
+
+
+class _Environment(EnvSettingsSource):
+    """``FUNNELREC__SECTION__KEY`` variables of ``environ``, values parsed as YAML scalars or lists
+    (``"30"``, ``"true"`` and ``"[a, b]"`` get their types). Names are matched in lower case, except a
+    Spark conf key, which keeps its case and may hold dots
+    (``FUNNELREC__SPARK__CONF__spark.sql.shuffle.partitions=4``)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]):
+        self._environ = environ
+        self._names: dict[tuple[str, ...], str] = {}  # keys -> the variable that set them
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, Any]:
+        out: dict[str, Any] = {}
+        for name, raw in self._environ.items():
+            if not name.startswith(ENV_PREFIX):
+                continue
+            parts = [p for p in name[len(ENV_PREFIX) :].split(ENV_DELIMITER) if p]
+            if not parts:
+                continue
+            keys = [p.lower() for p in parts]
+            if keys[:2] == ["spark", "conf"] and len(keys) > 2:
+                keys[-1] = parts[-1]
+            try:
+                value = yaml.safe_load(raw)
+            except yaml.YAMLError:
+                raise ValueError(f"{name}={raw!r} is not a YAML value") from None
+            self._names[tuple(keys)] = name
+            out[ENV_PREFIX + ENV_DELIMITER.join(keys)] = value
+        return out
+
+    def decode_complex_value(self, field_name: str, field: Any, value: Any) -> Any:
+        # Every value was parsed as YAML when it was read; the library's JSON decoding would refuse
+        # "[a, b]" and any value already parsed.
+        return value
+
+    def __call__(self) -> dict[str, Any]:
+        data = super().__call__()
+        # The library reads the variables of known sections only; a variable naming no section is
+        # kept, so that validation refuses it like any other unknown key.
+        for keys in self._names:
+            if keys[0] not in self.settings_cls.model_fields:
+                data.setdefault(keys[0], {})
+        return data
+
+    def origin_of(self, loc: Sequence[str | int]) -> str | None:
+        loc = tuple(loc)
+        return next((name for keys, name in self._names.items() if keys[: len(loc)] == loc), None)
+
+
+def _layers(
+    settings_cls: type[BaseSettings],
+    environ: Mapping[str, str],
+    config: str | os.PathLike | None,
+    overrides: Sequence[Mapping[str, Any]],
+) -> tuple[PydanticBaseSettingsSource, ...]:
+    """The sources, first wins (pydantic-settings' order)."""
+    config = config or environ.get(CONFIG_ENV)
+    return (
+        *(_Overrides(settings_cls, o) for o in reversed(overrides)),
+        _Environment(settings_cls, environ),
+        *([_YamlFile(settings_cls, Path(config))] if config else []),
+        _YamlFile(settings_cls, DEFAULTS_FILE),
+    )
+
+
+def _refuse_unknown(error: ValidationError, sources: Sequence[PydanticBaseSettingsSource]) -> None:
+    """Raise ``UnknownSettingError`` for the unknown keys of ``error``, if it holds any."""
+    lines = []
+    for loc in unknown_keys(error):
+        origin = next((o for s in sources if (o := s.origin_of(loc)) is not None), None)
+        where = f" (from {origin})" if origin else ""
+        path = ".".join(map(str, loc))
+        lines.append(f"unknown setting {path}{where}; {unknown_key_hint(Settings, loc)}")
+    if lines:
+        raise UnknownSettingError("\n".join(lines)) from None
 
 
 def load_settings(
     config: str | os.PathLike | None = None,
-    environ: dict[str, str] | None = None,
+    environ: Mapping[str, str] | None = None,
     cwd: Path | None = None,
-    overrides: dict | None = None,
+    overrides: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
 ) -> Settings:
-    """Build the settings from defaults, an optional user YAML and the environment.
+    """Build the settings from defaults, an optional user YAML, the environment and ``overrides``.
 
     Args:
         config: path of a user YAML; when None, ``$FUNNELREC_CONFIG`` is used if set.
-        environ: environment to read overrides from (``os.environ`` when None).
+        environ: environment to read ``FUNNELREC_CONFIG`` and ``FUNNELREC__...`` from
+            (``os.environ`` when None; nothing else is read from the process environment).
         cwd: directory that relative paths are resolved against (the working directory when None).
-        overrides: a nested mapping applied last (tests and DAG tasks use it instead of files).
+        overrides: a nested mapping applied last, or several applied in order (tests and DAG tasks
+            use them instead of files).
+
+    Raises:
+        UnknownSettingError: a key that no section knows, in any layer.
+        FileNotFoundError: the user YAML does not exist.
+        pydantic.ValidationError: a value of the wrong type or out of range.
     """
-    environ = dict(os.environ if environ is None else environ)
+    environ = os.environ if environ is None else environ
     cwd = Path.cwd() if cwd is None else cwd
-    merged = _read_yaml(DEFAULTS_FILE)
-    config = config or environ.get(CONFIG_ENV)
-    if config:
-        merged = _deep_merge(merged, _read_yaml(Path(config)))
-    merged = _deep_merge(merged, _env_overrides(environ))
-    merged = _deep_merge(merged, overrides or {})
-    settings = Settings.model_validate(merged)
+    if overrides is None:
+        overrides = ()
+    elif isinstance(overrides, Mapping):
+        overrides = (overrides,)
+    sources = _layers(Settings, environ, config, overrides)
+    try:
+        settings = Settings(_build_sources=(sources, {}))
+    except ValidationError as exc:
+        _refuse_unknown(exc, sources)
+        raise
 
     def resolve(p: Path) -> Path:
         return (p if p.is_absolute() else (cwd / p)).resolve()

@@ -17,7 +17,7 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
 def settings_under(base_dir: Path, overrides: dict | None = None, data_root: Path = SAMPLE_DATA):
     """Settings with every output under ``base_dir``; ``overrides`` is a nested mapping."""
-    from infra.settings import _deep_merge, load_settings
+    from infra.settings import load_settings
 
     base = {
         "paths": {
@@ -27,7 +27,7 @@ def settings_under(base_dir: Path, overrides: dict | None = None, data_root: Pat
         },
         "spark": {"master": "local[2]", "conf": {"spark.sql.shuffle.partitions": "2"}},
     }
-    return load_settings(environ={}, overrides=_deep_merge(base, overrides or {}))
+    return load_settings(environ={}, overrides=[base, overrides or {}])
 
 
 @pytest.fixture
