@@ -56,6 +56,7 @@ PIP_REQUIREMENTS_PACKAGES = (
     "scipy",
     "pyarrow",
     "pyyaml",
+    "pydantic",
     "mlflow",
     "implicit",
     "threadpoolctl",

@@ -30,31 +30,9 @@ from infra.logs import get_logger
 from training.data import TrainingData
 from training.evaluate import evaluate_scores
 from training.models import build_model
-from training.models.base import Recommender
+from training.models.base import EVAL_BATCH_SIZE, VALIDATION_METRIC, Recommender, TrainConfig
 
 CHECKPOINT = "best.pt"
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    batch_size: int = 8192
-    epochs: int = 100
-    patience: int = 10
-    eval_every: int = 1
-    metric: str = "NDCG@10"  # on the validation split, standard setting
-    eval_batch_size: int = 2048
-
-    @classmethod
-    def from_model_config(cls, config: dict[str, Any]) -> TrainConfig:
-        allowed = set(cls.__dataclass_fields__)
-        section = config.get("train", {}) or {}
-        unknown = set(section) - allowed
-        if unknown:
-            raise ValueError(f"unknown train settings {sorted(unknown)}; known: {sorted(allowed)}")
-        return cls(**section)
 
 
 @dataclass
@@ -99,8 +77,6 @@ def _peak_rss_mb() -> float:
 
 def _optimizer(model: Recommender, cfg: TrainConfig) -> torch.optim.Optimizer:
     kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
-    if cfg.optimizer not in kinds:
-        raise ValueError(f"optimizer must be one of {sorted(kinds)}, got {cfg.optimizer!r}")
     return kinds[cfg.optimizer](model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
@@ -117,9 +93,16 @@ class FitResult:
         return self.final is not self.validation
 
 
-def validation_metric(model: Recommender, data: TrainingData, cfg: TrainConfig, device) -> float | None:
-    """The early-stopping metric, or None when ``data`` has no validation to look at (no
-    validation pairs, or the full view of a bundle whose validation belongs to the validation fit)."""
+def validation_metric(
+    model: Recommender,
+    data: TrainingData,
+    device,
+    metric: str = VALIDATION_METRIC,
+    batch_size: int = EVAL_BATCH_SIZE,
+) -> float | None:
+    """``metric`` (standard setting) on the validation split, the early-stopping metric, or None when
+    ``data`` has no validation to look at (no validation pairs, or the full view of a bundle whose
+    validation belongs to the validation fit)."""
     if "validation" not in data.heldout or len(data.heldout["validation"][0]) == 0:
         return None
     if data.refit and data.view != "validation":
@@ -130,10 +113,10 @@ def validation_metric(model: Recommender, data: TrainingData, cfg: TrainConfig, 
         data,
         "validation",
         settings=("standard",),
-        batch_size=cfg.eval_batch_size,
+        batch_size=batch_size,
         device=device,
     )
-    return m["standard"][cfg.metric]
+    return m["standard"][metric]
 
 
 def fit_model(
@@ -184,7 +167,6 @@ def train(
 ) -> TrainResult:
     """Train ``model`` with early stopping on the validation split; return it at its best epoch."""
     log = get_logger("train")
-    cfg = TrainConfig.from_model_config(model.config)
     dev = pick_device(device)
     model.to(dev)
     start = time.perf_counter()
@@ -194,17 +176,18 @@ def train(
 
     if not model.trainable:
         model.fit()
-        metric = validation_metric(model, data, cfg, dev)
+        metric = validation_metric(model, data, dev)
         seconds = time.perf_counter() - start
         # Iterative external fits (implicit's ALS/BPR) report their own per-iteration loss.
         history = list(getattr(model, "fit_history", [])) or [{"epoch": 1, "seconds": seconds}]
         if metric is not None:
-            history[-1][f"val_{cfg.metric}"] = metric
+            history[-1][f"val_{VALIDATION_METRIC}"] = metric
         n = len(history)
         return TrainResult(
             model, str(dev), n, metric, n, seconds, seconds / n, _peak_rss_mb(), _cuda_peak(dev), history
         )
 
+    cfg: TrainConfig = model.cfg.train
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
     if checkpoint_dir:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -234,7 +217,7 @@ def train(
         train_seconds = time.perf_counter() - t0
         metric = None
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-            metric = validation_metric(model, data, cfg, dev)
+            metric = validation_metric(model, data, dev, cfg.metric, cfg.eval_batch_size)
             if metric is not None:
                 row[f"val_{cfg.metric}"] = metric
                 if best is None or metric > best:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 
+from infra.keys import UnknownSettingError
 from training.evaluate import evaluate_scores, flatten
-from training.models import available_models, default_config, model_class
+from training.models import available_models, default_config, merged_config, model_class
 from training.models.base import Context
 from training.trainer import fit_model
 
@@ -127,6 +132,65 @@ def test_variant_file_holds_only_its_differences_from_the_base_model():
     assert {k: v for k, v in variant.items() if k not in ("class", "funnel_bias")} == {
         k: v for k, v in base.items() if k != "funnel_bias"
     }
+
+
+@pytest.mark.parametrize("name", available_models())
+def test_every_shipped_config_validates_and_stays_a_plain_dict(name):
+    config = merged_config(name)
+    typed = model_class(name).Config.model_validate(config)
+    assert typed.name == name
+    assert json.loads(json.dumps(config)) == config  # what MLflow logs and the model folder keeps
+
+
+@pytest.mark.parametrize(
+    "name, overrides, message",
+    [
+        (
+            "lightgcn",
+            {"train": {"epochz": 3}},
+            "unknown setting train.epochz of model lightgcn (from overrides); did you mean train.epochs?",
+        ),
+        (
+            "member_funnel",
+            {"negative_candidate": 4},
+            "unknown setting negative_candidate of model member_funnel (from overrides); "
+            "did you mean negative_candidates?",
+        ),
+        (
+            # a fitted model takes the pipeline's epoch cap, but not a misspelt one
+            "als",
+            {"train": {"epoch": 3}},
+            "unknown setting train.epoch of model als (from overrides); did you mean train.epochs?",
+        ),
+    ],
+)
+def test_misspelt_override_names_the_key_the_model_and_the_nearest(name, overrides, message):
+    with pytest.raises(UnknownSettingError) as err:
+        merged_config(name, overrides)
+    assert str(err.value) == message
+
+
+def test_misspelt_key_in_a_model_yaml_names_the_file_it_is_in(tmp_path, monkeypatch):
+    import training.models as models
+
+    for f in ("member.yaml", "member_funnel.yaml"):
+        shutil.copy(models.MODELS_DIR / f, tmp_path / f)
+    member = tmp_path / "member.yaml"
+    member.write_text(member.read_text().replace("  patience: 10", "  patiense: 10"))
+    monkeypatch.setattr(models, "MODELS_DIR", tmp_path)
+    with pytest.raises(UnknownSettingError) as err:
+        merged_config("member_funnel")
+    assert str(err.value) == (
+        f"unknown setting train.patiense of model member_funnel (from {member}); did you mean train.patience?"
+    )
+
+
+def test_config_values_are_typed_and_checked():
+    assert model_class("member").Config.model_validate(merged_config("member", {"dim": "16"})).dim == 16
+    with pytest.raises(ValidationError, match="did you mean purchase"):
+        merged_config("popularity", {"behavior_weights": {"purchse": 1.0}})
+    with pytest.raises(ValidationError, match=r"train\.optimizer"):
+        merged_config("lightgcn", {"train": {"optimizer": "sgd"}})
 
 
 def test_funnel_bias_adds_the_weights_of_the_users_own_behaviours_to_visited_items_only(tiny):

@@ -12,27 +12,48 @@ import scipy.sparse as sp
 import torch
 from implicit.cpu.als import AlternatingLeastSquares
 from implicit.cpu.bpr import BayesianPersonalizedRanking
+from pydantic import Field
 from threadpoolctl import threadpool_limits
 
 from training.data import TrainingData
-from training.models.base import Context, Recommender
+from training.models.base import BehaviorWeights, Context, ModelConfig, Recommender
+
+
+class _ImplicitConfig(ModelConfig):
+    factors: int = Field(gt=0)
+    regularization: float = Field(ge=0)
+    iterations: int = Field(gt=0)
+    behavior_weights: BehaviorWeights
+
+
+class ALSConfig(_ImplicitConfig):
+    """What each key means: ``als.yaml``."""
+
+    alpha: float = Field(ge=0)
+
+
+class BPRConfig(_ImplicitConfig):
+    """What each key means: ``bpr.yaml``."""
+
+    learning_rate: float = Field(gt=0)
 
 
 class _ImplicitMF(Recommender):
     trainable = False
+    cfg: _ImplicitConfig
 
     def __init__(self, data: TrainingData, config: dict):
         super().__init__(data, config)
         self._data = data
-        f = int(config["factors"])
+        f = self.cfg.factors
         self.register_buffer("user_factors", torch.zeros(data.n_users, f))
         self.register_buffer("item_factors", torch.zeros(data.n_items, f))
 
     def confidence(self) -> sp.csr_matrix:
         out = sp.csr_matrix((self.n_users, self.n_items), dtype=np.float32)
-        for behavior, w in self.config["behavior_weights"].items():
+        for behavior, w in self.cfg.behavior_weights.items():
             if behavior in self._data.matrices:
-                out = out + float(w) * self._data.matrices[behavior]
+                out = out + w * self._data.matrices[behavior]
         return out.tocsr()
 
     def _estimator(self):
@@ -60,15 +81,17 @@ class _ImplicitMF(Recommender):
 
 class ALS(_ImplicitMF):
     name = "als"
+    Config = ALSConfig
+    cfg: ALSConfig
 
     def _estimator(self):
-        c = self.config
+        c = self.cfg
         return AlternatingLeastSquares(
-            factors=int(c["factors"]),
-            regularization=float(c["regularization"]),
-            alpha=float(c["alpha"]),
-            iterations=int(c["iterations"]),
-            random_state=int(c.get("seed", 0)),
+            factors=c.factors,
+            regularization=c.regularization,
+            alpha=c.alpha,
+            iterations=c.iterations,
+            random_state=c.seed,
             calculate_training_loss=True,
         )
 
@@ -79,15 +102,17 @@ class ALS(_ImplicitMF):
 
 class BPR(_ImplicitMF):
     name = "bpr"
+    Config = BPRConfig
+    cfg: BPRConfig
 
     def _estimator(self):
-        c = self.config
+        c = self.cfg
         return BayesianPersonalizedRanking(
-            factors=int(c["factors"]),
-            learning_rate=float(c["learning_rate"]),
-            regularization=float(c["regularization"]),
-            iterations=int(c["iterations"]),
-            random_state=int(c.get("seed", 0)),
+            factors=c.factors,
+            learning_rate=c.learning_rate,
+            regularization=c.regularization,
+            iterations=c.iterations,
+            random_state=c.seed,
         )
 
     def _record(self, iteration: int, elapsed: float, *progress) -> None:

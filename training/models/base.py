@@ -19,22 +19,92 @@ evaluator hands it the context of its evaluation data (``Context.of_training``),
 the context of the scoring date (``serving_context``, see ``training.pyfunc``). Training (losses,
 negatives) uses the training tables as before.
 
-Models are found by name (``training.models.get_model``): ``training/models/<name>.py`` defines a
-subclass with ``name = "<name>"`` and ``training/models/<name>.yaml`` its commented defaults.
+Models are found by name (``training.models.build_model``): ``training/models/<name>.py`` defines a
+subclass with ``name = "<name>"`` and ``training/models/<name>.yaml`` its commented defaults. The
+subclass's ``Config`` (a ``ModelConfig``) types those keys and refuses any other: the YAML is the one
+place their defaults are written, so its fields have none.
 """
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 import scipy.sparse as sp
 import torch
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
 from torch import nn
 
+from infra.tables import BEHAVIORS
 from training.data import TrainingData
+
+#: The early-stopping metric (standard setting, validation split), and the one a fitted model's
+#: validation is reported with.
+VALIDATION_METRIC = "NDCG@10"
+#: Users per validation ranking batch (memory only).
+EVAL_BATCH_SIZE = 2048
+
+
+class _Strict(BaseModel):
+    # A misspelt key would otherwise leave its default in force without a word.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _known_behaviors(weights: dict[str, float]) -> dict[str, float]:
+    for behavior in weights:
+        if behavior not in BEHAVIORS:
+            near = difflib.get_close_matches(behavior, BEHAVIORS, n=1)
+            hint = f"did you mean {near[0]}?" if near else f"behaviours: {', '.join(BEHAVIORS)}"
+            raise ValueError(f"unknown behaviour {behavior!r}; {hint}")
+    return weights
+
+
+#: Weight per behaviour (the names of ``infra.tables.BEHAVIORS``); a behaviour absent from the
+#: training tables weighs nothing.
+BehaviorWeights = Annotated[dict[str, float], AfterValidator(_known_behaviors)]
+
+
+class TrainConfig(_Strict):
+    """The ``train`` section of a gradient-trained model: what the Trainer reads."""
+
+    optimizer: Literal["adam", "adamw"]
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(ge=0)
+    batch_size: int = Field(gt=0)
+    epochs: int = Field(gt=0)
+    patience: int = Field(gt=0)
+    eval_every: int = Field(gt=0)
+    metric: str = VALIDATION_METRIC
+    eval_batch_size: int = Field(default=EVAL_BATCH_SIZE, gt=0)
+
+
+#: A fitted model's ``train`` section: it has no training loop, but the pipeline's and the
+#: benchmarks' epoch cap reaches every model alike, so the section is accepted, checked for
+#: misspelt keys, and ignored.
+FittedTrainConfig = create_model(
+    "FittedTrainConfig",
+    __base__=_Strict,
+    **{name: (field.annotation | None, None) for name, field in TrainConfig.model_fields.items()},
+)
+
+
+class ModelConfig(_Strict):
+    """The keys every model has besides its family's: its name, the implementing module when that
+    is not the name (``class``), the seed the trainer sets, and ``train`` (see TrainedModelConfig)."""
+
+    name: str
+    class_: str | None = Field(default=None, alias="class")
+    seed: int = 0
+    train: FittedTrainConfig | None = None
+
+
+class TrainedModelConfig(ModelConfig):
+    """A gradient-trained model's: its ``train`` section is the Trainer's settings."""
+
+    train: TrainConfig
 
 
 class PairSet:
@@ -122,10 +192,14 @@ class Recommender(nn.Module):
     experts: ClassVar[tuple[str, ...]] = ()
     #: Recent events per user the model reads from its context (0: it reads none).
     history_length: ClassVar[int] = 0
+    #: The typed form of the model's configuration (``<name>.yaml`` with overrides).
+    Config: ClassVar[type[ModelConfig]] = ModelConfig
 
     def __init__(self, data: TrainingData, config: dict[str, Any]):
         super().__init__()
+        #: As given: plain and JSON-able, what is logged to MLflow and saved with the model.
         self.config = dict(config)
+        self.cfg = self.Config.model_validate(self.config)
         self.n_users, self.n_items = data.n_users, data.n_items
         self._visited = data.visited  # CSR, kept off the state dict (rebuilt from the tables)
         self._visited_pairs = PairSet(data.visited)

@@ -4,19 +4,30 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from training.data import TrainingData
-from training.models.base import Context, Recommender, bpr_loss, bpr_triplets
+from training.models.base import Context, Recommender, TrainedModelConfig, bpr_loss, bpr_triplets
 from training.models.graph import LightGCNEncoder, normalized_adjacency
+
+
+class LightGCNConfig(TrainedModelConfig):
+    """What each key means: ``lightgcn.yaml``."""
+
+    dim: int = Field(gt=0)
+    layers: int = Field(ge=0)
+    reg: float = Field(ge=0)
 
 
 class LightGCN(Recommender):
     name = "lightgcn"
+    Config = LightGCNConfig
+    cfg: LightGCNConfig
 
     def __init__(self, data: TrainingData, config: dict):
         super().__init__(data, config)
         self._purchases = data.purchases
-        self.encoder = LightGCNEncoder(data.n_users, data.n_items, int(config["dim"]), int(config["layers"]))
+        self.encoder = LightGCNEncoder(data.n_users, data.n_items, self.cfg.dim, self.cfg.layers)
         self._adj = normalized_adjacency(data.purchases)
         self._cache = None
 
@@ -34,11 +45,7 @@ class LightGCN(Recommender):
         ue, pe, ne = users[u], items[p], items[n]
         rank = bpr_loss((ue * pe).sum(1), (ue * ne).sum(1))
         ego_u, ego_p, ego_n = self.encoder.user(u), self.encoder.item(p), self.encoder.item(n)
-        reg = (
-            float(self.config["reg"])
-            * (ego_u.pow(2).sum() + ego_p.pow(2).sum() + ego_n.pow(2).sum())
-            / len(u)
-        )
+        reg = self.cfg.reg * (ego_u.pow(2).sum() + ego_p.pow(2).sum() + ego_n.pow(2).sum()) / len(u)
         return {"loss": rank + reg, "bpr": rank, "reg": reg}
 
     def scores(self, context: Context) -> torch.Tensor:

@@ -16,10 +16,10 @@ expert, as the paper describes it (``../shared/notes/member.md`` §2).
   the edges of G(m) (BCE against sampled non-edges).
 - BPR on purchases with the gated score. The paper does not say how negatives are drawn; here
   each purchase gets ``negatives`` slots and each slot keeps the highest-scored of
-  ``negative_candidates`` draws (dynamic negative sampling; ``member.yaml`` has the measurements
-  behind the defaults). The experts share no parameters, so one optimiser on
-  ``L_BPR + γ1 L_V_CL + γ2 L_U_CL + γ3 L_U_GEN`` gives each expert exactly the gradient of its own
-  objective (paper Eq. 11-13) in a single pass per step.
+  ``negative_candidates`` draws (dynamic negative sampling; ``member.yaml`` says why,
+  ``bench/README.md`` has the measurements behind the defaults). The experts share no parameters,
+  so one optimiser on ``L_BPR + γ1 L_V_CL + γ2 L_U_CL + γ3 L_U_GEN`` gives each expert exactly the
+  gradient of its own objective (paper Eq. 11-13) in a single pass per step.
 
 Speed: every graph is propagated once per step and shared by all losses of the step; the two
 experts' embeddings on a common graph (union, each behaviour) are propagated together as one
@@ -39,12 +39,44 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from infra.tables import BEHAVIORS, VISIT_BEHAVIORS
 from training.data import TrainingData
-from training.models.base import Context, PairSet, Recommender, bpr_loss, bpr_triplets, context_visited
+from training.models.base import (
+    Context,
+    PairSet,
+    Recommender,
+    TrainedModelConfig,
+    bpr_loss,
+    bpr_triplets,
+    context_visited,
+)
 from training.models.graph import normalized_adjacency, propagate
+
+
+class MemberConfig(TrainedModelConfig):
+    """What each key means: ``member.yaml``."""
+
+    dim: int = Field(gt=0)
+    layers: int = Field(ge=0)
+    init_std: float = Field(gt=0)
+    lambda_visited: float = Field(ge=0, le=1)
+    lambda_unvisited: float = Field(ge=0, le=1)
+    gamma_visited_cl: float = Field(ge=0)
+    tau_visited: float = Field(gt=0)
+    gamma_unvisited_cl: float = Field(ge=0)
+    tau_unvisited: float = Field(gt=0)
+    gamma_generative: float = Field(ge=0)
+    cl_rows: int = Field(gt=0)
+    gen_positives: int = Field(gt=0)
+    gen_negatives: int = Field(ge=0)
+    reg: float = Field(ge=0)
+    negatives: int = Field(gt=0)
+    visited_negatives: float = Field(ge=0, le=1)
+    negative_candidates: int = Field(gt=0)
+    funnel_bias: bool
 
 
 class ExpertParams(nn.Module):
@@ -66,16 +98,18 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tens
 class Member(Recommender):
     name = "member"
     experts = ("visited", "unvisited")
+    Config = MemberConfig
+    cfg: MemberConfig
 
     def __init__(self, data: TrainingData, config: dict):
         super().__init__(data, config)
-        c = config
-        self.dim, self.layers = int(c["dim"]), int(c["layers"])
-        self.lam = {"visited": float(c["lambda_visited"]), "unvisited": float(c["lambda_unvisited"])}
+        c = self.cfg
+        self.dim, self.layers = c.dim, c.layers
+        self.lam = {"visited": c.lambda_visited, "unvisited": c.lambda_unvisited}
         self.n = data.n_users + data.n_items
         self.behaviors = [b for b in BEHAVIORS if b in data.matrices]  # funnel order, purchase last
-        self.V = ExpertParams(data.n_users, data.n_items, self.dim, float(c["init_std"]))
-        self.U = ExpertParams(data.n_users, data.n_items, self.dim, float(c["init_std"]))
+        self.V = ExpertParams(data.n_users, data.n_items, self.dim, c.init_std)
+        self.U = ExpertParams(data.n_users, data.n_items, self.dim, c.init_std)
 
         purchases = data.purchases
         e_v = visit_filtered_edges(purchases, data.visited)
@@ -90,7 +124,7 @@ class Member(Recommender):
             **{f"b:{b}": normalized_adjacency(data.matrices[b]) for b in self.behaviors},
         }
         self._gen_pairs = [(m, n) for i, m in enumerate(self.behaviors) for n in self.behaviors[i + 1 :]]
-        self._gen_rng = np.random.default_rng(int(c.get("seed", 0)))
+        self._gen_rng = np.random.default_rng(c.seed)
         self._cache = None
         # Funnel bias (ours, off = the paper's expert): the visited expert's score of a visited item
         # gets a learned weight per auxiliary behaviour the user showed on it. Its embeddings are an
@@ -98,7 +132,7 @@ class Member(Recommender):
         # carted rather than only viewed; on RetailRocket that is most of what ranks a visited set.
         self._funnel_behaviors = [b for b in self.behaviors if b in VISIT_BEHAVIORS]
         self.funnel = None
-        if c.get("funnel_bias", False) and self._funnel_behaviors:
+        if c.funnel_bias and self._funnel_behaviors:
             self.funnel = nn.Parameter(torch.zeros(len(self._funnel_behaviors)))
             codes = sum(
                 (data.matrices[b] > 0).astype(np.int64) * (1 << k)
@@ -150,9 +184,9 @@ class Member(Recommender):
             batch_size,
             self.device,
             hard=self._visited,
-            hard_fraction=float(self.config.get("visited_negatives", 0.0)),
-            negatives=int(self.config.get("negatives", 1)),
-            candidates=int(self.config.get("negative_candidates", 1)),
+            hard_fraction=self.cfg.visited_negatives,
+            negatives=self.cfg.negatives,
+            candidates=self.cfg.negative_candidates,
         )
 
     def _gated_pair_scores(self, out, users, items) -> torch.Tensor:
@@ -197,7 +231,7 @@ class Member(Recommender):
     def _generative(self, out: dict[str, torch.Tensor], n_pos: int) -> torch.Tensor:
         """Behaviour n's local embeddings (unvisited expert) predict the edges of earlier behaviour m."""
         losses = []
-        neg_per_pos = int(self.config["gen_negatives"])
+        neg_per_pos = self.cfg.gen_negatives
         for m, n in self._gen_pairs:
             edges = self._edges[m]
             if edges.nnz == 0:
@@ -219,13 +253,13 @@ class Member(Recommender):
 
     def _cl_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """At most ``cl_rows`` of the batch's users or items for InfoNCE (its cost is quadratic in rows)."""
-        k = int(self.config["cl_rows"])
+        k = self.cfg.cl_rows
         if len(rows) <= k:
             return rows
         return rows[torch.randperm(len(rows), device=rows.device)[:k]]
 
     def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        c = self.config
+        c = self.cfg
         out = self.propagate_all()
         u, p, n = batch["users"], batch["pos"], batch["neg"]
         n = self.pick_negatives(out, u, n)
@@ -235,24 +269,24 @@ class Member(Recommender):
         cl_items = self._cl_rows(torch.unique(p)) + self.n_users
         v_loc, v_view = out["V_loc"], out["V_view"]
         l_v_cl = 0.5 * (
-            info_nce(v_loc[cl_users], v_view[cl_users], float(c["tau_visited"]))
-            + info_nce(v_loc[cl_items], v_view[cl_items], float(c["tau_visited"]))
+            info_nce(v_loc[cl_users], v_view[cl_users], c.tau_visited)
+            + info_nce(v_loc[cl_items], v_view[cl_items], c.tau_visited)
         )
         u_glob, u_view = out["U_glob"], out["U_view"]
         l_u_cl = 0.5 * (
-            info_nce(u_glob[cl_users], u_view[cl_users], float(c["tau_unvisited"]))
-            + info_nce(u_glob[cl_items], u_view[cl_items], float(c["tau_unvisited"]))
+            info_nce(u_glob[cl_users], u_view[cl_users], c.tau_unvisited)
+            + info_nce(u_glob[cl_items], u_view[cl_items], c.tau_unvisited)
         )
-        l_gen = self._generative(out, int(c["gen_positives"]))
+        l_gen = self._generative(out, c.gen_positives)
 
         rows = torch.cat([u, p + self.n_users, n.reshape(-1) + self.n_users])
         reg = (
             sum(t[rows].pow(2).sum() for t in (self.V.glob, self.V.loc, self.U.glob, self.U.loc))
-            * float(c["reg"])
+            * c.reg
             / len(u)
         )
-        total = rank + float(c["gamma_visited_cl"]) * l_v_cl + float(c["gamma_unvisited_cl"]) * l_u_cl
-        total = total + float(c["gamma_generative"]) * l_gen + reg
+        total = rank + c.gamma_visited_cl * l_v_cl + c.gamma_unvisited_cl * l_u_cl
+        total = total + c.gamma_generative * l_gen + reg
         return {
             "loss": total,
             "bpr": rank,

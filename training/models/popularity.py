@@ -6,12 +6,19 @@ import numpy as np
 import torch
 
 from training.data import TrainingData
-from training.models.base import Context, Recommender
+from training.models.base import BehaviorWeights, Context, ModelConfig, Recommender
+
+
+class PopularityConfig(ModelConfig):
+    """What each key means: ``popularity.yaml``."""
+
+    behavior_weights: BehaviorWeights
 
 
 class Popularity(Recommender):
     name = "popularity"
     trainable = False
+    Config = PopularityConfig
 
     def __init__(self, data: TrainingData, config: dict):
         super().__init__(data, config)
@@ -19,9 +26,8 @@ class Popularity(Recommender):
         self.register_buffer("item_score", torch.zeros(data.n_items))
 
     def fit(self) -> None:
-        weights = self.config.get("behavior_weights", {"purchase": 1.0})
         score = np.zeros(self.n_items)
-        for behavior, w in weights.items():
+        for behavior, w in self.cfg.behavior_weights.items():
             if behavior in self._data.matrices:
                 score += w * np.asarray(self._data.matrices[behavior].sum(0)).ravel()
         self.item_score.copy_(torch.from_numpy(np.log1p(score)).float())
