@@ -129,13 +129,13 @@ def run(benchmark: str, seeds: list[int], models: list[str], work: Path, max_epo
     }
     for table_name, root in build_tables(benchmark, work).items():
         val_data, data = load_views(root)  # the validation fit's view and every training event's
-        held = data.manifest["stats"]["heldout"]
+        held = data.manifest.stats["heldout"]
         info = {
             "users": data.n_users,
             "items": data.n_items,
             "test": held["test"],
             "validation": held["validation"],
-            "protocol": data.manifest.get("protocol"),
+            "protocol": data.manifest.protocol,
             "models": {},
         }
         print(

@@ -8,8 +8,10 @@ with Tmall's counts): users scored per second by
   for an ALS-shaped model (one matmul) and for MEMBER (two experts, gated);
 - ``pyfunc``: the logged MLflow pyfunc's ``predict`` (ids in, rows out), what ``score`` runs.
 
-Spark path (``--spark-users N``, default 200,000; the issue's shape is 1M x 50k): the same pyfunc in
-``mapInPandas`` on ``local[1]`` and ``local[2]``, written to Parquet.
+Spark path (``--spark-users N``, default 200,000; the issue's shape is 1M x 50k): what ``score --path
+spark`` runs (``training.score.spark_score``: the logged pyfunc broadcast to the executors, scored in
+``mapInPandas`` over every user with an empty context, written to Parquet) on ``local[1]`` and
+``local[2]``.
 
     .venv/bin/python bench/scoring.py [--users 41738 --items 11953] [--spark-users 200000 --spark-items 50000]
 
@@ -117,15 +119,16 @@ def bench_single(args) -> dict:
 def pyfunc_seconds(data: TrainingData, args) -> float:
     """Log the real pyfunc of an ALS model trained on ``data`` and time ``predict`` for every user."""
     import mlflow
-    from tests.registry.conftest import write_bundle
     from training.artifacts import save_trained
-    from training.data import load_training_data
+    from training.data import load_training_data, tables_of, write_training_bundle
     from training.pyfunc import FunnelrecModel
     from training.trainer import FitResult, fit_model
 
     with tempfile.TemporaryDirectory() as tmp:
         wh = Path(tmp)
-        tables = write_bundle(data, wh, "bench")
+        tables = write_training_bundle(
+            wh, "bench", tables_of(data), protocol="synthetic", sources=["synthetic"]
+        )
         data = load_training_data(tables)  # the model records the checksums of the tables it read
         result = fit_model("als_multi", data, 0, {"factors": 64})
         model_path = save_trained(wh, "bench", FitResult(result, result), data, 0)
@@ -164,42 +167,37 @@ from pathlib import Path
 sys.path.insert(0, {repo!r})
 os.environ["PYSPARK_PYTHON"] = sys.executable  # Python workers need this venv (pandas, torch)
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-import numpy as np, pandas as pd
-from pyspark.sql import SparkSession, functions as F, types as T
-from bench.scoring import synthetic
-from tests.registry.conftest import write_bundle
-from training.artifacts import save_trained
-from training.trainer import FitResult, fit_model
-from training.pyfunc import FunnelrecModel
-from training.score import score_frame, _executor_model
+import pandas as pd
 import mlflow
+from pyspark.sql import SparkSession
+from bench.scoring import synthetic
+from training.artifacts import save_trained
+from training.data import load_training_data, tables_of, write_training_bundle
+from training.pyfunc import log_pyfunc
+from training.score import Champion, spark_score
+from training.trainer import FitResult, fit_model
 spark = (SparkSession.builder.master("local[{cores}]").config("spark.ui.enabled", "false")
          .config("spark.sql.shuffle.partitions", "{cores}").config("spark.driver.memory", "4g").getOrCreate())
 spark.sparkContext.setLogLevel("ERROR")
 tmp = Path(tempfile.mkdtemp())
-from training.data import load_training_data
-tables = write_bundle(synthetic({users}, {items}), tmp, "bench")
+tables = write_training_bundle(
+    tmp, "bench", tables_of(synthetic({users}, {items})), protocol="synthetic", sources=["synthetic"]
+)
 data = load_training_data(tables)
 fitted = fit_model("als_multi", data, 0, {{"factors": 64}})
 model_path = save_trained(tmp, "bench", FitResult(fitted, fitted), data, 0)
 mlflow.set_tracking_uri(f"sqlite:///{{tmp}}/m.db")
-from training.pyfunc import log_pyfunc
 with mlflow.start_run() as run:
     pass
 uri = log_pyfunc(model_path, tables, run.info.run_id, ["u0", "u1"])
-from training.score import _model_blob
-blob = spark.sparkContext.broadcast(_model_blob(uri))
-users = spark.range({users}).select(F.concat(F.lit("u"), F.col("id").cast("string")).alias("user_id"),
-                                    F.array().cast("array<string>").alias("bought")).repartition({cores} * 4)
-schema = "user_id string, rank long, item_id string, score double, item_type string, expert string, expert_weights string"
-def part(batches):
-    model = _executor_model(blob.value)
-    for pdf in batches:
-        yield score_frame(model, pdf, {k}, 4096)
+champion = Champion(uri, "bench", 1, run.info.run_id, "als_multi", "bench")
+users = pd.DataFrame({{"user_id": [f"u{{u}}" for u in range({users})]}})
+for column in ("visited", "bought", "history_items", "history_behaviors"):
+    users[column] = [[] for _ in range(len(users))]
+catalogue = [f"i{{i}}" for i in range({items})]
 t0 = time.perf_counter()
-users.mapInPandas(part, schema).write.parquet(str(tmp / "scores"))
+rows, _, _ = spark_score(spark, champion, users, catalogue, tmp / "scores", {k}, 4096)
 dt = time.perf_counter() - t0
-rows = spark.read.parquet(str(tmp / "scores")).count()
 print("RESULT " + json.dumps({{"score_seconds": dt, "rows": rows}}))
 """
 

@@ -19,9 +19,11 @@ is published as a unit (see ``infra.atomic``), so readers never mix tables of tw
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import date
+import json
+from dataclasses import MISSING, dataclass, field, fields
+from datetime import date, datetime
 from pathlib import Path
+from typing import Any
 
 #: Canonical behaviours in funnel order (earlier stage first).
 BEHAVIORS: tuple[str, ...] = ("view", "fav", "cart", "remove_from_cart", "purchase")
@@ -398,6 +400,202 @@ SESSIONIZED = Bundle("sessionized", (SESSIONS, SESSION_EVENTS))
 SERVING = Bundle("serving", (SERVING_CONTEXT, CATALOGUE))
 TRAINING = Bundle("training", (INTERACTIONS, VISITED, HELDOUT, USER_MAP, ITEM_MAP, TRAIN_EVENTS))
 MANIFEST_FILE = "manifest.json"
+
+
+# -- JSON documents ------------------------------------------------------------------------------
+# A document is a dataclass whose fields are its keys, each with ``key(...)`` as its metadata: JSON
+# type, meaning and, for keys only some kinds of the document hold, those kinds. ``document_json`` and
+# ``document_from_json`` are the only way between a document and its JSON, so a key written under
+# one name is never read under another, and a file with an undeclared or mistyped key is refused.
+_JSON_TYPES: dict[str, type | tuple[type, ...]] = {
+    "string": str,
+    "int": int,
+    "number": (int, float),
+    "bool": bool,
+    "object": dict,
+    "array": list,
+}
+
+
+def key(json_type: str, doc: str, *, nullable: bool = False, kinds: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A JSON document key's declaration, the metadata of its dataclass field. ``kinds``: the
+    document kinds that write it (every kind when empty)."""
+    return {"json": json_type, "doc": doc, "nullable": nullable, "kinds": kinds}
+
+
+def document_json(doc: Any) -> dict[str, Any]:
+    """The JSON object of a document: its keys, less those its kind does not write."""
+    kind = getattr(doc, "kind", None)
+    return {
+        f.name: getattr(doc, f.name)
+        for f in fields(doc)
+        if not f.metadata["kinds"] or kind in f.metadata["kinds"]
+    }
+
+
+def document_from_json(cls: type, raw: Any, where: Path | str) -> Any:
+    """The ``cls`` document of a JSON object, checked against its declared keys and types."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: a {cls.__name__} is a JSON object, got {type(raw).__name__}")
+    declared = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(raw) - set(declared))
+    if unknown:
+        raise ValueError(f"{where}: keys {unknown} are not declared for {cls.__name__} (infra/tables.py)")
+    missing = sorted(
+        n
+        for n, f in declared.items()
+        if n not in raw and f.default is MISSING and f.default_factory is MISSING
+    )
+    if missing:
+        raise ValueError(f"{where}: {cls.__name__} lacks the keys {missing}")
+    for name, value in raw.items():
+        meta = declared[name].metadata
+        want = _JSON_TYPES[meta["json"]]
+        if value is None and meta["nullable"]:
+            continue
+        if not isinstance(value, want) or (isinstance(value, bool) and meta["json"] in ("int", "number")):
+            raise ValueError(f"{where}: {cls.__name__}.{name} must be {meta['json']}, got {value!r}")
+    return cls(**raw)
+
+
+#: ``TrainingManifest.kind``: who wrote the bundle.
+EVENTS_BUNDLE, BENCHMARK_BUNDLE, FRAMES_BUNDLE = "events", "benchmark", "frames"
+#: ``TrainingManifest.validation_design``: ``refit`` (a time-clean validation fit, then a refit on
+#: every training event) or ``holdout`` (validation purchases removed from training; one fit).
+REFIT, HOLDOUT = "refit", "holdout"
+#: What evaluation masks per split (``training.data.TrainingData.mask_for``), in the key order a
+#: manifest is written in (sorted), so it reads back as it was declared.
+EVAL_MASK = {"test": "train_purchases", "validation": "validation_fit_purchases"}
+
+
+@dataclass
+class TrainingManifest:
+    """``training/ds=<d>/manifest.json``: how a training bundle was built and what it holds.
+
+    Written with the bundle (``jobs.split``, ``jobs.benchmarks``, ``training.data.write_training_bundle``);
+    read by training, evaluation, tracking, the registry's pyfunc and the training suite.
+    """
+
+    ds: str = field(metadata=key("string", "the bundle's name: its run date, or the benchmark's name"))
+    kind: str = field(
+        metadata=key(
+            "string",
+            f"who built it: {EVENTS_BUNDLE} (split, from sessionized events), {BENCHMARK_BUNDLE} (split "
+            f"--benchmark), {FRAMES_BUNDLE} (tables given in memory: tests, benchmarks of the code)",
+        )
+    )
+    protocol: str = field(
+        metadata=key("string", "split protocol: global_time | leave_last_purchase | member_tmall | ...")
+    )
+    validation_design: str = field(
+        metadata=key(
+            "string",
+            f"{REFIT} (a time-clean validation fit, then a refit on every training event) | {HOLDOUT} "
+            "(validation purchases removed from training; one fit)",
+        )
+    )
+    cutoff: str | None = field(
+        default=None,
+        metadata=key("string", "global_time: the test window's start (ISO 8601, UTC)", nullable=True),
+    )
+    seed: int | None = field(
+        default=None, metadata=key("int", "seed of the validation-user sample", nullable=True)
+    )
+    val_user_fraction: float | None = field(
+        default=None,
+        metadata=key("number", "share of eligible users given a validation purchase", nullable=True),
+    )
+    stats: dict[str, Any] = field(
+        default_factory=dict,
+        metadata=key(
+            "object",
+            "users, items, train_events, visited_pairs, interaction_pairs_by_behavior {behaviour: pairs}, "
+            "heldout {split: {pairs, visited, unvisited, users}}",
+        ),
+    )
+    leakage: dict[str, int] = field(
+        default_factory=dict,
+        metadata=key("object", "leakage symptom -> count (split publishes only when all are 0)"),
+    )
+    dropped: dict[str, int] = field(
+        default_factory=dict, metadata=key("object", "reason -> held-out pairs dropped for it")
+    )
+    checksums: dict[str, str] = field(
+        default_factory=dict,
+        metadata=key(
+            "object",
+            "table -> '<order-independent content hash, hex>-<rows>'; a model refuses tables whose "
+            "checksums differ from those it was trained on",
+        ),
+    )
+    eval_mask: dict[str, str] = field(
+        default_factory=lambda: dict(EVAL_MASK), metadata=key("object", "split -> what evaluation masks")
+    )
+    observation_window: list[str] | None = field(
+        default=None,
+        metadata=key(
+            "array", "[first day, run date] of the events read", nullable=True, kinds=(EVENTS_BUNDLE,)
+        ),
+    )
+    sources: list[str] | None = field(
+        default=None,
+        metadata=key(
+            "array",
+            "the source mappings (or, for frames, the data set) the tables came from",
+            nullable=True,
+            kinds=(EVENTS_BUNDLE, FRAMES_BUNDLE),
+        ),
+    )
+    validation_start: str | None = field(
+        default=None,
+        metadata=key(
+            "string",
+            "global_time: the validation window's start (ISO 8601, UTC)",
+            nullable=True,
+            kinds=(EVENTS_BUNDLE,),
+        ),
+    )
+    benchmark: str | None = field(
+        default=None,
+        metadata=key("string", "the benchmark folder's name", nullable=True, kinds=(BENCHMARK_BUNDLE,)),
+    )
+    split_rule: str | None = field(
+        default=None,
+        metadata=key(
+            "string",
+            "which files are training, validation and test, in words",
+            nullable=True,
+            kinds=(BENCHMARK_BUNDLE,),
+        ),
+    )
+    auxiliary_behaviors: dict[str, str] | None = field(
+        default=None,
+        metadata=key(
+            "object", "benchmark file stem -> canonical behaviour", nullable=True, kinds=(BENCHMARK_BUNDLE,)
+        ),
+    )
+    declared_size: dict[str, int] | None = field(
+        default=None,
+        metadata=key(
+            "object", "{users, items} of the folder's data_size.txt", nullable=True, kinds=(BENCHMARK_BUNDLE,)
+        ),
+    )
+
+    @property
+    def cutoff_time(self) -> datetime | None:
+        return datetime.fromisoformat(self.cutoff) if self.cutoff else None
+
+
+def write_manifest(bundle_dir: Path, manifest: TrainingManifest) -> Path:
+    """Write ``manifest.json`` into a (staged) bundle directory."""
+    path = Path(bundle_dir) / MANIFEST_FILE
+    path.write_text(json.dumps(document_json(manifest), indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def read_manifest(bundle_dir: Path) -> TrainingManifest:
+    path = Path(bundle_dir) / MANIFEST_FILE
+    return document_from_json(TrainingManifest, json.loads(path.read_text()), path)
 
 
 def events_dir(warehouse_root: Path) -> Path:

@@ -29,15 +29,19 @@ from pyspark.sql.window import Window
 from infra.logs import stage
 from infra.settings import Settings
 from infra.tables import (
+    BENCHMARK_BUNDLE,
     HELDOUT,
+    HOLDOUT,
     INTERACTIONS,
     ITEM_MAP,
     PURCHASE,
     TRAIN_EVENTS,
     USER_MAP,
     VISITED,
+    TrainingManifest,
+    document_json,
 )
-from jobs.split import HOLDOUT, TrainingTables, publish_and_count, seeded_sample
+from jobs.split import TrainingTables, publish_and_count, seeded_sample
 
 #: Benchmark file stem -> canonical behaviour, for the auxiliary behaviours.
 AUX_FILES = {"click": "view", "collect": "fav", "cart": "cart"}
@@ -58,9 +62,10 @@ def _pairs(spark: SparkSession, path: Path) -> DataFrame:
 
 
 def build_benchmark_tables(
-    spark: SparkSession, folder: Path, seed: int, val_user_fraction: float
-) -> tuple[TrainingTables, dict]:
-    """Read a benchmark folder into the training bundle's tables (MEMBER's Tmall split)."""
+    spark: SparkSession, folder: Path, seed: int, val_user_fraction: float, name: str | None = None
+) -> tuple[TrainingTables, TrainingManifest]:
+    """Read a benchmark folder into the training bundle's tables (MEMBER's Tmall split) and its
+    manifest (bundle name ``name``, default the folder's)."""
     folder = Path(folder)
     size = (folder / "data_size.txt").read_text().split()
     n_users, n_items = int(size[0]), int(size[1])
@@ -144,32 +149,32 @@ def build_benchmark_tables(
         ITEM_MAP.name: item_map,
         TRAIN_EVENTS.name: train_events,
     }
-    manifest = {
-        "kind": "benchmark",
-        "benchmark": folder.name,
-        "protocol": "member_tmall",
-        "split_rule": "train purchases = MBGCN train + test; test = MBGCN validation; "
+    manifest = TrainingManifest(
+        ds=name or folder.name,
+        kind=BENCHMARK_BUNDLE,
+        benchmark=folder.name,
+        protocol="member_tmall",
+        split_rule="train purchases = MBGCN train + test; test = MBGCN validation; "
         "validation = one seeded purchase of sampled users, removed from training",
-        "validation_design": HOLDOUT,
-        "auxiliary_behaviors": {stem: AUX_FILES[stem] for stem in aux_found},
-        "cutoff": None,
-        "cutoff_dt": None,
-        "seed": seed,
-        "val_user_fraction": val_user_fraction,
-        "declared_size": {"users": n_users, "items": n_items},
-    }
+        validation_design=HOLDOUT,
+        auxiliary_behaviors={stem: AUX_FILES[stem] for stem in aux_found},
+        cutoff=None,
+        seed=seed,
+        val_user_fraction=val_user_fraction,
+        declared_size={"users": n_users, "items": n_items},
+    )
     return TrainingTables(tables, {"test_repeat_purchase": repeat.count()}, cached=[events]), manifest
 
 
 def run_benchmark_split(
     spark: SparkSession, settings: Settings, folder: Path, name: str | None = None
 ) -> dict:
-    """Publish a benchmark folder's training tables as ``training/ds=<name>`` (default: the folder name)."""
+    """Publish a benchmark folder's training tables as ``training/ds=<name>`` (default: the folder
+    name); returns its manifest as written."""
     name = name or Path(folder).name
     with stage("split", benchmark=name) as counts:
         built, manifest = build_benchmark_tables(
-            spark, Path(folder), settings.seeds.split, settings.split.val_user_fraction
+            spark, Path(folder), settings.seeds.split, settings.split.val_user_fraction, name
         )
-        manifest["ds"] = name
-        manifest = publish_and_count(spark, settings, name, built, manifest, counts)
-    return manifest
+        manifest = publish_and_count(spark, settings, built, manifest, counts)
+    return document_json(manifest)

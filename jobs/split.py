@@ -33,8 +33,7 @@ the validation fit after its user's validation purchase is a bug: the job fails
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, time, timedelta
 
 from pyspark.sql import DataFrame, SparkSession
@@ -47,11 +46,12 @@ from infra.logs import stage
 from infra.settings import Settings
 from infra.tables import (
     BEHAVIORS,
+    EVENTS_BUNDLE,
     HELDOUT,
     INTERACTIONS,
     ITEM_MAP,
-    MANIFEST_FILE,
     PURCHASE,
+    REFIT,
     SESSION_EVENTS,
     SESSIONIZED,
     TRAIN_EVENTS,
@@ -59,14 +59,11 @@ from infra.tables import (
     USER_MAP,
     VISITED,
     Table,
+    TrainingManifest,
+    document_json,
+    write_manifest,
 )
 
-#: What evaluation must mask, recorded in the manifest and later as MLflow tags.
-EVAL_MASK = {"validation": "validation_fit_purchases", "test": "train_purchases"}
-#: How validation is built (manifest ``validation_design``): ``refit`` (time-clean validation fit,
-#: then a refit on every training event) or ``holdout`` (benchmarks without times: validation
-#: purchases removed from training; one fit).
-REFIT, HOLDOUT = "refit", "holdout"
 #: Funnel stage of each behaviour, the second key of the event order.
 FUNNEL_RANK = {b: i for i, b in enumerate(BEHAVIORS)}
 
@@ -515,9 +512,11 @@ def split_params(settings: Settings, run_date: date) -> SplitParams:
 
 
 def publish_training_tables(
-    spark: SparkSession, settings: Settings, ds: str, built: TrainingTables, manifest: dict
-) -> dict:
-    """Write, check and atomically publish the training bundle; return the completed manifest."""
+    spark: SparkSession, settings: Settings, built: TrainingTables, manifest: TrainingManifest
+) -> TrainingManifest:
+    """Write, check and atomically publish the training bundle ``manifest.ds``; return the manifest
+    completed with what the written tables hold."""
+    ds = manifest.ds
     target = TRAINING.dir(settings.paths.warehouse_root, ds)
     parts = int(spark.conf.get("spark.sql.shuffle.partitions"))
     sort_keys: dict[str, tuple[str, ...]] = {
@@ -540,7 +539,7 @@ def publish_training_tables(
             out = out.repartition(parts, "user_idx") if big else out.repartition(1)
             out.sortWithinPartitions(*sort_keys[name]).write.parquet(str(staged / name))
             written[name] = spark.read.schema(tables_by_name[name].spark_schema()).parquet(str(staged / name))
-        inspection = inspect_tables(written, manifest.get("cutoff_dt"))
+        inspection = inspect_tables(written, manifest.cutoff_time)
         leaks, sums, stats = inspection.leaks, inspection.checksums, inspection.stats
         if any(leaks.values()):
             raise LeakageError(f"training tables for {ds} leak held-out data: {leaks}; nothing published")
@@ -549,27 +548,26 @@ def publish_training_tables(
                 f"training tables for {ds} too small: {stats['users']} users, {stats['items']} items "
                 f"(split.min_users={settings.split.min_users}, split.min_items={settings.split.min_items})"
             )
-        manifest = {k: v for k, v in manifest.items() if k != "cutoff_dt"}
-        manifest.update(
+        manifest = replace(
+            manifest,
             stats=stats,
             leakage=leaks,
             dropped=dict(built.dropped),
             checksums={name: f"{h}-{n}" for name, (h, n) in sums.items()},
-            eval_mask=EVAL_MASK,
         )
-        (staged / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        write_manifest(staged, manifest)
     return manifest
 
 
 def publish_and_count(
-    spark: SparkSession, settings: Settings, ds: str, built: TrainingTables, manifest: dict, counts: dict
-) -> dict:
+    spark: SparkSession, settings: Settings, built: TrainingTables, manifest: TrainingManifest, counts: dict
+) -> TrainingManifest:
     """Publish the bundle, free its cached frames, and put its headline numbers on the stage's log line."""
     try:
-        manifest = publish_training_tables(spark, settings, ds, built, manifest)
+        manifest = publish_training_tables(spark, settings, built, manifest)
     finally:
         built.release()
-    st = manifest["stats"]
+    st = manifest.stats
     counts.update(
         users=st["users"],
         items=st["items"],
@@ -577,7 +575,7 @@ def publish_and_count(
         test_pairs=st["heldout"]["test"]["pairs"],
         test_users=st["heldout"]["test"]["users"],
         val_pairs=st["heldout"]["validation"]["pairs"],
-        **{f"dropped_{k}": v for k, v in manifest["dropped"].items()},
+        **{f"dropped_{k}": v for k, v in manifest.dropped.items()},
     )
     return manifest
 
@@ -592,7 +590,8 @@ def read_session_events(spark: SparkSession, settings: Settings, run_date: date)
 
 
 def run_split(spark: SparkSession, settings: Settings, run_date: date) -> dict:
-    """Build and publish ``training/ds=<run_date>`` from ``sessionized/ds=<run_date>``."""
+    """Build and publish ``training/ds=<run_date>`` from ``sessionized/ds=<run_date>``; returns its
+    manifest as written (``manifest.json``)."""
     cfg = settings.split
     params = split_params(settings, run_date)
     first_day = window_start(run_date, cfg.observation_days)
@@ -601,18 +600,17 @@ def run_split(spark: SparkSession, settings: Settings, run_date: date) -> dict:
             F.col("event_date") >= F.lit(first_day)
         )
         built = build_training_tables(events, params)
-        manifest = {
-            "ds": run_date.isoformat(),
-            "kind": "events",
-            "protocol": cfg.protocol,
-            "cutoff": params.cutoff.isoformat() if params.cutoff else None,
-            "cutoff_dt": params.cutoff,
-            "observation_window": [first_day.isoformat(), run_date.isoformat()],
-            "sources": list(settings.pipeline.sources),
-            "seed": params.seed,
-            "val_user_fraction": params.val_user_fraction,
-            "validation_design": REFIT,
-            "validation_start": params.validation_start.isoformat() if params.validation_start else None,
-        }
-        manifest = publish_and_count(spark, settings, run_date.isoformat(), built, manifest, counts)
-    return manifest
+        manifest = TrainingManifest(
+            ds=run_date.isoformat(),
+            kind=EVENTS_BUNDLE,
+            protocol=cfg.protocol,
+            cutoff=params.cutoff.isoformat() if params.cutoff else None,
+            observation_window=[first_day.isoformat(), run_date.isoformat()],
+            sources=list(settings.pipeline.sources),
+            seed=params.seed,
+            val_user_fraction=params.val_user_fraction,
+            validation_design=REFIT,
+            validation_start=params.validation_start.isoformat() if params.validation_start else None,
+        )
+        manifest = publish_and_count(spark, settings, built, manifest, counts)
+    return document_json(manifest)

@@ -62,9 +62,9 @@ def save_trained(
         "seed": seed,
         "ds": ds,
         "training_dir": str(training_dir(warehouse_root, ds).relative_to(warehouse_root)),
-        "training_checksums": data.manifest.get("checksums", {}),
-        "split_protocol": data.manifest.get("protocol"),
-        "eval_mask": data.manifest.get("eval_mask"),
+        "training_checksums": data.manifest.checksums,
+        "split_protocol": data.manifest.protocol,
+        "eval_mask": data.manifest.eval_mask,
         "refitted": fit.refitted,
         "n_users": data.n_users,
         "n_items": data.n_items,
@@ -126,7 +126,7 @@ def load_model_dir(path: Path, data: TrainingData, device: str | None = None) ->
     Refuses tables whose checksums differ from the ones the model was trained on.
     """
     meta = read_meta(path)
-    if data.manifest.get("checksums", {}) != meta.get("training_checksums", {}):
+    if data.manifest.checksums != meta.get("training_checksums", {}):
         raise RuntimeError(
             f"training tables at {data.root} differ from the ones {meta['name']} was trained on "
             "(checksums differ); retrain"

@@ -8,29 +8,41 @@ validation fit sees (nothing at or after a validation purchase), and ``full``, e
 which the refit that is tested and served sees. Both share the id maps and the held-out pairs; the
 matrices, visited sets and event counts differ. Benchmark bundles (``validation_design: holdout``)
 have one view: the same data under both names.
+
+``write_training_bundle`` publishes a bundle from tables held in memory (tests, the scoring
+benchmark), with the catalogue's schemas and a complete manifest, as ``split`` publishes its own;
+``tables_of`` gives those tables for a ``TrainingData`` built in memory.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 
+from infra import atomic
 from infra.tables import (
     BEHAVIORS,
+    FRAMES_BUNDLE,
     HELDOUT,
+    HOLDOUT,
     INTERACTIONS,
     ITEM_MAP,
-    MANIFEST_FILE,
     PURCHASE,
+    REFIT,
     TRAIN_EVENTS,
+    TRAINING,
     USER_MAP,
     VISITED,
+    TrainingManifest,
+    read_manifest,
+    write_manifest,
 )
 
 
@@ -51,7 +63,7 @@ class TrainingData:
         matrices: behaviour -> CSR (n_users x n_items) of 0/1 interactions in training.
         visited: CSR of each user's visited set.
         heldout: split name -> (user_idx, item_idx, visited) arrays.
-        manifest: the bundle's manifest.json.
+        manifest: the bundle's manifest (None for data built in memory).
     """
 
     root: Path
@@ -61,14 +73,14 @@ class TrainingData:
     matrices: dict[str, sp.csr_matrix]
     visited: sp.csr_matrix
     heldout: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
-    manifest: dict
+    manifest: TrainingManifest | None
     user_events: np.ndarray = field(repr=False)
     view: str = "full"
 
     @property
     def refit(self) -> bool:
         """Whether validation is measured on a separate validation fit (``validation_design``)."""
-        return self.manifest.get("validation_design") == "refit"
+        return self.manifest is not None and self.manifest.validation_design == REFIT
 
     def check_evaluable(self, split: str) -> None:
         """Refuse to evaluate ``split`` on the wrong view: validation on the validation fit's data,
@@ -167,10 +179,10 @@ def load_training_data(root: Path, view: str = "full") -> TrainingData:
     if view not in VIEWS:
         raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
     root = Path(root)
-    manifest = json.loads((root / MANIFEST_FILE).read_text())
+    manifest = read_manifest(root)
     n_users = _read(root / USER_MAP.name, ["user_idx"]).num_rows
     n_items = _read(root / ITEM_MAP.name, ["item_idx"]).num_rows
-    fit_view = view == "validation" and manifest.get("validation_design") == "refit"
+    fit_view = view == "validation" and manifest.validation_design == REFIT
     if fit_view:
         cols = ["user_idx", "item_idx", "behavior", "validation_fit"]
         ev = _read(root / TRAIN_EVENTS.name, cols).to_pandas()
@@ -211,3 +223,107 @@ def load_training_data(root: Path, view: str = "full") -> TrainingData:
         user_events=user_events,
         view=view,
     )
+
+
+def tables_of(data: TrainingData) -> dict[str, pd.DataFrame]:
+    """The bundle's tables of data built in memory: user ids ``u<idx>``, item ids ``i<idx>`` (no
+    categories), one interaction and one training event per (user, item, behaviour) of its matrices
+    (count 1, no times, every event seen by the one fit) and its held-out pairs (no times)."""
+    pairs = []
+    for behavior, m in data.matrices.items():
+        coo = m.tocoo()
+        pairs.append(pd.DataFrame({"user_idx": coo.row, "item_idx": coo.col, "behavior": behavior}))
+    inter = pd.concat(pairs, ignore_index=True).astype({"user_idx": "int32", "item_idx": "int32"})
+    inter = inter.sort_values(["user_idx", "item_idx", "behavior"], ignore_index=True)
+    vis = data.visited.tocoo()
+    held = pd.concat(
+        [
+            pd.DataFrame({"user_idx": u, "item_idx": i, "split": split, "visited": np.asarray(v, bool)})
+            for split, (u, i, v) in data.heldout.items()
+        ],
+        ignore_index=True,
+    )
+    return {
+        USER_MAP.name: pd.DataFrame(
+            {"user_id": [f"u{u}" for u in range(data.n_users)], "user_idx": range(data.n_users)}
+        ),
+        ITEM_MAP.name: pd.DataFrame(
+            {
+                "item_id": [f"i{i}" for i in range(data.n_items)],
+                "item_idx": range(data.n_items),
+                "category_id": None,
+            }
+        ),
+        INTERACTIONS.name: inter.assign(count=1, last_time=None),
+        VISITED.name: pd.DataFrame({"user_idx": vis.row, "item_idx": vis.col}),
+        HELDOUT.name: held.assign(event_time=None),
+        TRAIN_EVENTS.name: inter.assign(event_time=None, session_id=None, validation_fit=True),
+    }
+
+
+def _checksum(table: pd.DataFrame) -> str:
+    # Summed row hashes, like split's: the checksum does not depend on the order of the rows.
+    total = pd.util.hash_pandas_object(table, index=False).to_numpy().sum(dtype=np.uint64)
+    return f"{int(total):016x}-{len(table)}"
+
+
+def _stats(t: dict[str, pd.DataFrame]) -> dict:
+    held = t[HELDOUT.name]
+
+    def split_stats(split: str) -> dict[str, int]:
+        rows = held[held["split"] == split]
+        visited = int(rows["visited"].sum())
+        return {
+            "pairs": len(rows),
+            "visited": visited,
+            "unvisited": len(rows) - visited,
+            "users": rows["user_idx"].nunique(),
+        }
+
+    by_behavior = t[INTERACTIONS.name].groupby("behavior").size()
+    return {
+        "users": len(t[USER_MAP.name]),
+        "items": len(t[ITEM_MAP.name]),
+        "train_events": len(t[TRAIN_EVENTS.name]),
+        "interaction_pairs_by_behavior": {b: int(n) for b, n in sorted(by_behavior.items())},
+        "visited_pairs": len(t[VISITED.name]),
+        "heldout": {split: split_stats(split) for split in ("validation", "test")},
+    }
+
+
+def write_training_bundle(
+    warehouse_root: Path,
+    ds: str,
+    tables: dict[str, pd.DataFrame],
+    protocol: str,
+    sources: list[str],
+    validation_design: str = HOLDOUT,
+) -> Path:
+    """Publish ``tables`` (one frame per table of the ``training`` bundle, with its columns) as
+    ``training/ds=<ds>``, atomically, with its manifest (kind ``frames``): the checksums and stats of
+    the tables as written. Returns the bundle directory."""
+    names = {t.name: t for t in TRAINING.tables}
+    if set(tables) != set(names):
+        raise ValueError(f"a training bundle has the tables {sorted(names)}, got {sorted(tables)}")
+    target = TRAINING.dir(warehouse_root, ds)
+    with atomic.staged_dir(target) as staged:
+        written = {}
+        for name, frame in tables.items():
+            table = names[name]
+            (staged / name).mkdir(parents=True)
+            arrow = pa.Table.from_pandas(
+                frame[table.column_names], schema=table.arrow_schema(), preserve_index=False
+            )
+            pq.write_table(arrow, staged / name / "part-00000.parquet")
+            written[name] = pq.read_table(staged / name).to_pandas()
+        manifest = TrainingManifest(
+            ds=ds,
+            kind=FRAMES_BUNDLE,
+            protocol=protocol,
+            validation_design=validation_design,
+            sources=list(sources),
+            stats=_stats(written),
+            checksums={name: _checksum(frame) for name, frame in written.items()},
+        )
+        write_manifest(staged, manifest)
+    return target

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from infra.settings import Settings
-from infra.tables import validation_result_path
+from infra.tables import TrainingManifest, validation_result_path
 
 T = TypeVar("T")
 
@@ -152,15 +152,15 @@ def _flat_params(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-def run_tags(ds: str, name: str, model_class: str, manifest: dict[str, Any]) -> dict[str, str]:
+def run_tags(ds: str, name: str, model_class: str, manifest: TrainingManifest) -> dict[str, str]:
     return {
         "funnelrec.ds": ds,
         "funnelrec.model": name,
         "funnelrec.model_family": model_class,
-        "funnelrec.dataset": ",".join(manifest.get("sources", [])) or str(manifest.get("benchmark", ds)),
-        "funnelrec.split": str(manifest.get("protocol")),
-        "eval.mask": str(manifest.get("eval_mask")),
-        "eval.split": str(manifest.get("protocol")),
+        "funnelrec.dataset": ",".join(manifest.sources or []) or (manifest.benchmark or ds),
+        "funnelrec.split": str(manifest.protocol),
+        "eval.mask": str(manifest.eval_mask),
+        "eval.split": str(manifest.protocol),
         "mlflow.source.git.commit": git_commit(),
         "mlflow.runName": f"{name} {ds}",
     }
@@ -168,7 +168,12 @@ def run_tags(ds: str, name: str, model_class: str, manifest: dict[str, Any]) -> 
 
 @contextmanager
 def train_run(
-    settings: Settings, ds: str, name: str, config: dict[str, Any], manifest: dict, model_class: str
+    settings: Settings,
+    ds: str,
+    name: str,
+    config: dict[str, Any],
+    manifest: TrainingManifest,
+    model_class: str,
 ):
     """An MLflow run around training; yields the active run (ended FAILED if the body raises)."""
     import mlflow
@@ -186,8 +191,8 @@ def train_run(
         mlflow.log_params(
             {
                 "data.ds": ds,
-                **{f"data.checksum.{t}": c for t, c in sorted(manifest.get("checksums", {}).items())},
-                "data.protocol": str(manifest.get("protocol")),
+                **{f"data.checksum.{t}": c for t, c in sorted(manifest.checksums.items())},
+                "data.protocol": str(manifest.protocol),
             }
         )
         yield run

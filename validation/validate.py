@@ -12,8 +12,7 @@ runner unpersists each after its checkpoint.
 
 from __future__ import annotations
 
-import json
-from datetime import date, datetime
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,6 @@ from infra.tables import (
     HELDOUT,
     INTERACTIONS,
     ITEM_MAP,
-    MANIFEST_FILE,
     SCORES,
     SERVING,
     SERVING_CONTEXT,
@@ -43,6 +41,7 @@ from infra.tables import (
     Table,
     events_dir,
     published_dates,
+    read_manifest,
     scores_dir,
     scores_staged_dir,
     validation_result_path,
@@ -170,9 +169,8 @@ def run_validate(spark: SparkSession, settings: Settings, table: str, run_date: 
             x.name: _read(spark, x, bundle / x.name)
             for x in (HELDOUT, VISITED, INTERACTIONS, USER_MAP, ITEM_MAP, TRAIN_EVENTS)
         }
-        manifest = json.loads((bundle / MANIFEST_FILE).read_text())
-        cutoff = datetime.fromisoformat(manifest["cutoff"]) if manifest.get("cutoff") else None
-        sizes = manifest["stats"]
+        manifest = read_manifest(bundle)
+        sizes = manifest.stats
         pairs = [
             (
                 suites.heldout_suite(),
@@ -180,7 +178,7 @@ def run_validate(spark: SparkSession, settings: Settings, table: str, run_date: 
                     t[HELDOUT.name], t[VISITED.name], t[INTERACTIONS.name], t[TRAIN_EVENTS.name]
                 ).persist(),
             ),
-            (suites.interactions_suite(cutoff), t[INTERACTIONS.name]),
+            (suites.interactions_suite(manifest.cutoff_time), t[INTERACTIONS.name]),
             (suites.id_map_suite("user", sizes["users"], settings.split.min_users), t[USER_MAP.name]),
             (suites.id_map_suite("item", sizes["items"], settings.split.min_items), t[ITEM_MAP.name]),
         ]

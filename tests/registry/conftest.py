@@ -1,9 +1,8 @@
 """Registry fixtures: a real MLflow store (SQLite file, or an `mlflow server` on a free loopback
-port), and a training bundle written to disk as Parquet with the catalogue's schemas."""
+port), and a training bundle of in-memory data published by ``training.data.write_training_bundle``."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -13,87 +12,20 @@ import time
 import urllib.request
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from infra.settings import DEFAULT_PROMOTION_POLICY
-from infra.tables import (
-    HELDOUT,
-    INTERACTIONS,
-    ITEM_MAP,
-    MANIFEST_FILE,
-    TRAIN_EVENTS,
-    TRAINING,
-    USER_MAP,
-    VISITED,
-)
 from tests.conftest import settings_under
 from tests.training.conftest import tiny_data
+from training.data import tables_of, write_training_bundle
 
 DS = "2026-01-05"
 
 
 def write_bundle(data, warehouse: Path, ds: str = DS) -> Path:
-    """Write an in-memory ``TrainingData`` as ``training/ds=<ds>`` (what `split` publishes)."""
-    root = TRAINING.dir(warehouse, ds)
-    root.mkdir(parents=True)
-
-    def put(table, columns: dict) -> None:
-        (root / table.name).mkdir()
-        pq.write_table(pa.table(columns, schema=table.arrow_schema()), root / table.name / "part-0.parquet")
-
-    put(USER_MAP, {"user_id": [f"u{u}" for u in range(data.n_users)], "user_idx": list(range(data.n_users))})
-    put(
-        ITEM_MAP,
-        {
-            "item_id": [f"i{i}" for i in range(data.n_items)],
-            "item_idx": list(range(data.n_items)),
-            "category_id": [str(i % 5) for i in range(data.n_items)],
-        },
-    )
-    rows = {"user_idx": [], "item_idx": [], "behavior": [], "count": [], "last_time": []}
-    for behavior, m in data.matrices.items():
-        coo = m.tocoo()
-        rows["user_idx"] += coo.row.tolist()
-        rows["item_idx"] += coo.col.tolist()
-        rows["behavior"] += [behavior] * coo.nnz
-        rows["count"] += [1] * coo.nnz
-        rows["last_time"] += [None] * coo.nnz
-    put(INTERACTIONS, rows)
-    vis = data.visited.tocoo()
-    put(VISITED, {"user_idx": vis.row.tolist(), "item_idx": vis.col.tolist()})
-    held = {"user_idx": [], "item_idx": [], "split": [], "event_time": [], "visited": []}
-    for split, (u, i, v) in data.heldout.items():
-        held["user_idx"] += u.tolist()
-        held["item_idx"] += i.tolist()
-        held["split"] += [split] * len(u)
-        held["event_time"] += [None] * len(u)
-        held["visited"] += [bool(x) for x in v]
-    put(HELDOUT, held)
-    users = np.repeat(np.arange(data.n_users), data.user_events)
-    put(
-        TRAIN_EVENTS,
-        {
-            "user_idx": users.tolist(),
-            "item_idx": [0] * len(users),
-            "behavior": ["view"] * len(users),
-            "event_time": [None] * len(users),
-            "session_id": [None] * len(users),
-            "validation_fit": [True] * len(users),
-        },
-    )
-    manifest = {
-        "ds": ds,
-        "protocol": "fixture",
-        "eval_mask": "train_purchases",
-        "sources": ["tiny"],
-        "checksums": {t: f"fixture-{ds}-{t}" for t in ("interactions", "heldout")},
-    }
-    (root / MANIFEST_FILE).write_text(json.dumps(manifest))
-    return root
+    """Publish in-memory ``TrainingData`` as ``training/ds=<ds>``, as the code that owns bundles does."""
+    return write_training_bundle(warehouse, ds, tables_of(data), protocol="fixture", sources=["tiny"])
 
 
 def _free_port() -> int:

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 import mlflow
-from infra.tables import FALLBACK
+from infra.tables import EVAL_MASK, FALLBACK, TRAINING, read_manifest
 from tests.registry.conftest import DS
 from training import tracking
 from training.artifacts import load_trained
@@ -47,9 +47,10 @@ def test_tracked_run_has_params_tags_curves_metrics_and_artifacts(trained):
     assert run.info.status == "FINISHED"
     params, tags, values = run.data.params, run.data.tags, run.data.metrics
     assert params["factors"] == str(meta["config"]["factors"]) and params["seed"] == "42"
-    assert params["data.ds"] == DS and params["data.checksum.interactions"] == f"fixture-{DS}-interactions"
+    checksums = read_manifest(TRAINING.dir(trained.paths.warehouse_root, DS)).checksums
+    assert params["data.ds"] == DS and params["data.checksum.interactions"] == checksums["interactions"]
     assert tags["funnelrec.model_family"] == "als" and tags["funnelrec.dataset"] == "tiny"
-    assert tags["eval.mask"] == "train_purchases" and tags["eval.split"] == "fixture"
+    assert tags["eval.mask"] == str(EVAL_MASK) and tags["eval.split"] == "fixture"
     assert len(tags["mlflow.source.git.commit"]) == 40
     for split in ("validation", "test"):
         for setting in SETTINGS:

@@ -11,13 +11,16 @@ from pyspark.sql import functions as F
 
 from infra.tables import (
     EVENTS,
+    EVENTS_BUNDLE,
     HELDOUT,
     INTERACTIONS,
     ITEM_MAP,
     MANIFEST_FILE,
+    REFIT,
     TRAIN_EVENTS,
     TRAINING,
     USER_MAP,
+    TrainingManifest,
     events_dir,
 )
 from jobs.sessionize import run_sessionize
@@ -353,9 +356,14 @@ def test_leakage_is_detected_and_stops_publishing(spark, hand_tables):
         publish_training_tables(
             spark,
             settings,
-            RUN.isoformat(),
             TrainingTables({**tables, HELDOUT.name: leaked}),
-            {"cutoff_dt": datetime(2020, 1, 3, tzinfo=UTC)},
+            TrainingManifest(
+                ds=RUN.isoformat(),
+                kind=EVENTS_BUNDLE,
+                protocol="global_time",
+                validation_design=REFIT,
+                cutoff=datetime(2020, 1, 3, tzinfo=UTC).isoformat(),
+            ),
         )
     assert {p: p.read_bytes() for p in root.rglob("*.parquet")} == before  # previous tables untouched
 

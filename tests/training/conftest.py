@@ -56,7 +56,7 @@ def tiny_data(seed: int = 0, n_users: int = 80, n_items: int = 50) -> TrainingDa
         matrices={"view": csr(views), "cart": csr(carts), "purchase": csr(buys)},
         visited=visited,
         heldout={"test": held(test), "validation": held(val)},
-        manifest={},
+        manifest=None,
         user_events=np.full(n_users, 9),
     )
 

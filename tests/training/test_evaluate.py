@@ -10,6 +10,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from infra.tables import FRAMES_BUNDLE, REFIT, TrainingManifest
 from training.data import TrainingData
 from training.evaluate import (
     chance_hr,
@@ -48,7 +49,7 @@ def _data(n_users, n_items, purchases, visited, test, user_events, validation=()
         {"purchase": csr(purchases), "view": csr(visited)},
         csr(visited),
         heldout,
-        {},
+        None,
         np.array(user_events),
     )
 
@@ -154,7 +155,7 @@ def test_a_refit_bundle_refuses_the_wrong_view():
     d = _data(
         1, 4, purchases=[], visited=[], test=[(0, 2, False)], user_events=[1], validation=[(0, 3, False)]
     )
-    d.manifest = {"validation_design": "refit"}
+    d.manifest = TrainingManifest(ds="t", kind=FRAMES_BUNDLE, protocol="test", validation_design=REFIT)
     fn = lambda u: torch.zeros(len(u), 4)  # noqa: E731
     evaluate_scores(fn, d, "test", ks=(1,))
     with pytest.raises(ValueError, match="validation view"):
