@@ -279,7 +279,7 @@ def register(settings: Settings, ds: str, name: str) -> int:
     call(
         settings, "set challenger", lambda: client.set_registered_model_alias(model, CHALLENGER, str(version))
     )
-    get_logger("registry").info(f"stage=register ds={ds} model={name} version={version} alias={CHALLENGER}")
+    get_logger("registry").info("register", ds=ds, model=name, version=version, alias=CHALLENGER)
     return version
 
 
@@ -737,7 +737,7 @@ def promote(settings: Settings, version: int | None = None, ds: str | None = Non
     with registry_lease(settings, client, owner=f"promote-{date}") as lease:
         champion = alias_version(settings, client, CHAMPION)
         if champion in versions:
-            log.info(f"stage=promote ds={date} version={champion} decision=already_champion")
+            log.info("promote", ds=date, version=champion, decision="already_champion")
             return Decision("already_champion", champion, champion, champion)
         root = Path(settings.paths.warehouse_root) / "training" / f"ds={date}"
         if not root.is_dir():
@@ -751,7 +751,7 @@ def promote(settings: Settings, version: int | None = None, ds: str | None = Non
             for v in [*versions, *([champion] if champion is not None else [])]:
                 measured[v], errors[v] = _measure_or_why(settings, v, target, policy.split, work)
                 if errors[v]:
-                    log.warning(f"stage=promote version={v} measure=failed error={errors[v]!r}")
+                    log.warning("promote", version=v, measure="failed", error=errors[v])
             theirs = measured.get(champion) if champion is not None else None
             champion_error = errors.get(champion) if champion is not None else None
         floor = (
@@ -793,9 +793,14 @@ def promote(settings: Settings, version: int | None = None, ds: str | None = Non
             _tag_candidate(settings, client, c, d, date)
         write_decisions(settings, date, d)
     log.info(
-        f"stage=promote ds={date} candidates={len(candidates)} decision={d.action} version={d.version} "
-        f"champion_before={d.champion_before} champion_after={d.champion_after} "
-        f"failed_gates={','.join(g.name for g in d.failed) or 'none'}"
+        "promote",
+        ds=date,
+        candidates=len(candidates),
+        decision=d.action,
+        version=d.version,
+        champion_before=d.champion_before,
+        champion_after=d.champion_after,
+        failed_gates=",".join(g.name for g in d.failed) or "none",
     )
     return d
 
@@ -832,7 +837,7 @@ def rollback(settings: Settings) -> Decision:
                 "tag version",
                 lambda k=key, v=value: client.set_model_version_tag(model, str(current), k, v),
             )
-    get_logger("registry").info(f"stage=rollback from={current} to={previous}")
+    get_logger("registry").info("rollback", champion_before=current, champion_after=previous)
     return Decision("rolled_back", current, current, previous)
 
 

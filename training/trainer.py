@@ -232,10 +232,9 @@ def train(
         epoch_seconds.append(train_seconds)
         history.append(row)
         log.info(
-            " ".join(
-                f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}"
-                for k, v in {"model": model.name, **row}.items()
-            )
+            "epoch",
+            model=model.name,
+            **{k: float(f"{v:.5g}") if isinstance(v, float) else v for k, v in row.items()},
         )
         if best is not None and bad >= cfg.patience:
             break
