@@ -35,11 +35,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import tenacity
 import yaml
 
 from infra.logs import get_logger
 from infra.settings import Settings
-from training.tracking import call, connect
+from training.tracking import call, connect, exception_chain
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -497,43 +498,29 @@ def evaluate_gates(
 # -- the lease -----------------------------------------------------------------------------------
 @contextmanager
 def registry_lease(settings: Settings, client, owner: str) -> Iterator[str]:
-    """Hold the registered model's promotion lease (a tag) while the body runs."""
-    from mlflow.exceptions import MlflowException
-
+    """Hold the registered model's promotion lease (a tag) while the body runs; wait for it up to
+    ``mlflow.lock_timeout_seconds``, trying again after 0.3 s, doubling up to 5 s."""
     model = settings.mlflow.registered_model
     token = f"{owner}:{uuid.uuid4().hex}"
     ttl = settings.mlflow.lock_timeout_seconds
-    deadline = time.monotonic() + ttl
-    delay = SETTLE_SECONDS
-    while True:
-        held = model_tags(settings, client).get(LOCK_TAG)
-        if held:
-            holder = json.loads(held)
-            if holder["until"] < time.time():
-                held = None  # a crashed holder's lease expired
-        if not held:
-            lease = json.dumps({"token": token, "until": time.time() + ttl})
-            try:
-                call(
-                    settings,
-                    "take lease",
-                    lambda v=lease: client.set_registered_model_tag(model, LOCK_TAG, v),
-                )
-            except MlflowException as exc:
-                if not _lost_insert_race(exc):
-                    raise
-                # Both saw no lease and inserted the tag at once: the store refused one insert.
-                # The re-read below says who holds it.
-            time.sleep(SETTLE_SECONDS)
-            now = model_tags(settings, client).get(LOCK_TAG)
-            if now and json.loads(now)["token"] == token:
-                break
-        if time.monotonic() > deadline:
-            raise PromotionError(
-                f"another promotion holds the registry lease of {model} ({held}); gave up after {ttl:.0f} s"
-            )
-        time.sleep(delay)
-        delay = min(delay * 2, 5.0)
+    waiting = tenacity.Retrying(
+        stop=tenacity.stop_after_delay(ttl),
+        wait=tenacity.wait_exponential(multiplier=SETTLE_SECONDS, max=5.0),
+        retry=tenacity.retry_if_result(lambda outcome: not outcome[0]),
+        before_sleep=lambda state: get_logger("registry").info(
+            "lease_wait",
+            owner=owner,
+            held_by=_lease_holder(state.outcome.result()[1]),
+            wait_seconds=state.upcoming_sleep,
+        ),
+    )
+    try:
+        waiting(_take_lease, settings, client, token, ttl)
+    except tenacity.RetryError as gave_up:
+        held = gave_up.last_attempt.result()[1]
+        raise PromotionError(
+            f"another promotion holds the registry lease of {model} ({held}); gave up after {ttl:.0f} s"
+        ) from None
     try:
         yield token
     finally:
@@ -542,13 +529,47 @@ def registry_lease(settings: Settings, client, owner: str) -> Iterator[str]:
             call(settings, "release lease", lambda: client.delete_registered_model_tag(model, LOCK_TAG))
 
 
+def _take_lease(settings: Settings, client, token: str, ttl: float) -> tuple[bool, str | None]:
+    """One try at the lease: ``(True, lease)`` once ``token`` holds it, else ``(False, the lease seen)``."""
+    from mlflow.exceptions import MlflowException
+
+    model = settings.mlflow.registered_model
+    held = model_tags(settings, client).get(LOCK_TAG)
+    if held and json.loads(held)["until"] < time.time():
+        held = None  # a crashed holder's lease expired
+    if held:
+        return False, held
+    lease = json.dumps({"token": token, "until": time.time() + ttl})
+    try:
+        call(settings, "take lease", lambda: client.set_registered_model_tag(model, LOCK_TAG, lease))
+    except MlflowException as exc:
+        if not _lost_insert_race(exc):
+            raise
+        # Both saw no lease and inserted the tag at once: the store refused one insert.
+        # The re-read below says who holds it.
+    time.sleep(SETTLE_SECONDS)
+    now = model_tags(settings, client).get(LOCK_TAG)
+    return bool(now and json.loads(now)["token"] == token), now
+
+
+def _lease_holder(lease: str | None) -> str | None:
+    return json.loads(lease)["token"] if lease else None
+
+
 def _lost_insert_race(exc: BaseException) -> bool:
     """Whether a tag write failed only because another writer inserted the same key first (a
-    database store's unique key: SQLAlchemy's IntegrityError under MLflow's exception)."""
+    database store's unique key: SQLAlchemy's IntegrityError under MLflow's exception).
+
+    In-process the IntegrityError is in the exception's chain. A tracking server sends only
+    ``BAD_REQUEST`` and the error's text, so there the text is what names it."""
+    from mlflow.exceptions import RestException
     from sqlalchemy.exc import IntegrityError
 
-    cause = exc.__cause__
-    return isinstance(cause, IntegrityError) or "IntegrityError" in str(exc)
+    if any(isinstance(e, IntegrityError) for e in exception_chain(exc)):
+        return True
+    return (
+        isinstance(exc, RestException) and exc.error_code == "BAD_REQUEST" and "IntegrityError" in exc.message
+    )
 
 
 def _append_history(settings: Settings, client, entry: dict[str, Any], stack: list[int]) -> None:

@@ -11,8 +11,11 @@ Metric names are ``<split>.<setting>.<metric>_at_<K>`` (``validation.standard.ND
 MLflow does not allow ``@`` in a name.
 
 Connection: ``connect`` points MLflow at the configured tracking/registry URIs (the embedded
-SQLite store under the warehouse by default) and bounds HTTP retries from the settings, so an
-unreachable server fails in seconds with ``RegistryUnavailable`` instead of retrying for minutes.
+SQLite store under the warehouse by default) and bounds MLflow's own HTTP retries (connection
+errors, 408/429/5xx) from the settings, so an unreachable server fails in seconds with
+``RegistryUnavailable`` instead of retrying for minutes. ``call`` retries, with the same bounds, what
+MLflow's HTTP layer never sees: a store that answers ``TEMPORARILY_UNAVAILABLE`` in-process (the
+SQLite store when the database stays locked).
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+import tenacity
+
+from infra.logs import get_logger
 from infra.settings import Settings
 from infra.tables import TrainingManifest, validation_result_path
 
@@ -86,22 +92,68 @@ def connect(settings: Settings):
 
 
 def call(settings: Settings, what: str, fn: Callable[[], T]) -> T:
-    """Run one tracking/registry request; a connection failure becomes ``RegistryUnavailable``.
+    """Run one tracking/registry request; a store that stays unavailable raises ``RegistryUnavailable``.
 
-    MLflow's HTTP layer already retried it ``max_retries`` times with exponential backoff.
+    Over HTTP, MLflow's own layer has already retried a connection failure or a transient status
+    ``max_retries`` times; an in-process store's ``TEMPORARILY_UNAVAILABLE`` is retried here, as often,
+    with the same exponential backoff. Any other error is raised at once.
     """
-    from mlflow.exceptions import MlflowException
-    from requests.exceptions import RequestException
-
+    cfg = settings.mlflow
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(cfg.max_retries + 1),
+        # urllib3's schedule, which MLflow's HTTP retries follow: backoff, 2x, 4x... capped at 120 s
+        wait=tenacity.wait_exponential(multiplier=cfg.backoff_seconds, max=120),
+        retry=tenacity.retry_if_exception(_store_busy),
+        before_sleep=lambda state: _log_retry(what, state),
+        reraise=True,
+    )
     try:
-        return fn()
-    except (RequestException, ConnectionError) as exc:
-        raise _unavailable(settings, what, exc) from exc
-    except MlflowException as exc:
-        text = str(exc)
-        if "Max retries exceeded" in text or "Connection refused" in text or "failed with exception" in text:
+        return retrying(fn)
+    except Exception as exc:
+        if _unreachable(exc) or _store_busy(exc):
             raise _unavailable(settings, what, exc) from exc
         raise
+
+
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and what it was raised from or while handling: MLflow wraps HTTP failures in its own
+    exception, sometimes without ``from``."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """The server could not be reached, or kept answering 408/429/5xx, after MLflow's HTTP retries."""
+    from requests.exceptions import ConnectionError as RequestsConnectionError
+    from requests.exceptions import RetryError, Timeout
+
+    return any(
+        isinstance(e, RequestsConnectionError | Timeout | RetryError | ConnectionError)
+        for e in exception_chain(exc)
+    )
+
+
+def _store_busy(exc: BaseException) -> bool:
+    """MLflow's code for a store that may answer on a retry (an in-process store's locked database)."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(exc, MlflowException) and exc.error_code == "TEMPORARILY_UNAVAILABLE"
+
+
+def _log_retry(what: str, state: tenacity.RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome else None
+    get_logger("mlflow").warning(
+        "mlflow_retry",
+        request=what,
+        attempt=state.attempt_number,
+        wait_seconds=state.upcoming_sleep,
+        error=type(exc).__name__,
+        error_code=getattr(exc, "error_code", None),
+    )
 
 
 def _unavailable(settings: Settings, what: str, exc: BaseException) -> RegistryUnavailable:
