@@ -7,18 +7,22 @@ as they are (a Spark datasource with whole-dataframe batches): nothing is collec
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
+
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
 DATASOURCE = "funnelrec_spark"
 SITE = "funnelrec_site"
 SAMPLES = 5
+# Longer than any one validation, even queued behind a backfill's other dates; a wait this long
+# means a holder that hangs (the OS frees the lock of a process that exits, however it exits).
+LOCK_TIMEOUT_SECONDS = 3600.0
 
 
 @dataclass
@@ -104,18 +108,30 @@ def run_checkpoint(
     gx_root: Path,
     docs_dir: Path,
     result_path: Path,
+    lock_timeout: float = LOCK_TIMEOUT_SECONDS,
 ) -> dict[str, Any]:
     """Validate each (suite, Spark DataFrame) pair in one checkpoint; raise ``ValidationFailed`` on any failure.
 
     Writes the checkpoint result as JSON to ``result_path`` and rebuilds the Data Docs site either way.
+    Waits up to ``lock_timeout`` seconds for another validation of the same warehouse to finish,
+    then raises ``TimeoutError``.
     """
     gx_root.mkdir(parents=True, exist_ok=True)
     # The GX project is files (suites, validation definitions, checkpoints) that every validation
     # rewrites; two runs at once (a backfill's parallel dates) would read each other's half-written
     # files. One validation per warehouse at a time.
-    with open(gx_root / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    lock = FileLock(gx_root / ".lock", timeout=lock_timeout)
+    try:
+        lock.acquire()
+    except Timeout as exc:
+        raise TimeoutError(
+            f"validation of {name} for {ds} waited {lock_timeout:g} s for the GX project lock "
+            f"{lock.lock_file}, held by another validation of this warehouse; nothing was validated"
+        ) from exc
+    try:
         return _run_checkpoint(name, ds, suites, gx_root, docs_dir, result_path)
+    finally:
+        lock.release()
 
 
 def _run_checkpoint(
