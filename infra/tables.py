@@ -20,6 +20,7 @@ is published as a unit (see ``infra.atomic``), so readers never mix tables of tw
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import MISSING, dataclass, field, fields
 from datetime import date, datetime
 from pathlib import Path
@@ -278,6 +279,8 @@ SERVING_CONTEXT = Table(
     "Each active user's context as of the date, which the champion scores from (`context`): not the "
     "tables the champion was trained on.",
 )
+#: The ``serving_context`` columns the champion's pyfunc takes as input, in its input order.
+CONTEXT_INPUT: tuple[str, ...] = ("user_id", "visited", "bought", "history_items", "history_behaviors")
 
 CATALOGUE = Table(
     "catalogue",
@@ -301,24 +304,30 @@ CATALOGUE = Table(
     "coverage count (`context`).",
 )
 
+#: The columns of a ``scores`` row the champion's pyfunc returns, in its output order (its output
+#: signature); ``score`` adds the lineage columns of ``SCORES`` after them.
+SCORES_PREDICTED: tuple[Column, ...] = (
+    column("user_id", "string", "an active user (any event in the last scoring.active_days days)"),
+    column("rank", "int", "1 = best; 1..K without gaps"),
+    column("item_id", "string", "recommended item; never one the user bought"),
+    column("score", "double", "the model's score (comparable within a user and model version only)"),
+    column(
+        "item_type", "string", "visited (in the user's visited set as of ds: serving_context) | unvisited"
+    ),
+    column(
+        "expert",
+        "string",
+        "the expert behind the score (MoE models), 'fallback' for rows the champion could not score "
+        "(the catalogue's popularity order), null for single-tower models' own rows",
+        nullable=True,
+    ),
+    column("expert_weights", "string", "JSON object expert -> gate weight, {} for single-tower models"),
+)
+
 SCORES = Table(
     "scores",
     (
-        column("user_id", "string", "an active user (any event in the last scoring.active_days days)"),
-        column("rank", "int", "1 = best; 1..K without gaps"),
-        column("item_id", "string", "recommended item; never one the user bought"),
-        column("score", "double", "the model's score (comparable within a user and model version only)"),
-        column(
-            "item_type", "string", "visited (in the user's visited set as of ds: serving_context) | unvisited"
-        ),
-        column(
-            "expert",
-            "string",
-            "the expert behind the score (MoE models), 'fallback' for rows the champion could not score "
-            "(the catalogue's popularity order), null for single-tower models' own rows",
-            nullable=True,
-        ),
-        column("expert_weights", "string", "JSON object expert -> gate weight, {} for single-tower models"),
+        *SCORES_PREDICTED,
         column("model", "string", "model configuration that produced it, e.g. member"),
         column("model_name", "string", "registered model name"),
         column("model_version", "int", "registered model version (the champion when scored)"),
@@ -417,19 +426,40 @@ _JSON_TYPES: dict[str, type | tuple[type, ...]] = {
 }
 
 
-def key(json_type: str, doc: str, *, nullable: bool = False, kinds: tuple[str, ...] = ()) -> dict[str, Any]:
+def key(
+    json_type: str,
+    doc: str,
+    *,
+    nullable: bool = False,
+    kinds: tuple[str, ...] = (),
+    optional: bool = False,
+    json_name: str | None = None,
+) -> dict[str, Any]:
     """A JSON document key's declaration, the metadata of its dataclass field. ``kinds``: the
-    document kinds that write it (every kind when empty)."""
-    return {"json": json_type, "doc": doc, "nullable": nullable, "kinds": kinds}
+    document kinds that write it (every kind when empty); ``optional``: left out, not null, when
+    it has no value; ``json_name``: the key in the file when it is not the field's name."""
+    return {
+        "json": json_type,
+        "doc": doc,
+        "nullable": nullable or optional,
+        "kinds": kinds,
+        "optional": optional,
+        "json_name": json_name,
+    }
+
+
+def _json_name(f: Any) -> str:
+    return f.metadata["json_name"] or f.name
 
 
 def document_json(doc: Any) -> dict[str, Any]:
     """The JSON object of a document: its keys, less those its kind does not write."""
     kind = getattr(doc, "kind", None)
     return {
-        f.name: getattr(doc, f.name)
+        _json_name(f): getattr(doc, f.name)
         for f in fields(doc)
-        if not f.metadata["kinds"] or kind in f.metadata["kinds"]
+        if (not f.metadata["kinds"] or kind in f.metadata["kinds"])
+        and not (f.metadata["optional"] and getattr(doc, f.name) is None)
     }
 
 
@@ -437,7 +467,7 @@ def document_from_json(cls: type, raw: Any, where: Path | str) -> Any:
     """The ``cls`` document of a JSON object, checked against its declared keys and types."""
     if not isinstance(raw, dict):
         raise ValueError(f"{where}: a {cls.__name__} is a JSON object, got {type(raw).__name__}")
-    declared = {f.name: f for f in fields(cls)}
+    declared = {_json_name(f): f for f in fields(cls)}
     unknown = sorted(set(raw) - set(declared))
     if unknown:
         raise ValueError(f"{where}: keys {unknown} are not declared for {cls.__name__} (infra/tables.py)")
@@ -455,7 +485,7 @@ def document_from_json(cls: type, raw: Any, where: Path | str) -> Any:
             continue
         if not isinstance(value, want) or (isinstance(value, bool) and meta["json"] in ("int", "number")):
             raise ValueError(f"{where}: {cls.__name__}.{name} must be {meta['json']}, got {value!r}")
-    return cls(**raw)
+    return cls(**{declared[name].name: value for name, value in raw.items()})
 
 
 #: ``TrainingManifest.kind``: who wrote the bundle.
@@ -598,6 +628,182 @@ def read_manifest(bundle_dir: Path) -> TrainingManifest:
     return document_from_json(TrainingManifest, json.loads(path.read_text()), path)
 
 
+# -- trained models ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class File:
+    """A file of a directory the catalogue lays out, with what it holds."""
+
+    name: str
+    doc: str
+
+
+MODELS = "models"
+MODEL_STATE = File(
+    "state_dict.pt",
+    "state dict of the model that is tested and served: the refit on every training event (loaded "
+    "with weights_only=True)",
+)
+MODEL_VALIDATION_STATE = File(
+    "validation_fit.pt",
+    "state dict of the validation fit (trained on the bundle's validation view; its validation "
+    "metrics chose the refit's epochs); absent for bundles with one view",
+)
+MODEL_META = File("model.json", "what the model is and how it was trained (ModelMeta), written by `train`")
+MODEL_HISTORY = File("history.json", "per-epoch losses and validation metric of the validation fit")
+MODEL_METRICS = File("metrics.json", "the model's metrics (ModelMetrics), written by `evaluate`")
+#: What ``models/ds=<d>/<model>/`` holds; ``train`` publishes it atomically, ``evaluate`` adds metrics.
+MODEL_FILES: tuple[File, ...] = (
+    MODEL_STATE,
+    MODEL_VALIDATION_STATE,
+    MODEL_META,
+    MODEL_HISTORY,
+    MODEL_METRICS,
+)
+
+
+def models_dir(warehouse_root: Path, ds: date | str) -> Path:
+    """``models/ds=<d>/``: the models trained on ``training/ds=<d>``."""
+    return Path(warehouse_root) / MODELS / f"ds={ds}"
+
+
+def model_dir(warehouse_root: Path, ds: date | str, name: str) -> Path:
+    """``models/ds=<d>/<model>/``: one trained model (``MODEL_FILES``)."""
+    return models_dir(warehouse_root, ds) / name
+
+
+def checkpoint_dir(warehouse_root: Path, ds: date | str, name: str) -> Path:
+    """``models/ds=<d>/.checkpoints/<model>/``: the trainer's own checkpoints while a model trains
+    (read by nothing else), outside the model's directory, which is published whole at the end."""
+    return models_dir(warehouse_root, ds) / ".checkpoints" / name
+
+
+@dataclass(kw_only=True)
+class ModelMeta:
+    """``models/ds=<d>/<model>/model.json``: what a trained model is and how it was trained. Written
+    by ``train``; read by ``evaluate``, ``register`` and the pyfunc, which rebuild the model from its
+    config and training tables. Keys other than name, config and training_dir may be null or absent
+    (models trained before the key was added)."""
+
+    name: str = field(metadata=key("string", "model configuration (training/models/<name>.yaml)"))
+    model_class: str | None = field(
+        default=None,
+        metadata=key(
+            "string", "model family (the Recommender's name, e.g. als)", nullable=True, json_name="class"
+        ),
+    )
+    config: dict[str, Any] = field(metadata=key("object", "the resolved configuration it was built with"))
+    seed: int | None = field(default=None, metadata=key("int", "training seed", nullable=True))
+    ds: str | None = field(default=None, metadata=key("string", "the bundle's name", nullable=True))
+    training_dir: str = field(
+        metadata=key("string", "its training bundle, relative to the warehouse (training/ds=<ds>)")
+    )
+    training_checksums: dict[str, str] = field(
+        default_factory=dict,
+        metadata=key("object", "that bundle manifest's checksums: the model refuses other tables"),
+    )
+    split_protocol: str | None = field(
+        default=None, metadata=key("string", "the manifest's protocol", nullable=True)
+    )
+    eval_mask: dict[str, str] | None = field(
+        default=None, metadata=key("object", "the manifest's eval_mask", nullable=True)
+    )
+    refitted: bool | None = field(
+        default=None,
+        metadata=key(
+            "bool", "whether a refit on every training event followed the validation fit", nullable=True
+        ),
+    )
+    n_users: int | None = field(default=None, metadata=key("int", "users it ranks for", nullable=True))
+    n_items: int | None = field(default=None, metadata=key("int", "items it ranks", nullable=True))
+    device: str | None = field(
+        default=None, metadata=key("string", "where it trained: cpu | cuda", nullable=True)
+    )
+    best_epoch: int | None = field(
+        default=None, metadata=key("int", "the validation fit's best epoch", nullable=True)
+    )
+    best_validation_metric: float | None = field(
+        default=None, metadata=key("number", "the early-stopping metric at that epoch", nullable=True)
+    )
+    epochs_run: int | None = field(
+        default=None, metadata=key("int", "epochs of the validation fit", nullable=True)
+    )
+    refit_epochs: int | None = field(default=None, metadata=key("int", "epochs of the refit", nullable=True))
+    seconds: float | None = field(
+        default=None, metadata=key("number", "training time of both fits", nullable=True)
+    )
+    seconds_per_epoch: float | None = field(
+        default=None, metadata=key("number", "of the validation fit", nullable=True)
+    )
+    peak_rss_mb: float | None = field(
+        default=None, metadata=key("number", "peak resident memory while training", nullable=True)
+    )
+    peak_cuda_mb: float | None = field(
+        default=None, metadata=key("number", "peak CUDA memory while training (null on CPU)", nullable=True)
+    )
+    mlflow_run_id: str | None = field(
+        default=None, metadata=key("string", "the MLflow run that tracked the training", nullable=True)
+    )
+
+
+def write_meta(model_path: Path, meta: ModelMeta) -> Path:
+    """Write ``model.json`` into a (staged) model directory."""
+    path = Path(model_path) / MODEL_META.name
+    path.write_text(json.dumps(document_json(meta), indent=2, default=str) + "\n")
+    return path
+
+
+def read_meta(model_path: Path) -> ModelMeta:
+    path = Path(model_path) / MODEL_META.name
+    return document_from_json(ModelMeta, json.loads(path.read_text()), path)
+
+
+@dataclass
+class ModelMetrics:
+    """``models/ds=<d>/<model>/metrics.json``: a trained model's metrics on its bundle's held-out
+    purchases (``training.evaluate``). Written by ``evaluate``; read by ``register`` (only an
+    evaluated model is registered) and ``status``."""
+
+    model: str = field(metadata=key("string", "model configuration, e.g. als_multi"))
+    ds: str = field(metadata=key("string", "the training bundle's name (training/ds=<ds>)"))
+    eval_mask: dict[str, str] | None = field(
+        default=None, metadata=key("object", "the manifest's eval_mask: what each split masks", nullable=True)
+    )
+    validation: dict[str, dict[str, float | None]] | None = field(
+        default=None,
+        metadata=key(
+            "object",
+            "the validation fit on the validation split: setting -> {HR@K, NDCG@K, Recall@K, "
+            "chance_HR@K for each K, users, candidates}; a setting without users has users 0 and "
+            "every other value null; absent when the bundle has no validation pairs",
+            optional=True,
+        ),
+    )
+    test: dict[str, dict[str, float | None]] | None = field(
+        default=None,
+        metadata=key(
+            "object", "the refit on the test split, as validation; absent without test pairs", optional=True
+        ),
+    )
+
+    def splits(self) -> dict[str, dict[str, dict[str, float | None]]]:
+        """Split -> setting -> metrics, for the splits evaluated."""
+        return {s: v for s, v in (("validation", self.validation), ("test", self.test)) if v is not None}
+
+
+def write_metrics(model_path: Path, metrics: ModelMetrics) -> Path:
+    """Write a model directory's ``metrics.json`` (replaced as a whole: readers see the old or the new)."""
+    path = Path(model_path) / MODEL_METRICS.name
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(document_json(metrics), indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_metrics(model_path: Path) -> ModelMetrics:
+    path = Path(model_path) / MODEL_METRICS.name
+    return document_from_json(ModelMetrics, json.loads(path.read_text()), path)
+
+
 def events_dir(warehouse_root: Path) -> Path:
     return Path(warehouse_root) / EVENTS.name
 
@@ -636,9 +842,12 @@ def published_dates(warehouse_root: Path) -> list[date]:
     return sorted(date.fromisoformat(d) for d in found)
 
 
+SCORES_STAGED, REPORTS = "scores_staged", "reports"
+
+
 def scores_staged_dir(warehouse_root: Path, ds: date | str) -> Path:
     """Scores of a date written by `score`, validated, then moved into ``scores/`` by `publish`."""
-    return Path(warehouse_root) / "scores_staged" / f"ds={ds}"
+    return Path(warehouse_root) / SCORES_STAGED / f"ds={ds}"
 
 
 def analytics_db(warehouse_root: Path) -> Path:
@@ -647,9 +856,14 @@ def analytics_db(warehouse_root: Path) -> Path:
 
 
 def report_path(warehouse_root: Path, ds: date | str) -> Path:
-    return Path(warehouse_root) / "reports" / f"ds={ds}" / "report.html"
+    return Path(warehouse_root) / REPORTS / f"ds={ds}" / "report.html"
 
 
 def validation_result_path(warehouse_root: Path, table: str, ds: date | str) -> Path:
     """Where ``validate`` writes a suite's result JSON (MLflow attaches the training inputs' ones)."""
-    return Path(warehouse_root) / "validation" / table / f"ds={ds}" / "result.json"
+    return validation_results_dir(warehouse_root) / table / f"ds={ds}" / "result.json"
+
+
+def validation_results_dir(warehouse_root: Path) -> Path:
+    """``validation/<table>/ds=<d>/``: the suites' result files, one folder per table checked."""
+    return Path(warehouse_root) / "validation"

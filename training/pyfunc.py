@@ -20,7 +20,8 @@ Params: ``k``; ``batch_size`` (memory only); ``catalogue``: the item ids that ma
 popular first (the ``catalogue`` table in ``popularity_rank`` order). Empty (the default): every
 item the model knows, in its training purchases' popularity order.
 
-Output: exactly ``k`` rows per input user, best first (``training.recommend.OUTPUT_COLUMNS``), when
+Output: exactly ``k`` rows per input user, best first (``OUTPUT_COLUMNS``: the catalogue's
+``SCORES_PREDICTED``), when
 the catalogue has ``k`` items the user has not bought. Users the model cannot score (``can_score``:
 trained without them) and the ranks a model leaves short (too few catalogue items it knows) are
 filled by the **fallback**: the catalogue's popularity order, skipping bought and already listed
@@ -40,12 +41,18 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
-from infra.tables import FALLBACK
-from training.recommend import OUTPUT_COLUMNS
+from infra.tables import CONTEXT_INPUT, FALLBACK, SCORES_PREDICTED
 
 DEFAULT_K = 50
 #: Input columns besides ``user_id``: the user's context as of the scoring date.
-CONTEXT_COLUMNS = ("visited", "bought", "history_items", "history_behaviors")
+CONTEXT_COLUMNS = CONTEXT_INPUT[1:]
+#: Output columns and their MLflow types: the catalogue's ``SCORES_PREDICTED``, with ranks as the
+#: int64 pandas gives them (``score`` narrows them to the table's int).
+OUTPUT_COLUMNS: tuple[tuple[str, str], ...] = tuple(
+    (c.name, "long" if c.dtype == "int" else c.dtype) for c in SCORES_PREDICTED
+)
+#: Output columns that may hold nulls (not ``required`` in the signature).
+OPTIONAL_OUTPUTS = frozenset(c.name for c in SCORES_PREDICTED if c.nullable)
 #: Distributions the bundled code imports (``bundled_modules``), besides the standard library.
 #: ``tests/registry/test_pyfunc.py`` checks the list against the bundle's imports and loads the
 #: bundle with only these distributions (and what they depend on) importable.
@@ -74,7 +81,8 @@ class FunnelrecModel(mlflow.pyfunc.PythonModel):
     """Top-K recommendations with item type and expert weights, ids and context in, ids out."""
 
     def load_context(self, context) -> None:
-        from training.artifacts import load_model_dir, read_meta
+        from infra.tables import read_meta
+        from training.artifacts import load_model_dir
         from training.data import ids, load_training_data
 
         tables = Path(context.artifacts["tables"])
@@ -217,7 +225,7 @@ def signature():
     from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
     from mlflow.types.schema import Array
 
-    outputs = [ColSpec(t, name, required=name != "expert") for name, t in OUTPUT_COLUMNS]
+    outputs = [ColSpec(t, name, required=name not in OPTIONAL_OUTPUTS) for name, t in OUTPUT_COLUMNS]
     inputs = [ColSpec("string", "user_id"), *(ColSpec(Array(DataType.string), c) for c in CONTEXT_COLUMNS)]
     return ModelSignature(
         inputs=Schema(inputs),

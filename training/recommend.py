@@ -21,17 +21,6 @@ import torch
 from training.data import TrainingData
 from training.models.base import Context, Recommender
 
-#: Columns of a recommendation row, as the pyfunc returns them (its output signature).
-OUTPUT_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("user_id", "string"),
-    ("rank", "long"),
-    ("item_id", "string"),
-    ("score", "double"),
-    ("item_type", "string"),
-    ("expert", "string"),
-    ("expert_weights", "string"),
-)
-
 
 def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top ``k`` of each row, ordered by score then item index; ``-inf`` entries are never kept.
@@ -175,8 +164,8 @@ def recommend(
 
 
 def to_frame(recs: Recommendations, user_ids: np.ndarray, item_ids: np.ndarray) -> pd.DataFrame:
-    """Index space -> the pyfunc's output rows (``OUTPUT_COLUMNS``): ``user_ids`` per context row,
-    ``item_ids`` per model item."""
+    """Index space -> the pyfunc's output rows (``infra.tables.SCORES_PREDICTED``): ``user_ids`` per
+    context row, ``item_ids`` per model item."""
     experts = list(recs.weights)
     if experts:
         w = np.stack([recs.weights[e] for e in experts], axis=1)

@@ -235,16 +235,17 @@ def register(settings: Settings, ds: str, name: str) -> int:
     """Register the trained model ``name`` of ``ds`` (already evaluated); alias it ``challenger``."""
     from mlflow.exceptions import MlflowException
 
-    from training.artifacts import model_dir, read_meta
+    from infra.tables import MODEL_METRICS, model_dir, read_meta
+    from training.data import ids
     from training.pyfunc import log_pyfunc
 
     wh = Path(settings.paths.warehouse_root)
     path = model_dir(wh, ds, name)
     meta = read_meta(path)
-    run_id = meta.get("mlflow_run_id")
+    run_id = meta.mlflow_run_id
     if not run_id:
         raise PromotionError(f"{name} {ds} has no MLflow run: retrain it with tracking on")
-    if not (path / "metrics.json").is_file():
+    if not (path / MODEL_METRICS.name).is_file():
         raise PromotionError(f"{name} {ds} is not evaluated: run `funnelrec evaluate` before registering it")
     client = connect(settings)
     model = settings.mlflow.registered_model
@@ -258,16 +259,13 @@ def register(settings: Settings, ds: str, name: str) -> int:
     if existing:
         version = as_version(existing[0].version)
     else:
-        tables = wh / meta["training_dir"]
-        import pyarrow.parquet as pq
-
-        users = pq.read_table(tables / "user_map", columns=["user_id"]).column("user_id").to_pylist()[:2]
-        uri = log_pyfunc(path, tables, run_id, users)
+        tables = wh / meta.training_dir
+        uri = log_pyfunc(path, tables, run_id, list(ids(tables, "user")[:2]))
         tags = {
             "funnelrec.ds": ds,
             "funnelrec.model": name,
-            "funnelrec.model_family": meta.get("class", name),
-            "funnelrec.config": config_fingerprint(meta.get("config", {})),
+            "funnelrec.model_family": meta.model_class or name,
+            "funnelrec.config": config_fingerprint(meta.config),
         }
         mv = call(
             settings,
@@ -733,6 +731,7 @@ def promote(settings: Settings, version: int | None = None, ds: str | None = Non
     """
     import tempfile
 
+    from infra.tables import TRAINING
     from training.data import load_training_data
 
     client = connect(settings)
@@ -760,7 +759,7 @@ def promote(settings: Settings, version: int | None = None, ds: str | None = Non
         if champion in versions:
             log.info("promote", ds=date, version=champion, decision="already_champion")
             return Decision("already_champion", champion, champion, champion)
-        root = Path(settings.paths.warehouse_root) / "training" / f"ds={date}"
+        root = TRAINING.dir(settings.paths.warehouse_root, date)
         if not root.is_dir():
             raise PromotionError(f"no training tables for {date} at {root}: candidates are measured on them")
         view = "validation" if policy.split == "validation" else "full"

@@ -28,7 +28,16 @@ from urllib.parse import urlparse
 from infra.dates import InvalidDateError, parse_run_date
 from infra.logs import stage
 from infra.settings import Settings
-from infra.tables import SCORES, SERVING, SESSIONIZED, TRAINING
+from infra.tables import (
+    MODELS,
+    REPORTS,
+    SCORES,
+    SCORES_STAGED,
+    SERVING,
+    SESSIONIZED,
+    TRAINING,
+    validation_results_dir,
+)
 from training.registry import STACK_TAG, aliases, as_version, model_tags
 from training.tracking import call, connect
 
@@ -36,15 +45,15 @@ PRUNED_TAG = "funnelrec.pruned"
 #: Roots holding one ``ds=<date>`` directory per night, relative to the warehouse.
 DATED_ROOTS = (
     SCORES.name,
-    "scores_staged",
+    SCORES_STAGED,
     SERVING.name,
     SESSIONIZED.name,
     TRAINING.name,
-    "models",
-    "reports",
+    MODELS,
+    REPORTS,
 )
 #: Of those, the roots a protected version's date keeps.
-MODEL_ROOTS = (TRAINING.name, "models")
+MODEL_ROOTS = (TRAINING.name, MODELS)
 
 
 @dataclass
@@ -96,7 +105,7 @@ def run_retention(settings: Settings, run_date: date) -> Retention:
         name = settings.mlflow.registered_model
         out.protected = protected_versions(settings, client)
         keep_dates = set(out.protected.values())
-        roots = [wh / r for r in DATED_ROOTS] + sorted((wh / "validation").glob("*"))
+        roots = [wh / r for r in DATED_ROOTS] + sorted(validation_results_dir(wh).glob("*"))
         for root in roots:
             for path, day in _dated_dirs(root):
                 if day >= out.cutoff or (root.name in MODEL_ROOTS and day.isoformat() in keep_dates):

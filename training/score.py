@@ -33,14 +33,21 @@ import pyarrow.parquet as pq
 from infra import atomic
 from infra.logs import stage
 from infra.settings import Settings
-from infra.tables import CATALOGUE, FALLBACK, SCORES, SERVING, SERVING_CONTEXT, scores_staged_dir
+from infra.tables import (
+    CATALOGUE,
+    CONTEXT_INPUT,
+    FALLBACK,
+    SCORES,
+    SCORES_PREDICTED,
+    SERVING,
+    SERVING_CONTEXT,
+    scores_staged_dir,
+)
 from training import tracking
 from training.registry import CHAMPION, PromotionError
 
 #: Columns the pyfunc returns, before the lineage columns are added.
-PREDICTED = ["user_id", "rank", "item_id", "score", "item_type", "expert", "expert_weights"]
-#: The serving context columns the pyfunc takes as input.
-CONTEXT_INPUT = ["user_id", "visited", "bought", "history_items", "history_behaviors"]
+PREDICTED = [c.name for c in SCORES_PREDICTED]
 
 
 @dataclass(frozen=True)
@@ -84,7 +91,7 @@ def serving_inputs(settings: Settings, run_date: date) -> tuple[pd.DataFrame, li
         raise FileNotFoundError(
             f"no serving context for {run_date} at {bundle}: run `funnelrec context --date {run_date}` first"
         )
-    users = pq.read_table(bundle / SERVING_CONTEXT.name, columns=CONTEXT_INPUT).to_pandas()
+    users = pq.read_table(bundle / SERVING_CONTEXT.name, columns=list(CONTEXT_INPUT)).to_pandas()
     for col in CONTEXT_INPUT[1:]:
         users[col] = users[col].map(list)
     users = users.sort_values("user_id").reset_index(drop=True)
@@ -97,7 +104,7 @@ def score_frame(model, users: pd.DataFrame, catalogue: list[str], k: int, batch_
     if users.empty:
         return pd.DataFrame({c: pd.Series(dtype=object) for c in PREDICTED})
     recs = model.predict(
-        users[CONTEXT_INPUT], params={"k": k, "batch_size": batch_size, "catalogue": catalogue}
+        users[list(CONTEXT_INPUT)], params={"k": k, "batch_size": batch_size, "catalogue": catalogue}
     )
     return recs[PREDICTED].reset_index(drop=True)
 
@@ -210,7 +217,9 @@ def spark_score(
 
     parallelism = max(spark.sparkContext.defaultParallelism, 1)
     context_schema = T.StructType([f for f in SERVING_CONTEXT.spark_schema() if f.name in CONTEXT_INPUT])
-    sdf = spark.createDataFrame(users[CONTEXT_INPUT], context_schema).repartition(parallelism, "user_id")
+    sdf = spark.createDataFrame(users[list(CONTEXT_INPUT)], context_schema).repartition(
+        parallelism, "user_id"
+    )
     out = (
         sdf.mapInPandas(score_partition, schema)
         .withColumn("rank", F.col("rank").cast("int"))

@@ -6,8 +6,17 @@ from typing import Any
 
 from infra.logs import stage
 from infra.settings import Settings
+from infra.tables import (
+    ModelMeta,
+    ModelMetrics,
+    checkpoint_dir,
+    document_json,
+    model_dir,
+    read_meta,
+    write_metrics,
+)
 from training import tracking
-from training.artifacts import load_trained, model_dir, read_meta, save_trained, training_dir, write_metrics
+from training.artifacts import load_trained, save_trained, training_dir
 from training.data import TrainingData, load_training_data
 from training.evaluate import KS, METRICS, SETTINGS, evaluate_scores
 from training.models import fitted_closed_form, merged_config, model_class
@@ -33,19 +42,18 @@ def run_train(settings: Settings, ds: str, name: str, epochs: int | None = None)
         stage("train", ds=ds, model=name) as counts,
         tracking.train_run(settings, ds, name, config, data.manifest, family) as run,
     ):
-        target = model_dir(wh, ds, name)
         fit = fit_and_refit(
             name,
             val_data,
             data,
             settings.seeds.train,
             overrides,
-            checkpoint_dir=target.parent / ".checkpoints" / name,
+            checkpoint_dir=checkpoint_dir(wh, ds, name),
             device=settings.training.device,
         )
         result = fit.validation
         path = save_trained(wh, ds, fit, data, settings.seeds.train, run_id=run.info.run_id)
-        tracking.log_training(run.info.run_id, settings, ds, result.history, read_meta(path))
+        tracking.log_training(run.info.run_id, settings, ds, result.history, document_json(read_meta(path)))
         counts["run_id"] = run.info.run_id
         counts.update(
             device=result.device,
@@ -76,7 +84,7 @@ def run_evaluate(
     wh = settings.paths.warehouse_root
     views = dict(zip(("validation", "test"), load_views(training_dir(wh, ds)), strict=True))
     out: dict[str, Any] = {}
-    meta: dict[str, Any] = {}
+    meta: ModelMeta | None = None
     with stage("evaluate", ds=ds, model=name) as counts:
         for split in splits:
             data = views[split]
@@ -91,8 +99,9 @@ def run_evaluate(
                 )
                 counts[f"{split}_users"] = out[split]["standard"]["users"]
                 counts[f"{split}_NDCG@10"] = out[split]["standard"]["NDCG@10"]
-        write_metrics(wh, ds, name, {"model": name, "ds": ds, "eval_mask": meta.get("eval_mask"), **out})
-        if meta.get("mlflow_run_id"):
+        eval_mask = meta.eval_mask if meta is not None else None
+        write_metrics(model_dir(wh, ds, name), ModelMetrics(model=name, ds=ds, eval_mask=eval_mask, **out))
+        if meta is not None and meta.mlflow_run_id:
             floor_name = _floor_model(settings)
             floor = (
                 _floor_metrics(settings, floor_name, views, splits)
@@ -100,8 +109,8 @@ def run_evaluate(
                 else None
             )
             tracking.connect(settings)
-            tracking.log_evaluation(meta["mlflow_run_id"], out, floor, floor_name)
-            counts["run_id"] = meta["mlflow_run_id"]
+            tracking.log_evaluation(meta.mlflow_run_id, out, floor, floor_name)
+            counts["run_id"] = meta.mlflow_run_id
     return out
 
 

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 import mlflow
-from infra.tables import EVAL_MASK, FALLBACK, TRAINING, read_manifest
+from infra.tables import EVAL_MASK, FALLBACK, TRAINING, model_dir, read_manifest, read_meta, read_metrics
 from tests.registry.conftest import DS
 from training import tracking
 from training.artifacts import load_trained
@@ -40,13 +40,12 @@ def champion(trained):
 
 def test_tracked_run_has_params_tags_curves_metrics_and_artifacts(trained):
     client = tracking.connect(trained)
-    meta = json.loads(
-        (trained.paths.warehouse_root / "models" / f"ds={DS}" / "als_multi" / "model.json").read_text()
-    )
-    run = client.get_run(meta["mlflow_run_id"])
+    model_path = model_dir(trained.paths.warehouse_root, DS, "als_multi")
+    meta = read_meta(model_path)
+    run = client.get_run(meta.mlflow_run_id)
     assert run.info.status == "FINISHED"
     params, tags, values = run.data.params, run.data.tags, run.data.metrics
-    assert params["factors"] == str(meta["config"]["factors"]) and params["seed"] == "42"
+    assert params["factors"] == str(meta.config["factors"]) and params["seed"] == "42"
     checksums = read_manifest(TRAINING.dir(trained.paths.warehouse_root, DS)).checksums
     assert params["data.ds"] == DS and params["data.checksum.interactions"] == checksums["interactions"]
     assert tags["funnelrec.model_family"] == "als" and tags["funnelrec.dataset"] == "tiny"
@@ -60,13 +59,11 @@ def test_tracked_run_has_params_tags_curves_metrics_and_artifacts(trained):
                 assert (f"{split}.{setting}.chance_HR_at_{k}" in values) == has_users
                 for m in METRICS:
                     assert (f"{split}.{setting}.{m}_at_{k}" in values) == has_users
-    on_disk = json.loads(
-        (trained.paths.warehouse_root / "models" / f"ds={DS}" / "als_multi" / "metrics.json").read_text()
-    )
-    assert values["test.standard.NDCG_at_10"] == pytest.approx(on_disk["test"]["standard"]["NDCG@10"])
+    on_disk = read_metrics(model_path)
+    assert values["test.standard.NDCG_at_10"] == pytest.approx(on_disk.test["standard"]["NDCG@10"])
     assert values["floor.popularity.validation.standard.NDCG_at_20"] >= 0
     curve = client.get_metric_history(run.info.run_id, "train.loss")
-    assert [m.step for m in curve] == list(range(1, len(curve) + 1)) and len(curve) == meta["epochs_run"]
+    assert [m.step for m in curve] == list(range(1, len(curve) + 1)) and len(curve) == meta.epochs_run
     files = {a.path for d in ("plots", "evaluation") for a in client.list_artifacts(run.info.run_id, d)}
     assert {"plots/training_curves.png", "plots/metrics_by_k_test.png", "evaluation/metrics.json"} <= files
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
+from infra.tables import model_dir, read_metrics
 from tests.conftest import DEMO_DATE
-from training.artifacts import METRICS, load_trained, model_dir
+from training.artifacts import load_trained
 from training.models import build_model
 from training.models.base import Context
 from training.train_evaluate import run_evaluate, run_train
@@ -27,9 +26,9 @@ def test_train_evaluate_and_reload(retailrocket, name):
     assert test["standard"]["users"] == manifest["stats"]["heldout"]["test"]["users"]
     assert test["visited"]["users"] + test["unvisited"]["users"] >= test["standard"]["users"]
     assert 0 <= test["standard"]["HR@10"] <= test["standard"]["HR@20"] <= test["standard"]["HR@50"] <= 1
-    saved = json.loads((model_dir(settings.paths.warehouse_root, DEMO_DATE, name) / METRICS).read_text())
-    assert saved["test"] == test and saved["eval_mask"]["test"] == "train_purchases"
-    assert saved["validation"]["standard"]["users"] == manifest["stats"]["heldout"]["validation"]["users"]
+    saved = read_metrics(model_dir(settings.paths.warehouse_root, DEMO_DATE, name))
+    assert saved.test == test and saved.eval_mask["test"] == "train_purchases"
+    assert saved.validation["standard"]["users"] == manifest["stats"]["heldout"]["validation"]["users"]
 
     # Both saved state dicts rebuild their models: the same scores as training them again in memory
     # (training is deterministic for a seed), and not those of an untrained one. The validation fit
@@ -42,8 +41,8 @@ def test_train_evaluate_and_reload(retailrocket, name):
     assert torch.equal(fit.scores(val_ctx), again.scores(val_ctx))
     model, data, meta = load_trained(wh, DEMO_DATE, name)
     ctx = Context.of_training(data, users)
-    assert meta["refit_epochs"] == (meta["best_epoch"] if model.trainable else 1)
-    trained = fit_model(name, data, seed, {"train": {"epochs": meta["refit_epochs"]}}, progress=False).model
+    assert meta.refit_epochs == (meta.best_epoch if model.trainable else 1)
+    trained = fit_model(name, data, seed, {"train": {"epochs": meta.refit_epochs}}, progress=False).model
     assert torch.equal(model.scores(ctx), trained.scores(ctx))
     assert not torch.equal(model.scores(ctx), fit.scores(ctx))  # the refit saw more
     if trained.trainable:
