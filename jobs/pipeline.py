@@ -20,7 +20,7 @@ def ingest(settings: Settings, date: date, source: list[str] | None = None) -> O
     from jobs.ingest import run_ingest, summary_json
 
     results = run_ingest(get_spark(settings), settings, date, source or None)
-    return Outcome(summary_json(results), {"ds": date.isoformat(), "sources": [r.source for r in results]})
+    return Outcome(summary_json(results), {"ds": date.isoformat(), "sources": [r.to_dict() for r in results]})
 
 
 def sessionize(settings: Settings, date: date) -> Outcome:
@@ -52,10 +52,7 @@ def split(
 
         manifest = run_split(spark, settings, date)
     target = TRAINING.dir(settings.paths.warehouse_root, manifest["ds"])
-    return Outcome(
-        f"{json.dumps(manifest['stats'], indent=2)}\ntraining tables -> {target}",
-        {"ds": manifest["ds"], "stats": manifest["stats"]},
-    )
+    return Outcome(f"{json.dumps(manifest['stats'], indent=2)}\ntraining tables -> {target}", manifest)
 
 
 def context(settings: Settings, date: date) -> Outcome:

@@ -64,26 +64,24 @@ DEMO_DATE = "2015-09-18"
 
 @pytest.fixture(scope="session")
 def retailrocket(spark, tmp_path_factory):
-    """The demo's chain on the bundled RetailRocket slice (ingest -> sessionize -> split), built once.
+    """The demo's chain on the bundled RetailRocket slice, the pipeline's steps up to ``split``
+    without their validations, built once.
 
-    Returns ``(settings, ingest_result, split_manifest)``.
+    Returns ``(settings, ingest summary of the source, split manifest)``.
     """
     from datetime import date
 
-    from jobs.ingest import ingest_source
-    from jobs.sessionize import run_sessionize
-    from jobs.split import run_split
+    from infra.pipeline import load_pipeline
 
     settings = settings_under(
         tmp_path_factory.mktemp("retailrocket"),
         {
+            "pipeline": {"sources": ["retailrocket_mb"]},
             "sessionize": {"history_days": 140},
             "split": {"protocol": "leave_last_purchase", "observation_days": 140, "val_user_fraction": 1.0},
             "training": {"max_epochs": 2},
         },
     )
-    run_date = date.fromisoformat(DEMO_DATE)
-    ingested = ingest_source(spark, settings, "retailrocket_mb", run_date)
-    run_sessionize(spark, settings, run_date)
-    manifest = run_split(spark, settings, run_date)
-    return settings, ingested, manifest
+    done = load_pipeline().run(settings, date.fromisoformat(DEMO_DATE), until="split", checks=False)
+    (ingested,) = done["ingest"].data["sources"]
+    return settings, ingested, done["split"].data

@@ -153,30 +153,33 @@ def rollback(settings: Settings, rescore: bool = False) -> Outcome:
 
 
 def status(settings: Settings, date: date) -> Outcome:
-    import json
-
     from infra.tables import (
         MANIFEST_FILE,
+        MODEL_METRICS,
         SESSIONIZED,
         TRAINING,
         analytics_db,
         events_dir,
+        model_dir,
+        models_dir,
         quarantine_dir,
+        read_metrics,
         report_path,
         scores_dir,
+        validation_results_dir,
     )
     from training.train_evaluate import format_metrics
 
     wh, ds = settings.paths.warehouse_root, date.isoformat()
     lines: list[str] = []
     for name in settings.training.models:
-        path = wh / "models" / f"ds={ds}" / name / "metrics.json"
-        if path.is_file():
-            metrics = json.loads(path.read_text())
-            if "test" in metrics:
-                lines += [f"\n{name} on test ({ds}):", format_metrics(metrics["test"])]
+        folder = model_dir(wh, ds, name)
+        if (folder / MODEL_METRICS.name).is_file():
+            test = read_metrics(folder).test
+            if test is not None:
+                lines += [f"\n{name} on test ({ds}):", format_metrics(test)]
         else:
-            lines.append(f"\n{name}: no metrics for {ds} at {path}")
+            lines.append(f"\n{name}: no metrics for {ds} at {folder / MODEL_METRICS.name}")
     try:
         from training.registry import aliases, history
         from training.tracking import connect
@@ -192,8 +195,8 @@ def status(settings: Settings, date: date) -> Outcome:
         ("sessions", SESSIONIZED.dir(wh, date)),
         ("training tables", TRAINING.dir(wh, date)),
         ("training manifest", TRAINING.dir(wh, date) / MANIFEST_FILE),
-        ("trained models", wh / "models" / f"ds={ds}"),
-        ("validation results", wh / "validation"),
+        ("trained models", models_dir(wh, ds)),
+        ("validation results", validation_results_dir(wh)),
         ("Data Docs", settings.validation.data_docs_dir / "index.html"),
         ("scores", scores_dir(wh) / f"ds={ds}"),
         ("analytics DuckDB", analytics_db(wh)),

@@ -371,7 +371,7 @@ def test_leakage_is_detected_and_stops_publishing(spark, hand_tables):
 def test_leave_last_purchase_on_retailrocket(retailrocket):
     """The demo protocol on the bundled RetailRocket slice evaluates thousands of users, mostly visited."""
     _, r, m = retailrocket
-    assert (r.rows_in, r.rows_out, r.users) == (97_381, 97_381, 2_174)
+    assert (r["rows_in"], r["rows_out"], r["users"]) == (97_381, 97_381, 2_174)
     test = m["stats"]["heldout"]["test"]
     assert test["users"] >= 2_000
     assert test["visited"] / test["pairs"] > 0.9  # SOURCE.md: 93.7% of last purchases were viewed or carted
