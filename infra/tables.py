@@ -2,8 +2,8 @@
 
 This module is the one place a schema is written down. Stages talk to each other only through
 these tables (Parquet under the warehouse), never through each other's modules. Column types are
-declared once in a neutral form and rendered for Spark (``spark_schema``) or Arrow
-(``arrow_schema``) on demand, so importing this module needs neither.
+declared once in a neutral form and rendered for Spark (``spark_schema``), Arrow (``arrow_schema``)
+or DuckDB (``duckdb_types``) on demand, so importing this module needs none of them.
 
 Layout under ``paths.warehouse_root``:
 
@@ -12,9 +12,15 @@ Layout under ``paths.warehouse_root``:
 - ``sessionized/ds=<d>/{sessions,session_events}/``  the run's sessionized window
 - ``training/ds=<d>/{interactions,visited,heldout,user_map,item_map,train_events}/`` + ``manifest.json``
 - ``serving/ds=<d>/{serving_context,catalogue}/``  what scoring of the date reads: users' context, items
+- ``models/ds=<d>/<model>/``                  a trained model: ``MODEL_FILES``, ``model.json``, ``metrics.json``
+- ``model_runs/ds=<d>/run=<run_id>/``         one evaluated training run (``evaluate``, ``register``)
+- ``decisions/ds=<d>/``                       the date's promotion decision (``promote``)
+- ``scores_staged/ds=<d>/``, ``scores/ds=<d>/``  a date's recommendations, staged then published
 
 A *bundle* (``sessionized``, ``training``) is the set of tables one stage writes for one date; it
-is published as a unit (see ``infra.atomic``), so readers never mix tables of two runs.
+is published as a unit (see ``infra.atomic``), so readers never mix tables of two runs. The JSON
+documents stages exchange (a bundle's manifest, a model's ``model.json`` and ``metrics.json``) are
+declared here too, key by key, with one function pair each to write and read them.
 """
 
 from __future__ import annotations
@@ -79,6 +85,20 @@ class Table:
                 if include_partitions or c.name not in self.partition_by
             ]
         )
+
+    def duckdb_types(self) -> dict[str, str]:
+        """Column -> DuckDB type, every column (an empty table of the same columns, a cast)."""
+        kinds = {
+            "string": "VARCHAR",
+            "int": "INTEGER",
+            "long": "BIGINT",
+            "double": "DOUBLE",
+            "bool": "BOOLEAN",
+            "timestamp": "TIMESTAMP WITH TIME ZONE",
+            "date": "DATE",
+            "array<string>": "VARCHAR[]",
+        }
+        return {c.name: kinds[c.dtype] for c in self.columns}
 
     def arrow_schema(self, include_partitions: bool = False):
         import pyarrow as pa
@@ -387,6 +407,84 @@ DECISIONS = Table(
 def decisions_dir(warehouse_root: Path, ds: date | str) -> Path:
     """``decisions/ds=<d>/``: the promotion decision of a date (replaced as a whole on a rerun)."""
     return Path(warehouse_root) / DECISIONS.name / f"ds={ds}"
+
+
+#: The evaluation metrics a model run keeps (``model_runs``): per split and setting, HR, NDCG and
+#: chance_HR at each K, users and candidates (``training.evaluate`` computes more; MLflow has all).
+RUN_SPLITS: tuple[str, ...] = ("validation", "test")
+RUN_SETTINGS: tuple[str, ...] = ("standard", "visited", "unvisited", "long_tail", "tail_items")
+RUN_METRICS_AT_K: tuple[str, ...] = ("HR", "NDCG", "chance_HR")
+RUN_KS: tuple[int, ...] = (10, 20, 50)
+RUN_COUNTS: tuple[str, ...] = ("users", "candidates")
+
+
+def run_metric_column(split: str, setting: str, metric: str) -> str:
+    """``model_runs`` column of a metric as ``training.evaluate`` names it: ``HR@10`` of the test
+    split's standard setting is ``test_standard_HR_at_10`` (MLflow: ``test.standard.HR_at_10``)."""
+    return f"{split}_{setting}_{metric.replace('@', '_at_')}"
+
+
+def run_metrics() -> list[tuple[str, str, str]]:
+    """``(split, setting, metric)`` of every metric column of ``model_runs``, in column order."""
+    at_k = [
+        (split, setting, f"{m}@{k}")
+        for split in RUN_SPLITS
+        for setting in RUN_SETTINGS
+        for m in RUN_METRICS_AT_K
+        for k in RUN_KS
+    ]
+    counts = [(split, setting, c) for split in RUN_SPLITS for setting in RUN_SETTINGS for c in RUN_COUNTS]
+    return at_k + counts
+
+
+MODEL_RUNS = Table(
+    "model_runs",
+    (
+        column("run_id", "string", "MLflow run of the training"),
+        column("model", "string", "model configuration, e.g. als_multi"),
+        column("model_family", "string", "model family, e.g. als", nullable=True),
+        column(
+            "data_ds", "string", "the training bundle it learned from and was evaluated on (training/ds=)"
+        ),
+        column("status", "string", "MLflow status of the run when evaluated (FINISHED)"),
+        column("started_at", "timestamp", "when the training run started"),
+        column(
+            "registered_version",
+            "long",
+            "its version in registered_model, once `register` ran (null before)",
+            nullable=True,
+        ),
+        *(
+            column(
+                run_metric_column(split, setting, metric),
+                "double",
+                f"{metric} of the {setting} setting on the {split} split (null: no users in the setting)",
+                nullable=True,
+            )
+            for split, setting, metric in run_metrics()
+        ),
+        column("experiment", "string", "MLflow experiment of the run"),
+        column("evaluated_at", "timestamp", "when `evaluate` last wrote the row"),
+        column("registered_model", "string", "registered model it was registered in", nullable=True),
+        column(
+            "registered_at",
+            "timestamp",
+            "when `register` last ran for it (it set @challenger)",
+            nullable=True,
+        ),
+    ),
+    "One row per evaluated training run, at ``model_runs/ds=<data_ds>/run=<run_id>/``: written by "
+    "`evaluate`, completed by `register`; `publish` and the report read it (never MLflow).",
+)
+
+
+def model_runs_dir(warehouse_root: Path) -> Path:
+    return Path(warehouse_root) / MODEL_RUNS.name
+
+
+def model_run_dir(warehouse_root: Path, ds: date | str, run_id: str) -> Path:
+    """``model_runs/ds=<d>/run=<run_id>/``: one run's row (replaced as a whole when it changes)."""
+    return model_runs_dir(warehouse_root) / f"ds={ds}" / f"run={run_id}"
 
 
 @dataclass(frozen=True)
@@ -827,6 +925,7 @@ ALL_TABLES: tuple[Table, ...] = (
     CATALOGUE,
     SCORES,
     DECISIONS,
+    MODEL_RUNS,
 )
 
 

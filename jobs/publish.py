@@ -18,7 +18,8 @@ and write the daily report.
    ``agg_item_exposure``       per date and item: users it was recommended to, mean rank (view)
    ``agg_catalog_coverage``    per date: distinct items recommended / items in that date's catalogue
                                (view; at most 1, since only catalogue items are recommended)
-   ``model_runs``              every tracked run: model, date, metrics, registered version, aliases
+   ``model_runs``              every evaluated run: model, date, metrics, registered version, aliases
+                               (table over ``model_runs/``, written by ``evaluate`` and ``register``)
    ``fct_promotion_gates``     every promotion decision: per date, candidate and gate (view over
                                ``decisions/``, written by ``promote``)
    ``fct_recommendation_outcomes``  every published recommendation and whether the user bought the
@@ -39,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-import pandas as pd
 
 from infra import atomic
 from infra.logs import stage
@@ -47,11 +47,13 @@ from infra.settings import Settings
 from infra.tables import (
     CATALOGUE,
     DECISIONS,
+    MODEL_RUNS,
     SCORES,
     SERVING,
     SERVING_CONTEXT,
     analytics_db,
     events_dir,
+    model_runs_dir,
     scores_dir,
     scores_staged_dir,
 )
@@ -73,9 +75,10 @@ DOCS = {
     "mean rank, visited/unvisited split.",
     "agg_catalog_coverage": "Per date: distinct items recommended, that date's catalogue size, coverage share "
     "(at most 1).",
-    "model_runs": "Every tracked train/evaluate run: model, data date, validation/test metrics per setting "
-    "(HR and NDCG, and chance_HR: what a random ranking of the same candidates scores), registered version "
-    "and the aliases it holds now.",
+    "model_runs": "Every evaluated training run of the experiment: model, data date, validation/test metrics "
+    "per setting (HR and NDCG, and chance_HR: what a random ranking of the same candidates scores), "
+    "registered version, and the aliases it held at this publish (champion: it served the latest published "
+    "date; challenger: the version registered last).",
     "fct_recommendation_outcomes": "Every published recommendation with its outcome: bought (the user "
     "purchased the item on D+1..D+N, N = scoring.outcome_days), first_bought_at, days_observed (how many of "
     "those N days have events yet) and complete (all N have). Updated as later nights arrive.",
@@ -86,19 +89,6 @@ DOCS = {
     "gate, its status (pass, fail, not_evaluable), the candidate's and the champion's means on the same "
     "users, the relative change and its bootstrap interval, and the outcome.",
 }
-
-RUN_METRICS = [
-    f"{split}.{setting}.{m}_at_{k}"
-    for split in ("validation", "test")
-    for setting in ("standard", "visited", "unvisited", "long_tail", "tail_items")
-    for m in ("HR", "NDCG", "chance_HR")
-    for k in (10, 20, 50)
-] + [
-    f"{split}.{setting}.{m}"
-    for split in ("validation", "test")
-    for setting in ("standard", "visited", "unvisited", "long_tail", "tail_items")
-    for m in ("users", "candidates")
-]
 
 
 def publish_scores(settings: Settings, run_date: date) -> Path:
@@ -116,59 +106,57 @@ def publish_scores(settings: Settings, run_date: date) -> Path:
     return target
 
 
-def _model_runs(settings: Settings) -> pd.DataFrame:
-    """One row per tracked run of the experiment, with its metrics and registered version."""
-    import mlflow
-    from mlflow import MlflowClient
+def _sql(text: str) -> str:
+    """A SQL string literal."""
+    return "'" + str(text).replace("'", "''") + "'"
 
-    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
-    mlflow.set_registry_uri(settings.mlflow_registry_uri)
-    client = MlflowClient()
-    exp = client.get_experiment_by_name(settings.mlflow.experiment)
-    cols = [
-        "run_id",
-        "model",
-        "model_family",
-        "data_ds",
-        "status",
-        "started_at",
-        "registered_version",
-        "aliases",
-    ]
-    if exp is None:
-        return pd.DataFrame(columns=cols + [m.replace(".", "_") for m in RUN_METRICS])
-    name = settings.mlflow.registered_model
-    versions: dict[str, tuple[int, str]] = {}
-    try:
-        alias_of: dict[int, list[str]] = {}
-        for alias, v in (client.get_registered_model(name).aliases or {}).items():
-            alias_of.setdefault(int(v), []).append(alias)
-        for mv in client.search_model_versions(f"name = '{name}'"):
-            v = int(mv.version)
-            versions[mv.run_id] = (v, ",".join(sorted(alias_of.get(v, []))))
-    except Exception:
-        pass
-    rows = []
-    for run in client.search_runs(
-        [exp.experiment_id], max_results=50000, order_by=["attributes.start_time ASC"]
-    ):
-        tags, metrics = run.data.tags, run.data.metrics
-        version, aliases = versions.get(run.info.run_id, (None, ""))
-        row: dict[str, Any] = {
-            "run_id": run.info.run_id,
-            "model": tags.get("funnelrec.model"),
-            "model_family": tags.get("funnelrec.model_family"),
-            "data_ds": tags.get("funnelrec.ds"),
-            "status": run.info.status,
-            "started_at": pd.Timestamp(run.info.start_time, unit="ms", tz="UTC"),
-            "registered_version": version,
-            "aliases": aliases,
-        }
-        row.update({m.replace(".", "_"): metrics.get(m) for m in RUN_METRICS})
-        rows.append(row)
-    out = pd.DataFrame(rows, columns=cols + [m.replace(".", "_") for m in RUN_METRICS])
-    out["registered_version"] = out["registered_version"].astype("Int64")
-    return out
+
+def _empty(table) -> str:
+    """A query of no rows with ``table``'s columns and types."""
+    types = table.duckdb_types()
+    return "SELECT " + ", ".join(f"CAST(NULL AS {t}) AS {c}" for c, t in types.items()) + " WHERE false"
+
+
+def _model_runs_table(settings: Settings, wh: Path) -> str:
+    """``model_runs``: the ``model_runs`` rows of the configured experiment, oldest run first, with
+    the version registered in ``mlflow.registered_model`` and the aliases it holds as of the latest
+    published date: ``champion`` (the version that served it) and ``challenger`` (the version
+    registered last). A table, not a view: the aliases are those of this publish."""
+    root = model_runs_dir(wh)
+    source = (
+        f"SELECT * FROM read_parquet('{root}/ds=*/run=*/*.parquet', hive_partitioning = false) "
+        f"WHERE experiment = {_sql(settings.mlflow.experiment)}"
+        if any(root.glob("ds=*/run=*/*.parquet"))
+        else _empty(MODEL_RUNS)
+    )
+    name = _sql(settings.mlflow.registered_model)
+    mine = f"registered_model = {name}"
+    columns = []
+    for c in MODEL_RUNS.column_names:
+        if c == "registered_version":
+            columns += [
+                f"CASE WHEN {mine} THEN registered_version END AS registered_version",
+                "concat_ws(',', "
+                f"CASE WHEN {mine} AND registered_version = (SELECT version FROM challenger) "
+                "THEN 'challenger' END, "
+                "CASE WHEN registered_model = (SELECT model_name FROM served) "
+                "AND registered_version = (SELECT version FROM served) THEN 'champion' END) AS aliases",
+            ]
+        else:
+            columns.append(c)
+    return f"""
+        CREATE TABLE model_runs AS
+        WITH runs AS ({source}),
+        served AS (
+            SELECT any_value(model_name) AS model_name, any_value(model_version) AS version
+            FROM fct_recommendations WHERE ds = (SELECT max(ds) FROM fct_recommendations)
+        ),
+        challenger AS (
+            SELECT registered_version AS version FROM runs WHERE {mine}
+            ORDER BY registered_at DESC LIMIT 1
+        )
+        SELECT {", ".join(columns)} FROM runs ORDER BY started_at, run_id
+    """
 
 
 def _decisions_view(wh: Path) -> str:
@@ -179,11 +167,7 @@ def _decisions_view(wh: Path) -> str:
             "CREATE VIEW fct_promotion_gates AS SELECT * EXCLUDE (ds), CAST(ds AS DATE) AS ds "
             f"FROM read_parquet('{root}/ds=*/*.parquet', hive_partitioning = false)"
         )
-    types = {"string": "VARCHAR", "int": "INTEGER", "long": "BIGINT", "double": "DOUBLE"}
-    cols = ", ".join(
-        f"CAST(NULL AS {'DATE' if c.name == 'ds' else types[c.dtype]}) AS {c.name}" for c in DECISIONS.columns
-    )
-    return f"CREATE VIEW fct_promotion_gates AS SELECT {cols} WHERE false"
+    return f"CREATE VIEW fct_promotion_gates AS SELECT * REPLACE (CAST(ds AS DATE) AS ds) FROM ({_empty(DECISIONS)})"
 
 
 def outcome_views(con, scores: Path, events: Path, sources: list[str], days: int) -> None:
@@ -256,7 +240,6 @@ def build_analytics(settings: Settings, run_date: date) -> Path:
         raise FileNotFoundError(
             f"no serving bundle for {run_date} at {SERVING.dir(wh, run_date)}: run `funnelrec context` first"
         )
-    runs = _model_runs(settings)
     con = duckdb.connect(str(tmp))
     try:
         con.execute(
@@ -305,9 +288,7 @@ def build_analytics(settings: Settings, run_date: date) -> Path:
             FROM rec LEFT JOIN cat USING (ds);
             """
         )
-        con.register("runs_df", runs)
-        con.execute("CREATE TABLE model_runs AS SELECT * FROM runs_df")
-        con.unregister("runs_df")
+        con.execute(_model_runs_table(settings, wh))
         con.execute(_decisions_view(wh))
         outcome_views(
             con, scores, events_dir(wh), list(settings.pipeline.sources), settings.scoring.outcome_days

@@ -1,8 +1,9 @@
 """The model registry: register trained models, gate champion/challenger promotion, roll back.
 
 - ``register``: logs a trained model's pyfunc into its MLflow run and creates a registered version
-  tagged with its date, model and configuration fingerprint, which gets the alias ``challenger``.
-  Idempotent: a run that already has a version is not registered twice.
+  tagged with its date, model and configuration fingerprint, which gets the alias ``challenger``,
+  and records the version in the run's ``model_runs`` row. Idempotent: a run that already has a
+  version is not registered twice.
 - ``promote``: applies ``mlflow/promotion.yaml`` (see ``Policy``). Every candidate (the versions
   registered for a date, best first) and the champion are measured on the *same* held-out
   purchases, those of the date, by the same evaluator (``training.comparison``); the gates read
@@ -238,6 +239,7 @@ def register(settings: Settings, ds: str, name: str) -> int:
     from infra.tables import MODEL_METRICS, model_dir, read_meta
     from training.data import ids
     from training.pyfunc import log_pyfunc
+    from training.train_evaluate import record_model_run
 
     wh = Path(settings.paths.warehouse_root)
     path = model_dir(wh, ds, name)
@@ -278,6 +280,7 @@ def register(settings: Settings, ds: str, name: str) -> int:
     call(
         settings, "set challenger", lambda: client.set_registered_model_alias(model, CHALLENGER, str(version))
     )
+    record_model_run(settings, ds, name, registered=version)
     get_logger("registry").info("register", ds=ds, model=name, version=version, alias=CHALLENGER)
     return version
 

@@ -5,7 +5,8 @@ A night's outputs are dated directories (``<root>/ds=<date>``) under the warehou
 and published), serving bundles, sessionized and training tables, trained models, validation
 results and reports. Those of dates before ``run_date - days + 1`` are deleted, except the training
 tables and models of a **protected** version's date. The events, the quarantine, the decisions
-(the promotion audit) and the MLflow runs and metrics are never pruned.
+(the promotion audit), the model runs (``model_runs``) and the MLflow runs and metrics are never
+pruned.
 
 Protected versions: every version a current alias points to (``champion``, ``challenger``) and the
 last ``retention.champions`` champions of the alias history (the rollback depth). Every other

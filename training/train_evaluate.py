@@ -1,18 +1,30 @@
-"""The `train` and `evaluate` stages: what the CLI and the DAG call (I/O at the edges)."""
+"""The `train` and `evaluate` stages: what the CLI and the DAG call (I/O at the edges).
+
+``evaluate`` writes the model's ``metrics.json`` and, for a tracked run, its ``model_runs`` row
+(``record_model_run``), which ``register`` completes with the registered version: what ``publish``
+and the report read about runs, so they never ask MLflow.
+"""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
+from infra import atomic
 from infra.logs import stage
 from infra.settings import Settings
 from infra.tables import (
+    MODEL_RUNS,
     ModelMeta,
     ModelMetrics,
     checkpoint_dir,
     document_json,
     model_dir,
+    model_run_dir,
     read_meta,
+    read_metrics,
+    run_metric_column,
+    run_metrics,
     write_metrics,
 )
 from training import tracking
@@ -110,8 +122,56 @@ def run_evaluate(
             )
             tracking.connect(settings)
             tracking.log_evaluation(meta.mlflow_run_id, out, floor, floor_name)
+            record_model_run(settings, ds, name)
             counts["run_id"] = meta.mlflow_run_id
     return out
+
+
+def record_model_run(settings: Settings, ds: str, name: str, registered: int | None = None) -> dict[str, Any]:
+    """Write the ``model_runs`` row of the tracked run of ``models/ds=<ds>/<name>`` from its
+    ``model.json``, ``metrics.json`` and MLflow run; ``registered``: the version ``register`` just
+    gave it in ``mlflow.registered_model`` (else a registration already recorded is kept)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    wh = settings.paths.warehouse_root
+    path = model_dir(wh, ds, name)
+    meta, metrics = read_meta(path), read_metrics(path).splits()
+    client = tracking.connect(settings)
+    run = tracking.call(settings, "read run", lambda: client.get_run(meta.mlflow_run_id))
+    experiment = tracking.call(
+        settings, "read experiment", lambda: client.get_experiment(run.info.experiment_id)
+    )
+    target = model_run_dir(wh, ds, meta.mlflow_run_id)
+    before = pq.read_table(target).to_pylist()[0] if target.exists() else {}
+    now = datetime.now(UTC)
+    row: dict[str, Any] = {
+        "run_id": meta.mlflow_run_id,
+        "model": name,
+        "model_family": meta.model_class,
+        "data_ds": ds,
+        "status": run.info.status,
+        "started_at": datetime.fromtimestamp(run.info.start_time / 1000, UTC),
+        **{
+            run_metric_column(split, setting, metric): metrics.get(split, {}).get(setting, {}).get(metric)
+            for split, setting, metric in run_metrics()
+        },
+        "experiment": experiment.name,
+        "evaluated_at": before.get("evaluated_at", now) if registered is not None else now,
+    }
+    if registered is not None:
+        row.update(
+            registered_model=settings.mlflow.registered_model,
+            registered_version=registered,
+            registered_at=now,
+        )
+    else:
+        row.update({c: before.get(c) for c in ("registered_model", "registered_version", "registered_at")})
+    table = pa.Table.from_pylist([row], schema=MODEL_RUNS.arrow_schema())
+    with atomic.staged_dir(target) as staged:
+        staged.mkdir(parents=True)
+        pq.write_table(table, staged / "part-00000.parquet")
+    return row
 
 
 def _floor_model(settings: Settings) -> str | None:
