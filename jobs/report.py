@@ -13,22 +13,24 @@ expectation with its count, from the result files), ``coverage`` (catalogue cove
 ``item-types`` (visited vs unvisited share by rank),
 ``popularity`` (how popular the recommended items are against the catalogue).
 Everything is read from the analysts' DuckDB file, so the report shows what analysts can query.
+The page is ``templates/report.html.j2`` (Jinja2, autoescaped); this module queries and plots.
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import io
+import math
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import duckdb
+import jinja2
 
 from infra.settings import Settings
-from infra.tables import report_path, validation_result_path
+from infra.tables import RUN_SETTINGS, report_path, run_metric_column, validation_result_path
 
-SETTINGS = ("standard", "visited", "unvisited", "long_tail", "tail_items")
 GATE_COLUMNS = (
     "version, model, kind, outcome, gate, status, setting, users, value, champion_value, change, "
     "change_low, change_high, threshold"
@@ -50,32 +52,31 @@ def _plots():
     return plt
 
 
-def _table(df) -> str:
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
-    rows = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>"
-        for row in df.itertuples(index=False)
-    )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+def _test(metric: str, setting: str = "standard") -> str:
+    """The ``model_runs`` column of a test metric."""
+    return run_metric_column("test", setting, metric)
 
 
-def _fmt(v) -> str:
-    import math
-
+def cell(v: Any) -> str:
+    """A table cell: floats to 4 decimals, a missing figure as "-" (no users in that setting: no
+    figure, not 0)."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"  # no users in that setting: no figure, not 0
+        return "-"
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
-def _mlflow_link(settings: Settings, run_id: str) -> str:
-    uri = settings.mlflow_tracking_uri
-    if uri.startswith(("http://", "https://")):
-        return f'<a href="{html.escape(uri)}/#/runs/{run_id}">MLflow run {run_id}</a>'
-    ui = "http://127.0.0.1:5000"
-    return (
-        f'<a href="{ui}/#/runs/{run_id}">MLflow run {run_id}</a> (start the UI with '
-        f"<code>.venv/bin/mlflow ui --backend-store-uri {html.escape(uri)} --host 127.0.0.1</code>)"
-    )
+def _rows(df) -> dict[str, list]:
+    return {"columns": [str(c) for c in df.columns], "rows": [list(r) for r in df.itertuples(index=False)]}
+
+
+_TEMPLATES = jinja2.Environment(
+    loader=jinja2.PackageLoader("jobs", "templates"),
+    autoescape=True,
+    undefined=jinja2.StrictUndefined,
+    keep_trailing_newline=True,
+)
+_TEMPLATES.filters["cell"] = cell
+_TEMPLATES.filters["percent"] = lambda v: f"{float(v):.1%}"
 
 
 #: The suites of a night, in pipeline order (``validation/<table>/ds=<d>/result.json``).
@@ -131,19 +132,20 @@ def write_report(settings: Settings, run_date: date, db: Path) -> Path:
         model, name, version, run_id, users, rows = champ
         runs = con.execute(
             "SELECT data_ds, "
-            + ", ".join(f"test_{s}_NDCG_at_20 AS {s}" for s in SETTINGS)
+            + ", ".join(f"{_test('NDCG@20', s)} AS {s}" for s in RUN_SETTINGS)
             + " FROM model_runs "
-            "WHERE model = ? AND data_ds IS NOT NULL AND test_standard_NDCG_at_20 IS NOT NULL "
+            f"WHERE model = ? AND data_ds IS NOT NULL AND {_test('NDCG@20')} IS NOT NULL "
             "ORDER BY started_at",
             [model],
         ).df()
         runs = runs.groupby("data_ds", as_index=False).last()
         champion_metrics = con.execute(
             " UNION ALL ".join(
-                f"SELECT '{s}' AS setting, test_{s}_users AS users, test_{s}_candidates AS candidates, "
-                f"test_{s}_HR_at_20 AS hr20, test_{s}_chance_HR_at_20 AS chance_hr20, "
-                f"test_{s}_NDCG_at_20 AS ndcg20 FROM model_runs WHERE run_id = $run"
-                for s in SETTINGS
+                f"SELECT '{s}' AS setting, {_test('users', s)} AS users, "
+                f"{_test('candidates', s)} AS candidates, {_test('HR@20', s)} AS hr20, "
+                f"{_test('chance_HR@20', s)} AS chance_hr20, {_test('NDCG@20', s)} AS ndcg20 "
+                "FROM model_runs WHERE run_id = $run"
+                for s in RUN_SETTINGS
             ),
             {"run": run_id},
         ).df()
@@ -208,7 +210,7 @@ def write_report(settings: Settings, run_date: date, db: Path) -> Path:
 
     fig = plt.figure(figsize=(8, 3))
     ax = fig.subplots()
-    for s in SETTINGS:
+    for s in RUN_SETTINGS:
         ax.plot(runs["data_ds"], runs[s], marker="o", label=s)
     ax.set(title=f"{model}: test NDCG@20 by data date", xlabel="data date", ylabel="NDCG@20")
     ax.legend(fontsize=7)
@@ -293,74 +295,47 @@ def write_report(settings: Settings, run_date: date, db: Path) -> Path:
 
     visited_share = float(types["visited_share"].mean()) if len(types) else 0.0
     latest_cov = coverage.loc[coverage["ds"] == coverage["ds"].max()].iloc[0] if len(coverage) else None
-    docs = Path(settings.validation.data_docs_dir) / "index.html"
+    uri = settings.mlflow_tracking_uri
+    remote = uri.startswith(("http://", "https://"))
+    body = _TEMPLATES.get_template("report.html.j2").render(
+        run_date=run_date,
+        champion={
+            "name": name,
+            "version": version,
+            "model": model,
+            "users": users,
+            "rows": rows,
+            "fallback": fallback,
+            "run_id": run_id,
+        },
+        mlflow={"url": uri if remote else "http://127.0.0.1:5000", "local_store": None if remote else uri},
+        docs_uri=(Path(settings.validation.data_docs_dir) / "index.html").as_uri(),
+        champion_metrics=_rows(champion_metrics),
+        decided=decided,
+        gates=_rows(gates),
+        outcome_days=settings.scoring.outcome_days,
+        judged=judged,
+        slices=_rows(slices),
+        previous=previous,
+        overlap={"mean": float(overlap["overlap"].mean()) if len(overlap) else 0.0, "users": len(overlap)},
+        spread=_rows(spread),
+        checks=_rows(checks),
+        coverage={
+            "items_recommended": latest_cov["items_recommended"] if latest_cov is not None else 0,
+            "catalogue_items": latest_cov["catalogue_items"] if latest_cov is not None else 0,
+            "share": float(latest_cov["coverage"]) if latest_cov is not None else 0.0,
+        },
+        visited_share=visited_share,
+        plots={
+            "outcomes": outcomes_png,
+            "drift": drift_png,
+            "metrics": metrics_png,
+            "coverage": coverage_png,
+            "types": types_png,
+            "popularity": pop_png,
+        },
+    )
     target = report_path(settings.paths.warehouse_root, run_date)
-    body = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>funnelrec report {run_date}</title>
-<style>
-body {{ font-family: sans-serif; margin: 2em auto; max-width: 60em; color: #222; background: #fff; }}
-h1 {{ border-bottom: 3px solid #4c72b0; }} section {{ margin-bottom: 2em; }}
-table {{ border-collapse: collapse; font-size: 0.85em; }} td, th {{ border: 1px solid #ccc; padding: 0.2em 0.5em; }}
-img {{ max-width: 100%; }} .kpi {{ font-size: 1.2em; }}
-</style></head><body>
-<h1>funnelrec daily report: {run_date}</h1>
-<section id="champion"><h2>Champion</h2>
-<p class="kpi">{html.escape(str(name))} version {version} (<b>{html.escape(str(model))}</b>) scored
-{users} active users, {rows} recommendations; {fallback} users it could not score were served the
-catalogue's most popular items (expert <code>fallback</code>).</p>
-<p>{_mlflow_link(settings, run_id)} &middot; <a href="{docs.as_uri()}">Data Docs (validation results)</a></p>
-<p>Test metrics of the champion's run. <code>chance_hr20</code> is what a random ranking of the same
-candidates would score: read <code>hr20</code> against it (a visited list of a few items is hit by chance).</p>
-{_table(champion_metrics)}
-</section>
-<section id="promotion"><h2>Promotion decision{f" of {decided}" if decided else ""}</h2>
-<p>Every candidate and the champion are measured on the same held-out purchases of the date;
-<code>change</code> is the candidate's mean over the champion's on the same users, with its bootstrap interval.
-A refresh (the champion's own model retrained) is kept unless shown worse; a challenge must win.</p>
-{_table(gates) if len(gates) else "<p>No promotion decision recorded yet.</p>"}
-</section>
-<section id="outcomes"><h2>Outcomes of what was served</h2>
-<p>Each published date's list against what its users bought in the following
-{settings.scoring.outcome_days} days (the date itself excluded): the share of users with a bought item in
-their top 10 and top K. Recent dates are still filling in.</p>
-<img alt="hit rate of published lists by date" src="{outcomes_png}">
-{
-        f"<p>By slice, {judged}:</p>" + _table(slices)
-        if judged is not None
-        else "<p>No published date has a following day with events yet.</p>"
-    }
-</section>
-<section id="drift"><h2>Day over day</h2>
-{
-        f"<p class='kpi'>Mean overlap of a user's top K with {previous}'s: {float(overlap['overlap'].mean()):.1%} "
-        f"over {len(overlap)} users scored both nights.</p>"
-        if previous is not None and len(overlap)
-        else "<p>No earlier published date to compare with.</p>"
-    }
-<p>Scores are comparable within one model version only: a new champion shifts them by design.</p>
-{_table(spread)}
-<img alt="overlap with the previous night and score distributions" src="{drift_png}">
-</section>
-<section id="checks"><h2>The night's validation results</h2>
-<p>Every Great Expectations suite run for {run_date}, from its result file (the Data Docs site loads
-its scripts from public CDNs and renders empty without a network).</p>
-{_table(checks)}
-</section>
-<section id="metrics"><h2>Metrics over time</h2><img alt="test NDCG@20 per setting by date" src="{
-        metrics_png
-    }"></section>
-<section id="coverage"><h2>Catalogue coverage</h2>
-<p class="kpi">{(latest_cov["items_recommended"] if latest_cov is not None else 0)} of
-{(latest_cov["catalogue_items"] if latest_cov is not None else 0)} items recommended
-({(float(latest_cov["coverage"]) if latest_cov is not None else 0.0):.1%}).</p>
-<img alt="catalogue coverage by date" src="{coverage_png}"></section>
-<section id="item-types"><h2>Visited vs unvisited items in the top K</h2>
-<p class="kpi">{visited_share:.1%} of recommended items are visited, {1 - visited_share:.1%} unvisited.</p>
-<img alt="item type share by rank" src="{types_png}"></section>
-<section id="popularity"><h2>Popularity of recommended items</h2>
-<img alt="popularity of recommended items" src="{pop_png}"></section>
-</body></html>
-"""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".html.tmp")
     tmp.write_text(body)
