@@ -64,11 +64,8 @@ class Sampler:
 
 
 def run_spark(data_root: Path, work: Path, master: str, cores: int, validate: bool = False) -> dict:
+    from infra.pipeline import load_pipeline
     from infra.spark import get_spark
-    from jobs.ingest import ingest_source
-    from jobs.sessionize import run_sessionize
-    from jobs.split import run_split
-    from validation.validate import run_validate
 
     settings = load_settings(
         environ={},
@@ -81,8 +78,7 @@ def run_spark(data_root: Path, work: Path, master: str, cores: int, validate: bo
             "pipeline": {"sources": ["synthetic"]},
             "spark": {
                 "master": master,
-                # Two shuffle partitions per core: on local[2], 4 partitions took 10M events through
-                # the three jobs in 278 s against 297 s with infra/defaults.yaml's 8 (2026-11-30).
+                # Two shuffle partitions per core: faster than the defaults' 8 on local[2] (bench/README.md).
                 "conf": {"spark.driver.memory": "4g", "spark.sql.shuffle.partitions": str(2 * cores)},
             },
             "sessionize": {"history_days": DAYS},
@@ -100,22 +96,21 @@ def run_spark(data_root: Path, work: Path, master: str, cores: int, validate: bo
         Sampler(lambda: heap.getHeapMemoryUsage().getUsed()) as heap_peak,
         Sampler(lambda: sum(p.memory_info().rss for p in java)) as rss_peak,
     ):
-        for name, fn in (
-            ("ingest", lambda: ingest_source(spark, settings, "synthetic", END)),
-            ("sessionize", lambda: run_sessionize(spark, settings, END)),
-            ("split", lambda: run_split(spark, settings, END)),
-        ):
+        # The nightly DAG's ETL group as declared: each job, then (with --validate) its table's suite.
+        for task in load_pipeline().tasks([], dag="nightly"):
+            if task.group != "etl" or (task.step.checks and not validate):
+                continue
             t = time.perf_counter()
-            result = fn()
-            out["stages"][name] = {"seconds": time.perf_counter() - t}
-            if validate:
-                table = {"ingest": "events", "sessionize": "sessions", "split": "training"}[name]
-                t = time.perf_counter()
-                run_validate(spark, settings, table, END)
-                out.setdefault("validation", {})[table] = {"seconds": time.perf_counter() - t}
-            if name == "split":
-                out["split_stats"] = {k: result["stats"][k] for k in ("users", "items", "train_events")}
-                out["split_stats"]["test_pairs"] = result["stats"]["heldout"]["test"]["pairs"]
+            outcome = task.run(settings, END)
+            seconds = {"seconds": time.perf_counter() - t}
+            if task.step.checks:
+                out.setdefault("validation", {})[task.step.options["table"]] = seconds
+            else:
+                out["stages"][task.task_id] = seconds
+            if task.task_id == "split":
+                stats = outcome.data["stats"]
+                out["split_stats"] = {k: stats[k] for k in ("users", "items", "train_events")}
+                out["split_stats"]["test_pairs"] = stats["heldout"]["test"]["pairs"]
     out["jvm_heap_peak_bytes"] = heap_peak.peak
     out["jvm_rss_peak_bytes"] = rss_peak.peak
     out["jvm_heap_max_bytes"] = heap.getHeapMemoryUsage().getMax()

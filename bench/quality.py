@@ -82,17 +82,18 @@ def _settings(work: Path, split: dict):
 
 
 def build_tables(benchmark: str, work: Path) -> dict[str, Path]:
-    """Training bundles to evaluate on: name -> bundle dir (built once, reused on later runs)."""
-    from infra.spark import get_spark
+    """Training bundles to evaluate on: name -> bundle dir (built once, reused on later runs), by
+    the pipeline's declared stages: the benchmark split for Tmall, the steps up to ``split`` for
+    RetailRocket."""
+    from infra.pipeline import load_pipeline
 
+    pipeline = load_pipeline()
     out = {}
     if benchmark == "tmall":
         root = TRAINING.dir(work, "tmall_mbgcn")
         if not root.exists():
-            from jobs.benchmarks import run_benchmark_split
-
             settings = _settings(work, {"protocol": "global_time"})
-            run_benchmark_split(get_spark(settings), settings, REPO / "jobs" / "sample_data" / "tmall_mbgcn")
+            pipeline["split"](settings, benchmark=str(REPO / "jobs" / "sample_data" / "tmall_mbgcn"))
         out["tmall"] = root
         return out
     for name, split in {
@@ -102,15 +103,7 @@ def build_tables(benchmark: str, work: Path) -> dict[str, Path]:
         w = work / name
         root = TRAINING.dir(w, RR_DATE)
         if not root.exists():
-            from jobs.ingest import ingest_source
-            from jobs.sessionize import run_sessionize
-            from jobs.split import run_split
-
-            settings = _settings(w, split)
-            spark = get_spark(settings)
-            ingest_source(spark, settings, "retailrocket_mb", RR_DATE)
-            run_sessionize(spark, settings, RR_DATE)
-            run_split(spark, settings, RR_DATE)
+            pipeline.run(_settings(w, split), RR_DATE, until="split", checks=False)
         out[name] = root
     return out
 
