@@ -906,6 +906,33 @@ def events_dir(warehouse_root: Path) -> Path:
     return Path(warehouse_root) / EVENTS.name
 
 
+def read_events(spark, warehouse_root: Path, sources, first: date, last: date):
+    """Spark: the events of ``sources`` with ``first <= event_date <= last``, every column. The one
+    Spark reader of the events table."""
+    from pyspark.sql import functions as F
+
+    path = events_dir(warehouse_root)
+    if not path.exists():
+        raise FileNotFoundError(f"no events table at {path}: run `funnelrec ingest` first")
+    df = spark.read.schema(EVENTS.spark_schema()).parquet(str(path))
+    return df.filter(
+        F.col("source").isin(list(sources))
+        & (F.col("event_date") >= F.lit(first))
+        & (F.col("event_date") <= F.lit(last))
+    )
+
+
+def events_query(events_path: Path, sources) -> str:
+    """DuckDB: a query of the events of ``sources`` under ``events_path`` (``events_dir``), every
+    column, ``event_date`` a DATE. The one DuckDB reader of the events table."""
+    listed = ", ".join("'" + str(s).replace("'", "''") + "'" for s in sources)
+    return (
+        "SELECT * REPLACE (CAST(event_date AS DATE) AS event_date) "
+        f"FROM read_parquet('{events_path}/source=*/event_date=*/*.parquet', hive_partitioning = true) "
+        f"WHERE source IN ({listed})"
+    )
+
+
 def quarantine_dir(quarantine_root: Path) -> Path:
     return Path(quarantine_root)
 

@@ -31,8 +31,7 @@ from infra import atomic
 from infra.dates import window_start
 from infra.logs import stage
 from infra.settings import Settings
-from infra.tables import CATALOGUE, PURCHASE, SERVING, SERVING_CONTEXT
-from jobs.sessionize import read_events
+from infra.tables import CATALOGUE, PURCHASE, SERVING, SERVING_CONTEXT, read_events
 from jobs.split import funnel_rank, tie_hash
 
 
@@ -110,9 +109,9 @@ def run_context(spark: SparkSession, settings: Settings, run_date: date) -> Cont
     context_days = max(settings.split.observation_days, cfg.active_days)
     with stage("context", date=run_date.isoformat()) as counts:
         first = min(window_start(run_date, context_days), window_start(run_date, cfg.catalogue_days))
-        events = read_events(spark, settings, first, run_date).select(
-            "user_id", "item_id", "behavior", "event_time", "event_date", "category_id"
-        )
+        events = read_events(
+            spark, settings.paths.warehouse_root, settings.pipeline.sources, first, run_date
+        ).select("user_id", "item_id", "behavior", "event_time", "event_date", "category_id")
         users = serving_context(
             events.filter(F.col("event_date") >= F.lit(window_start(run_date, context_days))),
             window_start(run_date, cfg.active_days),

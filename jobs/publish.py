@@ -53,6 +53,7 @@ from infra.tables import (
     SERVING_CONTEXT,
     analytics_db,
     events_dir,
+    events_query,
     model_runs_dir,
     scores_dir,
     scores_staged_dir,
@@ -174,7 +175,7 @@ def outcome_views(con, scores: Path, events: Path, sources: list[str], days: int
     """``fct_recommendation_outcomes`` and ``agg_recommendation_outcomes`` on ``con``: published
     recommendations (``scores``) joined with the purchases of the ``events`` table on the ``days``
     days after each date (the date itself excluded: it is in the context the list was made from)."""
-    in_sources = ", ".join(f"'{s}'" for s in sources)
+    ev = events_query(events, sources)
     con.execute(
         f"""
         CREATE VIEW fct_recommendation_outcomes AS
@@ -183,15 +184,9 @@ def outcome_views(con, scores: Path, events: Path, sources: list[str], days: int
             FROM read_parquet('{scores}/ds=*/*.parquet', hive_partitioning = true)
         ),
         buys AS (
-            SELECT user_id, item_id, event_time, CAST(event_date AS DATE) AS event_date
-            FROM read_parquet('{events}/*/*/*.parquet', hive_partitioning = true)
-            WHERE behavior = 'purchase' AND source IN ({in_sources})
+            SELECT user_id, item_id, event_time, event_date FROM ({ev}) WHERE behavior = 'purchase'
         ),
-        seen AS (
-            SELECT max(CAST(event_date AS DATE)) AS last_day
-            FROM read_parquet('{events}/*/*/*.parquet', hive_partitioning = true)
-            WHERE source IN ({in_sources})
-        ),
+        seen AS (SELECT max(event_date) AS last_day FROM ({ev})),
         hits AS (
             SELECT r.ds, r.user_id, r.item_id, min(b.event_time) AS first_bought_at
             FROM recs r JOIN buys b ON b.user_id = r.user_id AND b.item_id = r.item_id

@@ -20,7 +20,7 @@ from infra import atomic
 from infra.dates import window_start
 from infra.logs import stage
 from infra.settings import Settings
-from infra.tables import BEHAVIORS, EVENTS, PURCHASE, SESSION_EVENTS, SESSIONIZED, SESSIONS, events_dir
+from infra.tables import BEHAVIORS, PURCHASE, SESSION_EVENTS, SESSIONIZED, SESSIONS, read_events
 
 
 def behavior_rank() -> F.Column:
@@ -102,24 +102,17 @@ def sessionize_events(
     return session_events, sessions_of(session_events)
 
 
-def read_events(spark: SparkSession, settings: Settings, first: date, last: date) -> DataFrame:
-    """Canonical events of the configured sources with ``first <= event_date <= last``."""
-    path = events_dir(settings.paths.warehouse_root)
-    if not path.exists():
-        raise FileNotFoundError(f"no events table at {path}: run `funnelrec ingest` first")
-    df = spark.read.schema(EVENTS.spark_schema()).parquet(str(path))
-    return df.filter(
-        F.col("source").isin(settings.pipeline.sources)
-        & (F.col("event_date") >= F.lit(first))
-        & (F.col("event_date") <= F.lit(last))
-    )
-
-
 def run_sessionize(spark: SparkSession, settings: Settings, run_date: date) -> SessionizeResult:
     """Sessionize the history window ending on ``run_date`` and publish ``sessionized/ds=<date>``."""
     cfg = settings.sessionize
     with stage("sessionize", date=run_date.isoformat()) as counts:
-        events = read_events(spark, settings, window_start(run_date, cfg.history_days), run_date)
+        events = read_events(
+            spark,
+            settings.paths.warehouse_root,
+            settings.pipeline.sources,
+            window_start(run_date, cfg.history_days),
+            run_date,
+        )
         parts = int(settings.spark.conf.get("spark.sql.shuffle.partitions", "8"))
         # Partitioned by user once: the session windows (by source and user) reuse this layout, and
         # so does the write, so the events are shuffled once rather than twice.

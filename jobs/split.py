@@ -34,7 +34,7 @@ the validation fit after its user's validation purchase is a bug: the job fails
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, date, datetime, time
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -505,9 +505,10 @@ def split_params(settings: Settings, run_date: date) -> SplitParams:
     cfg = settings.split
     cutoff = validation_start = None
     if cfg.protocol == "global_time":
-        first_test_day = run_date - timedelta(days=cfg.test_days - 1)
-        cutoff = datetime.combine(first_test_day, time(0), tzinfo=UTC)
-        validation_start = cutoff - timedelta(days=cfg.validation_days)
+        cutoff = datetime.combine(window_start(run_date, cfg.test_days), time(0), tzinfo=UTC)
+        # The validation window is the validation_days days before the test window.
+        first_validation_day = window_start(run_date, cfg.test_days + cfg.validation_days)
+        validation_start = datetime.combine(first_validation_day, time(0), tzinfo=UTC)
     return SplitParams(cfg.protocol, cutoff, settings.seeds.split, cfg.val_user_fraction, validation_start)
 
 

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import numpy as np
+
+from infra.dates import window_start
 
 MAX_ITEMS = 2_000_000
 #: Share of a day's sessions starting in each UTC hour (Taobao's CST evening peak is UTC 11-15).
@@ -132,7 +134,7 @@ def generate(out_dir: Path, params: SynthParams) -> SynthResult:
         old.unlink()
     rng = np.random.default_rng(params.seed)
     cdf, rank_to_item, category = _item_tables(rng, params)
-    start = datetime.combine(params.end_date - timedelta(days=params.days - 1), datetime.min.time(), UTC)
+    start = datetime.combine(window_start(params.end_date, params.days), datetime.min.time(), UTC)
     t0 = int(start.timestamp())
     names = np.array(["pv", "fav", "cart", "buy"])
     files: list[Path] = []

@@ -71,7 +71,9 @@ PIP_REQUIREMENTS_PACKAGES = (
 )
 #: Imports inside functions the pyfunc never calls, so not required to serve: top-level module ->
 #: where and why.
-NOT_SERVED_IMPORTS = {"pyspark": "infra.tables: Table.spark_schema renders schemas for the Spark jobs"}
+NOT_SERVED_IMPORTS = {
+    "pyspark": "infra.tables: Table.spark_schema and read_events, for the Spark jobs and validation"
+}
 #: Where loading starts: the pyfunc, and every model (found by name at load, not by an import).
 ENTRY_MODULES = ("training.pyfunc", "training.models.*")
 BUNDLED_PACKAGES = ("training", "infra")

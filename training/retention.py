@@ -22,11 +22,11 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import dataclass, field
-from datetime import date, timedelta
+from datetime import date
 from pathlib import Path
 from urllib.parse import urlparse
 
-from infra.dates import InvalidDateError, parse_run_date
+from infra.dates import InvalidDateError, parse_run_date, window_start
 from infra.logs import stage
 from infra.settings import Settings
 from infra.tables import (
@@ -100,7 +100,7 @@ def run_retention(settings: Settings, run_date: date) -> Retention:
     """Prune what ``run_date``'s retention window no longer keeps (module docstring)."""
     wh = Path(settings.paths.warehouse_root)
     cfg = settings.retention
-    out = Retention(cutoff=run_date - timedelta(days=cfg.days - 1))
+    out = Retention(cutoff=window_start(run_date, cfg.days))
     with stage("retention", date=run_date.isoformat(), days=cfg.days) as counts:
         client = connect(settings)
         name = settings.mlflow.registered_model

@@ -17,14 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from pyspark.sql import SparkSession
-from pyspark.sql import functions as F
 
 from infra.dates import window_start
 from infra.logs import stage
 from infra.settings import Settings
 from infra.tables import (
     CATALOGUE,
-    EVENTS,
     HELDOUT,
     INTERACTIONS,
     ITEM_MAP,
@@ -39,8 +37,8 @@ from infra.tables import (
     USER_MAP,
     VISITED,
     Table,
-    events_dir,
     published_dates,
+    read_events,
     read_manifest,
     scores_dir,
     scores_staged_dir,
@@ -116,11 +114,7 @@ def _serving_pairs(spark: SparkSession, settings: Settings, run_date: date):
     wh, cfg = Path(settings.paths.warehouse_root), settings.scoring
     context, catalogue = _serving(spark, wh, run_date)
     active_from = window_start(run_date, cfg.active_days)
-    events = _read(spark, EVENTS, events_dir(wh)).filter(
-        F.col("source").isin(settings.pipeline.sources)
-        & (F.col("event_date") >= F.lit(active_from))
-        & (F.col("event_date") <= F.lit(run_date))
-    )
+    events = read_events(spark, wh, settings.pipeline.sources, active_from, run_date)
     active = events.select("user_id").distinct().count()
     items = catalogue.count()
     return [
@@ -139,11 +133,7 @@ def run_validate(spark: SparkSession, settings: Settings, table: str, run_date: 
     wh, cfg, ds = Path(settings.paths.warehouse_root), settings.validation, run_date.isoformat()
     if table == "events":
         first = window_start(run_date, settings.sessionize.history_days)
-        df = _read(spark, EVENTS, events_dir(wh)).filter(
-            F.col("source").isin(settings.pipeline.sources)
-            & (F.col("event_date") >= F.lit(first))
-            & (F.col("event_date") <= F.lit(run_date))
-        )
+        df = read_events(spark, wh, settings.pipeline.sources, first, run_date)
         pairs = [
             (suites.events_suite(first, run_date, cfg.events_min_rows, cfg.events_max_rows), df),
             suites.events_unique(df),
