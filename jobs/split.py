@@ -283,9 +283,9 @@ def build_training_tables(events: DataFrame, params: SplitParams) -> TrainingTab
     cached: list[DataFrame] = []
     split = split_events(events, params, cached)
     train, dropped = split.train, split.dropped
-    # ``train`` is not cached: the maps read two or three of its columns straight from Parquet,
-    # and caching every column of every training event cost more (29 s of 10M events' ~170 s)
-    # than those column-pruned rereads. ``train_idx`` below is the one large cache.
+    # ``train`` is not cached: the maps reread two or three of its columns from Parquet, which costs
+    # less than caching every column of every event (bench/README.md). ``train_idx`` below is the
+    # one large cache.
 
     users = train.select("user_id").distinct()
     user_map = users.withColumn("user_idx", (F.row_number().over(Window.orderBy("user_id")) - 1).cast("int"))
@@ -391,8 +391,7 @@ class Inspection:
 
 def _hash_sums(df: DataFrame) -> list[F.Column]:
     # The row hashes' sum mod 2^64, as sums of their low and high 32-bit halves (exact in a long
-    # up to 2^31 rows). Summing the whole hash as a decimal gives the same checksum, but took
-    # 2.8-3.0 s against 1.5-1.7 s over 8.9M training events.
+    # up to 2^31 rows): the same checksum as summing whole hashes as decimals, faster (bench/README.md).
     h = F.xxhash64(*df.columns)
     return [
         F.sum(h.bitwiseAND(F.lit(0xFFFFFFFF))).alias("_lo"),
