@@ -39,6 +39,8 @@ sys.path.insert(0, str(REPO))
 
 import yaml  # noqa: E402
 
+from infra.tables import CATALOGUE, SERVING, decisions_dir, scores_partition_dir  # noqa: E402
+
 NIGHTLY, SCORING = "funnelrec_nightly", "funnelrec_scoring"
 
 
@@ -119,14 +121,14 @@ def date_figures(settings, ds: str) -> dict:
 
     wh = Path(settings.paths.warehouse_root)
     out: dict = {}
-    scores = wh / "scores" / f"ds={ds}"
+    scores = scores_partition_dir(wh, ds)
     if scores.exists():
         t = pq.read_table(
             scores, columns=["user_id", "item_id", "expert", "model", "model_version"]
         ).to_pandas()
         users = t["user_id"].nunique()
         fallback_users = t.loc[t["expert"] == "fallback", "user_id"].nunique()
-        catalogue = wh / "serving" / f"ds={ds}" / "catalogue"
+        catalogue = SERVING.table_dir(wh, ds, CATALOGUE)
         items = pq.read_table(catalogue).num_rows if catalogue.exists() else None
         out.update(
             scored_users=users,
@@ -135,7 +137,7 @@ def date_figures(settings, ds: str) -> dict:
             served_version=int(t["model_version"].iloc[0]) if len(t) else None,
             served_model=t["model"].iloc[0] if len(t) else None,
         )
-    decisions = wh / "decisions" / f"ds={ds}"
+    decisions = decisions_dir(wh, ds)
     if decisions.exists():
         d = pq.read_table(decisions).to_pandas()
         candidates = []
@@ -356,7 +358,7 @@ def main() -> int:
                 continue
             finished = len(scoring)  # a scoring run ended (published, then pruned): read its dates
             for ds in dates:
-                published = Path(settings.paths.warehouse_root) / "scores" / f"ds={ds}"
+                published = scores_partition_dir(settings.paths.warehouse_root, ds)
                 if ds in done or not published.exists():
                     continue
                 per_date[ds].update(date_figures(settings, ds))

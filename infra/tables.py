@@ -961,6 +961,11 @@ def scores_dir(warehouse_root: Path) -> Path:
     return Path(warehouse_root) / SCORES.name
 
 
+def scores_partition_dir(warehouse_root: Path, ds: date | str) -> Path:
+    """``scores/ds=<d>/``: the published scores of one date."""
+    return scores_dir(warehouse_root) / f"ds={ds}"
+
+
 def published_dates(warehouse_root: Path) -> list[date]:
     """Dates with published scores (``scores/ds=<d>``), oldest first."""
     root = scores_dir(warehouse_root)

@@ -266,8 +266,8 @@ def ingest_source(spark: SparkSession, settings: Settings, source: str, run_date
             header = list(mapping.format.columns or [])
 
         lines = _read_lines(spark, files, header_lines)
-        # Cached: uncached, the filters below are pushed into the parse and the plan repeats it
-        # once per filter (bench/README.md, "Measurements behind the jobs' comments").
+        # Cached: uncached, the filters below are pushed into the parse and the optimised plan
+        # repeats it (bench/README.md, "Measurements behind the jobs' comments").
         parsed = parse_lines(lines, mapping, header, run_date)
         # Only refused rows need their raw text (for the quarantine); dropping it from the others
         # halves what the cache holds.

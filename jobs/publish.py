@@ -56,6 +56,7 @@ from infra.tables import (
     events_query,
     model_runs_dir,
     scores_dir,
+    scores_partition_dir,
     scores_staged_dir,
 )
 
@@ -96,7 +97,7 @@ def publish_scores(settings: Settings, run_date: date) -> Path:
     """Swap the staged scores of ``run_date`` into ``scores/``; a rerun after publishing is a no-op."""
     wh = settings.paths.warehouse_root
     staged = scores_staged_dir(wh, run_date.isoformat())
-    target = scores_dir(wh) / f"ds={run_date.isoformat()}"
+    target = scores_partition_dir(wh, run_date.isoformat())
     if staged.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         atomic.swap_in(staged, target)

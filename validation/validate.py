@@ -40,7 +40,7 @@ from infra.tables import (
     published_dates,
     read_events,
     read_manifest,
-    scores_dir,
+    scores_partition_dir,
     scores_staged_dir,
     validation_result_path,
 )
@@ -74,7 +74,7 @@ def _scores_pair(spark: SparkSession, settings: Settings, run_date: date):
     wh, ds = Path(settings.paths.warehouse_root), run_date.isoformat()
     path = scores_staged_dir(wh, ds)
     if not path.exists():
-        path = scores_dir(wh) / f"ds={ds}"
+        path = scores_partition_dir(wh, ds)
     scores = _read(spark, SCORES, path).drop("ds")
     context, catalogue = _serving(spark, wh, run_date)
     active = context.count()
@@ -98,12 +98,12 @@ def _previous_night(spark: SparkSession, settings: Settings, run_date: date, sco
     if not before:
         return None
     previous = before[-1]
-    prev = _read(spark, SCORES, scores_dir(wh) / f"ds={previous}").select("user_id", "item_id")
+    prev = _read(spark, SCORES, scores_partition_dir(wh, previous)).select("user_id", "item_id")
     if prev.join(scores.select("user_id").distinct(), "user_id", "left_semi").limit(1).count() == 0:
         return None
     prev_catalogue = SERVING.dir(wh, previous) / CATALOGUE.name
     # A pruned serving bundle leaves the previous catalogue unknown: today's stands in for it.
-    prev_items = spark.read.parquet(str(prev_catalogue)).count() if prev_catalogue.exists() else items
+    prev_items = _read(spark, CATALOGUE, prev_catalogue).count() if prev_catalogue.exists() else items
     coverage = scores.select("item_id").distinct().count() / max(items, 1)
     prev_coverage = prev.select("item_id").distinct().count() / max(prev_items, 1)
     return previous, prev, coverage / prev_coverage if prev_coverage else 1.0
