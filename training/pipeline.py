@@ -165,7 +165,7 @@ def status(settings: Settings, date: date) -> Outcome:
         quarantine_dir,
         read_metrics,
         report_path,
-        scores_dir,
+        scores_partition_dir,
         validation_results_dir,
     )
     from training.train_evaluate import format_metrics
@@ -198,7 +198,7 @@ def status(settings: Settings, date: date) -> Outcome:
         ("trained models", models_dir(wh, ds)),
         ("validation results", validation_results_dir(wh)),
         ("Data Docs", settings.validation.data_docs_dir / "index.html"),
-        ("scores", scores_dir(wh) / f"ds={ds}"),
+        ("scores", scores_partition_dir(wh, ds)),
         ("analytics DuckDB", analytics_db(wh)),
         ("daily report", report_path(wh, ds)),
         ("MLflow store", settings.mlflow_tracking_uri),

@@ -68,6 +68,7 @@ PIP_REQUIREMENTS_PACKAGES = (
     "implicit",
     "threadpoolctl",
     "tqdm",
+    "structlog",
 )
 #: Imports inside functions the pyfunc never calls, so not required to serve: top-level module ->
 #: where and why.
