@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 
 from airflow.sdk import CronDataIntervalTimetable, dag
 
-from infra.orchestration import default_args, pipeline_tasks
+from infra.orchestration import dag_arguments, pipeline_tasks
 from infra.settings import load_settings
 
 SETTINGS = load_settings()
@@ -32,13 +32,8 @@ CFG = SETTINGS.airflow
 @dag(
     dag_id="funnelrec_nightly",
     schedule=CronDataIntervalTimetable(CFG.schedule, timezone="UTC"),
-    start_date=datetime.combine(CFG.start_date, datetime.min.time(), tzinfo=UTC),
     end_date=datetime.combine(CFG.end_date, datetime.max.time(), tzinfo=UTC) if CFG.end_date else None,
-    catchup=False,
-    max_active_runs=1,
-    default_args=default_args(SETTINGS),
-    tags=["funnelrec"],
-    doc_md=__doc__,
+    **dag_arguments(SETTINGS, __doc__),
 )
 def funnelrec_nightly():
     pipeline_tasks("nightly", SETTINGS)

@@ -16,11 +16,9 @@ no date goes unscored. ``prune`` applies retention (``training/retention.py``) a
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, dag
 
-from infra.orchestration import CHAMPION_ASSET, default_args, pipeline_tasks
+from infra.orchestration import CHAMPION_ASSET, dag_arguments, pipeline_tasks
 from infra.settings import load_settings
 
 SETTINGS = load_settings()
@@ -34,12 +32,7 @@ CFG = SETTINGS.airflow
     )
     if CFG.scoring_schedule
     else [Asset(CHAMPION_ASSET)],
-    start_date=datetime.combine(CFG.start_date, datetime.min.time(), tzinfo=UTC),
-    catchup=False,
-    max_active_runs=1,
-    default_args=default_args(SETTINGS),
-    tags=["funnelrec"],
-    doc_md=__doc__,
+    **dag_arguments(SETTINGS, __doc__),
 )
 def funnelrec_scoring():
     pipeline_tasks("scoring", SETTINGS, batched=True)

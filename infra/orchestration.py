@@ -120,6 +120,18 @@ def failure_record(context: dict[str, Any]) -> Path:
     return path
 
 
+def dag_arguments(settings: Settings, doc: str | None) -> dict[str, Any]:
+    """What both DAGs share: first date, no catch-up, one run at a time, the tasks' defaults."""
+    return {
+        "start_date": datetime.combine(settings.airflow.start_date, datetime.min.time(), tzinfo=UTC),
+        "catchup": False,
+        "max_active_runs": 1,
+        "default_args": default_args(settings),
+        "tags": ["funnelrec"],
+        "doc_md": doc,
+    }
+
+
 def default_args(settings: Settings) -> dict[str, Any]:
     """Retries with exponential backoff, a timeout per task and the failure record, from ``airflow.*``."""
     cfg = settings.airflow

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import inspect
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import date
@@ -99,19 +100,20 @@ class Outcome:
 class Stage:
     """One command of ``funnelrec`` and its steps in the pipeline.
 
-    ``target`` is ``"module:function"``, imported only when the stage runs (declaring a stage costs
-    no import of Spark or torch); the function is called as ``function(settings, **options)`` and
-    returns an :class:`Outcome`. ``one_of`` lists groups of options of which exactly one must be
-    given. ``spark``: the stage needs a SparkSession; ``submit``: it is a Spark application that a
-    DAG may hand to ``spark-submit`` (``airflow.spark_submit_conn_id``); ``gpu``: it trains with torch,
-    on CUDA when present, so its tasks take a slot of ``airflow.gpu_pool`` (evaluation and scoring
-    use CUDA too when present, but briefly, and run outside the pool).
+    ``run`` is the stage's function, or ``"module:function"`` for one imported only when the stage
+    runs; it is called as ``function(settings, **options)`` and returns an :class:`Outcome`. Its
+    docstring is the command's help: the first line the one-line summary, the rest the description.
+    The stage packages' functions import their heavy modules (Spark, torch, MLflow) inside, so that
+    declaring a stage costs no such import. ``one_of`` lists groups of options of which exactly one
+    must be given. ``spark``: the stage needs a SparkSession; ``submit``: it is a Spark application
+    (so it needs Spark too) that a DAG may hand to ``spark-submit`` (``airflow.spark_submit_conn_id``);
+    ``gpu``: it trains with torch, on CUDA when present, so its tasks take a slot of
+    ``airflow.gpu_pool`` (evaluation and scoring use CUDA too when present, but briefly, and run
+    outside the pool).
     """
 
     name: str
-    target: str
-    summary: str
-    doc: str
+    run: Callable[..., Outcome] | str
     options: tuple[Option, ...] = ()
     steps: tuple[Step, ...] = ()
     one_of: tuple[tuple[str, ...], ...] = ()
@@ -119,9 +121,31 @@ class Stage:
     submit: bool = False
     gpu: bool = False
 
+    @property
+    def needs_spark(self) -> bool:
+        """A SparkSession in the process that runs it (a Spark application needs one too)."""
+        return self.spark or self.submit
+
     def function(self) -> Callable[..., Outcome]:
-        module, _, attr = self.target.partition(":")
+        if callable(self.run):
+            return self.run
+        module, _, attr = self.run.partition(":")
         return getattr(importlib.import_module(module), attr)
+
+    @property
+    def summary(self) -> str:
+        """The first line of the function's docstring: the command's one-line summary."""
+        return self._doc()[0]
+
+    @property
+    def doc(self) -> str:
+        """The rest of the docstring: the command's description."""
+        return self._doc()[1]
+
+    def _doc(self) -> tuple[str, str]:
+        text = inspect.getdoc(self.function()) or ""
+        summary, _, rest = text.partition("\n")
+        return summary.strip(), " ".join(rest.split()) or summary.strip()
 
     def __call__(self, settings: Any, **options: Any) -> Outcome:
         return self.function()(settings, **options)
@@ -192,7 +216,7 @@ class Pipeline:
         for stage in self.stages:
             if stage.name in seen:
                 raise PipelineError(
-                    f"stage {stage.name!r} is declared twice ({seen[stage.name].target}, {stage.target})"
+                    f"stage {stage.name!r} is declared twice ({seen[stage.name].run}, {stage.run})"
                 )
             seen[stage.name] = stage
             names = {o.name for o in stage.options}
@@ -224,7 +248,7 @@ class Pipeline:
             for step in stage.steps:
                 for model in models if step.per_model else [None]:
                     placed.append(Task(stage, step, model, len(placed)))
-        ordered = _order(placed)
+        ordered = _order(placed, models)
         ids = [t.task_id for t in ordered]
         clash = {i for i in ids if ids.count(i) > 1}
         if clash:
@@ -287,8 +311,10 @@ def _depends_on(task: Task, tasks: list[Task]) -> list[Task]:
     ]
 
 
-def _order(tasks: list[Task]) -> list[Task]:
-    """Topological order; among ready tasks, the earlier DAG, then declaration order, first."""
+def _order(tasks: list[Task], models: list[str]) -> list[Task]:
+    """Topological order; among ready tasks, the earlier DAG first, then a step without a model, then
+    the earlier model of ``training.models`` (so each model is trained, evaluated and registered
+    before the next one starts), then declaration order."""
     deps = {t.index: {u.index for u in _depends_on(t, tasks)} for t in tasks}
     done: set[int] = set()
     ordered: list[Task] = []
@@ -297,7 +323,10 @@ def _order(tasks: list[Task]) -> list[Task]:
         if not ready:
             stuck = sorted(t.task_id for t in tasks if t.index not in done)
             raise PipelineError(f"the steps {stuck} wait for each other (a cycle in their tables)")
-        first = min(ready, key=lambda t: (DAG_ORDER.index(t.dag), t.index))
+        first = min(
+            ready,
+            key=lambda t: (DAG_ORDER.index(t.dag), -1 if t.model is None else models.index(t.model), t.index),
+        )
         ordered.append(first)
         done.add(first.index)
     return ordered

@@ -16,6 +16,12 @@ from infra.tables import SERVING, SESSIONIZED, TRAINING
 
 
 def ingest(settings: Settings, date: date, source: list[str] | None = None) -> Outcome:
+    """Raw logs of each source -> events and quarantine.
+
+    Read the raw logs of each configured source (paths.data_root + its mapping) and write the
+    canonical `events` table (warehouse/events/source=S/event_date=D) and refused rows to
+    `quarantine` (quarantine_root/source=S/run_date=D).
+    """
     from infra.spark import get_spark
     from jobs.ingest import run_ingest, summary_json
 
@@ -24,6 +30,11 @@ def ingest(settings: Settings, date: date, source: list[str] | None = None) -> O
 
 
 def sessionize(settings: Settings, date: date) -> Outcome:
+    """Events of the history window -> sessions.
+
+    Read `events` of the history window ending on --date and write `sessions` and `session_events`
+    (warehouse/sessionized/ds=D).
+    """
     from infra.spark import get_spark
     from jobs.sessionize import run_sessionize
 
@@ -38,6 +49,13 @@ def sessionize(settings: Settings, date: date) -> Outcome:
 def split(
     settings: Settings, date: date | None = None, benchmark: str | None = None, name: str | None = None
 ) -> Outcome:
+    """Sessions -> training tables and held-out purchases.
+
+    Read `session_events` of --date and write the training tables: interactions, visited sets, held-
+    out purchases labelled visited/unvisited, id maps and a manifest (warehouse/training/ds=D). With
+    --benchmark FOLDER, read an MBGCN/MEMBER benchmark folder instead and reproduce MEMBER's split
+    (warehouse/training/ds=NAME).
+    """
     import json
 
     from infra.spark import get_spark
@@ -56,6 +74,13 @@ def split(
 
 
 def context(settings: Settings, date: date) -> Outcome:
+    """Events up to the date -> serving context and catalogue.
+
+    Build what scoring of --date reads from the events up to it: each active user's context (visited
+    set and purchases of the last split.observation_days days, last scoring.history_length events)
+    and the date's catalogue (items with an event in the last scoring.catalogue_days days, by
+    popularity), written to warehouse/serving/ds=D.
+    """
     from infra.spark import get_spark
     from jobs.context import run_context
 
@@ -68,6 +93,13 @@ def context(settings: Settings, date: date) -> Outcome:
 
 
 def publish(settings: Settings, date: date) -> Outcome:
+    """Validated scores -> published scores, DuckDB marts, report.
+
+    Move the validated scores of --date into warehouse/scores/ds=D atomically, rebuild the analysts'
+    DuckDB file (warehouse/analytics/funnelrec.duckdb: fct_recommendations, recommendations_latest,
+    dim_items, dim_users, agg_item_exposure, agg_catalog_coverage, model_runs, decisions, outcomes)
+    and write warehouse/reports/ds=D/report.html.
+    """
     from jobs.publish import run_publish
 
     out = run_publish(settings, date)
@@ -84,6 +116,12 @@ def synth(
     end_date: date = date(2017, 12, 3),
     days: int = 9,
 ) -> Outcome:
+    """Write a seeded synthetic log (Taobao format).
+
+    Write a seeded synthetic log in the Taobao UserBehavior format (power-law items, sessions, view
+    -> fav/cart -> purchase funnels, daily rhythm), streamed to part-NNNNN.csv files under --out
+    (default <data_root>/synthetic). Reads nothing.
+    """
     from infra.logs import stage
     from jobs.synth import SynthParams, generate
 
@@ -102,11 +140,7 @@ def synth(
 STAGES: tuple[Stage, ...] = (
     Stage(
         "ingest",
-        "jobs.pipeline:ingest",
-        "Raw logs of each source -> events and quarantine.",
-        "Read the raw logs of each configured source (paths.data_root + its mapping) and write the "
-        "canonical `events` table (warehouse/events/source=S/event_date=D) and refused rows to "
-        "`quarantine` (quarantine_root/source=S/run_date=D).",
+        ingest,
         options=(
             DATE,
             Option(
@@ -116,28 +150,18 @@ STAGES: tuple[Stage, ...] = (
             ),
         ),
         steps=(Step(reads=("raw_logs",), writes=("events", "quarantine"), group="etl"),),
-        spark=True,
         submit=True,
     ),
     Stage(
         "sessionize",
-        "jobs.pipeline:sessionize",
-        "Events of the history window -> sessions.",
-        "Read `events` of the history window ending on --date and write `sessions` and "
-        "`session_events` (warehouse/sessionized/ds=D).",
+        sessionize,
         options=(DATE,),
         steps=(Step(reads=("events",), writes=("sessionized",), group="etl"),),
-        spark=True,
         submit=True,
     ),
     Stage(
         "split",
-        "jobs.pipeline:split",
-        "Sessions -> training tables and held-out purchases.",
-        "Read `session_events` of --date and write the training tables: interactions, visited sets, "
-        "held-out purchases labelled visited/unvisited, id maps and a manifest (warehouse/training/ds=D). "
-        "With --benchmark FOLDER, read an MBGCN/MEMBER benchmark folder instead and reproduce MEMBER's "
-        "split (warehouse/training/ds=NAME).",
+        split,
         options=(
             Option("date", date, "run date (UTC day)", metavar="YYYY-MM-DD"),
             Option("benchmark", str, "benchmark folder (user item files per behaviour)", metavar="FOLDER"),
@@ -145,29 +169,18 @@ STAGES: tuple[Stage, ...] = (
         ),
         one_of=(("date", "benchmark"),),
         steps=(Step(reads=("sessionized",), writes=("training",), group="etl"),),
-        spark=True,
         submit=True,
     ),
     Stage(
         "context",
-        "jobs.pipeline:context",
-        "Events up to the date -> serving context and catalogue.",
-        "Build what scoring of --date reads from the events up to it: each active user's context "
-        "(visited set and purchases of the last split.observation_days days, last scoring.history_length "
-        "events) and the date's catalogue (items with an event in the last scoring.catalogue_days days, by "
-        "popularity), written to warehouse/serving/ds=D.",
+        context,
         options=(DATE,),
         steps=(Step(reads=("events",), writes=("serving",), dag="scoring"),),
         spark=True,
     ),
     Stage(
         "publish",
-        "jobs.pipeline:publish",
-        "Validated scores -> published scores, DuckDB marts, report.",
-        "Move the validated scores of --date into warehouse/scores/ds=D atomically, rebuild the analysts' "
-        "DuckDB file (warehouse/analytics/funnelrec.duckdb: fct_recommendations, recommendations_latest, "
-        "dim_items, dim_users, agg_item_exposure, agg_catalog_coverage, model_runs, decisions, outcomes) "
-        "and write warehouse/reports/ds=D/report.html.",
+        publish,
         options=(DATE,),
         steps=(
             Step(
@@ -179,11 +192,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "synth",
-        "jobs.pipeline:synth",
-        "Write a seeded synthetic log (Taobao format).",
-        "Write a seeded synthetic log in the Taobao UserBehavior format (power-law items, sessions, "
-        "view -> fav/cart -> purchase funnels, daily rhythm), streamed to part-NNNNN.csv files under --out "
-        "(default <data_root>/synthetic). Reads nothing.",
+        synth,
         options=(
             Option("events", int, "number of events (1e5 .. 1e8)", required=True),
             Option("seed", int, "seed of the generator", default=0),

@@ -24,6 +24,10 @@ SOURCE = textwrap.dedent(
 
 
     def count_events(settings, date):
+        """Count the run date's events.
+
+        Count the events of --date and write event_counts/ds=D/counts.json.
+        """
         import pyarrow.dataset as ds
 
         events = ds.dataset(events_dir(settings.paths.warehouse_root), partitioning="hive")
@@ -37,9 +41,7 @@ SOURCE = textwrap.dedent(
     STAGES = (
         Stage(
             "count_events",
-            "funnelrec_count_events:count_events",
-            "Count the run date's events.",
-            "Count the events of --date and write event_counts/ds=D/counts.json.",
+            count_events,
             options=(DATE,),
             steps=(Step(reads=("events",), writes=("event_counts",), group="etl"),),
         ),

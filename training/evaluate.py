@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypedDict, Unpack
 
 import numpy as np
 import scipy.sparse as sp
@@ -169,9 +170,18 @@ def evaluate_per_user(
     device: str | torch.device = "cpu",
     unscorable: np.ndarray | None = None,
 ) -> dict[str, PerUser]:
-    """Each evaluated user's metric values per setting (see ``evaluate_scores`` for the arguments).
+    """Each evaluated user's metric values per setting.
 
-    ``unscorable``: (n_users,) bool; those users are counted with every metric 0.
+    Args:
+        score_fn: scores of a batch of users against all items (see ``ScoreFn``).
+        data: the training data the split is evaluated on: for ``validation``, the bundle's
+            validation view (``load_training_data(root, "validation")``); for ``test``, the full one.
+        split: ``validation`` or ``test``.
+        ks: cut-offs.
+        batch_size: users per scoring call; changes memory and speed, never the results.
+        settings: which of ``SETTINGS`` to compute.
+        device: where ranking runs.
+        unscorable: (n_users,) bool of users counted as misses (every metric 0) whatever their scores.
     """
     data.check_evaluable(split)
     truth = Truth.from_pairs(*data.heldout[split])
@@ -275,36 +285,26 @@ def summarize(per_user: dict[str, PerUser], ks: tuple[int, ...] = KS) -> dict[st
     return out
 
 
-def evaluate_scores(
-    score_fn: ScoreFn,
-    data: TrainingData,
-    split: str = "test",
-    ks: tuple[int, ...] = KS,
-    batch_size: int = 1024,
-    settings: tuple[str, ...] = SETTINGS,
-    device: str | torch.device = "cpu",
-    unscorable: np.ndarray | None = None,
-) -> dict[str, dict[str, float | None]]:
-    """Evaluate a scorer on one held-out split.
+class EvalOptions(TypedDict, total=False):
+    """``evaluate_per_user``'s keyword arguments, which ``evaluate_scores`` passes on."""
 
-    Args:
-        score_fn: scores of a batch of users against all items (see ``ScoreFn``).
-        data: the training data the split is evaluated on: for ``validation``, the bundle's
-            validation view (``load_training_data(root, "validation")``); for ``test``, the full one.
-        split: ``validation`` or ``test``.
-        ks: cut-offs.
-        batch_size: users per scoring call; changes memory and speed, never the results.
-        settings: which of ``SETTINGS`` to compute.
-        device: where ranking runs.
-        unscorable: (n_users,) bool of users counted as misses whatever their scores.
+    ks: tuple[int, ...]
+    batch_size: int
+    settings: tuple[str, ...]
+    device: str | torch.device
+    unscorable: np.ndarray | None
+
+
+def evaluate_scores(
+    score_fn: ScoreFn, data: TrainingData, split: str = "test", **options: Unpack[EvalOptions]
+) -> dict[str, dict[str, float | None]]:
+    """Evaluate a scorer on one held-out split (arguments: ``evaluate_per_user``).
 
     Returns:
         ``{setting: {"HR@10": ..., "NDCG@10": ..., "Recall@10": ..., ..., "users": n,
         "candidates": mean, "chance_HR@10": ...}}`` (see ``summarize``).
     """
-    return summarize(
-        evaluate_per_user(score_fn, data, split, ks, batch_size, settings, device, unscorable), ks
-    )
+    return summarize(evaluate_per_user(score_fn, data, split, **options), options.get("ks", KS))
 
 
 def flatten(metrics: dict[str, dict[str, float]], prefix: str = "") -> dict[str, float]:

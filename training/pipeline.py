@@ -20,6 +20,11 @@ _DATASET = (
 _MODEL = Option("model", str, "model name (training/models/<name>.yaml)", required=True)
 
 
+def _per_model(reads: tuple[str, ...], writes: tuple[str, ...]) -> Step:
+    """A step of the nightly DAG's ``train_eval`` group, one task per model of ``training.models``."""
+    return Step(reads=reads, writes=writes, group="train_eval", per_model=True)
+
+
 def dataset(date: date | None, benchmark: str | None) -> str:
     """The ``ds`` of the training tables a model stage reads: the benchmark's name or the date."""
     return benchmark if benchmark else date.isoformat()
@@ -32,6 +37,13 @@ def train(
     benchmark: str | None = None,
     epochs: int | None = None,
 ) -> Outcome:
+    """Training tables -> a trained model (validation fit, refit).
+
+    Train one model on the training tables of --date (warehouse/training/ds=D) or of --benchmark
+    NAME (warehouse/training/ds=NAME): a validation fit early-stopped on the validation split, then
+    a refit on every training event for its best epoch count; write both state dicts, the config and
+    the history to warehouse/models/ds=D/MODEL.
+    """
     from training.train_evaluate import run_train
 
     meta = run_train(settings, dataset(date, benchmark), model, epochs=epochs)
@@ -46,6 +58,13 @@ def train(
 def evaluate(
     settings: Settings, model: str, date: date | None = None, benchmark: str | None = None
 ) -> Outcome:
+    """A trained model -> metrics on the held-out purchases.
+
+    Rank all items for every user with a held-out purchase (the purchases its model trained on
+    masked) and write HR, NDCG and Recall @10/20/50 with the users, mean candidates and chance HR of
+    each setting (standard, visited, unvisited, long_tail, tail_items) and split, validation with
+    the validation fit and test with the refit, to warehouse/models/ds=D/MODEL/metrics.json.
+    """
     from training.train_evaluate import format_metrics, run_evaluate
 
     metrics = run_evaluate(settings, dataset(date, benchmark), model)
@@ -56,6 +75,13 @@ def evaluate(
 def register(
     settings: Settings, model: str, date: date | None = None, benchmark: str | None = None
 ) -> Outcome:
+    """A trained, evaluated model -> a registry version (@challenger).
+
+    Log the trained and evaluated MODEL of --date (or --benchmark) as an MLflow pyfunc (signature,
+    input example, id maps and tables bundled) into its run, register it as a new version of
+    mlflow.registered_model and give it the alias `challenger`. Registering the same run again
+    reuses its version.
+    """
     from training.registry import register as register_version
 
     ds = dataset(date, benchmark)
@@ -69,6 +95,16 @@ def register(
 def promote(
     settings: Settings, version: int | None = None, date: date | None = None, strict: bool = False
 ) -> Outcome:
+    """Apply the promotion policy: a candidate may become @champion.
+
+    Apply the promotion policy to the candidates of a date: --version N, else every version
+    registered for --date, else @challenger. The policy is mlflow/promotion.yaml or the
+    mlflow.promotion_policy setting. Each candidate and the champion are measured on the date's
+    held-out purchases; the best candidate that passes every gate becomes `champion` (a refresh of
+    the champion's own model unless shown worse, a challenge only when it wins). Each gate's numbers
+    are tagged on the versions and written to warehouse/decisions/ds=D. A refusal exits 0 (1 with
+    --strict).
+    """
     from training.registry import promote as apply_policy
 
     ds = date.isoformat() if date else None
@@ -90,6 +126,15 @@ def promote(
 
 
 def score(settings: Settings, date: date, path: str | None = None) -> Outcome:
+    """Score every active user with @champion -> staged top-K.
+
+    Score every active user of --date (any event in the last scoring.active_days days) with
+    models:/<registered_model>@champion from the user's context as of --date
+    (warehouse/serving/ds=D, built by `context`) against the date's catalogue, excluding what they
+    bought; users the champion cannot score get the catalogue's most popular items (expert
+    'fallback'). Top scoring.k with score, rank, item type and expert weights, written to
+    warehouse/scores_staged/ds=D for `validate --table scores` and `publish`.
+    """
     from training.score import run_score, summary_json
 
     path = path or settings.scoring.path
@@ -103,6 +148,15 @@ def score(settings: Settings, date: date, path: str | None = None) -> Outcome:
 
 
 def prune(settings: Settings, date: date) -> Outcome:
+    """Retention: delete dated outputs older than retention.days.
+
+    Retention as of --date: delete the dated outputs (scores, staged scores, serving bundles,
+    sessionized and training tables, models, validation results, reports) older than retention.days
+    nights, except the training tables and models of versions a current alias points to or among the
+    last retention.champions champions; delete the logged-model artifacts of other registered
+    versions of pruned dates (tagged funnelrec.pruned). Events, quarantine, decisions and MLflow
+    runs stay.
+    """
     from training.retention import run_retention
 
     r = run_retention(settings, date)
@@ -117,6 +171,13 @@ def prune(settings: Settings, date: date) -> Outcome:
 
 
 def rollback(settings: Settings, rescore: bool = False) -> Outcome:
+    """Give @champion back to the previous champion.
+
+    Give @champion back to the version that held it before the current one (the alias history is
+    kept in registered-model tags). The published recommendations stay the rolled-back version's
+    until the latest published date is scored again: --rescore does it (the scoring DAG's steps:
+    score, validate scores, publish), else the command prints the steps.
+    """
     from infra.pipeline import load_pipeline
     from infra.tables import SERVING, published_dates
     from training.registry import rollback as give_back
@@ -153,6 +214,11 @@ def rollback(settings: Settings, rescore: bool = False) -> Outcome:
 
 
 def status(settings: Settings, date: date) -> Outcome:
+    """Print a date's metrics, registry aliases and outputs.
+
+    Print what a date produced: each model's test metrics, the registry's aliases and recent
+    promotions, and where every output of the date is (missing ones marked). Reads only.
+    """
     from infra.tables import (
         MANIFEST_FILE,
         MODEL_METRICS,
@@ -214,69 +280,33 @@ def status(settings: Settings, date: date) -> Outcome:
 STAGES: tuple[Stage, ...] = (
     Stage(
         "train",
-        "training.pipeline:train",
-        "Training tables -> a trained model (validation fit, refit).",
-        "Train one model on the training tables of --date (warehouse/training/ds=D) or of --benchmark NAME "
-        "(warehouse/training/ds=NAME): a validation fit early-stopped on the validation split, then a refit "
-        "on every training event for its best epoch count; write both state dicts, the config and the "
-        "history to warehouse/models/ds=D/MODEL.",
+        train,
         options=(
             *_DATASET,
             _MODEL,
             Option("epochs", int, "cap on epochs (default: the model's own setting)"),
         ),
         one_of=(("date", "benchmark"),),
-        steps=(Step(reads=("training",), writes=(f"models/{MODEL}",), group="train_eval", per_model=True),),
+        steps=(_per_model(("training",), (f"models/{MODEL}",)),),
         gpu=True,
     ),
     Stage(
         "evaluate",
-        "training.pipeline:evaluate",
-        "A trained model -> metrics on the held-out purchases.",
-        "Rank all items for every user with a held-out purchase (the purchases its model trained on masked) "
-        "and write HR, NDCG and Recall @10/20/50 with the users, mean candidates and chance HR of each "
-        "setting (standard, visited, unvisited, long_tail, tail_items) and split, validation with the "
-        "validation fit and test with the refit, to warehouse/models/ds=D/MODEL/metrics.json.",
+        evaluate,
         options=(*_DATASET, _MODEL),
         one_of=(("date", "benchmark"),),
-        steps=(
-            Step(
-                reads=("training", f"models/{MODEL}"),
-                writes=(f"metrics/{MODEL}", "model_runs"),
-                group="train_eval",
-                per_model=True,
-            ),
-        ),
+        steps=(_per_model(("training", f"models/{MODEL}"), (f"metrics/{MODEL}", "model_runs")),),
     ),
     Stage(
         "register",
-        "training.pipeline:register",
-        "A trained, evaluated model -> a registry version (@challenger).",
-        "Log the trained and evaluated MODEL of --date (or --benchmark) as an MLflow pyfunc (signature, "
-        "input example, id maps and tables bundled) into its run, register it as a new version of "
-        "mlflow.registered_model and give it the alias `challenger`. Registering the same run again reuses "
-        "its version.",
+        register,
         options=(*_DATASET, _MODEL),
         one_of=(("date", "benchmark"),),
-        steps=(
-            Step(
-                reads=(f"models/{MODEL}", f"metrics/{MODEL}"),
-                writes=("registry",),
-                group="train_eval",
-                per_model=True,
-            ),
-        ),
+        steps=(_per_model((f"models/{MODEL}", f"metrics/{MODEL}"), ("registry",)),),
     ),
     Stage(
         "promote",
-        "training.pipeline:promote",
-        "Apply the promotion policy: a candidate may become @champion.",
-        "Apply the promotion policy to the candidates of a date: --version N, else every version registered "
-        "for --date, else @challenger. The policy is mlflow/promotion.yaml or the mlflow.promotion_policy "
-        "setting. Each candidate and the champion are measured on the date's held-out purchases; the best "
-        "candidate that passes every gate becomes `champion` (a refresh of the champion's own model unless "
-        "shown worse, a challenge only when it wins). Each gate's numbers are tagged on the versions and "
-        "written to warehouse/decisions/ds=D. A refusal exits 0 (1 with --strict).",
+        promote,
         options=(
             Option("version", int, "registered version to consider"),
             Option("date", date, "consider the best version registered for this date", metavar="YYYY-MM-DD"),
@@ -294,12 +324,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "rollback",
-        "training.pipeline:rollback",
-        "Give @champion back to the previous champion.",
-        "Give @champion back to the version that held it before the current one (the alias history is kept "
-        "in registered-model tags). The published recommendations stay the rolled-back version's until the "
-        "latest published date is scored again: --rescore does it (the scoring DAG's steps: score, validate "
-        "scores, publish), else the command prints the steps.",
+        rollback,
         options=(
             Option(
                 "rescore",
@@ -311,14 +336,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "score",
-        "training.pipeline:score",
-        "Score every active user with @champion -> staged top-K.",
-        "Score every active user of --date (any event in the last scoring.active_days days) with "
-        "models:/<registered_model>@champion from the user's context as of --date (warehouse/serving/ds=D, "
-        "built by `context`) against the date's catalogue, excluding what they bought; users the champion "
-        "cannot score get the catalogue's most popular items (expert 'fallback'). Top scoring.k with score, "
-        "rank, item type and expert weights, written to warehouse/scores_staged/ds=D for `validate --table "
-        "scores` and `publish`.",
+        score,
         options=(
             DATE,
             Option(
@@ -333,22 +351,13 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "prune",
-        "training.pipeline:prune",
-        "Retention: delete dated outputs older than retention.days.",
-        "Retention as of --date: delete the dated outputs (scores, staged scores, serving bundles, "
-        "sessionized and training tables, models, validation results, reports) older than retention.days "
-        "nights, except the training tables and models of versions a current alias points to or among the "
-        "last retention.champions champions; delete the logged-model artifacts of other registered versions "
-        "of pruned dates (tagged funnelrec.pruned). Events, quarantine, decisions and MLflow runs stay.",
+        prune,
         options=(DATE,),
         steps=(Step(reads=("scores", "registry"), dag="scoring"),),
     ),
     Stage(
         "status",
-        "training.pipeline:status",
-        "Print a date's metrics, registry aliases and outputs.",
-        "Print what a date produced: each model's test metrics, the registry's aliases and recent "
-        "promotions, and where every output of the date is (missing ones marked). Reads only.",
+        status,
         options=(DATE,),
     ),
 )

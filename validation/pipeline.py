@@ -19,6 +19,14 @@ TABLES: dict[str, tuple[tuple[str, ...], str, str, str | None]] = {
 
 
 def validate(settings: Settings, date: date, table: str) -> Outcome:
+    """Validate a table of a date with its Great Expectations suite.
+
+    Validate a table of --date with its Great Expectations suite, run as a GX checkpoint on the
+    Spark DataFrame: events (the history window), sessions (sessionized/ds=D), training
+    (training/ds=D), serving (serving/ds=D) or scores (the staged or published scores of D, against
+    serving/ds=D). Writes warehouse/validation/TABLE/ds=D/result.json and the Data Docs site
+    (validation.data_docs_dir); exits 1 listing each failed expectation.
+    """
     from infra.spark import get_spark
     from validation.validate import result_path, run_validate
 
@@ -34,13 +42,7 @@ def validate(settings: Settings, date: date, table: str) -> Outcome:
 STAGES: tuple[Stage, ...] = (
     Stage(
         "validate",
-        "validation.pipeline:validate",
-        "Validate a table of a date with its Great Expectations suite.",
-        "Validate a table of --date with its Great Expectations suite, run as a GX checkpoint on the Spark "
-        "DataFrame: events (the history window), sessions (sessionized/ds=D), training (training/ds=D), "
-        "serving (serving/ds=D) or scores (the staged or published scores of D, against serving/ds=D). "
-        "Writes warehouse/validation/TABLE/ds=D/result.json and the Data Docs site "
-        "(validation.data_docs_dir); exits 1 listing each failed expectation.",
+        validate,
         options=(DATE, Option("table", str, "the table to validate", required=True, choices=tuple(TABLES))),
         steps=tuple(
             Step(

@@ -129,23 +129,30 @@ def run_checkpoint(
             f"{lock.lock_file}, held by another validation of this warehouse; nothing was validated"
         ) from exc
     try:
-        return _run_checkpoint(name, ds, suites, gx_root, docs_dir, result_path)
+        results, failures = _validate_suites(_context(gx_root, docs_dir), name, suites)
     finally:
         lock.release()
+    summary = {
+        "checkpoint": name,
+        "ds": ds,
+        "success": not failures,
+        "suites": results,
+        "failures": [f.__dict__ for f in failures],
+        "data_docs": str(docs_dir / "index.html"),
+    }
+    result_path.parent.mkdir(parents=True, exist_ok=True)
+    result_path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    if failures:
+        raise ValidationFailed(name, ds, failures, result_path)
+    return summary
 
 
-def _run_checkpoint(
-    name: str,
-    ds: str,
-    suites: list[tuple[Suite, Any]],
-    gx_root: Path,
-    docs_dir: Path,
-    result_path: Path,
-) -> dict[str, Any]:
+def _validate_suites(ctx, name: str, suites: list[tuple[Suite, Any]]) -> tuple[dict[str, Any], list[Failure]]:
+    """Run each suite as its own checkpoint in the GX project ``ctx``; the described results by
+    suite, and every failed expectation."""
     import great_expectations as gx
     from great_expectations.checkpoint import UpdateDataDocsAction
 
-    ctx = _context(gx_root, docs_dir)
     try:
         source = ctx.data_sources.get(DATASOURCE)
     except (KeyError, ValueError):
@@ -208,19 +215,7 @@ def _run_checkpoint(
                         samples=list((r.result or {}).get("partial_unexpected_list") or [])[:SAMPLES],
                     )
                 )
-    summary = {
-        "checkpoint": name,
-        "ds": ds,
-        "success": not failures,
-        "suites": results,
-        "failures": [f.__dict__ for f in failures],
-        "data_docs": str(docs_dir / "index.html"),
-    }
-    result_path.parent.mkdir(parents=True, exist_ok=True)
-    result_path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    if failures:
-        raise ValidationFailed(name, ds, failures, result_path)
-    return summary
+    return results, failures
 
 
 def _key(expectation) -> tuple:

@@ -48,29 +48,23 @@ def test_a_stage_line_in_logfmt(funnelrec_logger, capsys):
     ), failed
 
 
+#: The two JSON lines ``_stages`` logs, without their timestamps and seconds.
+JSON_LINES = (
+    {"event": "sessionize", "level": "info", "date": "2015-09-18", "status": "ok"}
+    | {"events": 97381, "sessions": 15877, "share": 0.667},
+    {"event": "split", "level": "error", "date": "2015-09-18", "status": "failed"}
+    | {"error": "ValueError", "users": 2137},
+)
+
+
 def test_a_stage_line_in_json(funnelrec_logger, capsys):
     configure("INFO", "json")
     _stages()
-    ok, failed = (json.loads(line) for line in capsys.readouterr().err.splitlines())
-    assert re.fullmatch(TIMESTAMP, ok.pop("timestamp")) and isinstance(ok.pop("seconds"), float)
-    assert ok == {
-        "event": "sessionize",
-        "level": "info",
-        "date": "2015-09-18",
-        "status": "ok",
-        "events": 97381,
-        "sessions": 15877,
-        "share": 0.667,
-    }
-    assert re.fullmatch(TIMESTAMP, failed.pop("timestamp")) and isinstance(failed.pop("seconds"), float)
-    assert failed == {
-        "event": "split",
-        "level": "error",
-        "date": "2015-09-18",
-        "status": "failed",
-        "error": "ValueError",
-        "users": 2137,
-    }
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert len(lines) == len(JSON_LINES)
+    for line, expected in zip(lines, JSON_LINES, strict=True):
+        assert re.fullmatch(TIMESTAMP, line.pop("timestamp")) and isinstance(line.pop("seconds"), float)
+        assert line == expected
 
 
 def test_configure_twice_keeps_one_handler_and_follows_the_last_call(funnelrec_logger, capsys):
