@@ -52,15 +52,8 @@ MODELS = ["popularity", "als", "als_multi", "bpr", "bpr_multi", "lightgcn", "mem
 RR_DATE = date(2015, 9, 18)
 
 # Per-benchmark settings that differ from a model's defaults file, chosen on the validation split
-# (standard NDCG@10, the trainer's early-stopping metric), as the paper tunes per dataset. MEMBER,
-# RetailRocket validation, 1 seed: reference-code negatives (one uniform, lr 5e-3) 0.249, the
-# defaults' 4 x 16-candidate negatives (lr 0.01) 0.223. On this visited-heavy log the hard unvisited
-# negatives are not what is left to learn. Only the leave-last-purchase table was measured; the
-# global-cutoff table (82 test users, same log) reuses its choice without a measurement of its own.
-# member_funnel, same table, 40 epochs (best validation standard NDCG@10 at an evaluation every 5
-# epochs): those negatives 0.429; with half the slots drawn from the user's visited items not
-# bought 0.456 (visited NDCG@10 0.469): the funnel weights learn the order inside a visited set
-# from exactly those pairs; the defaults' negatives with a visited share of 0.25: 0.450.
+# (standard NDCG@10, the trainer's early-stopping metric), as the paper tunes per dataset; what they
+# were chosen on: bench/README.md, "MEMBER's negatives".
 _RR_NEGATIVES = {"negatives": 1, "negative_candidates": 1, "train": {"lr": 5.0e-3}}
 TUNED: dict[str, dict[str, dict]] = {
     table: {"member": _RR_NEGATIVES, "member_funnel": {**_RR_NEGATIVES, "visited_negatives": 0.5}}
