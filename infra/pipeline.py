@@ -67,7 +67,7 @@ DATE = Option("date", date, "run date (UTC day)", required=True, metavar="YYYY-M
 class Step:
     """One task of the pipeline: its stage run with ``options`` fixed.
 
-    Table names are the catalogue's (``infra/tables.py``); ``{model}`` in a name makes the table
+    Table names are the catalogue's (``infra.tables.step_entry_names``); ``{model}`` in a name makes the table
     one per model (a per-model step reads and writes its own model's).
     """
 

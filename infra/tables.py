@@ -65,6 +65,14 @@ class Table:
         """Columns stored inside the Parquet files (partition columns live in the path)."""
         return [c.name for c in self.columns if c.name not in self.partition_by]
 
+    def read_spark(self, spark, path: Path, missing: str = ""):
+        """Spark: the table's Parquet files under ``path`` with the declared schema. The one Spark
+        reader of every table (``read_events`` adds the events' window); ``missing`` says what to run
+        when the folder is not there."""
+        if not Path(path).exists():
+            raise FileNotFoundError(f"no {self.name} table at {path}{': ' + missing if missing else ''}")
+        return spark.read.schema(self.spark_schema()).parquet(str(path))
+
     def spark_schema(self, include_partitions: bool = True):
         from pyspark.sql import types as T
 
@@ -911,10 +919,7 @@ def read_events(spark, warehouse_root: Path, sources, first: date, last: date):
     Spark reader of the events table."""
     from pyspark.sql import functions as F
 
-    path = events_dir(warehouse_root)
-    if not path.exists():
-        raise FileNotFoundError(f"no events table at {path}: run `funnelrec ingest` first")
-    df = spark.read.schema(EVENTS.spark_schema()).parquet(str(path))
+    df = EVENTS.read_spark(spark, events_dir(warehouse_root), "run `funnelrec ingest` first")
     return df.filter(
         F.col("source").isin(list(sources))
         & (F.col("event_date") >= F.lit(first))
@@ -998,3 +1003,25 @@ def validation_result_path(warehouse_root: Path, table: str, ds: date | str) -> 
 def validation_results_dir(warehouse_root: Path) -> Path:
     """``validation/<table>/ds=<d>/``: the suites' result files, one folder per table checked."""
     return Path(warehouse_root) / "validation"
+
+
+#: What the pipeline's steps name in ``reads``, ``writes`` and ``checks`` (``infra/pipeline.py``)
+#: besides the tables and bundles above: name -> where it is and what declares its shape.
+#: ``<model>`` stands for a model's name (``{model}`` in a per-model step).
+STEP_ENTRIES: dict[str, str] = {
+    "raw_logs": "the sources' files under paths.data_root, read through a source mapping (jobs/sources/)",
+    f"{MODELS}/<model>": "model_dir(): one trained model (MODEL_FILES, ModelMeta)",
+    "metrics/<model>": "the model's metrics.json (ModelMetrics)",
+    SCORES_STAGED: "scores_staged_dir(): the scores of a date before their suite (SCORES' columns)",
+    "registry": "the MLflow registered model mlflow.registered_model: its versions and their tags",
+    "champion": "the registry's @champion alias (what `score` serves)",
+    "analytics": "analytics_db(): the analysts' DuckDB file",
+    "report": "report_path(): the daily HTML report",
+    "validation/<table>": "validation_result_path(): a suite's result JSON, and the Data Docs",
+}
+
+
+def step_entry_names() -> set[str]:
+    """Every name a pipeline step may read, write or check."""
+    bundles = {b.name for b in (SESSIONIZED, SERVING, TRAINING)}
+    return {t.name for t in ALL_TABLES} | bundles | set(STEP_ENTRIES)

@@ -129,7 +129,7 @@ def run_context(spark: SparkSession, settings: Settings, run_date: date) -> Cont
             items.coalesce(1).sortWithinPartitions("popularity_rank").write.parquet(
                 str(staged / CATALOGUE.name)
             )
-            n_users = spark.read.parquet(str(staged / SERVING_CONTEXT.name)).count()
-            n_items = spark.read.parquet(str(staged / CATALOGUE.name)).count()
+            n_users = SERVING_CONTEXT.read_spark(spark, staged / SERVING_CONTEXT.name).count()
+            n_items = CATALOGUE.read_spark(spark, staged / CATALOGUE.name).count()
         counts.update(users=n_users, items=n_items)
     return ContextResult(run_date, n_users, n_items)

@@ -122,17 +122,14 @@ def run_sessionize(spark: SparkSession, settings: Settings, run_date: date) -> S
         with atomic.staged_dir(target) as staged:
             session_events.write.parquet(str(staged / SESSION_EVENTS.name))
             # Sessions are aggregated from the written events rather than recomputing the windows.
-            sessions = sessions_of(
-                spark.read.schema(SESSION_EVENTS.spark_schema()).parquet(str(staged / SESSION_EVENTS.name))
-            )
+            sessions = sessions_of(SESSION_EVENTS.read_spark(spark, staged / SESSION_EVENTS.name))
             (
                 sessions.repartition(parts, "user_id")
                 .sortWithinPartitions("user_id", "source", "session_start")
                 .write.parquet(str(staged / SESSIONS.name))
             )
             stats = (
-                spark.read.schema(SESSIONS.spark_schema())
-                .parquet(str(staged / SESSIONS.name))
+                SESSIONS.read_spark(spark, staged / SESSIONS.name)
                 .agg(
                     F.count("*").alias("sessions"),
                     F.sum("event_count").alias("events"),

@@ -538,7 +538,7 @@ def publish_training_tables(
             big = name in (TRAIN_EVENTS.name, INTERACTIONS.name, VISITED.name)
             out = out.repartition(parts, "user_idx") if big else out.repartition(1)
             out.sortWithinPartitions(*sort_keys[name]).write.parquet(str(staged / name))
-            written[name] = spark.read.schema(tables_by_name[name].spark_schema()).parquet(str(staged / name))
+            written[name] = tables_by_name[name].read_spark(spark, staged / name)
         inspection = inspect_tables(written, manifest.cutoff_time)
         leaks, sums, stats = inspection.leaks, inspection.checksums, inspection.stats
         if any(leaks.values()):
@@ -582,11 +582,7 @@ def publish_and_count(
 
 def read_session_events(spark: SparkSession, settings: Settings, run_date: date) -> DataFrame:
     path = SESSIONIZED.table_dir(settings.paths.warehouse_root, run_date, SESSION_EVENTS)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"no sessionized events at {path}: run `funnelrec sessionize --date {run_date}` first"
-        )
-    return spark.read.schema(SESSION_EVENTS.spark_schema()).parquet(str(path))
+    return SESSION_EVENTS.read_spark(spark, path, f"run `funnelrec sessionize --date {run_date}` first")
 
 
 def run_split(spark: SparkSession, settings: Settings, run_date: date) -> dict:

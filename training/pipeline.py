@@ -302,7 +302,7 @@ STAGES: tuple[Stage, ...] = (
         register,
         options=(*_DATASET, _MODEL),
         one_of=(("date", "benchmark"),),
-        steps=(_per_model((f"models/{MODEL}", f"metrics/{MODEL}"), ("registry",)),),
+        steps=(_per_model((f"models/{MODEL}", f"metrics/{MODEL}"), ("registry", "model_runs")),),
     ),
     Stage(
         "promote",

@@ -55,9 +55,7 @@ def result_path(settings: Settings, table: str, ds: str) -> Path:
 
 
 def _read(spark: SparkSession, table: Table, path: Path):
-    if not path.exists():
-        raise FileNotFoundError(f"nothing to validate: {table.name} is missing at {path}")
-    return spark.read.schema(table.spark_schema()).parquet(str(path))
+    return table.read_spark(spark, path, "nothing to validate")
 
 
 def _serving(spark: SparkSession, wh: Path, run_date: date):

@@ -155,3 +155,13 @@ def test_an_added_stage_is_a_command_and_a_step_after_what_it_reads(tmp_path, mo
     assert ids.index("validate_events") < ids.index(stage_plugin.STAGE)
     nightly = pipeline.tasks(["popularity"], dag="nightly")
     assert pipeline.upstream(nightly)[stage_plugin.STAGE] == {"validate_events"}
+
+
+def test_every_table_a_declared_step_names_is_in_the_catalogue():
+    from infra.tables import step_entry_names
+
+    known = step_entry_names()
+    for task in load_pipeline().tasks(["<model>"]):
+        for name in task.reads | task.writes | task.checks:
+            generic = re.sub(r"^validation/.+", "validation/<table>", name)
+            assert generic in known, f"{task.task_id} names {name!r}, which the catalogue does not declare"
