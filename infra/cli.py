@@ -61,8 +61,8 @@ def _settings(ctx: typer.Context) -> Settings:
 def _parameter(option: Option) -> inspect.Parameter:
     """The Typer parameter of a declared option."""
     info: dict[str, Any] = {"help": option.help}
-    if option.metavar:
-        info["metavar"] = option.metavar
+    if not option.choices and option.kind is not bool:
+        info["metavar"] = option.metavar or option.name.upper()  # argparse's default, not <list[str]>
     kind: Any = Literal.__getitem__(option.choices) if option.choices else option.kind
     if option.kind is date:
         info["parser"] = _date
@@ -73,11 +73,6 @@ def _parameter(option: Option) -> inspect.Parameter:
         annotation = Annotated[bool, typer.Option(option.flag, **info)]
         return inspect.Parameter(
             option.name, inspect.Parameter.KEYWORD_ONLY, default=False, annotation=annotation
-        )
-    if option.rest:
-        annotation = Annotated[list[str] | None, typer.Argument(help=option.help)]
-        return inspect.Parameter(
-            option.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation
         )
     annotation = Annotated[kind if option.required else kind | None, typer.Option(option.flag, **info)]
     default = inspect.Parameter.empty if option.required else option.default
@@ -150,13 +145,26 @@ def _airflow(
 
     with operator_errors("airflow"):
         settings = _settings(ctx)
-    env = airflow_env(settings, (ctx.find_root().obj or {}).get("config"))
-    init_airflow(settings, env)
-    if not args:
-        print(f"Airflow home ready: {settings.airflow.home} (DAGs: dags/, pool {settings.airflow.gpu_pool})")
-        return
-    airflow = str(Path(sys.executable).with_name("airflow"))
-    raise typer.Exit(subprocess.run([airflow, *args], env=env).returncode)
+        env = airflow_env(settings, (ctx.find_root().obj or {}).get("config"))
+        init_airflow(settings, env)
+        if not args:
+            print(
+                f"Airflow home ready: {settings.airflow.home} (DAGs: dags/, pool {settings.airflow.gpu_pool})"
+            )
+            return
+        airflow = str(Path(sys.executable).with_name("airflow"))
+        code = subprocess.run([airflow, *args], env=env).returncode
+    raise typer.Exit(code)
+
+
+def _needs(stage: Stage) -> str:
+    """What the declaration says the stage runs on, for its help."""
+    needs = []
+    if stage.needs_spark:
+        needs.append("Spark (spark.master)" + (", or spark-submit from Airflow" if stage.submit else ""))
+    if stage.gpu:
+        needs.append("CUDA when present (its Airflow tasks take a slot of airflow.gpu_pool)")
+    return f" Runs on: {'; '.join(needs)}." if needs else ""
 
 
 def command_order(pipeline: Pipeline) -> list[Stage]:
@@ -191,14 +199,20 @@ def build_app(pipeline: Pipeline | None = None) -> typer.Typer:
         ctx.obj = {"config": config}
 
     for stage in command_order(pipeline):
-        app.command(stage.name, help=stage.doc, short_help=stage.summary)(_command(stage))
+        app.command(stage.name, help=stage.doc + _needs(stage), short_help=stage.summary)(_command(stage))
     app.command("nightly", short_help="Run every step of the pipeline for a date, in order.")(
         _nightly(pipeline)
     )
     app.command(
         "airflow",
         short_help="Run the airflow CLI against the project's Airflow home.",
-        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+        # Everything after `airflow` goes to the airflow CLI as given: its options, `--help` and `--`.
+        context_settings={
+            "allow_extra_args": True,
+            "ignore_unknown_options": True,
+            "allow_interspersed_args": False,
+            "help_option_names": [],
+        },
     )(_airflow)
     return app
 

@@ -225,7 +225,8 @@ def pipeline_tasks(
 def _operator(t: Task, settings: Settings, batched: bool):
     from airflow.sdk import Asset, get_current_context, task
 
-    if t.stage.submit and settings.airflow.spark_submit_conn_id:
+    # spark-submit runs one date per application: a batched DAG's steps stay in process.
+    if t.stage.submit and settings.airflow.spark_submit_conn_id and not batched:
         return _spark_submit(t, settings)
     cfg = settings.airflow
     kwargs: dict[str, Any] = {"task_id": t.task_id}
@@ -286,6 +287,9 @@ def _argv(options: dict[str, Any]) -> list[str]:
         flag = "--" + name.replace("_", "-")
         if value is True:
             argv.append(flag)
+        elif isinstance(value, list | tuple):
+            for item in value:
+                argv += [flag, str(item)]
         elif value not in (None, False):
             argv += [flag, value.isoformat() if isinstance(value, date) else str(value)]
     return argv

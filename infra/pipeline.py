@@ -16,7 +16,8 @@ checks, the DAG and task group it belongs to, and whether it runs once per model
 
 Order, derived from the tables: a step runs after every step that writes a table it reads and after
 every step that checks that table (a suite's failure stops everything downstream). The CLI's
-``nightly`` runs the steps of every DAG in that order (ties: the DAGs' order, then declaration order);
+``nightly`` runs the steps of every DAG in that order (ties: the DAGs' order, then a step without a
+model before per-model ones, one model at a time in ``training.models`` order, then declaration order);
 a DAG's edges are the transitive reduction of those dependencies among its own steps.
 """
 
@@ -42,7 +43,7 @@ class Option:
     """One command-line option of a stage (``--name``; underscores become dashes).
 
     ``kind`` is ``str``, ``int``, ``bool`` (a flag), ``date`` (``YYYY-MM-DD``, parsed strictly) or
-    ``list`` (repeatable, strings); ``rest`` takes every remaining argument as given (``airflow``).
+    ``list`` (repeatable, strings).
     """
 
     name: str
@@ -52,7 +53,6 @@ class Option:
     required: bool = False
     choices: tuple[str, ...] = ()
     metavar: str | None = None
-    rest: bool = False
 
     @property
     def flag(self) -> str:
@@ -100,8 +100,8 @@ class Outcome:
 class Stage:
     """One command of ``funnelrec`` and its steps in the pipeline.
 
-    ``run`` is the stage's function, or ``"module:function"`` for one imported only when the stage
-    runs; it is called as ``function(settings, **options)`` and returns an :class:`Outcome`. Its
+    ``run`` is the stage's function, or ``"module:function"`` for one imported when the stage runs or
+    its help is shown; it is called as ``function(settings, **options)`` and returns an :class:`Outcome`. Its
     docstring is the command's help: the first line the one-line summary, the rest the description.
     The stage packages' functions import their heavy modules (Spark, torch, MLflow) inside, so that
     declaring a stage costs no such import. ``one_of`` lists groups of options of which exactly one
@@ -297,6 +297,8 @@ class Pipeline:
             out[task.task_id] = outcome = task.run(settings, run_date)
             if on_outcome is not None:
                 on_outcome(task, outcome)
+            if outcome.exit_code:
+                raise RuntimeError(f"{task.task_id} {run_date} exited {outcome.exit_code}: {outcome.text}")
         return out
 
 

@@ -147,6 +147,7 @@ STAGES: tuple[Stage, ...] = (
                 "source",
                 list,
                 "source mapping name or YAML path (repeatable); default: pipeline.sources",
+                metavar="SOURCE",
             ),
         ),
         steps=(Step(reads=("raw_logs",), writes=("events", "quarantine"), group="etl"),),

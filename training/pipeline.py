@@ -202,14 +202,13 @@ def rollback(settings: Settings, rescore: bool = False) -> Outcome:
         t for t in load_pipeline().tasks(settings.training.models, dag="scoring") if t.task_id != "prune"
     ]
     have_context = SERVING.dir(settings.paths.warehouse_root, latest).exists()
+    ran: dict[str, Outcome] = {}
     for task in scoring:
         if have_context and "serving" in task.writes | task.checks:
             continue
-        task.run(settings, latest)
-    lines.append(
-        f"re-scored {latest} with version {decision.champion_after}, validated and published "
-        f"({', '.join(t.task_id for t in scoring)})"
-    )
+        ran[task.task_id] = task.run(settings, latest)
+    version = ran["score"].data["version"] if "score" in ran else decision.champion_after
+    lines.append(f"re-scored {latest} with version {version}: ran {', '.join(ran)}")
     return Outcome("\n".join(lines), {**data, "rescored": latest.isoformat()})
 
 

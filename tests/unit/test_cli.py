@@ -165,3 +165,16 @@ def test_every_table_a_declared_step_names_is_in_the_catalogue():
         for name in task.reads | task.writes | task.checks:
             generic = re.sub(r"^validation/.+", "validation/<table>", name)
             assert generic in known, f"{task.task_id} names {name!r}, which the catalogue does not declare"
+
+
+def test_airflow_takes_every_argument_after_it_as_given():
+    """``funnelrec airflow ...`` hands its arguments to the airflow CLI untouched: airflow's own
+    options, its ``--help`` and a ``--``."""
+    command = typer.main.get_command(build_app()).commands["airflow"]
+    for argv in (
+        ["dags", "test", "funnelrec_nightly", "2015-09-18", "-c", '{"ds": "2015-09-18"}'],
+        ["dags", "list", "--help"],
+        ["--help"],
+        ["tasks", "test", "x", "--", "--not-ours"],
+    ):
+        assert command.make_context("airflow", list(argv)).params["args"] == argv
