@@ -11,6 +11,8 @@ against the working directory at load time.
 from __future__ import annotations
 
 import os
+import types
+import typing
 from collections.abc import Mapping, Sequence
 from datetime import date
 from pathlib import Path
@@ -246,7 +248,8 @@ class _Overrides(InitSettingsSource):
 
 class _Environment(EnvSettingsSource):
     """``FUNNELREC__SECTION__KEY`` variables of ``environ``, values parsed as YAML scalars or lists
-    (``"30"``, ``"true"`` and ``"[a, b]"`` get their types). Names are matched in lower case, except a
+    (``"30"``, ``"true"`` and ``"[a, b]"`` get their types), except for a string or path setting,
+    which takes the text as given (``null`` still clears an optional one). Names are matched in lower case, except a
     Spark conf key, which keeps its case and may hold dots
     (``FUNNELREC__SPARK__CONF__spark.sql.shuffle.partitions=4``)."""
 
@@ -266,13 +269,28 @@ class _Environment(EnvSettingsSource):
             keys = [p.lower() for p in parts]
             if keys[:2] == ["spark", "conf"] and len(keys) > 2:
                 keys[-1] = parts[-1]
-            try:
-                value = yaml.safe_load(raw)
-            except yaml.YAMLError:
-                raise ValueError(f"{name}={raw!r} is not a YAML value") from None
+            if self._takes_text(keys) and raw.strip() not in ("null", "~", ""):
+                value = raw  # a cron ("*/5 * * * *"), a date-like name: the text as given
+            else:
+                try:
+                    value = yaml.safe_load(raw)
+                except yaml.YAMLError:
+                    raise ValueError(f"{name}={raw!r} is not a YAML value") from None
             self._names[tuple(keys)] = name
             out[ENV_PREFIX + ENV_DELIMITER.join(keys)] = value
         return out
+
+    def _takes_text(self, keys: list[str]) -> bool:
+        """Whether the setting at ``keys`` is a string or a path (or None), so that its variable is
+        taken as text rather than parsed as YAML."""
+        model: Any = self.settings_cls
+        for key in keys:
+            fields = getattr(model, "model_fields", None)
+            if not fields or key not in fields:
+                return False
+            model = fields[key].annotation
+        union = typing.get_origin(model) in (typing.Union, types.UnionType)
+        return set(typing.get_args(model) if union else (model,)) <= {str, Path, type(None)}
 
     def decode_complex_value(self, field_name: str, field: Any, value: Any) -> Any:
         # Every value was parsed as YAML when it was read; the library's JSON decoding would refuse

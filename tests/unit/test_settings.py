@@ -149,3 +149,18 @@ def test_an_injected_environ_is_the_only_one_read(tmp_path, monkeypatch):
     monkeypatch.setenv("FUNNELREC_CONFIG", str(cfg))
     assert load_settings(environ={}, cwd=tmp_path).split.observation_days == 30
     assert load_settings(cwd=tmp_path).split.observation_days == 99
+
+
+def test_a_string_setting_from_the_environment_is_the_text_as_given():
+    """A cron, a date-like string or ``~`` in a variable of a string or path setting is not parsed as
+    YAML (which would refuse the cron and turn the others into a date and None)."""
+    env = {
+        "FUNNELREC__AIRFLOW__SCHEDULE": "*/5 * * * *",
+        "FUNNELREC__PIPELINE__DEMO_DATE": "2015-09-18",
+        "FUNNELREC__MLFLOW__EXPERIMENT": "2024",
+        "FUNNELREC__SCORING__K": "20",
+    }
+    s = load_settings(environ=env)
+    assert s.airflow.schedule == "*/5 * * * *"
+    assert s.pipeline.demo_date == "2015-09-18" and s.mlflow.experiment == "2024"
+    assert s.scoring.k == 20
