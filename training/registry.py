@@ -239,7 +239,7 @@ def register(settings: Settings, ds: str, name: str) -> int:
     from infra.tables import MODEL_METRICS, model_dir, read_meta
     from training.data import ids
     from training.pyfunc import log_pyfunc
-    from training.train_evaluate import record_model_run
+    from training.train_evaluate import record_registration
 
     wh = Path(settings.paths.warehouse_root)
     path = model_dir(wh, ds, name)
@@ -280,7 +280,7 @@ def register(settings: Settings, ds: str, name: str) -> int:
     call(
         settings, "set challenger", lambda: client.set_registered_model_alias(model, CHALLENGER, str(version))
     )
-    record_model_run(settings, ds, name, registered=version)
+    record_registration(settings, ds, name, version)
     get_logger("registry").info("register", ds=ds, model=name, version=version, alias=CHALLENGER)
     return version
 

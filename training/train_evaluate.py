@@ -1,8 +1,10 @@
-"""The `train` and `evaluate` stages: what the CLI and the DAG call (I/O at the edges).
+"""The work of the `train` and `evaluate` stages (declared in ``training/pipeline.py``), I/O at the
+edges.
 
 ``evaluate`` writes the model's ``metrics.json`` and, for a tracked run, its ``model_runs`` row
-(``record_model_run``), which ``register`` completes with the registered version: what ``publish``
-and the report read about runs, so they never ask MLflow.
+(``record_model_run``), which ``register`` completes with the registered version
+(``record_registration``, no MLflow call): what ``publish`` and the report read about runs, so they
+never ask MLflow.
 """
 
 from __future__ import annotations
@@ -127,13 +129,10 @@ def run_evaluate(
     return out
 
 
-def record_model_run(settings: Settings, ds: str, name: str, registered: int | None = None) -> dict[str, Any]:
+def record_model_run(settings: Settings, ds: str, name: str) -> dict[str, Any]:
     """Write the ``model_runs`` row of the tracked run of ``models/ds=<ds>/<name>`` from its
-    ``model.json``, ``metrics.json`` and MLflow run; ``registered``: the version ``register`` just
-    gave it in ``mlflow.registered_model`` (else a registration already recorded is kept)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
+    ``model.json``, ``metrics.json`` and MLflow run (``evaluate``); a registration already recorded
+    for the run is kept."""
     wh = settings.paths.warehouse_root
     path = model_dir(wh, ds, name)
     meta, metrics = read_meta(path), read_metrics(path).splits()
@@ -143,8 +142,7 @@ def record_model_run(settings: Settings, ds: str, name: str, registered: int | N
         settings, "read experiment", lambda: client.get_experiment(run.info.experiment_id)
     )
     target = model_run_dir(wh, ds, meta.mlflow_run_id)
-    before = pq.read_table(target).to_pylist()[0] if target.exists() else {}
-    now = datetime.now(UTC)
+    before = _read_run_row(target)
     row: dict[str, Any] = {
         "run_id": meta.mlflow_run_id,
         "model": name,
@@ -157,21 +155,39 @@ def record_model_run(settings: Settings, ds: str, name: str, registered: int | N
             for split, setting, metric in run_metrics()
         },
         "experiment": experiment.name,
-        "evaluated_at": before.get("evaluated_at", now) if registered is not None else now,
+        "evaluated_at": datetime.now(UTC),
+        **{c: before.get(c) for c in ("registered_model", "registered_version", "registered_at")},
     }
-    if registered is not None:
-        row.update(
-            registered_model=settings.mlflow.registered_model,
-            registered_version=registered,
-            registered_at=now,
-        )
-    else:
-        row.update({c: before.get(c) for c in ("registered_model", "registered_version", "registered_at")})
+    _write_run_row(target, row)
+    return row
+
+
+def record_registration(settings: Settings, ds: str, name: str, version: int) -> dict[str, Any]:
+    """Add the version ``register`` gave the run of ``models/ds=<ds>/<name>`` to its ``model_runs``
+    row (written by ``evaluate``; written now if it is missing)."""
+    wh = settings.paths.warehouse_root
+    target = model_run_dir(wh, ds, read_meta(model_dir(wh, ds, name)).mlflow_run_id)
+    row = _read_run_row(target) or record_model_run(settings, ds, name)
+    row.update(registered_model=settings.mlflow.registered_model, registered_version=version)
+    row["registered_at"] = datetime.now(UTC)
+    _write_run_row(target, row)
+    return row
+
+
+def _read_run_row(target) -> dict[str, Any]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(target).to_pylist()[0] if target.exists() else {}
+
+
+def _write_run_row(target, row: dict[str, Any]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     table = pa.Table.from_pylist([row], schema=MODEL_RUNS.arrow_schema())
     with atomic.staged_dir(target) as staged:
         staged.mkdir(parents=True)
         pq.write_table(table, staged / "part-00000.parquet")
-    return row
 
 
 def _floor_model(settings: Settings) -> str | None:
