@@ -115,25 +115,56 @@ def synth(
     out: str | None = None,
     end_date: date = date(2017, 12, 3),
     days: int = 9,
+    plant_sequence: float = 0.0,
+    p_follow: float = 0.8,
+    p_buy_follow: float = 0.3,
+    facets: int = 0,
+    facet_values: int = 8,
+    values_per_user: int = 2,
+    p_facet: float = 0.7,
+    long_tail: float = 0.0,
 ) -> Outcome:
     """Write a seeded synthetic log (Taobao format).
 
     Write a seeded synthetic log in the Taobao UserBehavior format (power-law items, sessions, view
     -> fav/cart -> purchase funnels, daily rhythm), streamed to part-NNNNN.csv files under --out
-    (default <data_root>/synthetic). Reads nothing.
+    (default <data_root>/synthetic). Reads nothing. Optionally plant structure for sequence models:
+    successor items (--plant-sequence), faceted items and users (--facets), long-tail users with 1-3
+    events (--long-tail); then the ground truth goes to planted/ beside the log (planted.json,
+    planted_items.csv, planted_users.csv), which the `synthetic` mapping does not read.
     """
     from infra.logs import stage
     from jobs.synth import SynthParams, generate
 
     folder = Path(out) if out else settings.paths.data_root / "synthetic"
-    params = SynthParams(events=events, seed=seed, end_date=end_date, days=days)
+    params = SynthParams(
+        events=events,
+        seed=seed,
+        end_date=end_date,
+        days=days,
+        plant_sequence=plant_sequence,
+        p_follow=p_follow,
+        p_buy_follow=p_buy_follow,
+        facets=facets,
+        facet_values=facet_values,
+        values_per_user=values_per_user,
+        p_facet=p_facet,
+        long_tail=long_tail,
+    )
     with stage("synth", events=events, seed=seed) as counts:
         result = generate(folder, params)
-        counts.update(users=result.users, files=len(result.files), **result.counts)
+        counts.update(users=result.users, files=len(result.files), **result.counts, **result.planted_counts)
+    planted = f"; ground truth in {result.planted}" if result.planted else ""
     return Outcome(
         f"{result.events} events of {result.users} users in {len(result.files)} file(s) under {folder} "
-        "(Taobao format; ingest with the `synthetic` mapping)",
-        {"events": result.events, "users": result.users, "files": len(result.files)},
+        f"(Taobao format; ingest with the `synthetic` mapping){planted}",
+        {
+            "events": result.events,
+            "users": result.users,
+            "files": len(result.files),
+            "planted": str(result.planted) if result.planted else None,
+            **result.planted_counts,
+        },
     )
 
 
@@ -200,6 +231,44 @@ STAGES: tuple[Stage, ...] = (
             Option("out", str, "output folder (default <data_root>/synthetic)"),
             Option("end_date", date, "last day of the log", default=date(2017, 12, 3), metavar="YYYY-MM-DD"),
             Option("days", int, "days the log spans", default=9),
+            Option(
+                "plant_sequence",
+                float,
+                "share of items given a successor item (0: off)",
+                default=0.0,
+                metavar="SHARE",
+            ),
+            Option(
+                "p_follow",
+                float,
+                "chance the view after a view of such an item is its successor",
+                default=0.8,
+                metavar="P",
+            ),
+            Option(
+                "p_buy_follow",
+                float,
+                "chance a successor view is bought, on top of the funnel",
+                default=0.3,
+                metavar="P",
+            ),
+            Option("facets", int, "facets of items and users (0: off)", default=0, metavar="N"),
+            Option("facet_values", int, "values of each facet", default=8, metavar="N"),
+            Option("values_per_user", int, "values of each facet a user prefers", default=2, metavar="N"),
+            Option(
+                "p_facet",
+                float,
+                "chance a fresh item comes from the user's preferred values of their dominant facet",
+                default=0.7,
+                metavar="P",
+            ),
+            Option(
+                "long_tail",
+                float,
+                "share of users with only 1-3 events (0: off)",
+                default=0.0,
+                metavar="SHARE",
+            ),
         ),
     ),
 )

@@ -14,7 +14,8 @@ from infra.pipeline import load_pipeline
 from tests import stage_plugin
 from tests.conftest import REPO
 
-#: (command, option) pairs of the argparse CLI before the pipeline declaration (1c30b8a).
+#: (command, option) pairs of the argparse CLI before the pipeline declaration (1c30b8a), plus the
+#: synth planting options added since (issue #23).
 BEFORE = {
     ("airflow", "args"),
     ("context", "--date"),
@@ -43,8 +44,16 @@ BEFORE = {
     ("synth", "--days"),
     ("synth", "--end-date"),
     ("synth", "--events"),
+    ("synth", "--facet-values"),
+    ("synth", "--facets"),
+    ("synth", "--long-tail"),
     ("synth", "--out"),
+    ("synth", "--p-buy-follow"),
+    ("synth", "--p-facet"),
+    ("synth", "--p-follow"),
+    ("synth", "--plant-sequence"),
     ("synth", "--seed"),
+    ("synth", "--values-per-user"),
     ("train", "--benchmark"),
     ("train", "--date"),
     ("train", "--epochs"),
