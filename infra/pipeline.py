@@ -42,8 +42,8 @@ MODEL = "{model}"
 class Option:
     """One command-line option of a stage (``--name``; underscores become dashes).
 
-    ``kind`` is ``str``, ``int``, ``bool`` (a flag), ``date`` (``YYYY-MM-DD``, parsed strictly) or
-    ``list`` (repeatable, strings).
+    ``kind`` is ``str``, ``int``, ``float``, ``bool`` (a flag), ``date`` (``YYYY-MM-DD``, parsed
+    strictly) or ``list`` (repeatable, strings).
     """
 
     name: str

@@ -44,7 +44,7 @@ FALLBACK = "fallback"
 @dataclass(frozen=True)
 class Column:
     name: str
-    dtype: str  # string | int | long | double | bool | timestamp | date | array<string>
+    dtype: str  # string | int | long | double | bool | timestamp | date | array<string> | array<long>
     nullable: bool
     doc: str
 
@@ -85,6 +85,7 @@ class Table:
             "timestamp": T.TimestampType(),
             "date": T.DateType(),
             "array<string>": T.ArrayType(T.StringType(), containsNull=False),
+            "array<long>": T.ArrayType(T.LongType(), containsNull=False),
         }
         return T.StructType(
             [
@@ -105,6 +106,7 @@ class Table:
             "timestamp": "TIMESTAMP WITH TIME ZONE",
             "date": "DATE",
             "array<string>": "VARCHAR[]",
+            "array<long>": "BIGINT[]",
         }
         return {c.name: kinds[c.dtype] for c in self.columns}
 
@@ -120,6 +122,7 @@ class Table:
             "timestamp": pa.timestamp("us", tz="UTC"),
             "date": pa.date32(),
             "array<string>": pa.list_(pa.field("element", pa.string(), nullable=False)),
+            "array<long>": pa.list_(pa.field("element", pa.int64(), nullable=False)),
         }
         return pa.schema(
             [
@@ -271,6 +274,14 @@ TRAIN_EVENTS = Table(
         column("event_time", "timestamp", "event time (benchmarks without times: null)", nullable=True),
         column("session_id", "string", "session id (null for benchmarks)", nullable=True),
         column(
+            "event_seq",
+            "int",
+            "the event's position among its user's training events, from 0, in time order; events of "
+            "one second by funnel stage, then a hash of (user, item, behaviour), as the serving "
+            "context orders history (null for benchmarks without times)",
+            nullable=True,
+        ),
+        column(
             "validation_fit",
             "bool",
             "the validation fit sees this row: it comes before its user's validation purchase "
@@ -301,6 +312,7 @@ SERVING_CONTEXT = Table(
             "the user's last scoring.history_length events' items, oldest first (the split's event order)",
         ),
         column("history_behaviors", "array<string>", "the behaviour of each of those events"),
+        column("history_times", "array<long>", "the time of each of those events, in epoch seconds"),
         column("events", "long", "the user's events in the window"),
         column("last_event", "timestamp", "the user's latest event"),
     ),
@@ -308,7 +320,17 @@ SERVING_CONTEXT = Table(
     "tables the champion was trained on.",
 )
 #: The ``serving_context`` columns the champion's pyfunc takes as input, in its input order.
-CONTEXT_INPUT: tuple[str, ...] = ("user_id", "visited", "bought", "history_items", "history_behaviors")
+CONTEXT_INPUT: tuple[str, ...] = (
+    "user_id",
+    "visited",
+    "bought",
+    "history_items",
+    "history_behaviors",
+    "history_times",
+)
+#: Context columns a model registered before they existed lacks (its signature does not ask for
+#: them; the scorer passes them and MLflow drops them for that model): ``history_times``.
+CONTEXT_OPTIONAL: tuple[str, ...] = ("history_times",)
 
 CATALOGUE = Table(
     "catalogue",

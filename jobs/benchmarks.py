@@ -139,6 +139,7 @@ def build_benchmark_tables(
         "behavior",
         F.lit(None).cast("timestamp").alias("event_time"),
         F.lit(None).cast("string").alias("session_id"),
+        F.lit(None).cast("int").alias("event_seq"),
         F.lit(True).alias("validation_fit"),
     )
     tables = {

@@ -5,7 +5,7 @@
 - ``serving_context``: one row per *active* user (any event in the last ``scoring.active_days``
   days up to the date): the visited set and the purchases of the last ``split.observation_days``
   days (the window the training tables use, so a visited set at scoring means what it meant in
-  training), and the last ``scoring.history_length`` events in time order. Events at the same
+  training), and the last ``scoring.history_length`` events in time order (item, behaviour, time). Events at the same
   second are ordered as the split orders them (funnel stage, then a hash of user, item and
   behaviour), so history is the same on every run.
 - ``catalogue``: the items with any event in the last ``scoring.catalogue_days`` days, with funnel
@@ -57,13 +57,22 @@ def serving_context(events: DataFrame, active_from: date, history_length: int) -
         .groupBy("user_id")
         .agg(
             F.sort_array(
-                F.collect_list(F.struct(F.col("_n").alias("n"), "item_id", "behavior")), False
+                F.collect_list(
+                    F.struct(
+                        F.col("_n").alias("n"),
+                        "item_id",
+                        "behavior",
+                        F.col("event_time").cast("long").alias("time"),
+                    )
+                ),
+                False,
             ).alias("_h")
         )
         .select(
             "user_id",
             F.col("_h.item_id").alias("history_items"),
             F.col("_h.behavior").alias("history_behaviors"),
+            F.col("_h.time").alias("history_times"),
         )
     )
     per_user = ev.groupBy("user_id").agg(
@@ -79,6 +88,7 @@ def serving_context(events: DataFrame, active_from: date, history_length: int) -
         "bought",
         F.coalesce("history_items", empty).alias("history_items"),
         F.coalesce("history_behaviors", empty).alias("history_behaviors"),
+        F.coalesce("history_times", F.array().cast("array<long>")).alias("history_times"),
         "events",
         "last_event",
     )

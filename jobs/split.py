@@ -321,7 +321,16 @@ def build_training_tables(events: DataFrame, params: SplitParams) -> TrainingTab
     # the training events once instead of once per table.
     parts = int(events.sparkSession.conf.get("spark.sql.shuffle.partitions"))
     # Only the columns the tables below read are shuffled and cached.
-    train_idx = to_idx(train).select(*TRAIN_EVENTS.column_names).repartition(parts, "user_idx").persist()
+    # event_seq: the one event order of sequence models (the serving context orders history the
+    # same way); partitioned by user, so it adds a sort within partitions, not a shuffle.
+    order = Window.partitionBy("user_idx").orderBy("event_time", "_rank", "_hash")
+    train_idx = (
+        _with_order(to_idx(train))
+        .repartition(parts, "user_idx")
+        .withColumn("event_seq", (F.row_number().over(order) - 1).cast("int"))
+        .select(*TRAIN_EVENTS.column_names)
+        .persist()
+    )
     cached.append(train_idx)
     interactions = train_idx.groupBy("user_idx", "item_idx", "behavior").agg(
         F.count("*").alias("count"), F.max("event_time").alias("last_time")
@@ -525,7 +534,7 @@ def publish_training_tables(
         HELDOUT.name: ("split", "user_idx", "item_idx"),
         USER_MAP.name: ("user_idx",),
         ITEM_MAP.name: ("item_idx",),
-        TRAIN_EVENTS.name: ("user_idx", "event_time", "item_idx", "behavior"),
+        TRAIN_EVENTS.name: ("user_idx", "event_seq"),
     }
     tables_by_name: dict[str, Table] = {t.name: t for t in TRAINING.tables}
     with atomic.staged_dir(target) as staged:

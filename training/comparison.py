@@ -30,6 +30,7 @@ import torch
 from training.data import TrainingData, ids, load_training_data
 from training.evaluate import KS, PerUser, ScoreFn, evaluate_per_user
 from training.models.base import Context
+from training.sequences import NO_TIME
 
 
 @dataclass(frozen=True)
@@ -78,14 +79,16 @@ def mapped_scorer(model, own_tables: Path, target: TrainingData) -> tuple[ScoreF
         visited = sp.csr_matrix(
             (vis.data[keep], (vis.row[keep], item_to_own[vis.col[keep]])), shape=(len(users), len(own_items))
         )
-        items, behaviors = target.history(users, model.history_length)
+        items, behaviors, times = target.history(users, model.history_length)
         items = np.where(items >= 0, item_to_own[np.maximum(items, 0)], -1)
         behaviors[items < 0] = -1
+        times[items < 0] = NO_TIME
         return Context(
             torch.from_numpy(user_to_own[users]),
             visited,
             torch.from_numpy(items),
             torch.from_numpy(behaviors),
+            torch.from_numpy(times),
         ).to(model.device)
 
     unscorable = ~model.can_score(context(np.arange(target.n_users))).cpu().numpy()

@@ -44,6 +44,7 @@ from infra.tables import (
     read_manifest,
     write_manifest,
 )
+from training.sequences import NO_TIME, EventLog
 
 
 def _read(path: Path, columns: list[str] | None = None):
@@ -106,37 +107,44 @@ class TrainingData:
         out.data[:] = 1.0
         return out.tocsr()
 
-    def history(self, users: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+    def history(self, users: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The last ``length`` training events of each user in ``users`` (this view's rows), oldest
-        first: ``(items, behaviors)``, both (len(users), length) int64, left-padded with -1;
-        behaviours as funnel positions. Events of one second are ordered by funnel stage, then
-        item index."""
-        users = np.asarray(users, np.int64)
-        items = np.full((len(users), length), -1, np.int64)
-        behaviors = np.full((len(users), length), -1, np.int64)
-        if length == 0 or len(users) == 0:
-            return items, behaviors
-        indptr, seq_items, seq_behaviors = self._sequences
-        for row, u in enumerate(users):
-            lo, hi = indptr[u], indptr[u + 1]
-            take = min(length, hi - lo)
-            if take:
-                items[row, length - take :] = seq_items[hi - take : hi]
-                behaviors[row, length - take :] = seq_behaviors[hi - take : hi]
-        return items, behaviors
+        first, left-padded: ``(items, behaviors, times)`` (``EventLog.windows``)."""
+        if length == 0:  # a model that reads no history never loads the events
+            empty = np.zeros((len(users), 0), np.int64)
+            return empty, empty.copy(), empty.copy()
+        return self.events.windows(users, length)
 
     @cached_property
-    def _sequences(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Every user's training events in time order: (indptr over users, items, funnel positions)."""
-        cols = ["user_idx", "item_idx", "behavior", "event_time", "validation_fit"]
+    def events(self) -> EventLog:
+        """Every user's training events of this view in the split's order (``event_seq``); a bundle
+        without it (benchmarks without times, data built in memory) keeps its stored row order."""
+        cols = ["user_idx", "item_idx", "behavior", "event_time", "event_seq", "validation_fit"]
         ev = _read(self.root / TRAIN_EVENTS.name, cols).to_pandas()
         if self.view == "validation" and self.refit:
             ev = ev[ev["validation_fit"]]
-        ev = ev.assign(_b=ev["behavior"].map({b: i for i, b in enumerate(BEHAVIORS)}).astype(np.int64))
-        ev = ev.sort_values(["user_idx", "event_time", "_b", "item_idx"], kind="stable")
+        keys = ["user_idx", "event_seq"] if ev["event_seq"].notna().all() else ["user_idx"]
+        ev = ev.sort_values(keys, kind="stable")
         indptr = np.zeros(self.n_users + 1, np.int64)
         np.cumsum(np.bincount(ev["user_idx"].to_numpy(), minlength=self.n_users), out=indptr[1:])
-        return indptr, ev["item_idx"].to_numpy(np.int64), ev["_b"].to_numpy(np.int64)
+        times = ev["event_time"]
+        seconds = np.full(len(ev), NO_TIME, np.int64)
+        known = times.notna().to_numpy()
+        if known.any():
+            utc = pd.to_datetime(times[known], utc=True).dt.tz_localize(None)
+            seconds[known] = utc.to_numpy().astype("datetime64[s]").astype(np.int64)
+        funnel = {b: i for i, b in enumerate(BEHAVIORS)}
+        return EventLog(
+            indptr,
+            ev["item_idx"].to_numpy(np.int64),
+            ev["behavior"].map(funnel).to_numpy(np.int64),
+            seconds,
+        )
+
+    @property
+    def has_times(self) -> bool:
+        """Whether the training events carry times (benchmarks such as Tmall do not)."""
+        return bool(len(self.events.times)) and bool((self.events.times != NO_TIME).all())
 
     def mask_for(self, split: str) -> sp.csr_matrix:
         """Items excluded from ranking when evaluating ``split`` (manifest's eval_mask).
@@ -228,7 +236,7 @@ def load_training_data(root: Path, view: str = "full") -> TrainingData:
 def tables_of(data: TrainingData) -> dict[str, pd.DataFrame]:
     """The bundle's tables of data built in memory: user ids ``u<idx>``, item ids ``i<idx>`` (no
     categories), one interaction and one training event per (user, item, behaviour) of its matrices
-    (count 1, no times, every event seen by the one fit) and its held-out pairs (no times)."""
+    (count 1, no times and no event order, every event seen by the one fit) and its held-out pairs (no times)."""
     pairs = []
     for behavior, m in data.matrices.items():
         coo = m.tocoo()
@@ -257,7 +265,9 @@ def tables_of(data: TrainingData) -> dict[str, pd.DataFrame]:
         INTERACTIONS.name: inter.assign(count=1, last_time=None),
         VISITED.name: pd.DataFrame({"user_idx": vis.row, "item_idx": vis.col}),
         HELDOUT.name: held.assign(event_time=None),
-        TRAIN_EVENTS.name: inter.assign(event_time=None, session_id=None, validation_fit=True),
+        TRAIN_EVENTS.name: inter.assign(
+            event_time=None, session_id=None, event_seq=None, validation_fit=True
+        ),
     }
 
 

@@ -13,8 +13,8 @@ user, with the user's context as of the scoring date (the ``serving_context`` ta
 - ``visited`` (array of item ids): the visited set; it gates MEMBER's experts and types each row
   ``visited`` / ``unvisited``;
 - ``bought`` (array of item ids): never recommended;
-- ``history_items`` / ``history_behaviors`` (arrays, oldest first): recent events, for models that
-  read them (``history_length``).
+- ``history_items`` / ``history_behaviors`` / ``history_times`` (arrays, oldest first; times in
+  epoch seconds, optional): recent events, for models that read them (``history_length``).
 
 Params: ``k``; ``batch_size`` (memory only); ``catalogue``: the item ids that may be recommended, most
 popular first (the ``catalogue`` table in ``popularity_rank`` order). Empty (the default): every
@@ -41,7 +41,7 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
-from infra.tables import CONTEXT_INPUT, FALLBACK, SCORES_PREDICTED
+from infra.tables import CONTEXT_INPUT, CONTEXT_OPTIONAL, FALLBACK, SCORES_PREDICTED
 
 DEFAULT_K = 50
 #: Input columns besides ``user_id``: the user's context as of the scoring date.
@@ -136,7 +136,7 @@ class FunnelrecModel(mlflow.pyfunc.PythonModel):
         def ids(m, u):
             return list(self.item_ids[m.indices[m.indptr[u] : m.indptr[u + 1]]])
 
-        items, behaviors = self.data.history(idx, history_length)
+        items, behaviors, times = self.data.history(idx, history_length)
         return pd.DataFrame(
             {
                 "user_id": list(self.user_ids[idx]),
@@ -144,35 +144,43 @@ class FunnelrecModel(mlflow.pyfunc.PythonModel):
                 "bought": [ids(self.data.purchases, u) for u in idx],
                 "history_items": [list(self.item_ids[r[r >= 0]]) for r in items],
                 "history_behaviors": [[BEHAVIORS[b] for b in r[r >= 0]] for r in behaviors],
+                "history_times": [[int(t) for t in r[r >= 0]] for r in times],
             }
         )
 
     def context_of(self, frame: pd.DataFrame):
-        """The model's ``Context`` of the input rows (ids it does not know dropped or -1)."""
+        """The model's ``Context`` of the input rows (ids it does not know dropped or -1); history
+        cut by the sequence builder training uses (``EventLog.windows``)."""
         import torch
 
         from infra.tables import BEHAVIORS
         from training.models.base import Context
+        from training.sequences import NO_TIME, EventLog
 
         users = self.user_index.get_indexer(frame["user_id"])
         length = self.model.history_length
-        items = np.full((len(frame), length), -1, np.int64)
-        behaviors = np.full((len(frame), length), -1, np.int64)
-        if length:
-            funnel = {b: i for i, b in enumerate(BEHAVIORS)}
-            for row, (its, bs) in enumerate(
-                zip(frame["history_items"], frame["history_behaviors"], strict=True)
-            ):
-                its, bs = list(its)[-length:], list(bs)[-length:]
-                if its:
-                    items[row, length - len(its) :] = self.item_index.get_indexer(its)
-                    behaviors[row, length - len(bs) :] = [funnel.get(b, -1) for b in bs]
+        funnel = {b: i for i, b in enumerate(BEHAVIORS)}
+        items = [self.item_index.get_indexer(list(x)) if len(x) else [] for x in frame["history_items"]]
+        behaviors = [[funnel.get(b, -1) for b in x] for x in frame["history_behaviors"]]
+        if "history_times" in frame:
+            times = [
+                [NO_TIME if t is None or t != t else int(t) for t in x] if x is not None else []
+                for x in frame["history_times"]
+            ]
+            # A row whose times do not match its items (a hand-made input) is read without times.
+            times = [t if len(t) == len(i) else [NO_TIME] * len(i) for t, i in zip(times, items, strict=True)]
+        else:
+            times = None
+        log = EventLog.from_lists(items, behaviors, times)
+        items, behaviors, times = log.windows(np.arange(len(frame)), length)
         behaviors[items < 0] = -1
+        times[items < 0] = NO_TIME
         return Context(
             torch.from_numpy(users.astype(np.int64)),
             self._matrix(frame["visited"]),
             torch.from_numpy(items),
             torch.from_numpy(behaviors),
+            torch.from_numpy(times),
         )
 
     def _matrix(self, lists: pd.Series):
@@ -229,7 +237,17 @@ def signature():
     from mlflow.types.schema import Array
 
     outputs = [ColSpec(t, name, required=name not in OPTIONAL_OUTPUTS) for name, t in OUTPUT_COLUMNS]
-    inputs = [ColSpec("string", "user_id"), *(ColSpec(Array(DataType.string), c) for c in CONTEXT_COLUMNS)]
+    inputs = [
+        ColSpec("string", "user_id"),
+        *(
+            ColSpec(
+                Array(DataType.long if c == "history_times" else DataType.string),
+                c,
+                required=c not in CONTEXT_OPTIONAL,
+            )
+            for c in CONTEXT_COLUMNS
+        ),
+    ]
     return ModelSignature(
         inputs=Schema(inputs),
         outputs=Schema(outputs),
@@ -266,7 +284,7 @@ def expected_signature_problems(sig) -> list[str]:
     inputs = {c.name: getattr(c.type, "name", str(c.type)) for c in sig.inputs.inputs} if sig.inputs else {}
     if inputs.get("user_id") != "string":
         problems.append(f"input must have a string column user_id; has {inputs or 'none'}")
-    lacking = [c for c in CONTEXT_COLUMNS if c not in inputs]
+    lacking = [c for c in CONTEXT_COLUMNS if c not in inputs and c not in CONTEXT_OPTIONAL]
     if lacking:
         problems.append(
             f"input lacks the context columns {lacking} (a model that scores from its training tables)"

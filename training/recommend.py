@@ -95,13 +95,8 @@ MIN_ROWS = 16
 def _scores(model: Recommender, context: Context) -> torch.Tensor:
     n = len(context)
     if n < MIN_ROWS:
-        pad = np.zeros(MIN_ROWS - n, np.int64)  # copies of row 0
-        context = Context(
-            torch.cat([context.users, context.users[pad]]),
-            sp.vstack([context.visited, context.visited[pad]]).tocsr(),
-            torch.cat([context.history, context.history[pad]]),
-            torch.cat([context.history_behavior, context.history_behavior[pad]]),
-        )
+        # Copies of row 0 after the n rows.
+        context = context.rows(np.r_[np.arange(n), np.zeros(MIN_ROWS - n, np.int64)])
     out = model.scores(context)[:n].float()
     # Masked in place below: a broadcast or strided view must become its own tensor first.
     return out if out.is_contiguous() else out.clone()
@@ -123,7 +118,7 @@ def recommend(
     barred = None if allowed is None else torch.as_tensor(~np.asarray(allowed, bool), device=dev)
     parts: list[tuple] = []
     for start in range(0, len(context), batch_size):
-        ctx = context.rows(start, start + batch_size).to(dev)
+        ctx = context.rows(slice(start, start + batch_size)).to(dev)
         scores = _scores(model, ctx)
         ex = exclude[start : start + batch_size].tocoo()
         if ex.nnz:

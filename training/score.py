@@ -36,6 +36,7 @@ from infra.settings import Settings
 from infra.tables import (
     CATALOGUE,
     CONTEXT_INPUT,
+    CONTEXT_OPTIONAL,
     FALLBACK,
     SCORES,
     SCORES_PREDICTED,
@@ -91,9 +92,12 @@ def serving_inputs(settings: Settings, run_date: date) -> tuple[pd.DataFrame, li
         raise FileNotFoundError(
             f"no serving context for {run_date} at {bundle}: run `funnelrec context --date {run_date}` first"
         )
-    users = pq.read_table(bundle / SERVING_CONTEXT.name, columns=list(CONTEXT_INPUT)).to_pandas()
+    present = set(pq.read_schema(next((bundle / SERVING_CONTEXT.name).glob("*.parquet"))).names)
+    columns = [c for c in CONTEXT_INPUT if c in present or c not in CONTEXT_OPTIONAL]
+    users = pq.read_table(bundle / SERVING_CONTEXT.name, columns=columns).to_pandas()
     for col in CONTEXT_INPUT[1:]:
-        users[col] = users[col].map(list)
+        # A serving bundle built before an optional column existed has none: empty lists.
+        users[col] = users[col].map(list) if col in users else [[] for _ in range(len(users))]
     users = users.sort_values("user_id").reset_index(drop=True)
     items = pq.read_table(bundle / CATALOGUE.name, columns=["item_id", "popularity_rank"]).to_pandas()
     return users, items.sort_values("popularity_rank")["item_id"].tolist()

@@ -117,6 +117,7 @@ def test_member_gate_reads_the_visited_sets_of_the_context_it_is_given(tiny):
         (trained.visited + sp.csr_matrix(([1.0], ([0], [new_item])), shape=trained.visited.shape)).tocsr(),
         trained.history,
         trained.history_behavior,
+        trained.history_time,
     )
     experts, before, after = model.expert_scores(later), model.scores(trained), model.scores(later)
     torch.testing.assert_close(after[0, new_item], experts["visited"][0, new_item])

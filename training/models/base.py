@@ -150,28 +150,38 @@ class Context:
             ``history_length`` (0: no history is built).
         history_behavior: (B, L) long: each event's behaviour as its funnel position
             (``infra.tables.BEHAVIORS``), -1 where ``history`` is.
+        history_time: (B, L) long: each event's time in epoch seconds, -1 where unknown or padded.
+
+    The three history tensors are one window of ``training.sequences.EventLog.windows``, the
+    builder that training cuts its inputs with too.
     """
 
     users: torch.Tensor
     visited: sp.csr_matrix
     history: torch.Tensor
     history_behavior: torch.Tensor
+    history_time: torch.Tensor
 
     def __len__(self) -> int:
         return len(self.users)
 
-    def rows(self, start: int, stop: int) -> Context:
-        """Rows ``start:stop`` as their own context."""
+    def rows(self, index) -> Context:
+        """The rows ``index`` (a slice or an array of row numbers) as their own context."""
         return Context(
-            self.users[start:stop],
-            self.visited[start:stop],
-            self.history[start:stop],
-            self.history_behavior[start:stop],
+            self.users[index],
+            self.visited[index],
+            self.history[index],
+            self.history_behavior[index],
+            self.history_time[index],
         )
 
     def to(self, device) -> Context:
         return Context(
-            self.users.to(device), self.visited, self.history.to(device), self.history_behavior.to(device)
+            self.users.to(device),
+            self.visited,
+            self.history.to(device),
+            self.history_behavior.to(device),
+            self.history_time.to(device),
         )
 
     @classmethod
@@ -180,8 +190,8 @@ class Context:
         and its training events. What the evaluator scores with."""
         u = torch.as_tensor(np.asarray(users.cpu() if torch.is_tensor(users) else users, np.int64))
         idx = u.numpy()
-        items, behaviors = data.history(idx, history_length)
-        return cls(u, data.visited[idx], torch.from_numpy(items), torch.from_numpy(behaviors))
+        window = data.history(idx, history_length)
+        return cls(u, data.visited[idx], *(torch.from_numpy(x) for x in window))
 
 
 class Recommender(nn.Module):
