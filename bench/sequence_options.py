@@ -56,7 +56,7 @@ def main() -> int:
     ap.add_argument("--work", default=str(REPO / "bench" / "results" / "tmp" / "quality"))
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "sequence_options.json"))
     args = ap.parse_args()
-    configure("warning")
+    configure("WARNING")
     root = build_tables("retailrocket", Path(args.work))["retailrocket"]
     val_data, _ = load_views(root)
     out_path = Path(args.out)

@@ -98,6 +98,9 @@ class ValidationSettings(_Section):
 class TrainingSettings(_Section):
     models: list[str]
     max_epochs: int | None = Field(default=None, gt=0)
+    #: model name -> keys of its ``training/models/<name>.yaml`` to override (checked against the
+    #: model's own schema when it is trained).
+    model_overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
     device: str | None = None
     eval_batch_size: int = Field(gt=0)
 

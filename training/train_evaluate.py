@@ -9,6 +9,7 @@ never ask MLflow.
 
 from __future__ import annotations
 
+import copy
 from datetime import UTC, datetime
 from typing import Any
 
@@ -49,7 +50,10 @@ def run_train(settings: Settings, ds: str, name: str, epochs: int | None = None)
     wh = settings.paths.warehouse_root
     val_data, data = load_views(training_dir(wh, ds))
     cap = epochs or settings.training.max_epochs
-    overrides = {"train": {"epochs": cap}} if cap else {}
+    overrides = copy.deepcopy(settings.training.model_overrides.get(name, {}))
+    if cap:
+        train = overrides.setdefault("train", {})
+        train["epochs"] = min(cap, train.get("epochs", cap))
     config = {**merged_config(name, overrides), "seed": settings.seeds.train}
     family = model_class(name).name
     with (

@@ -154,7 +154,7 @@ def test_the_training_event_order_is_the_splits_never_the_item_id(tmp_path):
 def fitted(planted):
     """Each model trained once on the planted log and once on its shuffled control."""
     return {
-        (name, shuffled): fit_model(name, data, seed=0, overrides=overrides(name), progress=False).model
+        (name, shuffled): fit_model(name, data, seed=0, overrides=overrides(name), progress=False)
         for name in SEQUENCE_MODELS
         for shuffled, data in planted.items()
     }
@@ -164,7 +164,7 @@ def fitted(planted):
 def test_b_follows_a_is_learnt_and_the_shuffled_control_is_not(planted, fitted, name):
     hr = {}
     for shuffled, data in planted.items():
-        model = fitted[name, shuffled]
+        model = fitted[name, shuffled].model
         m = evaluate_scores(model.context_scorer(data), data, "test", ks=(1, 10), settings=("standard",))
         hr[shuffled] = m["standard"]["HR@1"]
     assert hr[False] >= 0.9, hr
@@ -185,7 +185,7 @@ def test_same_seed_same_metrics(planted, name):
 
 @pytest.mark.parametrize("name", SEQUENCE_MODELS)
 def test_a_user_never_trained_on_is_scored_from_its_events(planted, fitted, name):
-    model = fitted[name, False]
+    model = fitted[name, False].model
 
     def context(item_list):
         n = len(item_list)
@@ -201,3 +201,44 @@ def test_a_user_never_trained_on_is_scored_from_its_events(planted, fitted, name
     assert model.can_score(a).item() and not model.can_score(empty).item()
     top_a, top_b = model.scores(a).argmax(1).item(), model.scores(b).argmax(1).item()
     assert (top_a, top_b) == (3 + N_PAIRS, 5 + N_PAIRS)
+
+
+@pytest.mark.parametrize("name", SEQUENCE_MODELS)
+def test_the_pyfunc_gives_a_shopper_first_seen_at_scoring_k_model_rows_that_follow_its_events(
+    planted, fitted, name
+):
+    from mlflow.pyfunc import PythonModelContext
+
+    from infra.tables import FALLBACK
+    from training.artifacts import save_trained
+    from training.pyfunc import FunnelrecModel
+    from training.trainer import FitResult
+
+    data, result = planted[False], fitted[name, False]
+    path = save_trained(data.root.parents[1], "planted", FitResult(result, result), data, seed=0)
+    impl = FunnelrecModel()
+    impl.load_context(
+        PythonModelContext(artifacts={"model": str(path), "tables": str(data.root)}, model_config={})
+    )
+
+    def top(a: int) -> pd.DataFrame:
+        items = ["i30", f"i{a}"]
+        frame = pd.DataFrame(
+            {
+                "user_id": ["first-seen-today"],
+                "visited": [items],
+                "bought": [[]],
+                "history_items": [items],
+                "history_behaviors": [["view", "view"]],
+                "history_times": [[T0, T0 + 60]],
+            }
+        )
+        return impl.predict(None, frame, {"k": 5})
+
+    after_3, after_5 = top(3), top(5)
+    for rows in (after_3, after_5):
+        assert len(rows) == 5 and not (rows["expert"] == FALLBACK).any()
+    assert after_3["item_id"].iloc[0] == f"i{3 + N_PAIRS}" and after_5["item_id"].iloc[0] == f"i{5 + N_PAIRS}"
+    assert after_3["item_id"].tolist() != after_5["item_id"].tolist()
+    if name == "fame":  # the scored rows say which head (or the repeat path) drove each item
+        assert after_3["expert"].str.match(r"head_\d|repeat").all()
