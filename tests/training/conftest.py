@@ -30,7 +30,9 @@ def tiny_data(seed: int = 0, n_users: int = 80, n_items: int = 50) -> TrainingDa
         bought = [int(seen[0]), int(seen[1])]
         buys |= {(u, i) for i in bought}
         cart, buy = BEHAVIORS.index("cart"), BEHAVIORS.index("purchase")
-        sequences.append([(int(i), 0) for i in seen] + [(i, cart) for i in bought] + [(i, buy) for i in bought])
+        sequences.append(
+            [(int(i), 0) for i in seen] + [(i, cart) for i in bought] + [(i, buy) for i in bought]
+        )
         # Held out: one more viewed item (visited) for most users, an unseen one in the category for some.
         if u % 4:
             test.append((u, int(seen[2]), True))
