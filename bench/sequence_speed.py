@@ -46,7 +46,7 @@ def measure(name: str, work: Path, device: str | None) -> dict:
     r = fit_model(name, data, seed=0, overrides={"train": {"epochs": 1}}, device=device, progress=False)
     model = r.model
     dev = model.device
-    examples = len(model._examples()[0])
+    examples = len(model.examples()[0])
     score_s = time_full_scoring(model, data, K, BATCH)
     users = torch.randn(data.n_users, model.cfg.dim, device=dev)
     items = torch.randn(data.n_items, model.cfg.dim, device=dev)

@@ -229,7 +229,7 @@ class SequenceRecommender(Recommender):
             )
         return data.events
 
-    def _examples(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def examples(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(user, position, target item, weight) of every training example."""
         log = self._log
         purchase = BEHAVIORS.index(PURCHASE)
@@ -241,7 +241,7 @@ class SequenceRecommender(Recommender):
         return users, positions, log.items[flat], weight.astype(np.float32)
 
     def batches(self, rng: np.random.Generator, batch_size: int):
-        users, positions, targets, weights = self._examples()
+        users, positions, targets, weights = self.examples()
         order = rng.permutation(len(users))
         dev = self.device
         for start in range(0, len(order), batch_size):
