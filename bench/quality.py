@@ -303,7 +303,8 @@ def summarize(metric_runs: list[dict]) -> dict:
 def markdown(table_name: str, info: dict) -> str:
     lines = [f"\n### {table_name} (test; mean ± std over seeds)"]
     for setting in SETTINGS:
-        ran = [v for v in info["models"].values() if "summary" in v]
+        # Results saved before a setting existed have no row for it.
+        ran = [v for v in info["models"].values() if setting in v.get("summary", {})]
         users = ran[0]["summary"][setting]["users"]["mean"] if ran else 0
         cols = [f"{m}@{k}" for m in ("HR", "NDCG") for k in KS]
         lines += [
@@ -314,6 +315,9 @@ def markdown(table_name: str, info: dict) -> str:
         for name, v in info["models"].items():
             if "skipped" in v:
                 lines.append(f"| {name} | " + " | ".join("n/a" for _ in cols) + f" |  ({v['skipped']})")
+                continue
+            if setting not in v["summary"]:
+                lines.append(f"| {name} | " + " | ".join("-" for _ in cols) + " |  (not measured)")
                 continue
             s = v["summary"][setting]
             lines.append(
@@ -362,10 +366,11 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.update and out.exists():
         results = merge(json.loads(out.read_text()), results)
-        for table_name, info in results["tables"].items():
-            print(markdown(table_name, info), flush=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nsaved {out}")
+    if args.update:
+        for table_name, info in results["tables"].items():
+            print(markdown(table_name, info), flush=True)
     return 0
 
 
