@@ -44,16 +44,23 @@ def load_views(root) -> tuple[TrainingData, TrainingData]:
     return (load_training_data(root, "validation") if full.refit else full), full
 
 
-def run_train(settings: Settings, ds: str, name: str, epochs: int | None = None) -> dict[str, Any]:
-    """Train ``name`` on ``training/ds=<ds>`` (validation fit, then refit) and publish it to
-    ``models/ds=<ds>/<name>``."""
-    wh = settings.paths.warehouse_root
-    val_data, data = load_views(training_dir(wh, ds))
+def training_overrides(settings: Settings, name: str, epochs: int | None = None) -> dict[str, Any]:
+    """What ``name`` is trained with over its YAML: ``training.model_overrides[name]``, its epochs
+    capped by ``epochs`` (the command's) or else ``training.max_epochs``."""
     cap = epochs or settings.training.max_epochs
     overrides = copy.deepcopy(settings.training.model_overrides.get(name, {}))
     if cap:
         train = overrides.setdefault("train", {})
         train["epochs"] = min(cap, train.get("epochs", cap))
+    return overrides
+
+
+def run_train(settings: Settings, ds: str, name: str, epochs: int | None = None) -> dict[str, Any]:
+    """Train ``name`` on ``training/ds=<ds>`` (validation fit, then refit) and publish it to
+    ``models/ds=<ds>/<name>``."""
+    wh = settings.paths.warehouse_root
+    val_data, data = load_views(training_dir(wh, ds))
+    overrides = training_overrides(settings, name, epochs)
     config = {**merged_config(name, overrides), "seed": settings.seeds.train}
     family = model_class(name).name
     with (

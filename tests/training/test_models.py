@@ -324,3 +324,24 @@ def test_bpr_candidates_of_a_slot_come_from_one_pool():
         visited_slots += all_visited.sum()
         slots += all_visited.size
     assert 0.4 < visited_slots / slots < 0.6
+
+
+def test_per_model_overrides_reach_only_their_model_and_the_epoch_cap_still_holds():
+    from infra.keys import UnknownSettingError
+    from infra.settings import load_settings
+    from training.train_evaluate import training_overrides
+
+    settings = load_settings(
+        environ={},
+        overrides={
+            "training": {
+                "max_epochs": 5,
+                "model_overrides": {"sasrec": {"dim": 32, "train": {"epochs": 8, "lr": 0.003}}},
+            }
+        },
+    )
+    assert training_overrides(settings, "sasrec") == {"dim": 32, "train": {"epochs": 5, "lr": 0.003}}
+    assert training_overrides(settings, "sasrec", epochs=2)["train"]["epochs"] == 2
+    assert training_overrides(settings, "fame") == {"train": {"epochs": 5}}
+    with pytest.raises(UnknownSettingError, match=r"dimm.*from overrides"):
+        merged_config("sasrec", {"dimm": 32})
