@@ -119,6 +119,9 @@ def tie_hash() -> F.Column:
 
 
 def _with_order(df: DataFrame) -> DataFrame:
+    """``df`` with the event order's keys ``_rank`` and ``_hash`` (kept when it has them)."""
+    if "_hash" in df.columns:
+        return df
     return df.withColumn("_rank", funnel_rank()).withColumn("_hash", tie_hash())
 
 
@@ -205,8 +208,7 @@ def split_events(events: DataFrame, params: SplitParams, cached: list[DataFrame]
         cached.append(last)
 
         def training(df: DataFrame) -> DataFrame:
-            ordered = df if "_hash" in df.columns else _with_order(df)
-            joined = ordered.join(last.drop("_t_item"), "user_id", "left")
+            joined = _with_order(df).join(last.drop("_t_item"), "user_id", "left")
             kept = joined.filter(F.col("_t_time").isNull() | _before("_t_"))
             return kept.drop("_t_time", "_t_rank", "_t_hash")
 
@@ -260,7 +262,8 @@ def split_events(events: DataFrame, params: SplitParams, cached: list[DataFrame]
 
     validation, n_validation = _counted(validation)
     cached.append(validation)
-    train = with_fit_flag(training(events)).drop("_rank", "_hash")
+    # The order keys stay: build_training_tables orders the training events by them (event_seq).
+    train = with_fit_flag(training(events))
 
     known_before_test = train_buys.select(*pair).distinct()
     test, n_test = _counted(test)

@@ -490,17 +490,7 @@ def generate(out_dir: Path, params: SynthParams) -> SynthResult:
                     in_file = 0
                 n = min(take - pos, params.events_per_file - in_file)
                 sl = slice(pos, pos + n)
-                block = np.char.add(
-                    np.char.add(
-                        np.char.add(users[sl].astype(str), ","), np.char.add(items[sl].astype(str), ",")
-                    ),
-                    np.char.add(
-                        np.char.add(cats[sl].astype(str), ","),
-                        np.char.add(np.char.add(names[codes[sl]], ","), times[sl].astype(str)),
-                    ),
-                )
-                fh.write("\n".join(block.tolist()))
-                fh.write("\n")
+                fh.write(_csv_lines([users[sl], items[sl], cats[sl], names[codes[sl]], times[sl]]))
                 for code, c in zip(*np.unique(codes[sl], return_counts=True), strict=True):
                     counts[str(names[code])] += int(c)
                 pos += n

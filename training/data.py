@@ -141,7 +141,7 @@ class TrainingData:
             seconds,
         )
 
-    @property
+    @cached_property
     def has_times(self) -> bool:
         """Whether the training events carry times (benchmarks such as Tmall do not)."""
         return bool(len(self.events.times)) and bool((self.events.times != NO_TIME).all())

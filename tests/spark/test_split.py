@@ -23,6 +23,7 @@ from infra.tables import (
     TrainingManifest,
     events_dir,
 )
+from jobs.context import serving_context
 from jobs.sessionize import run_sessionize
 from jobs.split import (
     LeakageError,
@@ -233,6 +234,18 @@ def test_ties_in_time_are_ordered_by_funnel_then_hash_never_by_item_id(spark, ll
     # validation purchase comes before it in the funnel, so the validation fit sees it.
     assert {(i, b) for u, i, b in fit if u == "u1"} == {("A", "view"), ("A", "purchase"), ("B", "view")}
     assert {(i, b) for u, i, b in fit if u == "u2"} == {("X", "purchase"), ("W", "view")}
+    # The sequence models' order: event_seq in training, the serving context's history at scoring.
+    seq = sorted(
+        (r["event_seq"], r["item"]) for r in _named(spark, root, TRAIN_EVENTS.name) if r["user"] == "u2"
+    )
+    assert [i for _, i in seq] == ["X", "W", before] and [n for n, _ in seq] == [0, 1, 2]
+    events = spark.createDataFrame(
+        [(u, i, b, t, t.date()) for u, i, b, t in LLP_ROWS],
+        "user_id string, item_id string, behavior string, event_time timestamp, event_date date",
+    )
+    served = {r["user_id"]: r for r in serving_context(events, date(2020, 1, 1), 50).collect()}
+    assert served["u2"]["history_items"] == ["X", "W", before, last]
+    assert served["u2"]["history_behaviors"] == ["purchase", "view", "purchase", "purchase"]
 
 
 def _late_rows(spark, root) -> dict[str, int]:

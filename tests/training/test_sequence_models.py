@@ -141,13 +141,13 @@ def test_the_training_event_order_is_the_splits_never_the_item_id(tmp_path):
     tables = planted_tables(1, n_users=3)
     ev = tables[TRAIN_EVENTS.name]
     first = ev[ev["user_idx"] == 0].index[:2]
+    ev.loc[first, "item_idx"] = [30, 40]
     ev.loc[first, "event_time"] = ev.loc[first[0], "event_time"]
-    ev.loc[first, "event_seq"] = [1, 0]  # the split put the second row first
+    ev.loc[first, "event_seq"] = [1, 0]  # the split put item 40 first: neither row nor item order
     write_training_bundle(tmp_path, "tie", tables, "planted", ["test"])
     data = load_training_data(tmp_path / "training" / "ds=tie")
     items, _, _ = data.history(np.array([0]), 50)
-    got = items[0][items[0] >= 0][:2].tolist()
-    assert got == ev.loc[first[::-1], "item_idx"].tolist()
+    assert items[0][items[0] >= 0][:2].tolist() == [40, 30]
 
 
 @pytest.fixture(scope="module")
@@ -242,3 +242,18 @@ def test_the_pyfunc_gives_a_shopper_first_seen_at_scoring_k_model_rows_that_foll
     assert after_3["item_id"].tolist() != after_5["item_id"].tolist()
     if name == "fame":  # the scored rows say which head (or the repeat path) drove each item
         assert after_3["expert"].str.match(r"head_\d|repeat").all()
+
+
+def test_fame_explains_an_item_by_its_heads_and_by_the_repeat_path_only_within_its_own_window(
+    planted, fitted
+):
+    model = fitted["fame", False].model
+    ctx = Context.of_training(planted[False], np.arange(3), model.history_length)
+    windows = [set(ctx.history[r][ctx.history[r] >= 0].tolist()) for r in range(3)]
+    own = [max(w) for w in windows]  # an item in each row's window
+    absent = [next(i for i in range(planted[False].n_items) if i not in w) for w in windows]
+    rows = torch.tensor([0, 1, 2, 0, 1, 2])
+    why = model.explain(ctx, rows, torch.tensor(own + absent))
+    shares = torch.stack([why[f"w_{e}"] for e in model.experts], 1)
+    torch.testing.assert_close(shares.abs().sum(1), torch.ones(6))
+    assert (why["w_repeat"][:3] != 0).all() and (why["w_repeat"][3:] == 0).all()

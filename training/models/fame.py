@@ -103,7 +103,7 @@ class FacetLayer(nn.Module):
         facets = self.norm_b(a + self.drop(self.ffn(a)))  # F_t(h)
         gate = torch.softmax(self.gate(facets.reshape(b, h * k)), -1)  # (B, H)
         queries_d = torch.einsum("hdk,bhk->bhd", self.item_proj, facets)  # W_f(h) F_t(h), (B, H, d)
-        return {"facets": facets, "gate": gate, "router": beta, "head_queries": queries_d}
+        return {"facets": facets, "gate": gate, "head_queries": queries_d}
 
 
 class FAME(SequenceRecommender):
@@ -134,11 +134,8 @@ class FAME(SequenceRecommender):
         emb = self.encoder.items.weight[1:][items]  # (P, d)
         parts = out["gate"][rows] * torch.einsum("phd,pd->ph", out["head_queries"][rows], emb)  # (P, H)
         if self.repeat is not None:
-            state = out["facets"].flatten(1)
-            sub = SequenceFeatures(
-                *(getattr(f, k)[rows] for k in ("items", "behaviors", "gaps", "session_start", "valid"))
-            )
-            parts = torch.cat([parts, self.repeat.of_items(sub, state[rows], items).unsqueeze(1)], 1)
+            repeat = self.repeat.of_items(f, out["facets"].flatten(1), rows, items)
+            parts = torch.cat([parts, repeat.unsqueeze(1)], 1)
         shares = parts / parts.abs().sum(1, keepdim=True).clamp(min=1e-12)
         why = {"visited": context_visited(context, rows, items)}
         why.update({f"w_{name}": shares[:, i] for i, name in enumerate(self.experts)})

@@ -173,11 +173,14 @@ class RepeatPath(nn.Module):
         # (batch x catalogue) tensor per step is a tenth of an epoch.
         return scores.scatter_add_(1, index, value.to(scores.dtype))
 
-    def of_items(self, f: SequenceFeatures, state: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """(P,) the repeat score of ``items[p]`` in row p's window (0 when it is not in it)."""
+    def of_items(
+        self, f: SequenceFeatures, state: torch.Tensor, rows: torch.Tensor, items: torch.Tensor
+    ) -> torch.Tensor:
+        """(P,) the repeat score of ``items[p]`` in the window of row ``rows[p]`` (0 when it is not
+        in it). Computed once per row of ``f``, then looked up per pair: (P, L), never (P, L, L)."""
         index, value, last = self(f, state)
-        hit = last & (index == items.unsqueeze(1))
-        return (value * hit).sum(1)
+        hit = last[rows] & (index[rows] == items.unsqueeze(1))
+        return (value[rows] * hit).sum(1)
 
 
 class SequenceRecommender(Recommender):
