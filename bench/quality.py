@@ -246,19 +246,19 @@ def nmi(a: np.ndarray, b: np.ndarray) -> float:
     return 2 * mi / h if h > 0 else 0.0
 
 
-def facet_separation(model, data, log_dir: Path, seed: int = 0) -> dict:
-    """Per test user, the head with the largest average share over its top-``FACET_K``; its NMI with
-    the user's planted dominant facet (``planted/planted_users.csv``), and with those labels
-    shuffled across the same users."""
+def facet_separation(model, data, log_dir: Path, seed: int = 0, split: str = "test") -> dict:
+    """Per user held out in ``split``, the head with the largest average share over its
+    top-``FACET_K``; its NMI with the user's planted dominant facet (``planted/planted_users.csv``),
+    and with those labels shuffled across the same users."""
     import pandas as pd
 
     from training.data import ids
     from training.models.base import Context
     from training.recommend import recommend
 
-    users = np.unique(data.heldout["test"][0])
+    users = np.unique(data.heldout[split][0])
     recs = recommend(
-        model, Context.of_training(data, users, model.history_length), data.mask_for("test")[users], FACET_K
+        model, Context.of_training(data, users, model.history_length), data.mask_for(split)[users], FACET_K
     )
     heads = [e for e in model.experts if e.startswith("head_")]
     shares = pd.DataFrame({h: recs.weights[h] for h in heads}).groupby(recs.row).mean()
@@ -275,6 +275,7 @@ def facet_separation(model, data, log_dir: Path, seed: int = 0) -> dict:
         "nmi": nmi(top_head, truth),
         "nmi_shuffled_facets": nmi(top_head, shuffled),
         "heads_used": len(np.unique(top_head)),
+        "largest_head_users": float(np.bincount(top_head).max() / max(len(top_head), 1)),
     }
 
 

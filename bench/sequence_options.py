@@ -3,11 +3,14 @@ way their defaults in ``training/models/sasrec.yaml`` and ``fame.yaml`` are chos
 
     .venv/bin/python bench/sequence_options.py                 # RetailRocket, leave-last-purchase
     .venv/bin/python bench/sequence_options.py --variants sasrec,sasrec_no_repeat
+    .venv/bin/python bench/sequence_options.py --benchmark synthetic --variants fame,fame_balanced
 
 Each variant is a model with overrides, fitted once per seed as the pipeline's validation fit
 (early stopping on validation standard NDCG@10); test is not touched. Prints one row per variant
 (best validation NDCG@10 and HR@10, mean over seeds, epochs, seconds per epoch) and saves
-``bench/results/sequence_options.json``.
+``bench/results/sequence_options.json`` (``sequence_options_synthetic.json`` for the planted log of
+``bench/quality.py``, where FAME's variants also report their facet separation over the validation
+users: a diagnostic against the planted truth, not what a default is chosen on).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from quality import build_tables  # noqa: E402
+from quality import build_tables, facet_separation  # noqa: E402
 
 from infra.logs import configure  # noqa: E402
 from training.evaluate import evaluate_scores  # noqa: E402
@@ -43,6 +46,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "fame": ("fame", {}),
     "fame_project": ("fame", {"residual": "project"}),
     "fame_no_repeat": ("fame", {"repeat": False}),
+    "fame_balanced": ("fame", {"gate_balance": 0.1}),
+    "fame_balanced_strong": ("fame", {"gate_balance": 1.0}),
 }
 
 
@@ -51,13 +56,16 @@ def main() -> int:
     ap.add_argument(
         "--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}"
     )
+    ap.add_argument("--benchmark", choices=["retailrocket", "synthetic"], default="retailrocket")
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--max-epochs", type=int, default=60)
     ap.add_argument("--work", default=str(REPO / "bench" / "results" / "tmp" / "quality"))
-    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "sequence_options.json"))
+    ap.add_argument("--out", help="default: bench/results/sequence_options[_synthetic].json")
     args = ap.parse_args()
     configure("WARNING")
-    root = build_tables("retailrocket", Path(args.work))["retailrocket"]
+    suffix = "" if args.benchmark == "retailrocket" else f"_{args.benchmark}"
+    args.out = args.out or str(REPO / "bench" / "results" / f"sequence_options{suffix}.json")
+    root = build_tables(args.benchmark, Path(args.work))[args.benchmark]
     val_data, _ = load_views(root)
     out_path = Path(args.out)
     saved = json.loads(out_path.read_text()) if out_path.exists() else {"variants": {}}
@@ -71,9 +79,15 @@ def main() -> int:
             m = evaluate_scores(
                 r.model.context_scorer(val_data), val_data, "validation", settings=("standard",)
             )
+            extra = {}
+            if args.benchmark == "synthetic" and "head_0" in getattr(r.model, "experts", ()):
+                log_dir = Path(args.work) / "synthetic" / "data"
+                extra["facet_separation"] = facet_separation(r.model, val_data, log_dir, split="validation")
+                print(f"  {name} seed {seed}: facet separation {extra['facet_separation']}", flush=True)
             runs.append(
                 {
                     "seed": seed,
+                    **extra,
                     "validation": m["standard"],
                     "best_epoch": r.best_epoch,
                     "epochs_run": r.epochs_run,

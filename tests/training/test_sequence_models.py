@@ -257,3 +257,23 @@ def test_fame_explains_an_item_by_its_heads_and_by_the_repeat_path_only_within_i
     shares = torch.stack([why[f"w_{e}"] for e in model.experts], 1)
     torch.testing.assert_close(shares.abs().sum(1), torch.ones(6))
     assert (why["w_repeat"][:3] != 0).all() and (why["w_repeat"][3:] == 0).all()
+
+
+def test_fames_gate_balance_term_is_zero_for_even_heads_and_h_minus_1_for_one_head(planted):
+    torch.manual_seed(0)
+    model = build_model("fame", planted[False], {**FAME_FAST, "gate_balance": 0.5}).train()
+    batch = next(model.batches(np.random.default_rng(0), 32))
+    gate = model.facet.gate
+    with torch.no_grad():
+        gate.weight.zero_()
+        gate.bias.zero_()
+    even = model.loss(batch)
+    assert float(even["gate_balance"]) == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        gate.bias.copy_(torch.tensor([30.0, 0.0]))  # every row's gate on head 0
+    one = model.loss(batch)
+    assert float(one["gate_balance"]) == pytest.approx(1.0, abs=1e-4)  # H - 1, H = 2
+    torch.testing.assert_close(one["loss"], one["ce"] + 0.5 * one["gate_balance"])
+    model.eval()
+    model.scores(Context.of_training(planted[False], np.arange(2), model.history_length))
+    assert model.auxiliary_losses() == {}  # scoring leaves no term behind for a later batch

@@ -24,8 +24,14 @@ logged to MLflow with the model's configuration):
 - the residual around the mixture: X split into its heads (``residual: split``; ``project`` uses
   ``X W_K(h)``, as the first re-implementation does);
 - pre-LayerNorm on X before keys, values and queries, as SASRec's blocks here;
-- dropout on the attention probabilities and after FFN'; the router has no load-balancing loss
-  (neither re-implementation has one, nothing found says the paper has);
+- dropout on the attention probabilities and after FFN'; no load-balancing loss on the routers
+  or the head gate (neither re-implementation has one, nothing found says the paper has). As an
+  option (ours, ``gate_balance``, off by default), the head gate's usage over each training batch
+  is pulled towards uniform: the term ``H * sum_h (mean_batch g_h)^2 - 1`` (the squared
+  coefficient of variation of the heads' importance, as Shazeer et al.'s 2017 balancing loss; 0
+  when the heads are used equally, H - 1 when one head takes every row) is added with that weight.
+  Each row's gate may stay sharp; only the batch's average is balanced. The term is logged on every
+  training step, whatever its weight, so a collapsing gate shows in MLflow;
 - the repeat path, input features and targets are SASRec's, with the same defaults
   (``training.models.sequential``); with the repeat path on, its share is reported beside the heads;
 - the FAME layer computes only the last position, the one every objective and score reads.
@@ -56,6 +62,7 @@ class FameConfig(SequenceConfig):
 
     experts: int = Field(ge=1)
     residual: Literal["split", "project"]
+    gate_balance: float = Field(ge=0)
 
 
 class FacetLayer(nn.Module):
@@ -117,6 +124,7 @@ class FAME(SequenceRecommender):
         self.encoder = SequenceEncoder(self.n_items, cfg, cfg.layers - 1)
         self.facet = FacetLayer(cfg.dim, cfg.heads, cfg.experts, cfg.dropout, cfg.residual)
         self.experts = (*(f"head_{h}" for h in range(cfg.heads)), *(("repeat",) if cfg.repeat else ()))
+        self._gate: torch.Tensor | None = None  # the head gate of the training batch just scored
 
     def facets(self, f: SequenceFeatures) -> dict[str, torch.Tensor]:
         x, _ = self.encoder(f)
@@ -124,9 +132,18 @@ class FAME(SequenceRecommender):
 
     def head(self, f: SequenceFeatures) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.facets(f)
+        if self.training:
+            self._gate = out["gate"]
         query = (out["gate"].unsqueeze(-1) * out["head_queries"]).sum(1)  # sum_h g_h W_f(h) F_t(h)
         state = out["facets"].flatten(1)
         return state, query @ self.encoder.items.weight[1:].T
+
+    def auxiliary_losses(self) -> dict[str, tuple[float, torch.Tensor]]:
+        gate, self._gate = self._gate, None
+        if gate is None:
+            return {}
+        importance = gate.mean(0)
+        return {"gate_balance": (self.cfg.gate_balance, importance.numel() * importance.square().sum() - 1)}
 
     def explain(self, context: Context, rows: torch.Tensor, items: torch.Tensor) -> dict[str, torch.Tensor]:
         f = self.context_features(context)

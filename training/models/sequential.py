@@ -263,6 +263,11 @@ class SequenceRecommender(Recommender):
                 batch["neg"] = torch.from_numpy(neg).to(dev)
             yield batch
 
+    def auxiliary_losses(self) -> dict[str, tuple[float, torch.Tensor]]:
+        """Terms a subclass adds to the loss of the batch just scored, as (weight, value); each is
+        logged under its name. None here."""
+        return {}
+
     def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         f = self.features(batch["items"], batch["behaviors"], batch["times"])
         scores = self.item_scores(f).float()
@@ -273,8 +278,12 @@ class SequenceRecommender(Recommender):
             pos = scores.gather(1, batch["target"][:, None]).squeeze(1)
             neg = scores.gather(1, batch["neg"][:, None]).squeeze(1)
             per = -(F.logsigmoid(pos) + F.logsigmoid(-neg))
-        loss = (per * w).sum() / w.sum()
-        return {"loss": loss, self.cfg.loss: loss}
+        main = (per * w).sum() / w.sum()
+        out = {"loss": main, self.cfg.loss: main}
+        for name, (weight, value) in self.auxiliary_losses().items():
+            out["loss"] = out["loss"] + weight * value
+            out[name] = value
+        return out
 
     # -- scoring -----------------------------------------------------------------------------
     def scores(self, context: Context) -> torch.Tensor:
