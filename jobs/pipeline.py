@@ -123,6 +123,7 @@ def synth(
     values_per_user: int = 2,
     p_facet: float = 0.7,
     long_tail: float = 0.0,
+    p_buy_unseen: float = 0.0,
 ) -> Outcome:
     """Write a seeded synthetic log (Taobao format).
 
@@ -130,8 +131,10 @@ def synth(
     -> fav/cart -> purchase funnels, daily rhythm), streamed to part-NNNNN.csv files under --out
     (default <data_root>/synthetic). Reads nothing. Optionally plant structure for sequence models:
     successor items (--plant-sequence), faceted items and users (--facets), long-tail users with 1-3
-    events (--long-tail); then the ground truth goes to planted/ beside the log (planted.json,
-    planted_items.csv, planted_users.csv), which the `synthetic` mapping does not read.
+    events (--long-tail), sessions that end in a buy of an item not viewed in them, drawn from the
+    user's preferred facet values when --facets is on (--p-buy-unseen); then the ground truth goes to
+    planted/ beside the log (planted.json, planted_items.csv, planted_users.csv), which the
+    `synthetic` mapping does not read.
     """
     from infra.logs import stage
     from jobs.synth import SynthParams, generate
@@ -150,6 +153,7 @@ def synth(
         values_per_user=values_per_user,
         p_facet=p_facet,
         long_tail=long_tail,
+        p_buy_unseen=p_buy_unseen,
     )
     with stage("synth", events=events, seed=seed) as counts:
         result = generate(folder, params)
@@ -268,6 +272,14 @@ STAGES: tuple[Stage, ...] = (
                 "share of users with only 1-3 events (0: off)",
                 default=0.0,
                 metavar="SHARE",
+            ),
+            Option(
+                "p_buy_unseen",
+                float,
+                "chance a session (not a long-tail user's) ends in a lone buy of an item not viewed in it, "
+                "drawn from the user's preferred facet values with --facets, else by popularity (0: off)",
+                default=0.0,
+                metavar="P",
             ),
         ),
     ),

@@ -25,6 +25,18 @@ bytes are exactly those of the plain generator):
   recorded as decoys.
 - **long-tail users** (``long_tail``): that share of users have one session and 1-3 events in all
   (uniform), their first events in time, a purchase among them only at the usual rates.
+- **unseen buys** (``p_buy_unseen``): with that probability a session ends in one more purchase, a
+  lone ``buy`` (no view, fav or cart of it before it in the session) of an item not viewed in that
+  session, so held-out purchases reach items the shopper did not see there. Its time is the
+  session's last event (view, fav, cart or buy) plus a gap drawn like the gaps between a session's
+  views (1 s + exponential with mean 75 s), clipped to the window's last second like every event.
+  With facets on, the item is drawn by popularity from the items whose value in the user's dominant
+  facet is one the user prefers (the facet views' draw, but always, not with probability
+  ``p_facet``; global popularity where those items are none), so the facet preferences steer
+  purchases and not only views; with facets off, by global popularity. A draw of an item viewed in
+  the session is redrawn, up to ``UNSEEN_TRIES`` times, and the buy dropped if every draw hits one
+  (only a preferred group of a handful of items makes that happen). The user may have viewed the
+  item in another session. Long-tail users never get one.
 
 With any planting on, the ground truth is written to ``planted/`` beside the ``part-*.csv`` files
 (outside the ``synthetic`` mapping's ``synthetic/*.csv`` glob, so ingest never reads it):
@@ -39,7 +51,10 @@ no ``planted/`` folder is written and a stale one is removed.
 The planting draws come from their own seeded streams (one per kind), so the plain generator's
 draws are untouched: with long-tail users off, a planted log has the same sessions, times and
 funnel draws as the plain one of the same seed, only other items (and the successors' extra
-purchases: at ``plant_sequence`` 0.3 the buy share rises from about 2.3% to 5.5%).
+purchases: at ``plant_sequence`` 0.3 the buy share rises from about 2.3% to 5.5%). The unseen buys
+come on top: a log with them is the same log with those buys added (the ``events`` cap then ends
+it at an earlier user); at ``p_buy_unseen`` 0.3 (1M events, ``plant_sequence`` 0.2, 4 facets,
+``long_tail`` 0.2) the buy share rises from 4.7% to 9.4%, half of the buys unseen ones.
 """
 
 from __future__ import annotations
@@ -64,7 +79,10 @@ PLANTED_DIR = "planted"
 PLANTED_FILES = ("planted.json", "planted_items.csv", "planted_users.csv")
 MAX_FACETS = 16
 #: Tags an event carries through the batch's sort, to count what was planted in what is written.
-TAG_SUCCESSOR_VIEW, TAG_SUCCESSOR_BUY, TAG_FACET_VIEW = 1, 2, 4
+TAG_SUCCESSOR_VIEW, TAG_SUCCESSOR_BUY, TAG_FACET_VIEW, TAG_UNSEEN_BUY = 1, 2, 4, 8
+#: Draws of an unseen buy's item before it is dropped (each redraw only for the draws that hit an
+#: item viewed in the session).
+UNSEEN_TRIES = 8
 
 
 @dataclass(frozen=True)
@@ -90,9 +108,10 @@ class SynthParams:
     values_per_user: int = 2  # values of each facet a user prefers
     p_facet: float = 0.7  # a fresh draw comes from the user's preferred values of their dominant facet
     long_tail: float = 0.0  # share of users with only 1-3 events
+    p_buy_unseen: float = 0.0  # a session ends in a buy of an item not viewed in it
 
     def __post_init__(self) -> None:
-        for name in ("plant_sequence", "p_follow", "p_buy_follow", "p_facet", "long_tail"):
+        for name in ("plant_sequence", "p_follow", "p_buy_follow", "p_facet", "long_tail", "p_buy_unseen"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"synth: {name} must be within 0..1, got {value}")
@@ -117,7 +136,7 @@ class SynthParams:
     @property
     def planting(self) -> bool:
         """Whether any structure is planted (and the ground truth written)."""
-        return self.plant_sequence > 0 or self.facets > 0 or self.long_tail > 0
+        return self.plant_sequence > 0 or self.facets > 0 or self.long_tail > 0 or self.p_buy_unseen > 0
 
 
 @dataclass
@@ -198,10 +217,13 @@ class _Plant:
     seq_rng: np.random.Generator
     facet_rng: np.random.Generator
     tail_rng: np.random.Generator
+    unseen_rng: np.random.Generator
 
     @classmethod
     def build(cls, p: SynthParams, cdf: np.ndarray, rank_to_item: np.ndarray) -> _Plant:
-        seq_rng, facet_rng, tail_rng = (np.random.default_rng([p.seed, k]) for k in (101, 102, 103))
+        seq_rng, facet_rng, tail_rng, unseen_rng = (
+            np.random.default_rng([p.seed, k]) for k in (101, 102, 103, 104)
+        )
         successor = None
         if p.plant_sequence > 0:
             n = p.n_items
@@ -209,7 +231,7 @@ class _Plant:
             other = (np.arange(n) + seq_rng.integers(1, n, size=n)) % n  # never the item itself
             successor = np.where(has, other + ITEM_OFFSET, -1).astype(np.int64)
         facets = _Facets(facet_rng, p, cdf, rank_to_item) if p.facets else None
-        return cls(successor, facets, seq_rng, facet_rng, tail_rng)
+        return cls(successor, facets, seq_rng, facet_rng, tail_rng, unseen_rng)
 
 
 @dataclass
@@ -232,6 +254,50 @@ def _batch_users(plant: _Plant, p: SynthParams, n_users: int) -> _Users:
     if plant.facets is not None:
         dominant, prefs = plant.facets.users(plant.facet_rng, n_users)
     return _Users(long_tail, target, dominant, prefs)
+
+
+def _unseen_buys(
+    plant: _Plant,
+    p: SynthParams,
+    traits: _Users,
+    first_user: int,
+    s_user: np.ndarray,
+    s_end: np.ndarray,
+    v_session: np.ndarray,
+    v_item: np.ndarray,
+    cdf: np.ndarray,
+    rank_to_item: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The sessions that end in an unseen buy, its item and its time (module docstring), drawn from
+    the planting's own stream."""
+    rng = plant.unseen_rng
+    sessions = np.flatnonzero(
+        (rng.random(s_user.size) < p.p_buy_unseen) & ~traits.long_tail[s_user - first_user]
+    )
+    gap = rng.exponential(75.0, size=sessions.size).astype(np.int64) + 1
+    n = p.n_items
+    seen = np.unique(v_session * n + (v_item - ITEM_OFFSET))  # (session, item index) of every view
+    item = np.empty(sessions.size, dtype=np.int64)
+    todo = np.arange(sessions.size)
+    for _ in range(UNSEEN_TRIES):  # each round redraws only the draws that hit a viewed item
+        rank = np.empty(todo.size, dtype=np.int64)
+        use_global = np.ones(todo.size, dtype=bool)
+        if plant.facets is not None:
+            local = s_user[sessions[todo]] - first_user
+            dominant = traits.dominant[local]
+            drawn, ok = plant.facets.draw(rng, dominant, traits.prefs[local, dominant])
+            rank[ok], use_global = drawn[ok], ~ok
+        rank[use_global] = np.searchsorted(cdf, rng.random(int(use_global.sum())))
+        item[todo] = rank_to_item[np.minimum(rank, n - 1)]
+        key = sessions[todo] * n + (item[todo] - ITEM_OFFSET)
+        hit = seen[np.minimum(np.searchsorted(seen, key), seen.size - 1)] == key
+        todo = todo[hit]
+        if not todo.size:
+            break
+    keep = np.ones(sessions.size, dtype=bool)
+    keep[todo] = False  # still an item viewed in the session after every try: no buy
+    sessions = sessions[keep]
+    return sessions, item[keep], s_end[sessions] + gap[keep]
 
 
 def _batch(
@@ -317,6 +383,8 @@ def _batch(
     u.append(v_user[direct]), it.append(v_item[direct]), code.append(np.full(direct.sum(), 3, np.int8))
     ts.append(v_time[direct] + rng.integers(10, 300, size=direct.sum()))
     tags.append(np.zeros(sum(x.size for x in u[1:]), np.int8))
+    # The session of each event so far (for the end of a session, where an unseen buy follows).
+    sess = [v_session, v_session[fav], v_session[cart], v_session[cart][buy_c], v_session[direct]]
     if follow.any():
         bought = direct.copy()
         bought[np.flatnonzero(cart)[buy_c]] = True
@@ -324,6 +392,15 @@ def _batch(
         u.append(v_user[extra]), it.append(v_item[extra]), code.append(np.full(extra.sum(), 3, np.int8))
         ts.append(v_time[extra] + plant.seq_rng.integers(10, 300, size=extra.sum()))
         tags.append(np.full(extra.sum(), TAG_SUCCESSOR_BUY, np.int8))
+        sess.append(v_session[extra])
+    if plant is not None and p.p_buy_unseen > 0:
+        s_end = np.zeros(n_s, dtype=np.int64)
+        np.maximum.at(s_end, np.concatenate(sess), np.concatenate(ts))
+        s, item, when = _unseen_buys(
+            plant, p, traits, first_user, s_user, s_end, v_session, v_item, cdf, rank_to_item
+        )
+        u.append(s_user[s]), it.append(item), code.append(np.full(s.size, 3, np.int8)), ts.append(when)
+        tags.append(np.full(s.size, TAG_UNSEEN_BUY, np.int8))
 
     users, items, codes, times, tagged = (np.concatenate(x) for x in (u, it, code, ts, tags))
     # Sessions late on the last day must not spill past it (they would be after the run date).
@@ -428,6 +505,15 @@ def _planted_json(p: SynthParams, plant: _Plant, result: SynthResult, files: lis
             "rule": "a fresh item draw is, with probability p_facet, drawn by popularity from the items "
             "whose value in the user's dominant facet is one of the user's preferred values of it",
         }
+    if p.p_buy_unseen > 0:
+        doc["unseen_buys"] = {
+            "rule": "with probability p_buy_unseen a session of a user who is not long-tail ends in a buy "
+            "(no view of it before it) of an item not viewed in that session, 1 s + exponential (mean "
+            "75 s) after the session's last event; the item is drawn by popularity from the items whose "
+            "value in the user's dominant facet is one of the user's preferred values of it (facets on) "
+            f"or from global popularity (facets off), redrawn up to {UNSEEN_TRIES} times while it is an "
+            "item viewed in the session, else no buy",
+        }
     return doc
 
 
@@ -451,7 +537,9 @@ def generate(out_dir: Path, params: SynthParams) -> SynthResult:
     written = 0
     next_user = 1
     counts = dict.fromkeys(names.tolist(), 0)
-    planted = dict.fromkeys(("successor_views", "successor_extra_buys", "facet_views", "long_tail_users"), 0)
+    planted = dict.fromkeys(
+        ("successor_views", "successor_extra_buys", "facet_views", "long_tail_users", "unseen_buys"), 0
+    )
     fh = None
     ufh = None
     in_file = 0
@@ -476,6 +564,7 @@ def generate(out_dir: Path, params: SynthParams) -> SynthResult:
                 planted["successor_views"] += int(((kept & TAG_SUCCESSOR_VIEW) > 0).sum())
                 planted["successor_extra_buys"] += int(((kept & TAG_SUCCESSOR_BUY) > 0).sum())
                 planted["facet_views"] += int(((kept & TAG_FACET_VIEW) > 0).sum())
+                planted["unseen_buys"] += int(((kept & TAG_UNSEEN_BUY) > 0).sum())
                 planted["long_tail_users"] += int(traits.long_tail[: last_user - first_user + 1].sum())
                 if ufh is not None:
                     ufh.write(_users_lines(params, first_user, traits, last_user - first_user + 1))

@@ -6,6 +6,10 @@ import time
 from collections import Counter, defaultdict
 from datetime import date
 
+import numpy as np
+import pytest
+
+import jobs.synth as synth_module
 from infra.cli import main
 from jobs.sources import load_mapping
 from jobs.synth import SynthParams, generate
@@ -56,7 +60,7 @@ PLAIN_DIGESTS = {
     (30_000, 3, 500, 7_000): "5a09a6815067c09d963f95cfa89ad159537dcc9385005373b949c0d26e70e850",
     (20_000, 7, 5_000, 2_000_000): "a41d363d9fca8b18f1467841e20714e69ca5d3ea9b50c91caf24a0066fe00b23",
 }
-ALL_ON = {"plant_sequence": 0.2, "facets": 3, "long_tail": 0.3}
+ALL_ON = {"plant_sequence": 0.2, "facets": 3, "long_tail": 0.3, "p_buy_unseen": 0.3}
 
 
 def _log(result):
@@ -204,6 +208,8 @@ def test_ground_truth_beside_the_log_parses_and_ingest_reads_only_the_log(tmp_pa
     truth = json.loads((r.planted / "planted.json").read_text())
     p = SynthParams(events=30_000, seed=9, events_per_file=10_000, **ALL_ON)
     assert truth["params"]["facets"] == 3 and truth["params"]["end_date"] == "2017-12-03"
+    assert truth["params"]["p_buy_unseen"] == 0.3 and "rule" in truth["unseen_buys"]
+    assert truth["planted"]["unseen_buys"] == r.planted_counts["unseen_buys"] > 0
     assert truth["events"] == 30_000 and truth["users"] == r.users and truth["counts"] == r.counts
     assert truth["n_items"] == p.n_items and len(truth["facets"]["items_per_value"]) == 3
     assert all(sum(row) == p.n_items for row in truth["facets"]["items_per_value"])
@@ -241,10 +247,125 @@ def test_synth_command_passes_the_planting_options(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     argv = ["synth", "--events", "5000", "--out", str(tmp_path / "s"), "--plant-sequence", "0.25"]
     argv += ["--p-follow", "0.6", "--p-buy-follow", "0.2", "--facets", "2", "--facet-values", "5"]
-    argv += ["--values-per-user", "1", "--p-facet", "0.5", "--long-tail", "0.1"]
+    argv += ["--values-per-user", "1", "--p-facet", "0.5", "--long-tail", "0.1", "--p-buy-unseen", "0.15"]
     assert main(argv) == 0
     params = json.loads((tmp_path / "s" / "planted" / "planted.json").read_text())["params"]
     assert (params["plant_sequence"], params["p_follow"], params["p_buy_follow"]) == (0.25, 0.6, 0.2)
     assert (params["facets"], params["facet_values"], params["values_per_user"]) == (2, 5, 1)
-    assert (params["p_facet"], params["long_tail"]) == (0.5, 0.1)
+    assert (params["p_facet"], params["long_tail"], params["p_buy_unseen"]) == (0.5, 0.1, 0.15)
     assert main(["synth", "--events", "5000", "--out", str(tmp_path / "t"), "--p-follow", "1.5"]) == 1
+    assert main(["synth", "--events", "5000", "--out", str(tmp_path / "t"), "--p-buy-unseen", "1.5"]) == 1
+
+
+# --- Unseen buys ---------------------------------------------------------------------------------
+
+#: sha256 of logs with the other plantings on, computed on the code before p_buy_unseen was added
+#: (59da764): the part files, then planted_items.csv and planted_users.csv (planted.json gains the
+#: new param and count, so it is not compared).
+PLANTED_DIGESTS = [
+    (
+        {"events": 40_000, "seed": 11, "users_batch": 1_000, "events_per_file": 15_000}
+        | {"plant_sequence": 0.2, "facets": 3, "long_tail": 0.3},
+        "47a96b51aa2fc155c73168134ea29aae6f41f3076028cb979db8d40737e7db07",
+        "f341ea8e992922fab1900dd56778cc8a7e0be33f3a3dc9facd9bd1e01c290f98",
+    ),
+    (
+        {"events": 40_000, "seed": 12, "facets": 2, "facet_values": 5, "p_facet": 0.5},
+        "47f2df2d52242d07f8047cfeede38bbdb3ad5a52f974355880ab15e902b62a5e",
+        "9e030c4b5b53a7b51021cb9fdf3c9f0f64d5b0fc237ae5ebfa0248ec09095af4",
+    ),
+]
+
+
+def test_p_buy_unseen_off_keeps_the_bytes_of_the_other_plantings(tmp_path):
+    for k, (kw, log_digest, tables_digest) in enumerate(PLANTED_DIGESTS):
+        r = generate(tmp_path / str(k), SynthParams(**kw, p_buy_unseen=0.0))
+        assert _digest(r.files) == log_digest
+        assert _digest([r.planted / "planted_items.csv", r.planted / "planted_users.csv"]) == tables_digest
+        truth = json.loads((r.planted / "planted.json").read_text())
+        assert truth["params"]["p_buy_unseen"] == 0.0 and truth["planted"]["unseen_buys"] == 0
+        assert "unseen_buys" not in truth
+    with pytest.raises(ValueError, match="p_buy_unseen"):
+        SynthParams(1_000, p_buy_unseen=-0.1)
+    assert SynthParams(1_000, p_buy_unseen=0.1).planting and not SynthParams(1_000).planting
+
+
+def _unseen(on, off):
+    """The rows of log ``on`` that log ``off`` (same params, p_buy_unseen 0) lacks: its unseen buys,
+    for every user ``on`` wrote (``off`` has fewer events per user, so it reaches further)."""
+    rows_on, rows_off = Counter(_log(on)), Counter(_log(off))
+    assert off.users > on.users
+    assert not Counter({x: c for x, c in rows_off.items() if x[0] < on.users}) - rows_on  # only added
+    return list((rows_on - rows_off).elements())
+
+
+def test_unseen_buys_end_the_set_share_of_sessions_after_their_last_event(tmp_path):
+    base = {"events": 60_000, "seed": 21, "long_tail": 0.2}
+    off = generate(tmp_path / "off", SynthParams(**base))
+    some = generate(tmp_path / "some", SynthParams(**base, p_buy_unseen=0.3))
+    every = generate(tmp_path / "every", SynthParams(**base, p_buy_unseen=1.0))
+    bought, all_sessions = _unseen(some, off), _unseen(every, off)
+    assert {b for _, _, b, _ in bought + all_sessions} == {"buy"}
+    assert (
+        len(bought) == some.planted_counts["unseen_buys"]
+        and len(all_sessions) == every.planted_counts["unseen_buys"]
+    )
+    # At 1.0 every session (of a user who is not long-tail) gets one: the share is per session.
+    last = every.users  # the users both logs wrote in full (``every`` has the most events per user)
+    share = sum(u < last for u, *_ in bought) / sum(u < last for u, *_ in all_sessions)
+    assert abs(share - 0.3) < 0.03, share
+    # Long-tail users get none (and keep their 1-3 events).
+    tail = {int(x["user_id"]) for x in _table(some.planted / "planted_users.csv") if x["long_tail"] == "1"}
+    assert tail and not any(u in tail for u, *_ in all_sessions)
+    # A short gap after the session's last event (1 s + exponential, mean 75 s), inside the window
+    # (2017-11-25 .. 2017-12-03 UTC). The gap to the user's event before it is at most that gap.
+    times = defaultdict(list)
+    for u, _, _, t in _log(off):
+        times[u].append(t)
+    gaps = np.array([t - max(x for x in times[u] if x <= t) for u, _, _, t in bought])
+    assert all(1_511_568_000 <= t < 1_512_345_600 for *_, t in all_sessions)
+    assert (gaps >= 0).all() and 40 < np.median(gaps) < 60 and 60 < gaps.mean() < 85, (
+        np.median(gaps),
+        gaps.mean(),
+    )
+
+
+def test_unseen_buys_follow_the_facets_and_skip_the_sessions_views(tmp_path, monkeypatch):
+    checked = []
+    draw = synth_module._unseen_buys
+
+    def exact(plant, p, traits, first_user, s_user, s_end, v_session, v_item, *rest):
+        # Exactly: no bought item was viewed in its session, and the buy comes after the session's end.
+        s, item, when = draw(plant, p, traits, first_user, s_user, s_end, v_session, v_item, *rest)
+        viewed = set(zip(v_session.tolist(), v_item.tolist(), strict=True))
+        assert not viewed & set(zip(s.tolist(), item.tolist(), strict=True))
+        assert (when > s_end[s]).all()
+        checked.append(s.size)
+        return s, item, when
+
+    monkeypatch.setattr(synth_module, "_unseen_buys", exact)
+    # Views ignore the facets (p_facet 0): the unseen buys alone follow them.
+    base = {"events": 60_000, "seed": 22, "facets": 3, "facet_values": 8, "p_facet": 0.0}
+    on = generate(tmp_path / "on", SynthParams(**base, p_buy_unseen=0.5))
+    off = generate(tmp_path / "off", SynthParams(**base))
+    assert sum(checked) >= on.planted_counts["unseen_buys"] > 1_000
+    items = {int(x["item_id"]): x for x in _table(on.planted / "planted_items.csv")}
+    users = {int(x["user_id"]): x for x in _table(off.planted / "planted_users.csv")}  # the same traits
+
+    def preferred(u, i):
+        f = users[u]["dominant_facet"]
+        return items[i][f"facet_{f}"] in users[u][f"facet_{f}"].split("|")
+
+    unseen = _unseen(on, off)
+    funnel = [(u, i) for u, i, b, _ in _log(off) if b == "buy"]
+    chance = 2 / 8
+    assert sum(preferred(u, i) for u, i, _, _ in unseen) / len(unseen) > 0.95
+    assert abs(sum(preferred(u, i) for u, i in funnel) / len(funnel) - chance) < 0.08
+    # In the log: hardly any has a view of its item by the user in the half hour before (only another
+    # session of the user can give one); a funnel buy always has.
+    views = defaultdict(list)
+    for u, i, b, t in _log(on):
+        if b == "pv":
+            views[u, i].append(t)
+    near = sum(any(0 <= t - v <= 1_800 for v in views[u, i]) for u, i, _, t in unseen)
+    assert near / len(unseen) < 0.01, near
