@@ -12,7 +12,7 @@ validation).
   tests the visited expert. The global-time-cutoff variant (cutoff 2015-08-19) is also built and
   evaluated, and the number of users it leaves is reported.
 - ``synthetic``: a seeded 1M-event log with planted structure (``SYNTH``: successor items, four
-  facets, long-tail users; ``funnelrec synth``), leave-last-purchase-out. For models whose experts
+  facets, long-tail users, purchases of items not viewed in the session; ``funnelrec synth``), leave-last-purchase-out. For models whose experts
   are heads (FAME), also the facet separation: per test user, the head with the largest average
   share in its top-10; the normalised mutual information between that head and the user's planted
   dominant facet, beside the same with the facet labels shuffled.
@@ -71,9 +71,17 @@ MODELS = [
     "fame",
 ]
 RR_DATE = date(2015, 9, 18)
-#: The planted-structure synthetic log: successor items, four facets, a fifth of users long-tail.
+#: The planted-structure synthetic log: successor items, four facets, a fifth of users long-tail,
+#: a fifth of sessions ending in a purchase of an item not viewed in them (of a preferred facet value).
 SYNTH_DATE = date(2017, 12, 3)
-SYNTH = {"events": 1_000_000, "seed": 0, "plant_sequence": 0.2, "facets": 4, "long_tail": 0.2}
+SYNTH = {
+    "events": 1_000_000,
+    "seed": 0,
+    "plant_sequence": 0.2,
+    "facets": 4,
+    "long_tail": 0.2,
+    "p_buy_unseen": 0.2,
+}
 #: Cut-off of the facet separation: the heads' average shares over each user's top-K.
 FACET_K = 10
 

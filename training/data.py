@@ -47,7 +47,8 @@ from infra.tables import (
 from training.sequences import NO_TIME, EventLog
 
 
-def _read(path: Path, columns: list[str] | None = None):
+def read_table(path: Path, columns: list[str] | None = None):
+    """One table of a training bundle (its parquet file or folder), as Arrow."""
     if not path.exists():
         raise FileNotFoundError(f"training table missing: {path}")
     return pq.read_table(path, columns=columns)
@@ -120,7 +121,7 @@ class TrainingData:
         """Every user's training events of this view in the split's order (``event_seq``); a bundle
         without it (benchmarks without times, data built in memory) keeps its stored row order."""
         cols = ["user_idx", "item_idx", "behavior", "event_time", "event_seq", "validation_fit"]
-        ev = _read(self.root / TRAIN_EVENTS.name, cols).to_pandas()
+        ev = read_table(self.root / TRAIN_EVENTS.name, cols).to_pandas()
         if self.view == "validation" and self.refit:
             ev = ev[ev["validation_fit"]]
         keys = ["user_idx", "event_seq"] if ev["event_seq"].notna().all() else ["user_idx"]
@@ -168,7 +169,7 @@ def ids(root: Path, key: str) -> np.ndarray:
     """The source ids of a bundle's ``user_map`` (``key="user"``) or ``item_map`` (``"item"``),
     indexed by their contiguous index."""
     table = {"user": USER_MAP, "item": ITEM_MAP}[key]
-    t = _read(Path(root) / table.name, [f"{key}_id", f"{key}_idx"]).to_pandas()
+    t = read_table(Path(root) / table.name, [f"{key}_id", f"{key}_idx"]).to_pandas()
     out = np.empty(len(t), dtype=object)
     out[t[f"{key}_idx"].to_numpy()] = t[f"{key}_id"].to_numpy()
     return out
@@ -188,20 +189,20 @@ def load_training_data(root: Path, view: str = "full") -> TrainingData:
         raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
     root = Path(root)
     manifest = read_manifest(root)
-    n_users = _read(root / USER_MAP.name, ["user_idx"]).num_rows
-    n_items = _read(root / ITEM_MAP.name, ["item_idx"]).num_rows
+    n_users = read_table(root / USER_MAP.name, ["user_idx"]).num_rows
+    n_items = read_table(root / ITEM_MAP.name, ["item_idx"]).num_rows
     fit_view = view == "validation" and manifest.validation_design == REFIT
     if fit_view:
         cols = ["user_idx", "item_idx", "behavior", "validation_fit"]
-        ev = _read(root / TRAIN_EVENTS.name, cols).to_pandas()
+        ev = read_table(root / TRAIN_EVENTS.name, cols).to_pandas()
         ev = ev[ev["validation_fit"]]
         inter = ev[["user_idx", "item_idx", "behavior"]]
         vis = inter[inter["behavior"] != PURCHASE]
         user_events = np.bincount(ev["user_idx"].to_numpy(), minlength=n_users)
     else:
-        inter = _read(root / INTERACTIONS.name, ["user_idx", "item_idx", "behavior"]).to_pandas()
-        vis = _read(root / VISITED.name).to_pandas()
-        ev = _read(root / TRAIN_EVENTS.name, ["user_idx"]).column("user_idx").to_numpy()
+        inter = read_table(root / INTERACTIONS.name, ["user_idx", "item_idx", "behavior"]).to_pandas()
+        vis = read_table(root / VISITED.name).to_pandas()
+        ev = read_table(root / TRAIN_EVENTS.name, ["user_idx"]).column("user_idx").to_numpy()
         user_events = np.bincount(ev, minlength=n_users)
     matrices: dict[str, sp.csr_matrix] = {}
     for b in BEHAVIORS:
@@ -210,7 +211,7 @@ def load_training_data(root: Path, view: str = "full") -> TrainingData:
             continue
         matrices[b] = binary_csr(part["user_idx"].to_numpy(), part["item_idx"].to_numpy(), n_users, n_items)
     visited = binary_csr(vis["user_idx"].to_numpy(), vis["item_idx"].to_numpy(), n_users, n_items)
-    held = _read(root / HELDOUT.name, ["user_idx", "item_idx", "split", "visited"]).to_pandas()
+    held = read_table(root / HELDOUT.name, ["user_idx", "item_idx", "split", "visited"]).to_pandas()
     heldout = {
         s: (
             g["user_idx"].to_numpy(np.int64),

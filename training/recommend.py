@@ -119,8 +119,9 @@ def recommend(
     parts: list[tuple] = []
     for start in range(0, len(context), batch_size):
         ctx = context.rows(slice(start, start + batch_size)).to(dev)
+        ctx.exclude = exclude[start : start + batch_size]
         scores = _scores(model, ctx)
-        ex = exclude[start : start + batch_size].tocoo()
+        ex = ctx.exclude.tocoo()
         if ex.nnz:
             rows = torch.as_tensor(ex.row, dtype=torch.long, device=dev)
             cols = torch.as_tensor(ex.col, dtype=torch.long, device=dev)

@@ -16,7 +16,8 @@ from training.models import available_models, default_config, merged_config, mod
 from training.models.base import Context
 from training.trainer import fit_model
 
-TRAINABLE = [m for m in available_models() if model_class(m).trainable]
+#: Retrieval models (a ranker trains on a retriever's candidates: tests/training/test_awmoe.py).
+TRAINABLE = [m for m in available_models() if model_class(m).trainable and not model_class(m).ranker]
 FITTED = [m for m in available_models() if not model_class(m).trainable]
 FAST = {"train": {"batch_size": 64, "epochs": 2, "patience": 5, "lr": 0.01}}
 

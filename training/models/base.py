@@ -151,6 +151,9 @@ class Context:
         history_behavior: (B, L) long: each event's behaviour as its funnel position
             (``infra.tables.BEHAVIORS``), -1 where ``history`` is.
         history_time: (B, L) long: each event's time in epoch seconds, -1 where unknown or padded.
+        exclude: (B, n_items) CSR or None: items the row's list will not show (what it bought),
+            for a model that picks candidates before it scores (a two-stage model), so that it
+            does not spend them on items masked afterwards. Scoring masks them whatever a model does.
 
     The three history tensors are one window of ``training.sequences.EventLog.windows``, the
     builder that training cuts its inputs with too.
@@ -161,6 +164,7 @@ class Context:
     history: torch.Tensor
     history_behavior: torch.Tensor
     history_time: torch.Tensor
+    exclude: sp.csr_matrix | None = None
 
     def __len__(self) -> int:
         return len(self.users)
@@ -173,6 +177,7 @@ class Context:
             self.history[index],
             self.history_behavior[index],
             self.history_time[index],
+            None if self.exclude is None else self.exclude[index],
         )
 
     def to(self, device) -> Context:
@@ -182,22 +187,26 @@ class Context:
             self.history.to(device),
             self.history_behavior.to(device),
             self.history_time.to(device),
+            self.exclude,
         )
 
     @classmethod
     def of_training(cls, data: TrainingData, users, history_length: int = 0) -> Context:
-        """Training users (indices of ``data``) in the context of ``data`` itself: its visited sets
-        and its training events. What the evaluator scores with."""
+        """Training users (indices of ``data``) in the context of ``data`` itself: its visited sets,
+        its training events, its training purchases as ``exclude``. What the evaluator scores with."""
         u = torch.as_tensor(np.asarray(users.cpu() if torch.is_tensor(users) else users, np.int64))
         idx = u.numpy()
         window = data.history(idx, history_length)
-        return cls(u, data.visited[idx], *(torch.from_numpy(x) for x in window))
+        return cls(u, data.visited[idx], *(torch.from_numpy(x) for x in window), data.purchases[idx])
 
 
 class Recommender(nn.Module):
     name: ClassVar[str] = ""
     #: Gradient-trained by the Trainer (True) or fitted once by ``fit()`` (False).
     trainable: ClassVar[bool] = True
+    #: A second stage that re-ranks a fitted retriever's candidates (``training.ranking`` trains
+    #: it); False for the models that rank the whole catalogue themselves.
+    ranker: ClassVar[bool] = False
     #: Names of the experts ``explain`` reports weights for (empty for single-tower models).
     experts: ClassVar[tuple[str, ...]] = ()
     #: Recent events per user the model reads from its context (0: it reads none).
