@@ -372,7 +372,25 @@ SCORES_PREDICTED: tuple[Column, ...] = (
         nullable=True,
     ),
     column("expert_weights", "string", "JSON object expert -> gate weight, {} for single-tower models"),
+    column(
+        "retriever_rank",
+        "int",
+        "two-stage champions: the item's rank in the retriever's candidates (1 = its best); null otherwise",
+        nullable=True,
+    ),
+    column(
+        "retriever_score", "double", "two-stage champions: the retriever's score of the item", nullable=True
+    ),
+    column(
+        "ranker_score",
+        "double",
+        "two-stage champions: the ranker's score of the item (the list's order)",
+        nullable=True,
+    ),
 )
+#: Output columns of ``SCORES_PREDICTED`` that a model registered before they existed does not
+#: return; the scorer fills them with nulls.
+SCORES_ADDED_LATER: frozenset[str] = frozenset({"retriever_rank", "retriever_score", "ranker_score"})
 
 SCORES = Table(
     "scores",

@@ -238,11 +238,12 @@ def build_analytics(settings: Settings, run_date: date) -> Path:
         )
     con = duckdb.connect(str(tmp))
     try:
+        # union_by_name: partitions scored before a column was added read it as null.
         con.execute(
             f"""
             CREATE VIEW fct_recommendations AS
             SELECT CAST(ds AS DATE) AS ds, {", ".join(SCORES.data_columns)}
-            FROM read_parquet('{scores}/ds=*/*.parquet', hive_partitioning = true);
+            FROM read_parquet('{scores}/ds=*/*.parquet', hive_partitioning = true, union_by_name = true);
 
             CREATE VIEW recommendations_latest AS
             SELECT * FROM fct_recommendations WHERE ds = (SELECT max(ds) FROM fct_recommendations);

@@ -41,7 +41,7 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
-from infra.tables import CONTEXT_INPUT, CONTEXT_OPTIONAL, FALLBACK, SCORES_PREDICTED
+from infra.tables import CONTEXT_INPUT, CONTEXT_OPTIONAL, FALLBACK, SCORES_ADDED_LATER, SCORES_PREDICTED
 
 DEFAULT_K = 50
 #: Input columns besides ``user_id``: the user's context as of the scoring date.
@@ -220,8 +220,12 @@ def fill_with_fallback(recs: pd.DataFrame, frame: pd.DataFrame, order: np.ndarra
     fill = pd.DataFrame(rows, columns=["user_id", "rank", "item_id", "score", "item_type"])
     fill = fill.assign(expert=FALLBACK, expert_weights=json.dumps({}))
     # Column by column: concat would warn about (and one day retype) an all-null expert column.
+    none = np.full(len(fill), None, dtype=object)
     out = pd.DataFrame(
-        {c: np.concatenate([recs[c].to_numpy(object), fill[c].to_numpy(object)]) for c in fill}
+        {
+            c: np.concatenate([recs[c].to_numpy(object), fill[c].to_numpy(object) if c in fill else none])
+            for c in recs.columns
+        }
     )
     out = out.astype({"rank": np.int64, "score": np.float64})
     order_of = {u: i for i, u in enumerate(frame["user_id"])}
@@ -290,7 +294,7 @@ def expected_signature_problems(sig) -> list[str]:
             f"input lacks the context columns {lacking} (a model that scores from its training tables)"
         )
     outputs = {c.name for c in sig.outputs.inputs} if sig.outputs else set()
-    missing = [name for name, _ in OUTPUT_COLUMNS if name not in outputs]
+    missing = [name for name, _ in OUTPUT_COLUMNS if name not in outputs and name not in SCORES_ADDED_LATER]
     if missing:
         problems.append(f"output lacks {missing}")
     params = {p.name for p in sig.params.params} if sig.params else set()

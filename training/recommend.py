@@ -11,7 +11,7 @@ beyond one batch.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -74,6 +74,8 @@ class Recommendations:
     score: np.ndarray
     visited: np.ndarray
     weights: dict[str, np.ndarray]
+    #: ``model.details`` -> (rows,) values (NaN where a row has none).
+    details: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def known_purchases(data: TrainingData) -> sp.csr_matrix:
@@ -142,12 +144,19 @@ def recommend(
                 values[valid].double().cpu().numpy(),
                 why["visited"].cpu().numpy().astype(bool),
                 {e: why[f"w_{e}"].float().cpu().numpy() for e in model.experts},
+                {d: why[d].double().cpu().numpy() for d in model.details},
             )
         )
     if not parts:
         z = np.zeros(0, np.int64)
         return Recommendations(
-            z, z, z, np.zeros(0), np.zeros(0, bool), {e: np.zeros(0) for e in model.experts}
+            z,
+            z,
+            z,
+            np.zeros(0),
+            np.zeros(0, bool),
+            {e: np.zeros(0) for e in model.experts},
+            {d: np.zeros(0) for d in model.details},
         )
     return Recommendations(
         np.concatenate([p[0] for p in parts]),
@@ -156,6 +165,7 @@ def recommend(
         np.concatenate([p[3] for p in parts]),
         np.concatenate([p[4] for p in parts]),
         {e: np.concatenate([p[5][e] for p in parts]) for e in model.experts},
+        {d: np.concatenate([p[6][d] for p in parts]) for d in model.details},
     )
 
 
@@ -179,5 +189,20 @@ def to_frame(recs: Recommendations, user_ids: np.ndarray, item_ids: np.ndarray) 
             "item_type": np.where(recs.visited, "visited", "unvisited"),
             "expert": expert,
             "expert_weights": weights,
+            **{name: _detail(recs, name) for name in DETAIL_COLUMNS},
         }
     )
+
+
+#: The ``SCORES_PREDICTED`` columns a model's ``details`` fill (null for models without them).
+DETAIL_COLUMNS = ("retriever_rank", "retriever_score", "ranker_score")
+
+
+def _detail(recs: Recommendations, name: str) -> np.ndarray:
+    values = recs.details.get(name)
+    out = np.full(len(recs.rank), None, dtype=object)
+    if values is not None:
+        known = ~np.isnan(values)
+        cast = int if name == "retriever_rank" else float
+        out[known] = [cast(v) for v in values[known]]
+    return out

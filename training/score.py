@@ -110,6 +110,8 @@ def score_frame(model, users: pd.DataFrame, catalogue: list[str], k: int, batch_
     recs = model.predict(
         users[list(CONTEXT_INPUT)], params={"k": k, "batch_size": batch_size, "catalogue": catalogue}
     )
+    # A champion registered before a column existed does not return it: null (SCORES_ADDED_LATER).
+    recs = recs.assign(**{c: None for c in PREDICTED if c not in recs.columns})
     return recs[PREDICTED].reset_index(drop=True)
 
 

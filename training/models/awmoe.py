@@ -159,6 +159,7 @@ def view_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class AWMoE(Recommender):
     name = "awmoe"
     ranker = True
+    details = ("retriever_rank", "retriever_score", "ranker_score")
     Config = AWMoEConfig
     cfg: AWMoEConfig
 
@@ -327,7 +328,7 @@ class AWMoE(Recommender):
 
     def explain(self, context: Context, rows: torch.Tensor, items: torch.Tensor) -> dict[str, torch.Tensor]:
         """Besides ``visited`` and each expert's signed share of the ranker's score (``w_expert_e``;
-        none for the ungated ranker): ``retriever_rank`` (1-based; 0 when the item is not a
+        none for the ungated ranker): ``retriever_rank`` (1-based; NaN when the item is not a
         candidate), ``retriever_score`` and ``ranker_score`` (NaN when not a candidate)."""
         _, cands, retr, out = self._rerank(context)
         hit = cands[rows] == items.unsqueeze(1)  # (P, N)
@@ -335,7 +336,7 @@ class AWMoE(Recommender):
         pos = hit.float().argmax(1)
         why = {
             "visited": context_visited(context, rows, items),
-            "retriever_rank": torch.where(found, pos + 1, 0),
+            "retriever_rank": torch.where(found, (pos + 1).double(), float("nan")),
             "retriever_score": torch.where(found, retr[rows, pos], float("nan")),
             "ranker_score": torch.where(found, out["scores"][rows, pos], float("nan")),
         }

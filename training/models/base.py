@@ -209,6 +209,9 @@ class Recommender(nn.Module):
     ranker: ClassVar[bool] = False
     #: Names of the experts ``explain`` reports weights for (empty for single-tower models).
     experts: ClassVar[tuple[str, ...]] = ()
+    #: Per-row values ``explain`` also returns, each a column of ``infra.tables.SCORES_PREDICTED``
+    #: (a two-stage model's retriever rank and score, ranker score); null for other models.
+    details: ClassVar[tuple[str, ...]] = ()
     #: Recent events per user the model reads from its context (0: it reads none).
     history_length: ClassVar[int] = 0
     #: The typed form of the model's configuration (``<name>.yaml`` with overrides).
