@@ -78,12 +78,13 @@ def run(
                 model, extra = fit.final.model, {"seconds": retriever_seconds}
             else:
                 r = fit_ranker(
-                    name="awmoe",
-                    retriever=fit,
-                    validation_data=val,
-                    full_data=full,
-                    seed=seed,
-                    overrides={**overrides, **cap},
+                    "awmoe",
+                    fit.validation.model,
+                    fit.final.model,
+                    val,
+                    full,
+                    seed,
+                    {**overrides, **cap},
                     progress=False,
                 )
                 model = r.final

@@ -132,6 +132,12 @@ class ScoringSettings(_Section):
     path: Literal["local", "spark"]
 
 
+class RankingSettings(_Section):
+    model: str | None = None
+    registered_model: str
+    candidates: int = Field(ge=2)
+
+
 class RetentionSettings(_Section):
     days: int = Field(gt=0)
     champions: int = Field(gt=0)
@@ -183,6 +189,7 @@ class Settings(BaseSettings):
     seeds: Seeds
     mlflow: MlflowSettings
     scoring: ScoringSettings
+    ranking: RankingSettings
     retention: RetentionSettings
     airflow: AirflowSettings
     logging: LoggingSettings

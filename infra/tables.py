@@ -797,6 +797,12 @@ MODEL_VALIDATION_STATE = File(
 MODEL_META = File("model.json", "what the model is and how it was trained (ModelMeta), written by `train`")
 MODEL_HISTORY = File("history.json", "per-epoch losses and validation metric of the validation fit")
 MODEL_METRICS = File("metrics.json", "the model's metrics (ModelMetrics), written by `evaluate`")
+MODEL_RANKER = File(
+    "ranker.json",
+    "a ranker's lineage (rankers only, written by `rank`): the retriever version and fits its labels, "
+    "candidates, early stopping and test came from, the label leak check, and the two stages' metrics "
+    "side by side (training.ranking)",
+)
 #: What ``models/ds=<d>/<model>/`` holds; ``train`` publishes it atomically, ``evaluate`` adds metrics.
 MODEL_FILES: tuple[File, ...] = (
     MODEL_STATE,
@@ -804,6 +810,7 @@ MODEL_FILES: tuple[File, ...] = (
     MODEL_META,
     MODEL_HISTORY,
     MODEL_METRICS,
+    MODEL_RANKER,
 )
 
 
@@ -1055,6 +1062,8 @@ STEP_ENTRIES: dict[str, str] = {
     SCORES_STAGED: "scores_staged_dir(): the scores of a date before their suite (SCORES' columns)",
     "registry": "the MLflow registered model mlflow.registered_model: its versions and their tags",
     "champion": "the registry's @champion alias (what `score` serves)",
+    "ranker": "the ranker's registered model ranking.registered_model: versions tagged with the retriever "
+    "version they re-rank, and its @champion (served over that retriever only)",
     "analytics": "analytics_db(): the analysts' DuckDB file",
     "report": "report_path(): the daily HTML report",
     "validation/<table>": "validation_result_path(): a suite's result JSON, and the Data Docs",

@@ -20,6 +20,7 @@ from infra.tables import (
     MODEL_STATE,
     MODEL_VALIDATION_STATE,
     TRAINING,
+    File,
     ModelMeta,
     model_dir,
     read_meta,
@@ -42,8 +43,10 @@ def save_trained(
     data: TrainingData,
     seed: int,
     run_id: str | None = None,
+    documents: dict[File, dict] | None = None,
 ) -> Path:
-    """Publish a trained model (both fits) atomically; returns its directory."""
+    """Publish a trained model (both fits) atomically, with any other JSON ``documents`` of its
+    folder (``infra.tables.MODEL_FILES``); returns its directory."""
     first, model = fit.validation, fit.final.model
     target = model_dir(warehouse_root, ds, model.config["name"])
     meta = ModelMeta(
@@ -83,6 +86,8 @@ def save_trained(
             torch.save(state(first.model), staged / MODEL_VALIDATION_STATE.name)
         write_meta(staged, meta)
         (staged / MODEL_HISTORY.name).write_text(json.dumps(first.history, indent=2) + "\n")
+        for file, doc in (documents or {}).items():
+            (staged / file.name).write_text(json.dumps(doc, indent=2, default=float) + "\n")
     return target
 
 

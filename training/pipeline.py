@@ -125,6 +125,28 @@ def promote(
     )
 
 
+def rank(settings: Settings, date: date) -> Outcome:
+    """Train the second stage over the retrieval champion; it may become the ranker's @champion.
+
+    With ranking.model set (a ranker, e.g. awmoe), train it on --date's validation purchases over
+    the candidates of the retrieval champion's validation fit (only when that champion was trained
+    on --date's tables), early-stopped on held-out validation shoppers; register it in
+    ranking.registered_model, tagged with the retriever version, and make it that registry's
+    `champion` when the two-stage list beats the retriever's own list on the same held-out shoppers
+    by the promotion policy's gates. `score` serves it only over that retriever version. With
+    ranking.model null, or no retrieval champion of --date, nothing is trained and the step says why.
+    """
+    from training.ranking import run_rank
+
+    r = run_rank(settings, date.isoformat())
+    text = r.get("summary") or r.get("why", "")
+    data = {k: r[k] for k in ("action", "version", "retriever_version", "champion") if k in r}
+    # Asset-triggered scoring runs have no logical date: they read it from this event.
+    return Outcome(
+        f"rank: {r['action']}\n{text}".rstrip(), data, event={"ds": date.isoformat(), "rank": r["action"]}
+    )
+
+
 def score(settings: Settings, date: date, path: str | None = None) -> Outcome:
     """Score every active user with @champion -> staged top-K.
 
@@ -316,10 +338,25 @@ STAGES: tuple[Stage, ...] = (
                 reads=("registry", "training"),
                 writes=("champion", "decisions"),
                 group="train_eval",
+                serial=True,
+            ),
+        ),
+    ),
+    Stage(
+        "rank",
+        rank,
+        options=(DATE,),
+        steps=(
+            # Its event (the date) starts the scoring DAG: the lists are scored once both stages are decided.
+            Step(
+                reads=("champion", "training"),
+                writes=("ranker",),
+                group="train_eval",
                 emits="champion",
                 serial=True,
             ),
         ),
+        gpu=True,
     ),
     Stage(
         "rollback",
@@ -346,7 +383,7 @@ STAGES: tuple[Stage, ...] = (
                 choices=("local", "spark"),
             ),
         ),
-        steps=(Step(reads=("serving", "champion"), writes=("scores_staged",), dag="scoring"),),
+        steps=(Step(reads=("serving", "champion", "ranker"), writes=("scores_staged",), dag="scoring"),),
     ),
     Stage(
         "prune",

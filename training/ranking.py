@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from infra.logs import stage
+from infra.settings import Settings
 from infra.tables import HELDOUT, PURCHASE, TRAIN_EVENTS
 from training.data import TrainingData, read_table
 from training.models import merged_config, model_class
@@ -86,12 +88,15 @@ class RankerFit:
 
     validation: TrainResult
     final: Recommender
+    #: The validation view whose validation split is only the held-out shoppers.
+    stopping: TrainingData
     manifest: dict[str, Any]
 
 
 def fit_ranker(
     name: str,
-    retriever: FitResult,
+    retriever_validation: Recommender,
+    retriever_final: Recommender,
     validation_data: TrainingData,
     full_data: TrainingData,
     seed: int,
@@ -99,12 +104,13 @@ def fit_ranker(
     device: str | None = None,
     progress: bool | None = None,
 ) -> RankerFit:
-    """Train ranker ``name`` on the validation purchases over ``retriever.validation``'s candidates,
-    early-stopped on the held-out shoppers; return it over ``retriever.final`` too."""
+    """Train ranker ``name`` on the validation purchases over ``retriever_validation``'s candidates,
+    early-stopped on the held-out shoppers; return it over ``retriever_final`` (the refit) too (the
+    same object for a bundle without a separate validation fit)."""
     cls = model_class(name)
     if not cls.ranker:
         raise ValueError(f"{name} is not a ranker")
-    first = retriever.validation.model
+    first = retriever_validation
     config = merged_config(name, {**(overrides or {}), "seed": seed})
     config.update(retriever=first.name, retriever_config=first.config)
     users, items, _ = validation_data.heldout["validation"]
@@ -116,19 +122,16 @@ def fit_ranker(
     leaks = label_leaks(validation_data, "validation", users[~held])
     if leaks:
         raise ValueError(f"{leaks} ranker labels are purchases the retriever's validation fit trained on")
-    stopping = with_heldout(
-        validation_data, {"validation": tuple(x[held] for x in validation_data.heldout["validation"])}
-    )
+    stopping = stopping_view(validation_data, held)
     seed_everything(seed)
     model = cls(stopping, config, retriever=first, labels=(users[~held], items[~held]))
     result = train(model, stopping, seed, None, device, progress)
     ex = model.examples()
-    final = (
-        on_retriever(result.model, retriever.final.model, full_data) if retriever.refitted else result.model
-    )
+    refitted = retriever_final is not retriever_validation
+    final = on_retriever(result.model, retriever_final, full_data) if refitted else result.model
     manifest = {
         "ranker": name,
-        "retriever": first.name,
+        "retriever": first.config["name"],
         "labels": f"validation held-out {PURCHASE}s",
         "label_users": int((~held).sum()),
         "examples": len(ex["users"]),
@@ -136,6 +139,168 @@ def fit_ranker(
         "early_stopping_users": int(held.sum()),
         "label_leaks": leaks,  # None: no times to check with
         "trained_over": "the retriever's validation fit (validation view)",
-        "tested_over": "the retriever's refit (full view)" if retriever.refitted else "the same fit",
+        "tested_over": "the retriever's refit (full view)" if refitted else "the same fit",
     }
-    return RankerFit(result, final, manifest)
+    return RankerFit(result, final, stopping, manifest)
+
+
+def stopping_view(validation_data: TrainingData, held: np.ndarray) -> TrainingData:
+    """The validation view whose validation split is only the ``held`` purchases (the ranker's
+    early stopping and its promotion gate, never its labels)."""
+    return with_heldout(
+        validation_data, {"validation": tuple(x[held] for x in validation_data.heldout["validation"])}
+    )
+
+
+# -- the `rank` stage ----------------------------------------------------------------------------
+def ranker_settings(settings: Settings) -> Settings:
+    """``settings`` with the ranker's registered model in place of the retriever's: the registry's
+    functions (register, aliases, lease, history, rollback) then act on the ranker's."""
+    mlflow = settings.mlflow.model_copy(update={"registered_model": settings.ranking.registered_model})
+    return settings.model_copy(update={"mlflow": mlflow})
+
+
+def run_rank(settings: Settings, ds: str) -> dict[str, Any]:
+    """Train ``ranking.model`` over the retrieval champion of ``ds``, register it in the ranker's
+    registry and make it its champion when the two-stage list beats the retriever's own list on the
+    same held-out shoppers (the promotion policy's gates, the retriever's list in the champion's place)."""
+    from infra.tables import MODEL_RANKER, ModelMetrics, document_json, model_dir, read_meta, write_metrics
+    from training import tracking
+    from training.artifacts import load_trained, save_trained, training_dir
+    from training.comparison import Measured
+    from training.evaluate import evaluate_per_user, evaluate_scores, summarize
+    from training.registry import (
+        CHAMPION,
+        Candidate,
+        Decision,
+        Policy,
+        alias_version,
+        evaluate_gates,
+        move_champion,
+        register,
+        registry_lease,
+        tag_candidate,
+        version_tags,
+    )
+    from training.train_evaluate import load_views, record_model_run, training_overrides
+
+    name = settings.ranking.model
+    if name is None:
+        return {"action": "off", "why": "ranking.model is null: one stage"}
+    wh = settings.paths.warehouse_root
+    client = tracking.connect(settings)
+    retriever_version = alias_version(settings, client, CHAMPION)
+    if retriever_version is None:
+        return {
+            "action": "skipped",
+            "why": f"{settings.mlflow.registered_model} has no @{CHAMPION} to re-rank",
+        }
+    tags = version_tags(settings, client, retriever_version)
+    if tags.get("funnelrec.ds") != ds:
+        return {
+            "action": "skipped",
+            "why": (
+                f"the retrieval champion, version {retriever_version}, was trained on {tags.get('funnelrec.ds')}, "
+                f"not {ds}: a ranker is trained only over a retriever fitted on the same tables (its labels "
+                "are those tables' validation purchases)"
+            ),
+        }
+    retriever_name = tags["funnelrec.model"]
+    val_data, data = load_views(training_dir(wh, ds))
+    device = settings.training.device
+    first, _, _ = load_trained(wh, ds, retriever_name, device, data=val_data)
+    final, _, _ = (
+        load_trained(wh, ds, retriever_name, device, data=data) if data is not val_data else (first, 0, 0)
+    )
+    overrides = training_overrides(settings, name)
+    overrides["candidates"] = settings.ranking.candidates
+    seed = settings.seeds.train
+    config = {**merged_config(name, overrides), "seed": seed}
+    with (
+        stage("rank", ds=ds, model=name, retriever_version=retriever_version) as counts,
+        tracking.train_run(settings, ds, name, config, data.manifest, model_class(name).name) as run,
+    ):
+        fit = fit_ranker(name, first, final, val_data, data, seed, overrides, device=device)
+        fit.manifest.update(retriever_version=retriever_version, retriever_ds=ds)
+        # The gate: the two-stage list against the retriever's own, on the held-out shoppers.
+        policy = dataclasses.replace(Policy.load(settings.mlflow.promotion_policy), floor_model=None)
+        batch = settings.training.eval_batch_size
+        ranked = fit.validation.model
+        mine = Measured(
+            evaluate_per_user(
+                ranked.context_scorer(fit.stopping), fit.stopping, "validation", batch_size=batch
+            )
+        )
+        theirs = Measured(
+            evaluate_per_user(
+                first.context_scorer(fit.stopping), fit.stopping, "validation", batch_size=batch
+            )
+        )
+        test = (
+            evaluate_scores(fit.final.context_scorer(data), data, "test", batch_size=batch)
+            if "test" in data.heldout
+            else None
+        )
+        retriever_test = (
+            evaluate_scores(final.context_scorer(data), data, "test", batch_size=batch)
+            if test is not None
+            else None
+        )
+        fit.manifest.update(
+            validation={"two_stage": summarize(mine.per_user), "retriever": summarize(theirs.per_user)},
+            test={"two_stage": test, "retriever": retriever_test},
+        )
+        trained = FitResult(fit.validation, dataclasses.replace(fit.validation, model=fit.final))
+        path = save_trained(
+            wh, ds, trained, data, seed, run_id=run.info.run_id, documents={MODEL_RANKER: fit.manifest}
+        )
+        tracking.log_training(
+            run.info.run_id, settings, ds, fit.validation.history, document_json(read_meta(path))
+        )
+        write_metrics(
+            model_dir(wh, ds, name),
+            ModelMetrics(
+                model=name,
+                ds=ds,
+                eval_mask=data.manifest.eval_mask,
+                validation=summarize(mine.per_user),
+                test=test,
+            ),
+        )
+        counts["run_id"] = run.info.run_id
+    tracking.log_evaluation(
+        run.info.run_id, {"validation": summarize(mine.per_user), **({"test": test} if test else {})}
+    )
+    record_model_run(settings, ds, name)
+    rs = ranker_settings(settings)
+    version = register(rs, ds, name)
+    rclient = tracking.connect(rs)
+    for key, value in {
+        "funnelrec.retriever_version": str(retriever_version),
+        "funnelrec.retriever_model": retriever_name,
+    }.items():
+        tracking.call(
+            rs,
+            "tag version",
+            lambda k=key, v=value: rclient.set_model_version_tag(
+                rs.mlflow.registered_model, str(version), k, v
+            ),
+        )
+    gates = evaluate_gates(policy, "challenge", mine, theirs, None, name)
+    with registry_lease(rs, rclient, owner=f"rank-{ds}") as lease:
+        before = alias_version(rs, rclient, CHAMPION)
+        candidate = Candidate(version, name, "challenge", None, gates)
+        decision = Decision("refused", version, before, before, gates, [candidate])
+        if not candidate.failed:
+            decision.champion_after = move_champion(rs, rclient, lease, before, candidate)
+            decision.action = "promoted" if decision.champion_after == version else "lost_race"
+        candidate.outcome = decision.action if decision.action != "lost_race" else "lost_race"
+        tag_candidate(rs, rclient, candidate, decision, ds)
+    return {
+        "action": decision.action,
+        "version": version,
+        "retriever_version": retriever_version,
+        "champion": decision.champion_after,
+        "summary": decision.summary(),
+        "manifest": fit.manifest,
+    }

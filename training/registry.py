@@ -591,7 +591,7 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def _tag_candidate(settings: Settings, client, c: Candidate, d: Decision, ds: str) -> None:
+def tag_candidate(settings: Settings, client, c: Candidate, d: Decision, ds: str) -> None:
     model = settings.mlflow.registered_model
     tags = {
         "promotion.decision": c.outcome,
@@ -690,7 +690,7 @@ def _kind(champion: int | None, champion_tags: dict[str, str], tags: dict[str, s
     return "challenge"
 
 
-def _move_champion(
+def move_champion(
     settings: Settings, client, lease: str, champion: int | None, chosen: Candidate
 ) -> int | None:
     """Point ``champion`` at the chosen candidate while holding the lease; record the move in the
@@ -808,12 +808,12 @@ def promote(settings: Settings, version: int | None = None, ds: str | None = Non
         top = chosen or candidates[0]
         d = Decision("refused", top.version, champion, champion, top.gates, candidates)
         if chosen is not None:
-            d.champion_after = _move_champion(settings, client, lease, champion, chosen)
+            d.champion_after = move_champion(settings, client, lease, champion, chosen)
             d.action = "promoted" if d.champion_after == chosen.version else "lost_race"
             if d.action == "lost_race":
                 chosen.outcome = "lost_race"
         for c in candidates:
-            _tag_candidate(settings, client, c, d, date)
+            tag_candidate(settings, client, c, d, date)
         write_decisions(settings, date, d)
     log.info(
         "promote",

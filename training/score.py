@@ -59,6 +59,33 @@ class Champion:
     run_id: str
     model: str
     trained_ds: str
+    #: A ranker's: the retrieval version it re-ranks (None for a retriever).
+    retriever_version: int | None = None
+
+
+def serving_champion(settings: Settings) -> tuple[Champion, str]:
+    """What scores the date, and why: the ranker's ``@champion`` when ``ranking.model`` is set and
+    that ranker was trained over the current retrieval champion (both refresh nightly, so a ranker
+    of an older retriever is stale); else the retrieval ``@champion``."""
+    from training.ranking import ranker_settings
+
+    retriever = champion(settings)
+    if settings.ranking.model is None:
+        return retriever, "one stage (ranking.model is null): the retrieval champion's lists"
+    rs = ranker_settings(settings)
+    try:
+        ranker = champion(rs)
+    except PromotionError:
+        return retriever, f"{rs.mlflow.registered_model} has no @{CHAMPION}: the retrieval champion's lists"
+    if ranker.retriever_version != retriever.version:
+        return retriever, (
+            f"the ranker's champion, version {ranker.version}, re-ranks retrieval version "
+            f"{ranker.retriever_version}, not the champion {retriever.version}: the retrieval champion's lists"
+        )
+    return ranker, (
+        f"two stages: ranker version {ranker.version} ({ranker.model}) over retrieval version {retriever.version} "
+        f"({retriever.model})"
+    )
 
 
 def champion(settings: Settings) -> Champion:
@@ -81,6 +108,7 @@ def champion(settings: Settings) -> Champion:
         mv.run_id,
         tags.get("funnelrec.model", "unknown"),
         tags.get("funnelrec.ds", "unknown"),
+        int(tags["funnelrec.retriever_version"]) if "funnelrec.retriever_version" in tags else None,
     )
 
 
@@ -134,14 +162,15 @@ def _write_local(frame: pd.DataFrame, target: Path) -> None:
 
 
 def run_score(settings: Settings, run_date: date, path: str | None = None, spark=None) -> dict[str, Any]:
-    """Score every active user of ``run_date`` with ``@champion`` into ``scores_staged/ds=<date>``."""
+    """Score every active user of ``run_date`` with ``@champion`` (the ranker's, over the retrieval
+    champion it was trained on, when there is one: ``serving_champion``) into ``scores_staged/ds=<date>``."""
     from training.pyfunc import load_for_scoring
 
     path = path or settings.scoring.path
     cfg = settings.scoring
     target = scores_staged_dir(settings.paths.warehouse_root, run_date.isoformat())
     with stage("score", ds=run_date.isoformat(), path=path) as counts:
-        champ = champion(settings)
+        champ, served = serving_champion(settings)
         if path not in ("local", "spark"):
             raise ValueError(f"unknown scoring path {path!r}: local | spark")
         if path == "spark" and spark is None:
@@ -168,6 +197,7 @@ def run_score(settings: Settings, run_date: date, path: str | None = None, spark
     return {
         "path": str(target),
         "champion": champ.__dict__,
+        "served": served,
         "active_users": len(users),
         "scored_users": scored,
         "rows": rows,

@@ -98,7 +98,9 @@ def warm(views, retriever):
     """A ranker trained without the contrastive loss, its gates already shaped by the candidates."""
     val, full = views
     overrides = {**SMALL, "contrastive_weight": 0.0, "mask_ratio": 0.6}
-    return fit_ranker("awmoe", retriever, val, full, seed=0, overrides=overrides, progress=False)
+    return fit_ranker(
+        "awmoe", retriever.validation.model, retriever.final.model, val, full, 0, overrides, progress=False
+    )
 
 
 @pytest.mark.parametrize("weight", [1.0, 0.0])
@@ -167,5 +169,5 @@ def test_two_stage_lists_have_k_rows_none_bought_whatever_the_batch(views, warm)
 
 def test_a_retrieval_model_is_not_a_ranker(views, retriever):
     with pytest.raises(ValueError, match="not a ranker"):
-        fit_ranker("popularity", retriever, *views, seed=0)
+        fit_ranker("popularity", retriever.validation.model, retriever.final.model, *views, seed=0)
     assert fit_model  # the retrieval trainer stays the one for retrievers
