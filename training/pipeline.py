@@ -126,7 +126,7 @@ def promote(
 
 
 def rank(settings: Settings, date: date) -> Outcome:
-    """Train the second stage over the retrieval champion; it may become the ranker's @champion.
+    """Train the second stage over the retrieval champion.
 
     With ranking.model set (a ranker, e.g. awmoe), train it on --date's validation purchases over
     the candidates of the retrieval champion's validation fit (only when that champion was trained
@@ -140,11 +140,10 @@ def rank(settings: Settings, date: date) -> Outcome:
 
     r = run_rank(settings, date.isoformat())
     text = r.get("summary") or r.get("why", "")
-    data = {k: r[k] for k in ("action", "version", "retriever_version", "champion") if k in r}
+    data = {k: r.get(k) for k in ("action", "version", "champion", "ranker_champion")}
     # Asset-triggered scoring runs have no logical date: they read it from this event.
-    return Outcome(
-        f"rank: {r['action']}\n{text}".rstrip(), data, event={"ds": date.isoformat(), "rank": r["action"]}
-    )
+    event = {"ds": date.isoformat(), "rank": r["action"], "champion": r.get("champion")}
+    return Outcome(f"rank: {r['action']}\n{text}".rstrip(), data, event=event)
 
 
 def score(settings: Settings, date: date, path: str | None = None) -> Outcome:

@@ -185,11 +185,11 @@ def run_rank(settings: Settings, ds: str) -> dict[str, Any]:
     from training.train_evaluate import load_views, record_model_run, training_overrides
 
     name = settings.ranking.model
-    if name is None:
-        return {"action": "off", "why": "ranking.model is null: one stage"}
     wh = settings.paths.warehouse_root
     client = tracking.connect(settings)
     retriever_version = alias_version(settings, client, CHAMPION)
+    if name is None:
+        return {"action": "off", "why": "ranking.model is null: one stage", "champion": retriever_version}
     if retriever_version is None:
         return {
             "action": "skipped",
@@ -199,6 +199,7 @@ def run_rank(settings: Settings, ds: str) -> dict[str, Any]:
     if tags.get("funnelrec.ds") != ds:
         return {
             "action": "skipped",
+            "champion": retriever_version,
             "why": (
                 f"the retrieval champion, version {retriever_version}, was trained on {tags.get('funnelrec.ds')}, "
                 f"not {ds}: a ranker is trained only over a retriever fitted on the same tables (its labels "
@@ -299,8 +300,8 @@ def run_rank(settings: Settings, ds: str) -> dict[str, Any]:
     return {
         "action": decision.action,
         "version": version,
-        "retriever_version": retriever_version,
-        "champion": decision.champion_after,
+        "champion": retriever_version,
+        "ranker_champion": decision.champion_after,
         "summary": decision.summary(),
         "manifest": fit.manifest,
     }

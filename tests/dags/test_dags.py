@@ -48,6 +48,8 @@ NIGHTLY_EDGES = {
             (f"train_eval.register_{m}", "train_eval.promote"),
         )
     ),
+    # The second stage (added after 1c30b8a): it emits the champion asset once both stages are decided.
+    ("train_eval.promote", "train_eval.rank"),
 }
 SCORING_EDGES = {
     ("context", "validate_serving"),
@@ -69,8 +71,11 @@ def test_the_generated_dags_have_the_task_ids_and_edges_of_the_hand_written_ones
     assert set(dag.task_ids) == {t for edge in NIGHTLY_EDGES for t in edge}
     for model in ("popularity", "als_multi"):
         assert dag.get_task(f"train_eval.train_{model}").pool == "gpu"
-    assert [a.name for a in dag.get_task("train_eval.promote").outlets] == [CHAMPION_ASSET]
-    assert dag.get_task("train_eval.promote").pool == "promote"
+    assert [a.name for a in dag.get_task("train_eval.rank").outlets] == [CHAMPION_ASSET]
+    assert dag.get_task("train_eval.promote").outlets == []
+    assert (
+        dag.get_task("train_eval.promote").pool == "promote" and dag.get_task("train_eval.rank").pool == "gpu"
+    )
     from airflow.models.pool import Pool
 
     assert Pool.get_pool("promote").slots == 1  # created by init_airflow: one date decides at a time
@@ -150,7 +155,7 @@ def test_nightly_then_scoring_from_each_nights_context_every_date_scored_and_a_r
             .filter(AssetModel.name == CHAMPION_ASSET)
             .all()
         )
-        assert [e.extra["ds"] for e in events] == [D1] and events[0].extra["decision"] == "promoted"
+        assert [e.extra["ds"] for e in events] == [D1] and events[0].extra["rank"] == "off"
         champion = events[0].extra["champion"]
 
     run = _scoring(config, ds=D1)

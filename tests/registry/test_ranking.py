@@ -69,7 +69,8 @@ def test_the_ranker_is_its_own_registered_model_tagged_with_its_retriever(ranked
     rs = ranker_settings(settings)
     client = tracking.connect(rs)
     assert result["action"] == "promoted", result["summary"]
-    assert alias_version(rs, client, "champion") == result["version"]
+    assert alias_version(rs, client, "champion") == result["version"] == result["ranker_champion"]
+    assert result["champion"] == retriever
     tags = client.get_model_version(rs.mlflow.registered_model, str(result["version"])).tags
     assert tags["funnelrec.retriever_version"] == str(retriever) and tags["funnelrec.model"] == "awmoe"
     assert json.loads(tags["promotion.gates"])  # the gates it passed are recorded on the version
