@@ -399,6 +399,13 @@ SCORES = Table(
         column("model", "string", "model configuration that produced it, e.g. member"),
         column("model_name", "string", "registered model name"),
         column("model_version", "int", "registered model version (the champion when scored)"),
+        column(
+            "retriever_version",
+            "int",
+            "two-stage lists: the retrieval champion version whose candidates the ranker re-ranked "
+            "(model_name is then the ranker's registry); null for one-stage lists",
+            nullable=True,
+        ),
         column("run_id", "string", "MLflow run of that version"),
         column(
             "trained_ds", "string", "the training tables the model learned from (training/ds=<trained_ds>)"

@@ -2,6 +2,7 @@
 
 Sections (each a ``<section id=...>``): ``champion`` (which model produced the date, with links to
 its MLflow run and the Data Docs, and its test HR@20 beside the chance level of each setting),
+``stages`` (for two-stage lists: the retriever's and the re-ranked list's test metrics side by side),
 ``promotion`` (the latest promotion decision up to the date: every candidate and gate, with the
 candidate's and the champion's means on the same users and the interval of the change),
 ``metrics`` (test metrics over data dates per setting),
@@ -130,6 +131,27 @@ def write_report(settings: Settings, run_date: date, db: Path) -> Path:
             [run_date],
         ).fetchone()
         model, name, version, run_id, users, rows = champ
+        retriever_version = con.execute(
+            "SELECT any_value(retriever_version) FROM fct_recommendations WHERE ds = ?", [run_date]
+        ).fetchone()[0]
+        stage_metrics = None
+        if retriever_version is not None:
+            stage_metrics = con.execute(
+                " UNION ALL ".join(
+                    f"SELECT stage, '{s}' AS setting, {_test('users', s)} AS users, {_test('HR@10', s)} AS hr10, "
+                    f"{_test('NDCG@10', s)} AS ndcg10, {_test('NDCG@20', s)} AS ndcg20 FROM ("
+                    "SELECT 'retriever' AS stage, * FROM model_runs WHERE registered_model = $rmodel "
+                    "AND registered_version = $rversion AND data_ds = $ds "
+                    "UNION ALL BY NAME SELECT 'two stages' AS stage, * FROM model_runs WHERE run_id = $run)"
+                    for s in RUN_SETTINGS
+                ),
+                {
+                    "rmodel": settings.mlflow.registered_model,
+                    "rversion": retriever_version,
+                    "run": run_id,
+                    "ds": run_date.isoformat(),
+                },
+            ).df()
         runs = con.execute(
             "SELECT data_ds, "
             + ", ".join(f"{_test('NDCG@20', s)} AS {s}" for s in RUN_SETTINGS)
@@ -311,6 +333,9 @@ def write_report(settings: Settings, run_date: date, db: Path) -> Path:
         mlflow={"url": uri if remote else "http://127.0.0.1:5000", "local_store": None if remote else uri},
         docs_uri=(Path(settings.validation.data_docs_dir) / "index.html").as_uri(),
         champion_metrics=_rows(champion_metrics),
+        stages=None
+        if stage_metrics is None
+        else {"retriever_version": retriever_version, "metrics": _rows(stage_metrics)},
         decided=decided,
         gates=_rows(gates),
         outcome_days=settings.scoring.outcome_days,

@@ -149,6 +149,7 @@ def _lineage(frame: pd.DataFrame, champ: Champion) -> pd.DataFrame:
     out["model"] = champ.model
     out["model_name"] = champ.name
     out["model_version"] = np.int32(champ.version)
+    out["retriever_version"] = champ.retriever_version
     out["run_id"] = champ.run_id
     out["trained_ds"] = champ.trained_ds
     return out.sort_values(["user_id", "rank"]).reset_index(drop=True)
@@ -262,6 +263,7 @@ def spark_score(
         .withColumn("model", F.lit(champ.model))
         .withColumn("model_name", F.lit(champ.name))
         .withColumn("model_version", F.lit(champ.version).cast("int"))
+        .withColumn("retriever_version", F.lit(champ.retriever_version).cast("int"))
         .withColumn("run_id", F.lit(champ.run_id))
         .withColumn("trained_ds", F.lit(champ.trained_ds))
         .select(*SCORES.data_columns)

@@ -267,9 +267,21 @@ def test_report_renders_in_headless_chromium_with_every_section(published, tmp_p
         f"--user-data-dir={tmp_path / 'profile'}",
     ]
     dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
-    sections = ("champion", "promotion", "outcomes", "drift", "checks", "metrics", "coverage", "item-types")
+    sections = (
+        "champion",
+        "stages",
+        "promotion",
+        "outcomes",
+        "drift",
+        "checks",
+        "metrics",
+        "coverage",
+        "item-types",
+    )
     for section in (*sections, "popularity"):
         assert f'<section id="{section}">' in dom.stdout, section
+    stages = dom.stdout.split('<section id="stages">')[1].split("</section>")[0]
+    assert "One stage" in stages  # the fixture has no ranker
     # The fixture's promotion: the first champion's gates, read back from the decisions table.
     promotion = dom.stdout.split('<section id="promotion">')[1].split("</section>")[0]
     assert "min_users" in promotion and "floor" in promotion and "promoted" in promotion
