@@ -13,6 +13,7 @@ from infra.settings import DEFAULT_PROMOTION_POLICY
 from infra.tables import MODEL_RANKER, model_dir
 from tests.conftest import settings_under
 from tests.registry.conftest import DS
+from tests.training.test_awmoe import SMALL
 from tests.training.test_sequence_models import planted_tables
 from training import tracking
 from training.data import write_training_bundle
@@ -22,13 +23,9 @@ from training.registry import alias_version, promote, register
 from training.score import serving_champion
 from training.train_evaluate import run_evaluate, run_train
 
+#: test_awmoe's small ranker; its candidates come from the setting (all 48 items here).
 RANKER = {
-    "max_len": 10,
-    "dim": 16,
-    "experts": 2,
-    "expert_hidden": 8,
-    "attention_hidden": [16, 8],
-    "gate_hidden": 8,
+    **{k: v for k, v in SMALL.items() if k != "candidates"},
     "train": {"epochs": 15, "patience": 15, "batch_size": 32, "lr": 1e-2},
 }
 
