@@ -22,6 +22,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -51,8 +52,16 @@ COLUMNS = ("HR@10", "NDCG@10", "NDCG@20")
 
 
 def run(
-    benchmark: str, seeds: list[int], retriever: str, variants: list[str], work: Path, epochs: int | None
+    benchmark: str,
+    seeds: list[int],
+    retriever: str,
+    variants: list[str],
+    work: Path,
+    epochs: int | None,
+    save: Callable[[dict], None] = lambda results: None,
 ) -> dict:
+    """Every variant over one retriever fit per seed; ``save`` gets the results after each seed (a
+    long run that is stopped keeps the seeds it finished)."""
     root = build_tables(benchmark, work)[benchmark]
     val, full = load_views(root)
     out = {
@@ -107,6 +116,7 @@ def run(
                 f"{m['long_tail']['NDCG@10'] or 0:.4f} ({extra['seconds']:.0f} s, eval {extra['eval_seconds']:.0f} s)",
                 flush=True,
             )
+        save(out)
     return out
 
 
@@ -146,6 +156,11 @@ def main() -> int:
     ap.add_argument("--work", default=str(REPO / "bench" / "results" / "tmp" / "quality"))
     args = ap.parse_args()
     configure("WARNING")
+    path = REPO / "bench" / "results" / f"ranking_{args.benchmark}.json"
+
+    def save(results: dict) -> None:
+        path.write_text(json.dumps(results, indent=1, default=float) + "\n")
+
     results = run(
         args.benchmark,
         list(range(1, args.seeds + 1)),
@@ -153,9 +168,9 @@ def main() -> int:
         args.variants.split(","),
         Path(args.work),
         args.max_epochs,
+        save,
     )
-    path = REPO / "bench" / "results" / f"ranking_{args.benchmark}.json"
-    path.write_text(json.dumps(results, indent=1, default=float) + "\n")
+    save(results)
     print(markdown(results))
     print(f"\nsaved {path}")
     return 0
