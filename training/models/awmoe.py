@@ -17,7 +17,8 @@ model's configuration):
   are; ``s_c = sum_j a_cj h_j`` is the attended vector. ``h_j`` embeds the event's item, behaviour,
   time-gap bucket and session start (``training.sequences``); ``e_c`` the candidate, from the same
   item table. The first layer is applied to the four parts separately (the same product, without
-  materialising the (B, N, L, 4d) concatenation);
+  materialising the (B, N, L, 4d) concatenation, and the difference's part as the difference of
+  the two parts);
 - **the gate unit**: ``G = softmax_experts(W_2 relu(W_1 [s_c, e_c]))`` shaped (experts, width):
   one weight per expert *and hidden unit* of the experts' outputs, our reading of "fine-grained"
   (a softmax over the experts in every unit);
@@ -111,7 +112,9 @@ class ActivationUnit(nn.Module):
 
     def forward(self, cand: torch.Tensor, events: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         e, h = cand.unsqueeze(2), events.unsqueeze(1)  # (B, N, 1, d), (B, 1, L, d)
-        first = self.cand(e) + self.event(h) + self.diff(e - h) + self.prod(e * h)  # (B, N, L, H0)
+        # W_d (e - h) = W_d e - W_d h (no bias): the candidate's and the events' parts are summed
+        # small, (B, N, 1, H0) and (B, 1, L, H0); only e * h is (B, N, L, d).
+        first = (self.cand(e) + self.diff(e)) + (self.event(h) - self.diff(h)) + self.prod(e * h)
         logits = self.rest(first).squeeze(-1)  # (B, N, L)
         if self.norm == "softmax":
             logits = logits.masked_fill(~valid.unsqueeze(1), float("-inf"))
@@ -273,8 +276,15 @@ class AWMoE(Recommender):
         """Ranker scores (B, N) of candidates ``cands`` (item indices) given the retriever's scores
         ``retr`` (B, N, descending) and the window ``f`` with events ``valid``; also the attention
         weights (B, N, L), the gate logits (B, N, E * width) and weights (B, N, E, width), and each
-        expert's contribution to the score (B, N, E)."""
+        expert's contribution to the score (B, N, E); the attention covers only the window's last L'
+        columns, L' the most events of any row (windows are right-aligned: the rest is padding)."""
         cfg = self.cfg
+        width = int(f.valid.sum(1).max()) if len(valid) else 0
+        cut = slice(f.valid.shape[1] - max(width, 1), None)
+        f = SequenceFeatures(
+            f.items[:, cut], f.behaviors[:, cut], f.gaps[:, cut], f.session_start[:, cut], f.valid[:, cut]
+        )
+        valid = valid[:, cut]
         h = self._embed_events(f, valid)
         e = self.items(cands + 1)  # (B, N, d)
         att = self.attention(e, h, valid)
