@@ -208,6 +208,22 @@ def run_rank(settings: Settings, ds: str) -> dict[str, Any]:
         }
     retriever_name = tags["funnelrec.model"]
     val_data, data = load_views(training_dir(wh, ds))
+    labels = val_data.heldout.get("validation", (np.zeros(0, np.int64),))[0]
+    holdout = (
+        model_class(name)
+        .Config.model_validate(merged_config(name, training_overrides(settings, name)))
+        .holdout
+    )
+    held = holdout_users(labels, holdout)
+    if held.all() or not held.any():
+        return {
+            "action": "skipped",
+            "champion": retriever_version,
+            "why": (
+                f"{len(labels)} validation purchases in training/ds={ds}: too few to train a ranker and "
+                "hold shoppers out for its early stopping and gate"
+            ),
+        }
     device = settings.training.device
     first, _, _ = load_trained(wh, ds, retriever_name, device, data=val_data)
     final, _, _ = (
