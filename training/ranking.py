@@ -311,7 +311,7 @@ def run_rank(settings: Settings, ds: str) -> dict[str, Any]:
         if not candidate.failed:
             decision.champion_after = move_champion(rs, rclient, lease, before, candidate)
             decision.action = "promoted" if decision.champion_after == version else "lost_race"
-        candidate.outcome = decision.action if decision.action != "lost_race" else "lost_race"
+        candidate.outcome = decision.action
         tag_candidate(rs, rclient, candidate, decision, ds)
     return {
         "action": decision.action,

@@ -15,7 +15,7 @@ from training.models.awmoe import AWMoE, mask_events
 from training.models.base import Context
 from training.ranking import fit_ranker, holdout_users, label_leaks
 from training.recommend import recommend
-from training.trainer import fit_and_refit, fit_model, train
+from training.trainer import fit_and_refit, train
 
 SMALL = {
     "candidates": 20,
@@ -170,4 +170,3 @@ def test_two_stage_lists_have_k_rows_none_bought_whatever_the_batch(views, warm)
 def test_a_retrieval_model_is_not_a_ranker(views, retriever):
     with pytest.raises(ValueError, match="not a ranker"):
         fit_ranker("popularity", retriever.validation.model, retriever.final.model, *views, seed=0)
-    assert fit_model  # the retrieval trainer stays the one for retrievers
