@@ -185,6 +185,10 @@ def run_rank(settings: Settings, ds: str) -> dict[str, Any]:
     from training.train_evaluate import load_views, record_model_run, training_overrides
 
     name = settings.ranking.model
+    if name is not None and not model_class(name).ranker:
+        raise ValueError(
+            f"ranking.model is {name}, which ranks the whole catalogue itself: name a ranker (awmoe)"
+        )
     wh = settings.paths.warehouse_root
     client = tracking.connect(settings)
     retriever_version = alias_version(settings, client, CHAMPION)

@@ -58,6 +58,11 @@ def training_overrides(settings: Settings, name: str, epochs: int | None = None)
 def run_train(settings: Settings, ds: str, name: str, epochs: int | None = None) -> dict[str, Any]:
     """Train ``name`` on ``training/ds=<ds>`` (validation fit, then refit) and publish it to
     ``models/ds=<ds>/<name>``."""
+    if model_class(name).ranker:
+        raise ValueError(
+            f"{name} is a second stage: it re-ranks a retriever's candidates, so it is trained by "
+            f"`funnelrec rank` (set ranking.model: {name}), not listed in training.models"
+        )
     wh = settings.paths.warehouse_root
     val_data, data = load_views(training_dir(wh, ds))
     overrides = training_overrides(settings, name, epochs)

@@ -170,3 +170,10 @@ def test_two_stage_lists_have_k_rows_none_bought_whatever_the_batch(views, warm)
 def test_a_retrieval_model_is_not_a_ranker(views, retriever):
     with pytest.raises(ValueError, match="not a ranker"):
         fit_ranker("popularity", retriever.validation.model, retriever.final.model, *views, seed=0)
+
+
+def test_a_ranker_listed_as_a_retrieval_model_is_refused_with_the_setting_to_use(make_settings):
+    from training.train_evaluate import run_train
+
+    with pytest.raises(ValueError, match=r"set ranking\.model: awmoe"):
+        run_train(make_settings(), "2026-01-05", "awmoe")
