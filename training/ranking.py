@@ -164,7 +164,15 @@ def run_rank(settings: Settings, ds: str) -> dict[str, Any]:
     """Train ``ranking.model`` over the retrieval champion of ``ds``, register it in the ranker's
     registry and make it its champion when the two-stage list beats the retriever's own list on the
     same held-out shoppers (the promotion policy's gates, the retriever's list in the champion's place)."""
-    from infra.tables import MODEL_RANKER, ModelMetrics, document_json, model_dir, read_meta, write_metrics
+    from infra.tables import (
+        MODEL_RANKER,
+        ModelMetrics,
+        document_json,
+        model_dir,
+        read_meta,
+        read_metrics,
+        write_metrics,
+    )
     from training import tracking
     from training.artifacts import load_trained, save_trained, training_dir
     from training.comparison import Measured
@@ -212,13 +220,11 @@ def run_rank(settings: Settings, ds: str) -> dict[str, Any]:
         }
     retriever_name = tags["funnelrec.model"]
     val_data, data = load_views(training_dir(wh, ds))
+    overrides = {**training_overrides(settings, name), "candidates": settings.ranking.candidates}
+    seed = settings.seeds.train
+    config = {**merged_config(name, overrides), "seed": seed}
     labels = val_data.heldout.get("validation", (np.zeros(0, np.int64),))[0]
-    holdout = (
-        model_class(name)
-        .Config.model_validate(merged_config(name, training_overrides(settings, name)))
-        .holdout
-    )
-    held = holdout_users(labels, holdout)
+    held = holdout_users(labels, model_class(name).Config.model_validate(config).holdout)
     if held.all() or not held.any():
         return {
             "action": "skipped",
@@ -230,13 +236,7 @@ def run_rank(settings: Settings, ds: str) -> dict[str, Any]:
         }
     device = settings.training.device
     first, _, _ = load_trained(wh, ds, retriever_name, device, data=val_data)
-    final, _, _ = (
-        load_trained(wh, ds, retriever_name, device, data=data) if data is not val_data else (first, 0, 0)
-    )
-    overrides = training_overrides(settings, name)
-    overrides["candidates"] = settings.ranking.candidates
-    seed = settings.seeds.train
-    config = {**merged_config(name, overrides), "seed": seed}
+    final = first if data is val_data else load_trained(wh, ds, retriever_name, device, data=data)[0]
     with (
         stage("rank", ds=ds, model=name, retriever_version=retriever_version) as counts,
         tracking.train_run(settings, ds, name, config, data.manifest, model_class(name).name) as run,
@@ -262,13 +262,11 @@ def run_rank(settings: Settings, ds: str) -> dict[str, Any]:
             if "test" in data.heldout
             else None
         )
-        retriever_test = (
-            evaluate_scores(final.context_scorer(data), data, "test", batch_size=batch)
-            if test is not None
-            else None
-        )
+        validation = summarize(mine.per_user)
+        # The retriever's own test metrics: what its `evaluate` step wrote, not measured again.
+        retriever_test = read_metrics(model_dir(wh, ds, retriever_name)).test
         fit.manifest.update(
-            validation={"two_stage": summarize(mine.per_user), "retriever": summarize(theirs.per_user)},
+            validation={"two_stage": validation, "retriever": summarize(theirs.per_user)},
             test={"two_stage": test, "retriever": retriever_test},
         )
         trained = FitResult(fit.validation, dataclasses.replace(fit.validation, model=fit.final))
@@ -284,14 +282,12 @@ def run_rank(settings: Settings, ds: str) -> dict[str, Any]:
                 model=name,
                 ds=ds,
                 eval_mask=data.manifest.eval_mask,
-                validation=summarize(mine.per_user),
+                validation=validation,
                 test=test,
             ),
         )
         counts["run_id"] = run.info.run_id
-    tracking.log_evaluation(
-        run.info.run_id, {"validation": summarize(mine.per_user), **({"test": test} if test else {})}
-    )
+    tracking.log_evaluation(run.info.run_id, {"validation": validation, **({"test": test} if test else {})})
     record_model_run(settings, ds, name)
     rs = ranker_settings(settings)
     version = register(rs, ds, name)
