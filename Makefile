@@ -13,6 +13,11 @@ BIN := $(VENV)/bin
 # On a GPU host see README "GPU hosts" for the CUDA build.
 TORCH_FIND_LINKS ?= $(or $(PIP_FIND_LINKS),https://download.pytorch.org/whl/cpu/torch/)
 DEMO_DATE ?= 2015-09-18
+# Hosts that export PYTHONDONTWRITEBYTECODE (CI images often do) would recompile torch, MLflow,
+# Airflow and Spark's Python side from source in every process these targets start: about 10 s per
+# CLI call, Airflow run and Spark Python worker. Here the first import writes the .pyc files
+# (into .venv and the untracked __pycache__ folders) and later processes reuse them.
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: help setup setup-gpu demo test test-deps lint format lock clean-demo
 

@@ -37,6 +37,8 @@ from infra.settings import Settings, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
 DAGS_FOLDER = REPO / "dags"
+#: What ``init_airflow`` last set up in an Airflow home (it skips the work while this matches).
+INIT_STAMP = "funnelrec_init.json"
 #: Airflow asset names: ``funnelrec_<what a step emits>``.
 ASSET_PREFIX = "funnelrec_"
 CHAMPION_ASSET = f"{ASSET_PREFIX}champion"
@@ -171,22 +173,39 @@ def airflow_env(settings: Settings, config: str | None = None) -> dict[str, str]
 
 def init_airflow(settings: Settings, env: dict[str, str]) -> None:
     """Migrate the metadata DB (idempotent) and create the pools: the GPU pool the training tasks
-    run in, and the one-slot pool that serialises the promote tasks."""
+    run in, and the one-slot pool that serialises the promote tasks.
+
+    Each ``airflow`` call starts Airflow (seconds), so a stamp in the Airflow home records what was
+    set up: the Airflow version, the metadata DB and the pools. While the stamp matches and the DB
+    file exists, nothing is run; delete ``INIT_STAMP`` to force a new migration."""
+    from importlib.metadata import version
+
     home = Path(settings.airflow.home)
     home.mkdir(parents=True, exist_ok=True)
+    pools = {
+        settings.airflow.gpu_pool: {
+            "slots": settings.airflow.gpu_pool_slots,
+            "description": "training tasks (one slot per GPU)",
+        },
+        settings.airflow.promote_pool: {"slots": 1, "description": "promote tasks: one date decides at a time"},
+    }
+    db = env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
+    wanted = {"airflow": version("apache-airflow"), "db": db, "pools": pools}
+    stamp = home / INIT_STAMP
+    db_file = Path(db.removeprefix("sqlite:///")) if db.startswith("sqlite:///") else None
+    try:
+        if json.loads(stamp.read_text()) == wanted and (db_file is None or db_file.is_file()):
+            return
+    except (OSError, ValueError):
+        pass
     airflow = str(Path(sys.executable).with_name("airflow"))
     subprocess.run([airflow, "db", "migrate"], env=env, check=True, stdout=subprocess.DEVNULL)
-    pools = (
-        (settings.airflow.gpu_pool, settings.airflow.gpu_pool_slots, "training tasks (one slot per GPU)"),
-        (settings.airflow.promote_pool, 1, "promote tasks: one date decides at a time"),
+    pools_file = home / "funnelrec_pools.json"
+    pools_file.write_text(json.dumps(pools, indent=2) + "\n")
+    subprocess.run(
+        [airflow, "pools", "import", str(pools_file)], env=env, check=True, stdout=subprocess.DEVNULL
     )
-    for name, slots, about in pools:
-        subprocess.run(
-            [airflow, "pools", "set", name, str(slots), about],
-            env=env,
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
+    stamp.write_text(json.dumps(wanted, indent=2) + "\n")
 
 
 def asset_name(emits: str) -> str:

@@ -837,6 +837,13 @@ def checkpoint_dir(warehouse_root: Path, ds: date | str, name: str) -> Path:
     return models_dir(warehouse_root, ds) / ".checkpoints" / name
 
 
+def floor_metrics_path(warehouse_root: Path, ds: date | str, name: str) -> Path:
+    """``models/ds=<d>/.floor/<model>.json``: the promotion floor's metrics on the date's tables,
+    written by the first ``evaluate`` of the date and read by the others (keyed by the tables'
+    checksums)."""
+    return models_dir(warehouse_root, ds) / ".floor" / f"{name}.json"
+
+
 @dataclass(kw_only=True)
 class ModelMeta:
     """``models/ds=<d>/<model>/model.json``: what a trained model is and how it was trained. Written

@@ -10,6 +10,8 @@ never ask MLflow.
 from __future__ import annotations
 
 import copy
+import json
+import os
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,6 +24,7 @@ from infra.tables import (
     ModelMetrics,
     checkpoint_dir,
     document_json,
+    floor_metrics_path,
     model_dir,
     model_run_dir,
     read_meta,
@@ -134,7 +137,7 @@ def run_evaluate(
         if meta is not None and meta.mlflow_run_id:
             floor_name = _floor_model(settings)
             floor = (
-                _floor_metrics(settings, floor_name, views, splits)
+                _floor_metrics(settings, ds, floor_name, views, splits)
                 if floor_name and floor_name != name
                 else None
             )
@@ -213,10 +216,28 @@ def _floor_model(settings: Settings) -> str | None:
 
 
 def _floor_metrics(
-    settings: Settings, name: str, views: dict[str, TrainingData], splits: tuple[str, ...]
+    settings: Settings, ds: str, name: str, views: dict[str, TrainingData], splits: tuple[str, ...]
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """The promotion floor (a closed-form baseline) on the same tables, fitted here in seconds on
-    the view each split is evaluated on."""
+    """The promotion floor (a closed-form baseline) on the same tables, fitted in seconds on the
+    view each split is evaluated on.
+
+    Every model of a date is compared with the same floor, so the first ``evaluate`` of the date
+    keeps it in ``floor_metrics_path``, keyed by the tables' checksums (a rebuilt bundle gets a new
+    floor), and the others read it."""
+    manifest = views["test"].manifest
+    key = {
+        "model": name,
+        "splits": list(splits),
+        "checksums": manifest.checksums if manifest is not None else None,
+    }
+    path = floor_metrics_path(settings.paths.warehouse_root, ds, name)
+    if key["checksums"]:
+        try:
+            saved = json.loads(path.read_text())
+            if saved.get("key") == key:
+                return saved["metrics"]
+        except (OSError, ValueError):
+            pass
     out = {}
     for split in splits:
         data = views[split]
@@ -226,6 +247,11 @@ def _floor_metrics(
         out[split] = evaluate_scores(
             floor.context_scorer(data), data, split, batch_size=settings.training.eval_batch_size
         )
+    if key["checksums"]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"key": key, "metrics": out}) + "\n")
+        os.replace(tmp, path)  # parallel evaluates write the same floor: readers see a whole file
     return out
 
 

@@ -151,7 +151,7 @@ def _validate_suites(ctx, name: str, suites: list[tuple[Suite, Any]]) -> tuple[d
     """Run each suite as its own checkpoint in the GX project ``ctx``; the described results by
     suite, and every failed expectation."""
     import great_expectations as gx
-    from great_expectations.checkpoint import UpdateDataDocsAction
+    from great_expectations.data_context.types.resource_identifiers import ExpectationSuiteIdentifier
 
     try:
         source = ctx.data_sources.get(DATASOURCE)
@@ -163,6 +163,7 @@ def _validate_suites(ctx, name: str, suites: list[tuple[Suite, Any]]) -> tuple[d
         source = ctx.data_sources.add_or_update_spark(name=DATASOURCE, persist=False)
     results: dict[str, Any] = {}
     failures: list[Failure] = []
+    documented: list = []
     for suite, df in suites:
         gx_suite = gx.ExpectationSuite(name=suite.name)
         guards = {}
@@ -187,7 +188,7 @@ def _validate_suites(ctx, name: str, suites: list[tuple[Suite, Any]]) -> tuple[d
             gx.Checkpoint(
                 name=f"{name}.{suite.name}",
                 validation_definitions=[vd],
-                actions=[UpdateDataDocsAction(name="update_data_docs", site_names=[SITE])],
+                actions=[],
                 result_format={"result_format": "SUMMARY", "partial_unexpected_count": SAMPLES},
             )
         )
@@ -197,7 +198,8 @@ def _validate_suites(ctx, name: str, suites: list[tuple[Suite, Any]]) -> tuple[d
             # Views are cached for the checkpoint; Spark's cache is keyed by plan, so a later read
             # of the same path (the table re-validated after a rewrite) would get stale rows.
             df.unpersist()
-        for res in run.run_results.values():
+        for result_id, res in run.run_results.items():
+            documented += [result_id, ExpectationSuiteIdentifier(name=suite.name)]
             results[suite.name] = res.describe_dict()
             for r in res.results:
                 if r.success:
@@ -215,6 +217,9 @@ def _validate_suites(ctx, name: str, suites: list[tuple[Suite, Any]]) -> tuple[d
                         samples=list((r.result or {}).get("partial_unexpected_list") or [])[:SAMPLES],
                     )
                 )
+    # Once for all suites (GX's UpdateDataDocsAction would rebuild the site's index per suite): the
+    # pages of this run's results and suites, and the index.
+    ctx.build_data_docs(site_names=[SITE], resource_identifiers=documented, build_index=True)
     return results, failures
 
 

@@ -127,6 +127,27 @@ def _snapshot(wh, ds: str) -> dict:
 D1, D2 = "2017-12-01", "2017-12-02"
 
 
+def test_airflow_setup_runs_again_only_when_what_it_set_up_changes(airflow_db):
+    from airflow.models.pool import Pool
+    from airflow.utils.session import create_session
+    from sqlalchemy import update
+
+    from infra.orchestration import airflow_env, init_airflow
+    from infra.settings import load_settings
+
+    def init(**airflow) -> dict[str, int]:
+        config = write_config("init", airflow=airflow)
+        settings = load_settings(config, environ={})
+        init_airflow(settings, airflow_env(settings, str(config)))
+        return {p.pool: p.slots for p in Pool.get_pools() if p.pool in ("gpu", "promote")}
+
+    with create_session() as session:  # a pool changed by hand, which only a new setup undoes
+        session.execute(update(Pool).where(Pool.pool == "promote").values(slots=4))
+    assert init() == {"gpu": 1, "promote": 4}  # set up already: Airflow is not started again
+    # A new pool size: set up again (the DAG runs of the other tests fit a 2-slot GPU pool too).
+    assert init(gpu_pool_slots=2) == {"gpu": 2, "promote": 1}
+
+
 def test_nightly_then_scoring_from_each_nights_context_every_date_scored_and_a_rerun_changes_nothing(
     airflow_db, spark
 ):

@@ -68,6 +68,30 @@ def test_tracked_run_has_params_tags_curves_metrics_and_artifacts(trained):
     assert {"plots/training_curves.png", "plots/metrics_by_k_test.png", "evaluation/metrics.json"} <= files
 
 
+def test_the_floor_is_measured_once_per_date_and_bundle(trained):
+    from infra.tables import floor_metrics_path
+    from training.train_evaluate import _floor_metrics, load_views
+    from training.artifacts import training_dir
+
+    wh = trained.paths.warehouse_root
+    path = floor_metrics_path(wh, DS, "popularity")
+    saved = json.loads(path.read_text())  # written by the tracked evaluate of the fixture
+    run = tracking.connect(trained).get_run(read_meta(model_dir(wh, DS, "als_multi")).mlflow_run_id)
+    logged = run.data.metrics["floor.popularity.validation.standard.NDCG_at_20"]
+    assert saved["metrics"]["validation"]["standard"]["NDCG@20"] == pytest.approx(logged)
+    views = dict(zip(("validation", "test"), load_views(training_dir(wh, DS)), strict=True))
+    splits = ("validation", "test")
+    saved["metrics"]["test"]["standard"]["NDCG@20"] = -1.0  # a marker only the saved file holds
+    path.write_text(json.dumps(saved))
+    assert _floor_metrics(trained, DS, "popularity", views, splits)["test"]["standard"]["NDCG@20"] == -1.0
+    saved["key"]["checksums"] = {"interactions": "another-bundle"}  # the tables were rebuilt
+    path.write_text(json.dumps(saved))
+    fresh = _floor_metrics(trained, DS, "popularity", views, splits)
+    assert fresh["validation"]["standard"]["NDCG@20"] == pytest.approx(logged)
+    assert fresh["test"]["standard"]["NDCG@20"] >= 0
+    assert json.loads(path.read_text())["metrics"] == json.loads(json.dumps(fresh))
+
+
 def _context_rows(data, users: np.ndarray, bought) -> pd.DataFrame:
     """Input rows of fixture users in the fixture's own context (ids u<idx> / i<idx>)."""
 

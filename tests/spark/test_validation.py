@@ -92,12 +92,20 @@ def _failed(excinfo) -> set[tuple[str, str]]:
 
 
 def test_good_tables_pass_and_results_and_docs_are_written(spark, good):
+    documented: set[str] = set()
     for table in ("events", "sessions", "training"):
         summary = run_validate(spark, good, table, RUN)
         assert summary["success"]
         saved = json.loads(result_path(good, table, RUN.isoformat()).read_text())
         assert saved["success"] and saved["suites"]
-    assert (good.validation.data_docs_dir / "index.html").is_file()
+        documented.update(saved["suites"])
+    docs = good.validation.data_docs_dir
+    index = (docs / "index.html").read_text()
+    # Every suite of every table has its validation page, linked from the index.
+    for suite in documented:
+        pages = list((docs / "validations" / suite).rglob("*.html"))
+        assert pages, suite
+        assert f"validations/{suite}/" in index, suite
 
 
 @pytest.mark.parametrize(
