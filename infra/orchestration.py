@@ -187,7 +187,10 @@ def init_airflow(settings: Settings, env: dict[str, str]) -> None:
             "slots": settings.airflow.gpu_pool_slots,
             "description": "training tasks (one slot per GPU)",
         },
-        settings.airflow.promote_pool: {"slots": 1, "description": "promote tasks: one date decides at a time"},
+        settings.airflow.promote_pool: {
+            "slots": 1,
+            "description": "promote tasks: one date decides at a time",
+        },
     }
     db = env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
     wanted = {"airflow": version("apache-airflow"), "db": db, "pools": pools}

@@ -70,8 +70,8 @@ def test_tracked_run_has_params_tags_curves_metrics_and_artifacts(trained):
 
 def test_the_floor_is_measured_once_per_date_and_bundle(trained):
     from infra.tables import floor_metrics_path
-    from training.train_evaluate import _floor_metrics, load_views
     from training.artifacts import training_dir
+    from training.train_evaluate import _floor_metrics, load_views
 
     wh = trained.paths.warehouse_root
     path = floor_metrics_path(wh, DS, "popularity")
