@@ -45,17 +45,14 @@ setup-gpu: setup
 	$(BIN)/uv pip install --python $(BIN)/python --reinstall "torch==2.13.0"
 
 # The nightly DAG and then the scoring DAG (which the champion asset triggers under a scheduler),
-# each run by Airflow itself (`airflow dags test`); Airflow's task logs go to warehouse/airflow/.
+# each run by Airflow itself (dag.test(), what `airflow dags test` runs), both in one process so that
+# Airflow, Spark and torch start once; Airflow's task logs go to warehouse/airflow/demo.log.
 demo: setup
 	@mkdir -p warehouse/airflow
-	@echo "running funnelrec_nightly for $(DEMO_DATE) through Airflow (log: warehouse/airflow/demo-nightly.log)"
-	$(BIN)/funnelrec --config infra/demo.yaml airflow dags test funnelrec_nightly $(DEMO_DATE) \
-	    -c '{"ds": "$(DEMO_DATE)"}' > warehouse/airflow/demo-nightly.log 2>&1 \
-	    || { tail -50 warehouse/airflow/demo-nightly.log; exit 1; }
-	@echo "running funnelrec_scoring for $(DEMO_DATE) through Airflow (log: warehouse/airflow/demo-scoring.log)"
-	$(BIN)/funnelrec --config infra/demo.yaml airflow dags test funnelrec_scoring $(DEMO_DATE) \
-	    -c '{"ds": "$(DEMO_DATE)"}' > warehouse/airflow/demo-scoring.log 2>&1 \
-	    || { tail -50 warehouse/airflow/demo-scoring.log; exit 1; }
+	@echo "running funnelrec_nightly, then funnelrec_scoring, for $(DEMO_DATE) through Airflow (log: warehouse/airflow/demo.log)"
+	$(BIN)/funnelrec --config infra/demo.yaml dags-test --date $(DEMO_DATE) > warehouse/airflow/demo.log 2>&1 \
+	    || { tail -50 warehouse/airflow/demo.log; exit 1; }
+	@grep -E '^funnelrec_(nightly|scoring) ' warehouse/airflow/demo.log
 	$(BIN)/funnelrec --config infra/demo.yaml status --date $(DEMO_DATE)
 
 lint: setup

@@ -157,6 +157,31 @@ def _airflow(
     raise typer.Exit(code)
 
 
+def _dags_test(
+    ctx: typer.Context,
+    date: Annotated[str, typer.Option("--date", help="run date (UTC day)", metavar="YYYY-MM-DD")],
+    dag: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--dag", help="a DAG to run, in the order given (default: the nightly DAG, then the scoring DAG)"
+        ),
+    ] = None,
+) -> None:
+    """Run DAGs for --date one after the other in this process, each with Airflow's dag.test() (what
+    `airflow dags test` runs), against the project's Airflow home (set up as `funnelrec airflow`
+    does). By default the nightly DAG, then the scoring DAG that its champion asset triggers under
+    a scheduler: `make demo`. One process starts Airflow, Spark and the models' libraries once for
+    both. Exit 1 when a DAG file does not import or a run fails (later DAGs do not run)."""
+    from infra.orchestration import DAG_IDS, airflow_env, test_dags
+
+    day = _date(date)
+    with operator_errors("dags-test"):
+        settings = _settings(ctx)
+        env = airflow_env(settings, (ctx.find_root().obj or {}).get("config"))
+        for line in test_dags(settings, env, day, tuple(dag) if dag else DAG_IDS):
+            print(line)
+
+
 def _needs(stage: Stage) -> str:
     """What the declaration says the stage runs on, for its help."""
     needs = []
@@ -214,6 +239,9 @@ def build_app(pipeline: Pipeline | None = None) -> typer.Typer:
             "help_option_names": [],
         },
     )(_airflow)
+    app.command("dags-test", short_help="Run the DAGs for a date in this process with dag.test().")(
+        _dags_test
+    )
     return app
 
 

@@ -18,6 +18,8 @@ from tests.conftest import REPO
 #: synth planting options added since (issue #23).
 BEFORE = {
     ("airflow", "args"),
+    ("dags-test", "--dag"),
+    ("dags-test", "--date"),
     ("context", "--date"),
     ("evaluate", "--benchmark"),
     ("evaluate", "--date"),
