@@ -229,7 +229,7 @@ def test_dags(
     init_airflow(settings, env)
     from airflow.dag_processing.dagbag import DagBag
 
-    bag = DagBag(dag_folder=str(DAGS_FOLDER), include_examples=False)
+    bag = DagBag(dag_folder=str(DAGS_FOLDER))
     if bag.import_errors:
         raise RuntimeError(f"DAG files do not import: {bag.import_errors}")
     logical = datetime(ds.year, ds.month, ds.day, tzinfo=UTC)
