@@ -68,6 +68,7 @@ class SparkSettings(_Section):
 
 class Ingest(_Section):
     max_bad_fraction: float = Field(ge=0.0, le=1.0)
+    future_margin_minutes: int = Field(ge=0)
 
 
 class Sessionize(_Section):

@@ -26,7 +26,14 @@ from infra import atomic
 from infra.logs import stage
 from infra.settings import Settings
 from infra.tables import EVENTS, QUARANTINE, events_dir, quarantine_dir
-from jobs.sources import CANONICAL_FIELDS, SourceMapping, load_mapping, read_first_line, read_header
+from jobs.sources import (
+    CANONICAL_FIELDS,
+    NOT_IDS,
+    SourceMapping,
+    load_mapping,
+    read_first_line,
+    read_header,
+)
 
 #: Quarantine reasons, in the order they are tested (the first that applies is recorded).
 REASONS = {
@@ -34,12 +41,17 @@ REASONS = {
     "truncated_last_line": "the last line of a file is incomplete (a cut-off write)",
     "missing_user_id": "user id is empty",
     "missing_item_id": "item id is empty",
-    "bad_id": "an id declared float-like is not an integral number",
+    "bad_id": (
+        "an id does not look like one: not the mapping's ids.pattern, longer than ids.max_length, a "
+        "float word (nan, inf, null, ...), digits beyond a 64-bit integer, or, declared float-like, "
+        "not a non-negative integral number"
+    ),
     "missing_time": "event time is empty",
     "unparseable_time": "event time does not match the mapping's unit/format",
     "time_out_of_range": "event time is before the mapping's time.not_before",
+    "time_in_future": "event time is later than the wall clock plus ingest.future_margin_minutes",
     "unknown_behavior": "behaviour value is not in the mapping's behaviors",
-    "non_numeric_price": "price is not a number",
+    "non_numeric_price": "price is not a finite number",
     "negative_price": "price is below zero",
     "after_run_date": "event time is after the end of the run date (daily sources)",
     "late_arrival": "event date is before the run date in a daily drop",
@@ -99,7 +111,25 @@ def _parse_time(raw, spec) -> F.Column:
     return ts if spec.zone.upper() == "UTC" else F.to_utc_timestamp(ts, spec.zone)
 
 
-def parse_lines(lines: DataFrame, mapping: SourceMapping, header: list[str], run_date: date) -> DataFrame:
+def _id_ok(col, spec) -> F.Column:
+    """Whether a (non-null) id looks like one by ``spec`` (``IdSpec``)."""
+    digits = col.rlike(r"^[0-9]+$")
+    return (
+        (F.length(col) <= spec.max_length)
+        & col.rlike(f"^(?:{spec.pattern})$")
+        & ~F.lower(col).isin(*NOT_IDS)
+        & (~digits | col.try_cast("long").isNotNull())
+    )
+
+
+def parse_lines(
+    lines: DataFrame,
+    mapping: SourceMapping,
+    header: list[str],
+    run_date: date,
+    now: datetime | None = None,
+    future_margin: timedelta = timedelta(hours=1),
+) -> DataFrame:
     """Parse raw text lines into canonical columns plus a ``reason`` (null when the row is good).
 
     Args:
@@ -107,6 +137,10 @@ def parse_lines(lines: DataFrame, mapping: SourceMapping, header: list[str], run
         mapping: the source mapping.
         header: field names in file order (from the header line or ``format.columns``).
         run_date: the run date; rows after its end are ``after_run_date`` or ``deferred``.
+        now: the wall clock (default: now); rows later than ``now + future_margin`` are
+            ``time_in_future`` (a millisecond epoch read as seconds lands in the year 49,000), while
+            rows between the run date and then stay ``deferred`` (snapshot sources: backfills).
+        future_margin: clock skew allowed between the writer of the log and this machine.
 
     Returns:
         ``lines``' columns plus the canonical event columns, ``event_date``, ``reason``, ``detail``.
@@ -138,7 +172,7 @@ def parse_lines(lines: DataFrame, mapping: SourceMapping, header: list[str], run
         col = F.col(f"_raw_{c}")
         if c in mapping.float_ids:
             # 266079.0 -> 266079; 266079.5 is not an id.
-            ids[c] = F.when(col.rlike(r"^-?\d+(\.0*)?$"), F.regexp_replace(col, r"\.0*$", "")).otherwise(
+            ids[c] = F.when(col.rlike(r"^\d+(\.0*)?$"), F.regexp_replace(col, r"\.0*$", "")).otherwise(
                 F.when(col.isNull(), F.lit(None)).otherwise(F.lit("\u0000bad"))
             )
         else:
@@ -146,6 +180,8 @@ def parse_lines(lines: DataFrame, mapping: SourceMapping, header: list[str], run
     behavior_map = F.create_map(*[F.lit(x) for kv in mapping.behaviors.items() for x in kv])
     event_time = _parse_time(F.col("_raw_event_time"), mapping.time)
     price = F.col("_raw_price").try_cast("double")
+    # try_cast reads "NaN", "Infinity" and "inf" as numbers; a price is a finite one.
+    price = F.when(F.isnan(price) | F.abs(price).eqNullSafe(float("inf")), F.lit(None)).otherwise(price)
     df = df.select(
         "*",
         ids["user_id"].alias("user_id"),
@@ -171,7 +207,10 @@ def parse_lines(lines: DataFrame, mapping: SourceMapping, header: list[str], run
         (
             (F.col("user_id") == "\u0000bad")
             | (F.col("item_id") == "\u0000bad")
-            | (F.col("category_id") == "\u0000bad"),
+            | (F.col("category_id") == "\u0000bad")
+            | ~_id_ok(F.col("user_id"), mapping.ids)
+            | ~_id_ok(F.col("item_id"), mapping.ids)
+            | (F.col("category_id").isNotNull() & ~_id_ok(F.col("category_id"), mapping.ids)),
             "bad_id",
             F.concat_ws("|", "_raw_user_id", "_raw_item_id", "_raw_category_id"),
         ),
@@ -183,6 +222,11 @@ def parse_lines(lines: DataFrame, mapping: SourceMapping, header: list[str], run
             else F.lit(False),
             "time_out_of_range",
             F.col("event_time").cast("string"),
+        ),
+        (
+            F.col("event_time") > F.lit((now or datetime.now(UTC)) + future_margin),
+            "time_in_future",
+            F.col("_raw_event_time"),
         ),
         (F.col("behavior").isNull(), "unknown_behavior", F.col("_raw_behavior")),
         (F.col("_raw_price").isNotNull() & F.col("price").isNull(), "non_numeric_price", F.col("_raw_price")),
@@ -268,7 +312,8 @@ def ingest_source(spark: SparkSession, settings: Settings, source: str, run_date
         lines = _read_lines(spark, files, header_lines)
         # Cached: uncached, the filters below are pushed into the parse and the optimised plan
         # repeats it (bench/README.md, "Measurements behind the jobs' comments").
-        parsed = parse_lines(lines, mapping, header, run_date)
+        margin = timedelta(minutes=settings.ingest.future_margin_minutes)
+        parsed = parse_lines(lines, mapping, header, run_date, future_margin=margin)
         # Only refused rows need their raw text (for the quarantine); dropping it from the others
         # halves what the cache holds.
         parsed = parsed.withColumn("value", F.when(F.col("reason").isNotNull(), F.col("value")))

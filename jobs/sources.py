@@ -10,6 +10,8 @@ examples in ``jobs/sources/``)::
     time: {unit: s}                        # or {format: "yyyy-MM-dd HH:mm:ss 'UTC'", zone: UTC}
     behaviors: {view: view, cart: cart, buy: purchase}
     float_ids: [user_id, item_id]          # ids written like 266079.0
+    ids: {pattern: "[0-9]+", max_length: 20}  # optional: what a valid id looks like (default: any
+                                              # letters/digits/_.:- up to 64 characters)
 
 Lookup order for a name: ``<data_root>/sources/<name>.yaml``, then ``jobs/sources/<name>.yaml``.
 """
@@ -66,12 +68,39 @@ class TimeSpec(_Strict):
     unit: Literal["s", "ms", "us"] | None = None  # epoch numbers
     format: str | None = None  # a Spark datetime pattern
     zone: str = "UTC"  # zone of `format` times that carry none
-    not_before: date | None = None  # earlier times are refused as implausible
+    # Earlier times are refused as implausible: the default is before any web shop's log, and
+    # catches epoch 0 and seconds read as milliseconds; null accepts any time.
+    not_before: date | None = date(1990, 1, 1)
 
     @model_validator(mode="after")
     def _one_kind(self) -> TimeSpec:
         if (self.unit is None) == (self.format is None):
             raise ValueError("time needs exactly one of `unit` (epoch) or `format` (pattern)")
+        return self
+
+
+#: What an id looks like unless the mapping says otherwise: a letter or digit, then letters, digits
+#: and ``_ . : -``; an id is matched whole (Java regex syntax, as Spark's ``rlike``).
+DEFAULT_ID_PATTERN = r"[0-9A-Za-z][0-9A-Za-z_.:\-]*"
+#: Values a float parser or a database writes for "no number": never an id, whatever the pattern.
+NOT_IDS = ("nan", "-nan", "inf", "+inf", "-inf", "infinity", "-infinity", "null", "none", "na", "n/a")
+
+
+class IdSpec(_Strict):
+    """What a valid user, item and category id looks like. An id of digits only must also fit a
+    signed 64-bit integer (``bad_id`` otherwise: analysts and other tools read such ids as numbers)."""
+
+    pattern: str = DEFAULT_ID_PATTERN
+    max_length: int = Field(default=64, gt=0)
+
+    @model_validator(mode="after")
+    def _compiles(self) -> IdSpec:
+        import re
+
+        try:
+            re.compile(self.pattern)
+        except re.error as exc:
+            raise ValueError(f"ids.pattern {self.pattern!r} is not a regular expression: {exc}") from None
         return self
 
 
@@ -84,6 +113,7 @@ class SourceMapping(_Strict):
     time: TimeSpec
     behaviors: dict[str, str]
     float_ids: list[str] = Field(default_factory=list)
+    ids: IdSpec = IdSpec()
 
     @model_validator(mode="after")
     def _check(self) -> SourceMapping:

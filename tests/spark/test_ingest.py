@@ -35,7 +35,19 @@ LINES = {
     14: ("1,10,5,click,1578096000,1,s1", "after_run_date"),
     15: ("1,10,5,click,1577836800,1,s1", "late_arrival"),
     16: ('2,12,5,click,1577923300,"3.0","s,2"', None),
-    17: ("3,13,5,cl", "truncated_last_line"),
+    # Ids, prices and times that parse but cannot be real (issue #25's hostile input).
+    17: ("-4.0,10,5,click,1577923200,1,s1", "bad_id"),  # a negative id
+    18: ("1,99999999999999999999,5,click,1577923200,1,s1", "bad_id"),  # beyond a 64-bit integer
+    19: ("1,10,nan,click,1577923200,1,s1", "bad_id"),  # a float word where the id should be
+    20: ("1,10,Infinity,click,1577923200,1,s1", "bad_id"),
+    21: ("1,10," + "c" * 65 + ",click,1577923200,1,s1", "bad_id"),  # longer than ids.max_length
+    22: ("1,10,5 6,click,1577923200,1,s1", "bad_id"),  # not ids.pattern
+    23: ("1,10,5,click,1577923200,NaN,s1", "non_numeric_price"),
+    24: ("1,10,5,click,1577923200,-inf,s1", "non_numeric_price"),
+    25: ("1,10,5,click,1577923200000,1,s1", "time_in_future"),  # milliseconds read as seconds
+    26: ("1,10,5,click,4102444800,1,s1", "time_in_future"),  # 2100-01-01
+    27: ("1,10,5,click,86400,1,s1", "time_out_of_range"),  # 1970-01-02: before the default not_before
+    28: ("3,13,5,cl", "truncated_last_line"),
 }
 MAPPING = {
     "name": "drops",
@@ -102,7 +114,9 @@ def test_over_threshold_fails_loudly_and_publishes_no_events(spark, make_setting
     with pytest.raises(BadInputError) as exc:
         ingest_source(spark, settings, "drops", date.fromisoformat(DAY))
     msg = str(exc.value)
-    assert "12 of 16 rows" in msg and "no events published" in msg and "unknown_behavior=1" in msg
+    refused = sum(reason not in (None, "header", "duplicate") for _, reason in LINES.values())
+    assert f"{refused} of {len(LINES) - 1} rows" in msg and "no events published" in msg
+    assert "unknown_behavior=1" in msg and "bad_id=7" in msg
     assert not events_dir(settings.paths.warehouse_root).exists() or not any(
         events_dir(settings.paths.warehouse_root).rglob("*.parquet")
     )
