@@ -12,7 +12,10 @@ I/O at the edges.
 
 from __future__ import annotations
 
+import gzip
 import json
+import os
+import zlib
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
@@ -55,6 +58,7 @@ REASONS = {
     "negative_price": "price is below zero",
     "after_run_date": "event time is after the end of the run date (daily sources)",
     "late_arrival": "event date is before the run date in a daily drop",
+    "truncated_file": "a gzip file ends before its stream does (a cut-off copy); the lines before the cut were read",
 }
 DEFERRED = "deferred"  # snapshot source rows dated after the run date: published by a later run
 
@@ -76,6 +80,7 @@ class IngestResult:
     partitions: list[str] = field(default_factory=list)
     users: int = 0
     items: int = 0
+    empty_files: list[str] = field(default_factory=list)
 
     @property
     def quarantined_total(self) -> int:
@@ -94,6 +99,7 @@ class IngestResult:
             "partitions": self.partitions,
             "users": self.users,
             "items": self.items,
+            "empty_files": self.empty_files,
         }
 
 
@@ -250,10 +256,137 @@ def parse_lines(
     return df.drop(*[c for c in df.columns if c.startswith("_raw_") or c == "_n_fields"])
 
 
-def _read_lines(spark: SparkSession, files: list[Path], header_lines: set[str]) -> DataFrame:
-    """Raw lines with file, split offset and a per-split ordinal (for line numbers later)."""
+def _is_empty(path: Path) -> bool:
+    """No byte at all (after decompression): a file that was created and never written."""
+    if path.stat().st_size == 0:
+        return True
+    if str(path).endswith(".gz"):
+        try:
+            with gzip.open(path, "rb") as fh:
+                return fh.read(1) == b""
+        except (EOFError, OSError):
+            return False  # cut off or not gzip: Spark's read says so
+    return False
+
+
+def _shown(header: list[str]) -> str:
+    """A header for an error line: garbage read as text can be thousands of characters."""
+    text = repr(header)
+    return text if len(text) <= 200 else text[:200] + f"... ({len(text)} characters)"
+
+
+def _truncated_stream(exc: BaseException) -> bool:
+    """Whether a Spark failure is Hadoop's gzip codec meeting the end of a cut-off stream."""
+    text = str(exc)
+    return "Unexpected end of input stream" in text or "java.io.EOFException" in text
+
+
+class _ReadFiles:
+    """The files of one ingest: what Spark reads for each (the file, or the readable part of a
+    cut-off gzip copied to scratch), each file's size and mtime when listed, and the quarantine rows
+    the files themselves earn."""
+
+    def __init__(self, files: list[Path]):
+        self.files = list(files)
+        self.read_as: dict[Path, Path] = {f: f for f in files}
+        self.listed = {f: _signature(f) for f in files}
+        self.cut: dict[Path, int] = {}  # gzip file -> complete lines before its stream ends
+
+    def paths(self) -> list[Path]:
+        return [self.read_as[f] for f in self.files]
+
+    def names(self) -> dict[str, str]:
+        """URI Spark reports for each copy -> the file's own URI."""
+        return {p.resolve().as_uri(): f.resolve().as_uri() for f, p in self.read_as.items() if p != f}
+
+    def changed(self) -> list[str]:
+        return [str(f) for f in self.files if _signature(f) != self.listed[f]]
+
+    def unterminated(self) -> list[str]:
+        """URIs of the files whose last line has no line ending (plain files; a gzip's when its
+        decompressed text does not end in one)."""
+        out = []
+        for f in self.files:
+            if str(self.read_as[f]).endswith(".gz"):
+                out.append(f.resolve().as_uri())  # cannot tell without decompressing: as before
+            elif self.read_as[f].stat().st_size and _last_byte(self.read_as[f]) not in (b"\n", b"\r"):
+                out.append(f.resolve().as_uri())
+        return out
+
+    def salvage(self, scratch: Path) -> bool:
+        """Copy the readable part of every cut-off gzip to ``scratch``; False when there is none
+        left to copy (the failure was something else)."""
+        found = False
+        for f in self.files:
+            if not str(f).endswith(".gz") or f in self.cut:
+                continue
+            scratch.mkdir(parents=True, exist_ok=True)
+            copy = scratch / f"{len(self.cut)}-{f.name.removesuffix('.gz')}"
+            lines = _gunzip_prefix(f, copy)
+            if lines is None:
+                copy.unlink()
+                continue
+            found = True
+            self.read_as[f] = copy
+            self.cut[f] = lines
+        return found
+
+    def truncated_rows(self) -> list[tuple]:
+        """One quarantine row per cut-off gzip (file, line number after the last read, no raw
+        line, reason, detail)."""
+        return [
+            (
+                f.resolve().as_uri(),
+                n + 1,
+                None,
+                "truncated_file",
+                f"gzip stream ends after {n} complete lines",
+            )
+            for f, n in self.cut.items()
+        ]
+
+
+def _gunzip_prefix(path: Path, out: Path) -> int | None:
+    """Decompress ``path`` into ``out`` as far as its stream goes (every member of a multi-member
+    gzip); the complete lines written when the stream is cut off, None when it is whole."""
+    lines, pending = 0, False
+    decompressor = zlib.decompressobj(wbits=31)
+    with open(path, "rb") as src, open(out, "wb") as dst:
+        while chunk := src.read(1 << 20):
+            while chunk:
+                data = decompressor.decompress(chunk)
+                dst.write(data)
+                lines += data.count(b"\n")
+                pending = not decompressor.eof
+                if decompressor.eof:
+                    chunk = decompressor.unused_data
+                    decompressor = zlib.decompressobj(wbits=31)
+                else:
+                    chunk = b""
+    return lines if pending else None
+
+
+def _signature(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+def _last_byte(path: Path) -> bytes:
+    with open(path, "rb") as fh:
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1)
+
+
+def _read_lines(
+    spark: SparkSession, files: list[Path], header_lines: set[str], names: dict[str, str] | None = None
+) -> DataFrame:
+    """Raw lines with file, split offset and a per-split ordinal (for line numbers later); ``names``
+    maps the URI of a file read in another's place (a salvaged copy) to that file's."""
+    file = F.input_file_name()
+    if names:
+        file = F.coalesce(F.create_map(*[F.lit(x) for kv in names.items() for x in kv])[file], file)
     lines = spark.read.text([str(f) for f in files]).select(
-        F.input_file_name().alias("file"),
+        file.alias("file"),
         F.input_file_block_start().alias("_block"),
         F.monotonically_increasing_id().alias("_mid"),
         F.col("value"),
@@ -288,7 +421,14 @@ def ingest_source(spark: SparkSession, settings: Settings, source: str, run_date
             f"{Path(settings.paths.data_root) / mapping.path}"
         )
     with stage("ingest", source=mapping.name, date=run_date.isoformat()) as counts:
+        empty = [f for f in files if _is_empty(f)]
+        files = [f for f in files if f not in empty]
         header_lines: set[str] = set()
+        if not files:
+            # Nothing but empty files: nothing to publish, and nothing is wrong with that alone (the
+            # events suite judges whether the date has enough events).
+            counts.update(rows_in=0, rows_out=0, empty_files=len(empty))
+            return IngestResult(mapping.name, run_date, [], 0, 0, 0, 0, empty_files=[str(f) for f in empty])
         if mapping.format.header:
             headers = {}
             for f in files:
@@ -297,31 +437,45 @@ def ingest_source(spark: SparkSession, settings: Settings, source: str, run_date
                 header_lines.add(read_first_line(f))
             distinct = {tuple(h) for h in headers.values()}
             if len(distinct) > 1:
-                raise BadInputError(f"source {mapping.name}: files disagree on their header: {headers}")
+                shown = {f: _shown(h) for f, h in headers.items()}
+                raise BadInputError(f"source {mapping.name}: files disagree on their header: {shown}")
             header = list(distinct.pop())
             if mapping.format.columns and mapping.format.columns != header:
                 raise BadInputError(
-                    f"source {mapping.name}: header {header} differs from format.columns {mapping.format.columns}"
+                    f"source {mapping.name}: header {_shown(header)} differs from format.columns "
+                    f"{mapping.format.columns} ({', '.join(map(str, files))})"
                 )
             missing = [c for c in mapping.columns.values() if c not in header]
             if missing:
-                raise BadInputError(f"source {mapping.name}: header {header} lacks mapped columns {missing}")
+                raise BadInputError(
+                    f"source {mapping.name}: header {_shown(header)} lacks mapped columns {missing} "
+                    f"({', '.join(map(str, files))})"
+                )
         else:
             header = list(mapping.format.columns or [])
 
-        lines = _read_lines(spark, files, header_lines)
-        # Cached: uncached, the filters below are pushed into the parse and the optimised plan
-        # repeats it (bench/README.md, "Measurements behind the jobs' comments").
         margin = timedelta(minutes=settings.ingest.future_margin_minutes)
-        parsed = parse_lines(lines, mapping, header, run_date, future_margin=margin)
-        # Only refused rows need their raw text (for the quarantine); dropping it from the others
-        # halves what the cache holds.
-        parsed = parsed.withColumn("value", F.when(F.col("reason").isNotNull(), F.col("value")))
-        parsed = parsed.persist(StorageLevel.MEMORY_AND_DISK)
-        try:
-            result = _publish(spark, settings, mapping, run_date, files, parsed)
-        finally:
-            parsed.unpersist()
+        read = _ReadFiles(files)
+        with atomic.scratch_dir(Path(settings.paths.warehouse_root), f"ingest-{mapping.name}") as scratch:
+            while True:
+                lines = _read_lines(spark, read.paths(), header_lines, read.names())
+                # Cached: uncached, the filters below are pushed into the parse and the optimised
+                # plan repeats it (bench/README.md, "Measurements behind the jobs' comments").
+                parsed = parse_lines(lines, mapping, header, run_date, future_margin=margin)
+                # Only refused rows need their raw text (for the quarantine); dropping it from the
+                # others halves what the cache holds.
+                parsed = parsed.withColumn("value", F.when(F.col("reason").isNotNull(), F.col("value")))
+                parsed = parsed.persist(StorageLevel.MEMORY_AND_DISK)
+                try:
+                    result = _publish(spark, settings, mapping, run_date, read, parsed)
+                    break
+                except Exception as exc:
+                    # A gzip cut off mid-stream fails the Spark job; read the part before the cut.
+                    if not _truncated_stream(exc) or not read.salvage(scratch):
+                        raise
+                finally:
+                    parsed.unpersist()
+        result.empty_files = [str(f) for f in empty]
         counts.update(
             rows_in=result.rows_in,
             rows_out=result.rows_out,
@@ -331,17 +485,27 @@ def ingest_source(spark: SparkSession, settings: Settings, source: str, run_date
             partitions=len(result.partitions),
             users=result.users,
             items=result.items,
+            empty_files=len(empty),
             **{f"q_{k}": v for k, v in sorted(result.quarantined.items())},
         )
     return result
 
 
-def _publish(spark, settings, mapping, run_date, files, parsed) -> IngestResult:
+def _publish(spark, settings, mapping, run_date, read: _ReadFiles, parsed) -> IngestResult:
     stats = (
         parsed.groupBy("file", "_block", "_is_header", "reason")
         .agg(F.count("*").alias("n"), F.min("_mid").alias("mn"), F.max("_mid").alias("mx"))
         .collect()
     )
+    # Every line is in the cache now: a file that changed since it was listed was read half old,
+    # half new.
+    changed = read.changed()
+    if changed:
+        raise BadInputError(
+            f"source {mapping.name} on {run_date}: {', '.join(changed)} changed while it was read; "
+            "nothing published. Run again once the writer has finished."
+        )
+    files = read.files
     chunk_rows: dict[tuple, list] = {}
     by_reason: dict[str | None, int] = {}
     for r in stats:
@@ -359,6 +523,7 @@ def _publish(spark, settings, mapping, run_date, files, parsed) -> IngestResult:
     offsets = _line_numbers(chunks)
 
     bad = parsed.filter(F.col("reason").isNotNull() & (F.col("reason") != DEFERRED) & ~F.col("_is_header"))
+    unterminated = read.unterminated()
     bad = bad.join(F.broadcast(offsets), ["file", "_block"]).select(
         F.col("file"),
         (F.col("_first_line") + F.col("_mid") - F.col("_min_mid")).alias("line_number"),
@@ -366,13 +531,19 @@ def _publish(spark, settings, mapping, run_date, files, parsed) -> IngestResult:
         F.when(
             (F.col("reason") == "wrong_field_count")
             & F.col("_last_split")
-            & (F.col("_mid") == F.col("_max_mid")),
+            & (F.col("_mid") == F.col("_max_mid"))
+            & F.col("file").isin(unterminated),
             F.lit("truncated_last_line"),
         )
         .otherwise(F.col("reason"))
         .alias("reason"),
         F.col("detail"),
     )
+    cut = read.truncated_rows()
+    if cut:
+        bad = bad.unionByName(spark.createDataFrame(cut, bad.schema))
+        for _, _, _, reason, _ in cut:
+            by_reason[reason] = by_reason.get(reason, 0) + 1
     quarantined: dict[str, int] = {}
     if any(r is not None and r != DEFERRED for r in by_reason):
         qdir = (
@@ -418,6 +589,10 @@ def _publish(spark, settings, mapping, run_date, files, parsed) -> IngestResult:
         "price",
         "source_session_id",
     )
+    if good == 0:  # nothing to publish (empty or all-refused files): no partition is touched
+        return IngestResult(
+            mapping.name, run_date, [str(f) for f in files], rows_in, 0, 0, deferred, quarantined
+        )
     target = events_dir(settings.paths.warehouse_root) / f"source={mapping.name}"
     with atomic.scratch_dir(target.parent, mapping.name) as staged:
         events.write.partitionBy("event_date").parquet(str(staged))

@@ -173,10 +173,16 @@ def shipped_mappings() -> list[str]:
 
 
 def read_first_line(path: Path) -> str:
-    """A file's first line without its line ending (gzip read transparently, CRLF tolerated)."""
+    """A file's first line without its line ending or a UTF-8 byte-order mark (as Spark's text
+    reader drops it), gzip read transparently, CRLF tolerated; bytes that are not UTF-8 are read
+    as U+FFFD, as Spark reads them."""
     opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as fh:
-        return io.TextIOWrapper(fh, encoding="utf-8", newline="").readline().rstrip("\r\n")
+    try:
+        with opener(path, "rb") as fh:
+            text = io.TextIOWrapper(fh, encoding="utf-8", errors="replace", newline="")
+            return text.readline().rstrip("\r\n").removeprefix("\ufeff")
+    except (EOFError, OSError):  # a gzip cut off (or not gzip at all) before its first line ends
+        return ""
 
 
 def read_header(path: Path, delimiter: str) -> list[str]:
