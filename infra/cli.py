@@ -24,7 +24,7 @@ import typer
 
 from infra.dates import InvalidDateError, parse_run_date
 from infra.logs import configure
-from infra.pipeline import Option, Pipeline, Stage, load_pipeline
+from infra.pipeline import Name, Option, Pipeline, Stage, load_pipeline
 from infra.settings import Settings, load_settings
 
 EXIT_FAILED = 1
@@ -38,6 +38,13 @@ def _date(text: str | date) -> date:
     try:
         return parse_run_date(text)
     except InvalidDateError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def _name(text: str) -> str:
+    try:
+        return Name.check(text)
+    except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
 
 
@@ -66,6 +73,8 @@ def _parameter(option: Option) -> inspect.Parameter:
     kind: Any = Literal.__getitem__(option.choices) if option.choices else option.kind
     if option.kind is date:
         info["parser"] = _date
+    elif option.kind is Name:
+        info["parser"], kind = _name, str
     elif option.kind is list:
         kind = list[str]
     if option.kind is bool:

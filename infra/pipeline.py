@@ -26,6 +26,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import inspect
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import date
@@ -38,12 +39,28 @@ DAG_ORDER: tuple[str, ...] = ("nightly", "scoring")
 MODEL = "{model}"
 
 
+class Name(str):
+    """The ``kind`` of an option naming something the stage makes a path of (a model, a benchmark's
+    tables): letters, digits, ``_``, ``.`` and ``-``, not starting with ``.`` or ``-``, at most 128
+    characters, so a name can never leave the folder it is looked up in."""
+
+    PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+
+    @classmethod
+    def check(cls, text: str) -> str:
+        if not cls.PATTERN.fullmatch(text) or ".." in text:
+            raise ValueError(
+                f"{text!r} is not a name: letters, digits, _ . - (not first), at most 128 characters"
+            )
+        return text
+
+
 @dataclass(frozen=True)
 class Option:
     """One command-line option of a stage (``--name``; underscores become dashes).
 
-    ``kind`` is ``str``, ``int``, ``float``, ``bool`` (a flag), ``date`` (``YYYY-MM-DD``, parsed
-    strictly) or ``list`` (repeatable, strings).
+    ``kind`` is ``str``, ``Name`` (a ``str`` checked by ``Name.check``), ``int``, ``float``,
+    ``bool`` (a flag), ``date`` (``YYYY-MM-DD``, parsed strictly) or ``list`` (repeatable, strings).
     """
 
     name: str

@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import date
 from pathlib import Path
 
-from infra.pipeline import DATE, Option, Outcome, Stage, Step
+from infra.pipeline import DATE, Name, Option, Outcome, Stage, Step
 from infra.settings import Settings
 from infra.tables import SERVING, SESSIONIZED, TRAINING
 
@@ -201,7 +201,7 @@ STAGES: tuple[Stage, ...] = (
         options=(
             Option("date", date, "run date (UTC day)", metavar="YYYY-MM-DD"),
             Option("benchmark", str, "benchmark folder (user item files per behaviour)", metavar="FOLDER"),
-            Option("name", str, "name of the benchmark's tables (default: the folder name)"),
+            Option("name", Name, "name of the benchmark's tables (default: the folder name)"),
         ),
         one_of=(("date", "benchmark"),),
         steps=(Step(reads=("sessionized",), writes=("training",), group="etl"),),

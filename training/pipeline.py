@@ -9,15 +9,15 @@ from __future__ import annotations
 from datetime import date
 from pathlib import Path
 
-from infra.pipeline import DATE, MODEL, Option, Outcome, Stage, Step
+from infra.pipeline import DATE, MODEL, Name, Option, Outcome, Stage, Step
 from infra.settings import Settings
 
 #: ``--date`` or ``--benchmark``: which training tables a model stage reads.
 _DATASET = (
     Option("date", date, "run date whose training tables to use", metavar="YYYY-MM-DD"),
-    Option("benchmark", str, "benchmark tables written by `split --benchmark`", metavar="NAME"),
+    Option("benchmark", Name, "benchmark tables written by `split --benchmark`", metavar="NAME"),
 )
-_MODEL = Option("model", str, "model name (training/models/<name>.yaml)", required=True)
+_MODEL = Option("model", Name, "model name (training/models/<name>.yaml)", required=True)
 
 
 def _per_model(reads: tuple[str, ...], writes: tuple[str, ...]) -> Step:

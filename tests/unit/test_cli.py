@@ -92,6 +92,30 @@ def test_cli_refuses_bad_date_with_a_clear_message(bad, capsys):
     assert "invalid date" in err and "YYYY-MM-DD" in err
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["evaluate", "--date", "2015-09-18", "--model", "../../models/ds=2015-09-17/fame"],
+        ["evaluate", "--date", "2015-09-18", "--model", "/etc"],
+        ["register", "--benchmark", "tmall/../../x", "--model", "member"],
+        ["split", "--benchmark", "tmall", "--name", ".hidden"],
+        ["train", "--date", "2015-09-18", "--model", "x" * 129],
+    ],
+)
+def test_names_that_would_leave_their_folder_are_refused_before_anything_runs(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert "is not a name" in capsys.readouterr().err
+
+
+def test_names_accept_what_the_project_names_things():
+    from infra.pipeline import Name
+
+    for name in ("member_funnel", "awmoe", "tmall", "retailrocket.v2", "a-b"):
+        assert Name.check(name) == name
+
+
 def test_good_date_parses():
     assert parse_run_date("2015-09-18").isoformat() == "2015-09-18"
 
