@@ -303,8 +303,8 @@ class _ReadFiles:
         return [str(f) for f in self.files if _signature(f) != self.listed[f]]
 
     def unterminated(self) -> list[str]:
-        """URIs of the files whose last line has no line ending (plain files; a gzip's when its
-        decompressed text does not end in one)."""
+        """URIs of the files whose last line may have no line ending: a plain file (or a salvaged
+        copy) by its last byte; a gzip always, since telling would mean decompressing it."""
         out = []
         for f in self.files:
             if str(self.read_as[f]).endswith(".gz"):
