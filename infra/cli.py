@@ -181,13 +181,13 @@ def _dags_test(
     does). By default the nightly DAG, then the scoring DAG that its champion asset triggers under
     a scheduler: `make demo`. One process starts Airflow, Spark and the models' libraries once for
     both. Exit 1 when a DAG file does not import or a run fails (later DAGs do not run)."""
-    from infra.orchestration import DAG_IDS, airflow_env, test_dags
+    from infra.orchestration import DAG_IDS, airflow_env, run_dags
 
     day = _date(date)
     with operator_errors("dags-test"):
         settings = _settings(ctx)
         env = airflow_env(settings, (ctx.find_root().obj or {}).get("config"))
-        for line in test_dags(settings, env, day, tuple(dag) if dag else DAG_IDS):
+        for line in run_dags(settings, env, day, tuple(dag) if dag else DAG_IDS):
             print(line)
 
 

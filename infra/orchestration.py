@@ -211,12 +211,12 @@ def init_airflow(settings: Settings, env: dict[str, str]) -> None:
     stamp.write_text(json.dumps(wanted, indent=2) + "\n")
 
 
-#: The DAGs ``test_dags`` runs by default: the nightly one, then the scoring one its champion asset
+#: The DAGs ``run_dags`` runs by default: the nightly one, then the scoring one its champion asset
 #: triggers under a scheduler.
 DAG_IDS = ("funnelrec_nightly", "funnelrec_scoring")
 
 
-def test_dags(
+def run_dags(
     settings: Settings, env: dict[str, str], ds: date, dag_ids: tuple[str, ...] = DAG_IDS
 ) -> list[str]:
     """Run ``dag_ids`` one after the other for ``ds`` in this process, each with Airflow's

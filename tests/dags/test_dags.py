@@ -220,11 +220,11 @@ def test_nightly_then_scoring_from_each_nights_context_every_date_scored_and_a_r
 
     # D1 again, both DAGs in one call as `make demo` runs them (`funnelrec dags-test`): same tables;
     # the retrained model ties the champion, so the gate keeps it.
-    from infra.orchestration import DAG_IDS, airflow_env, test_dags
+    from infra.orchestration import DAG_IDS, airflow_env, run_dags
     from infra.settings import load_settings
 
     settings = load_settings(config, environ={})
-    lines = test_dags(settings, airflow_env(settings, str(config)), date.fromisoformat(D1))
+    lines = run_dags(settings, airflow_env(settings, str(config)), date.fromisoformat(D1))
     assert [line.split()[:3] for line in lines] == [[dag_id, D1 + ":", "success"] for dag_id in DAG_IDS]
     again = _snapshot(wh, D1)
     assert again["checksums"] == first["checksums"]
