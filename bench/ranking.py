@@ -5,6 +5,7 @@ split touched once, after the ranker's early stopping on held-out validation sho
 
     .venv/bin/python bench/ranking.py --benchmark retailrocket --seeds 3
     .venv/bin/python bench/ranking.py --benchmark synthetic --seeds 3 --retriever sasrec
+    .venv/bin/python bench/ranking.py --benchmark retailrocket --seeds 3 --resume   # only missing seeds
 
 Per seed the retriever is fitted once as the pipeline fits it (validation fit, refit) and every
 ranker variant re-ranks that same retriever (``training.ranking.fit_ranker``: labels are the
@@ -59,9 +60,11 @@ def run(
     work: Path,
     epochs: int | None,
     save: Callable[[dict], None] = lambda results: None,
+    previous: dict | None = None,
 ) -> dict:
     """Every variant over one retriever fit per seed; ``save`` gets the results after each seed (a
-    long run that is stopped keeps the seeds it finished)."""
+    long run that is stopped keeps the seeds it finished). Seeds that ``previous`` (a saved run of the
+    same benchmark, retriever, variants and epoch cap) holds for every variant are kept, not rerun."""
     root = build_tables(benchmark, work)[benchmark]
     val, full = load_views(root)
     out = {
@@ -69,13 +72,32 @@ def run(
         "retriever": retriever,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
         "seeds": seeds,
+        "max_epochs": epochs,
         "users": full.n_users,
         "items": full.n_items,
         "validation_users": len(np.unique(val.heldout["validation"][0])),
         "variants": {v: {"runs": []} for v in variants},
     }
+    done: set[int] = set()
+    if previous is not None:
+        same = (
+            previous["benchmark"] == benchmark
+            and previous["retriever"] == retriever
+            and list(previous["variants"]) == list(variants)
+            and previous.get("max_epochs") == epochs
+            and (previous["users"], previous["items"]) == (full.n_users, full.n_items)
+        )
+        if not same:
+            raise SystemExit("--resume: the saved run has another benchmark, retriever, variants or epoch cap")
+        done = set.intersection(*({r["seed"] for r in v["runs"]} for v in previous["variants"].values()))
+        for name in variants:
+            runs = [r for r in previous["variants"][name]["runs"] if r["seed"] in done and r["seed"] in seeds]
+            out["variants"][name]["runs"] = runs
+        print(f"resuming: seeds {sorted(done & set(seeds))} kept from the saved run", flush=True)
     cap = {"train": {"epochs": epochs}} if epochs else {}
     for seed in seeds:
+        if seed in done:
+            continue
         t = time.perf_counter()
         fit = fit_and_refit(retriever, val, full, seed, cap, progress=False)
         retriever_seconds = time.perf_counter() - t
@@ -154,6 +176,11 @@ def main() -> int:
     )
     ap.add_argument("--max-epochs", type=int, help="cap on every model's epochs")
     ap.add_argument("--work", default=str(REPO / "bench" / "results" / "tmp" / "quality"))
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the seeds the saved results already hold for every variant; run only the others",
+    )
     args = ap.parse_args()
     configure("WARNING")
     path = REPO / "bench" / "results" / f"ranking_{args.benchmark}.json"
@@ -169,6 +196,7 @@ def main() -> int:
         Path(args.work),
         args.max_epochs,
         save,
+        json.loads(path.read_text()) if args.resume and path.exists() else None,
     )
     save(results)
     print(markdown(results))
