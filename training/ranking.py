@@ -183,11 +183,10 @@ def run_rank(settings: Settings, ds: str) -> dict[str, Any]:
         Decision,
         Policy,
         alias_version,
+        carry_out,
         evaluate_gates,
-        move_champion,
         register,
         registry_lease,
-        tag_candidate,
         version_tags,
     )
     from training.train_evaluate import load_views, record_model_run, training_overrides
@@ -307,12 +306,18 @@ def run_rank(settings: Settings, ds: str) -> dict[str, Any]:
     with registry_lease(rs, rclient, owner=f"rank-{ds}") as lease:
         before = alias_version(rs, rclient, CHAMPION)
         candidate = Candidate(version, name, "challenge", None, gates)
-        decision = Decision("refused", version, before, before, gates, [candidate])
-        if not candidate.failed:
-            decision.champion_after = move_champion(rs, rclient, lease, before, candidate)
-            decision.action = "promoted" if decision.champion_after == version else "lost_race"
-        candidate.outcome = decision.action
-        tag_candidate(rs, rclient, candidate, decision, ds)
+        chosen = None if candidate.failed else candidate
+        if chosen is not None:
+            candidate.outcome = "promoted"
+        decision = carry_out(
+            rs,
+            rclient,
+            lease,
+            ds,
+            Decision("refused", version, before, before, gates, [candidate]),
+            chosen,
+            table=False,
+        )
     return {
         "action": decision.action,
         "version": version,

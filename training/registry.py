@@ -17,6 +17,17 @@ The alias history lives in two registered-model tags: ``funnelrec.champion_stack
 that became champion, in order; rollback pops it) and ``funnelrec.alias_history`` (an append-only
 log of every promotion and rollback).
 
+Failures: every move of ``champion`` is journalled first. The order of the writes is (1) the
+journal, a registered-model tag ``funnelrec.promotion_pending`` holding the whole decision (the
+alias move, the history entry and stack it leads to, every version tag, the decisions table's
+rows); (2) the alias; (3) the alias read back; (4) the history, the stack, the version tags and the
+decisions table; (5) the journal deleted. So the alias never moves without its decision recorded:
+if the store goes away at any one call, the journal is left behind, and whoever next takes the
+lease (the next promotion or rollback) settles it: when the alias points where the journal says,
+it writes (4) again (each write is idempotent) and deletes the journal; when it does not (the move
+never reached the store), it deletes the journal and records nothing, and the next ``promote`` of
+the date decides again.
+
 Concurrency: promotions and rollbacks take a lease (a registered-model tag holding a random token,
 written then read back after a settle delay; only the holder of the token proceeds), then check
 after every alias write that the alias holds what they wrote, and tag the outcome they observed.
@@ -30,7 +41,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,6 +57,7 @@ from training.tracking import call, connect, exception_chain
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 LOCK_TAG = "funnelrec.promotion_lock"
+PENDING_TAG = "funnelrec.promotion_pending"
 STACK_TAG = "funnelrec.champion_stack"
 HISTORY_TAG = "funnelrec.alias_history"
 HISTORY_KEEP = 200
@@ -522,12 +534,22 @@ def registry_lease(settings: Settings, client, owner: str) -> Iterator[str]:
         raise PromotionError(
             f"another promotion holds the registry lease of {model} ({held}); gave up after {ttl:.0f} s"
         ) from None
-    try:
-        yield token
-    finally:
+
+    def release() -> None:
         now = model_tags(settings, client).get(LOCK_TAG)
         if now and json.loads(now)["token"] == token:
             call(settings, "release lease", lambda: client.delete_registered_model_tag(model, LOCK_TAG))
+
+    try:
+        settle_pending(settings, client)
+        yield token
+    except BaseException:
+        # The body's error is the one to report; a store that is away keeps the lease until it
+        # expires (``lock_timeout_seconds``), and the next holder settles what was left.
+        with suppress(Exception):
+            release()
+        raise
+    release()
 
 
 def _take_lease(settings: Settings, client, token: str, ttl: float) -> tuple[bool, str | None]:
@@ -573,27 +595,13 @@ def _lost_insert_race(exc: BaseException) -> bool:
     )
 
 
-def _append_history(settings: Settings, client, entry: dict[str, Any], stack: list[int]) -> None:
-    model = settings.mlflow.registered_model
-    tags = model_tags(settings, client)
-    history = [*json.loads(tags.get(HISTORY_TAG, "[]"))[-(HISTORY_KEEP - 1) :], entry]
-    call(
-        settings,
-        "write history",
-        lambda: client.set_registered_model_tag(model, HISTORY_TAG, json.dumps(history)),
-    )
-    call(
-        settings, "write stack", lambda: client.set_registered_model_tag(model, STACK_TAG, json.dumps(stack))
-    )
-
-
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def tag_candidate(settings: Settings, client, c: Candidate, d: Decision, ds: str) -> None:
-    model = settings.mlflow.registered_model
-    tags = {
+def candidate_tags(c: Candidate, d: Decision, ds: str) -> dict[str, str]:
+    """The ``promotion.*`` tags that record a decision on a candidate's version."""
+    return {
         "promotion.decision": c.outcome,
         "promotion.kind": c.kind,
         "promotion.date": ds,
@@ -612,12 +620,17 @@ def tag_candidate(settings: Settings, client, c: Candidate, d: Decision, ds: str
         "promotion.not_evaluable": ",".join(g.name for g in c.gates if g.status == NOT_EVALUABLE),
         "promotion.candidates": ",".join(f"{o.version}:{o.outcome}" for o in d.candidates),
     }
-    for key, value in tags.items():
-        call(
-            settings,
-            "tag version",
-            lambda k=key, v=value: client.set_model_version_tag(model, str(c.version), k, v),
-        )
+
+
+def _tag_versions(settings: Settings, client, tags: dict[str, dict[str, str]]) -> None:
+    model = settings.mlflow.registered_model
+    for version, kv in tags.items():
+        for key, value in kv.items():
+            call(
+                settings,
+                "tag version",
+                lambda v=version, k=key, x=value: client.set_model_version_tag(model, str(v), k, x),
+            )
 
 
 def write_decisions(settings: Settings, ds: str, d: Decision) -> Path:
@@ -690,37 +703,129 @@ def _kind(champion: int | None, champion_tags: dict[str, str], tags: dict[str, s
     return "challenge"
 
 
-def move_champion(
-    settings: Settings, client, lease: str, champion: int | None, chosen: Candidate
-) -> int | None:
-    """Point ``champion`` at the chosen candidate while holding the lease; record the move in the
-    alias history. Returns the alias as read back after the write (another writer may have won)."""
+def _decision_of(raw: dict[str, Any]) -> Decision:
+    gates = [Gate(**g) for g in raw["gates"]]
+    candidates = [Candidate(**{**c, "gates": [Gate(**g) for g in c["gates"]]}) for c in raw["candidates"]]
+    return Decision(**{**raw, "gates": gates, "candidates": candidates})
+
+
+def _finish(settings: Settings, client, pending: dict[str, Any]) -> None:
+    """Everything a journalled move writes after the alias, then the journal's deletion. Each write
+    is idempotent (the history entry carries the journal's id), so settling may repeat it."""
     model = settings.mlflow.registered_model
-    held = model_tags(settings, client).get(LOCK_TAG)
-    if not held or json.loads(held)["token"] != lease:
-        raise PromotionError(
-            f"lost the promotion lease of {model} before moving @{CHAMPION}; no alias changed"
+    history = json.loads(model_tags(settings, client).get(HISTORY_TAG, "[]"))
+    if not any(e.get("id") == pending["id"] for e in history):
+        history = [*history[-(HISTORY_KEEP - 1) :], pending["history"]]
+        call(
+            settings,
+            "write history",
+            lambda: client.set_registered_model_tag(model, HISTORY_TAG, json.dumps(history)),
         )
     call(
         settings,
-        "set champion",
-        lambda: client.set_registered_model_alias(model, CHAMPION, str(chosen.version)),
+        "write stack",
+        lambda: client.set_registered_model_tag(model, STACK_TAG, json.dumps(pending["stack"])),
     )
+    tags = dict(pending.get("version_tags") or {})
+    decision = _decision_of(pending["decision"]) if pending.get("decision") else None
+    if decision is not None:
+        tags.update({str(c.version): candidate_tags(c, decision, pending["ds"]) for c in decision.candidates})
+    _tag_versions(settings, client, tags)
+    if decision is not None and pending.get("table"):
+        write_decisions(settings, pending["ds"], decision)
+    call(settings, "delete journal", lambda: client.delete_registered_model_tag(model, PENDING_TAG))
+
+
+def settle_pending(settings: Settings, client) -> str | None:
+    """Settle a move that a failure interrupted (see the module's docstring); the lease must be
+    held. Returns what was done: ``completed``, ``dropped`` or None (nothing pending)."""
+    raw = model_tags(settings, client).get(PENDING_TAG)
+    if not raw:
+        return None
+    pending = json.loads(raw)
+    now = alias_version(settings, client, CHAMPION)
+    log = get_logger("registry")
+    if now == pending["to"]:
+        _finish(settings, client, pending)
+        log.warning("settled", action=pending["action"], ds=pending.get("ds"), to=now, outcome="completed")
+        return "completed"
+    model = settings.mlflow.registered_model
+    call(settings, "delete journal", lambda: client.delete_registered_model_tag(model, PENDING_TAG))
+    log.warning(
+        "settled",
+        action=pending["action"],
+        ds=pending.get("ds"),
+        to=pending["to"],
+        champion=now,
+        outcome="dropped",
+    )
+    return "dropped"
+
+
+def _journalled_move(settings: Settings, client, lease: str | None, pending: dict[str, Any]) -> int | None:
+    """Write the journal, move ``champion`` to ``pending["to"]``, and read it back. Returns the alias
+    as read back: when another writer won, the journal is deleted and nothing else written."""
+    model = settings.mlflow.registered_model
+    if lease is not None:
+        held = model_tags(settings, client).get(LOCK_TAG)
+        if not held or json.loads(held)["token"] != lease:
+            raise PromotionError(
+                f"lost the promotion lease of {model} before moving @{CHAMPION}; no alias changed"
+            )
+    call(
+        settings,
+        "write journal",
+        lambda: client.set_registered_model_tag(model, PENDING_TAG, json.dumps(pending, default=float)),
+    )
+    to = str(pending["to"])
+    call(settings, "set champion", lambda: client.set_registered_model_alias(model, CHAMPION, to))
     after = alias_version(settings, client, CHAMPION)  # check after write
-    if after == chosen.version:
-        stack = json.loads(model_tags(settings, client).get(STACK_TAG, "[]"))
-        if not stack and champion is not None:
-            stack = [champion]
-        stack.append(chosen.version)
-        entry = {
+    if after != pending["to"]:
+        call(settings, "delete journal", lambda: client.delete_registered_model_tag(model, PENDING_TAG))
+    return after
+
+
+def carry_out(
+    settings: Settings, client, lease: str, ds: str, d: Decision, chosen: Candidate | None, table: bool = True
+) -> Decision:
+    """Record decision ``d`` on the registry (and, with ``table``, as the date's ``decisions`` table),
+    moving ``champion`` to ``chosen`` if there is one, in the journalled order of the module's
+    docstring. Sets ``d.champion_after`` and ``d.action`` (promoted | lost_race | refused)."""
+    model = settings.mlflow.registered_model
+    if chosen is None:
+        _tag_versions(settings, client, {str(c.version): candidate_tags(c, d, ds) for c in d.candidates})
+        if table:
+            write_decisions(settings, ds, d)
+        return d
+    stack = [as_version(v) for v in json.loads(model_tags(settings, client).get(STACK_TAG, "[]"))]
+    if not stack and d.champion_before is not None:
+        stack = [d.champion_before]
+    d.champion_after, d.action = chosen.version, "promoted"
+    pending = {
+        "id": uuid.uuid4().hex,
+        "action": "promote",
+        "ds": ds,
+        "from": d.champion_before,
+        "to": chosen.version,
+        "history": {
             "at": _now(),
             "action": "promote",
-            "from": champion,
+            "from": d.champion_before,
             "to": chosen.version,
             "kind": chosen.kind,
-        }
-        _append_history(settings, client, entry, stack)
-    return after
+        },
+        "stack": [*stack, chosen.version],
+        "decision": asdict(d),
+        "table": table,
+    }
+    pending["history"]["id"] = pending["id"]
+    after = _journalled_move(settings, client, lease, pending)
+    if after != chosen.version:
+        d.champion_after, d.action, chosen.outcome = after, "lost_race", "lost_race"
+        get_logger("registry").warning("lost_race", model=model, wanted=chosen.version, champion=after)
+        return carry_out(settings, client, lease, ds, d, None, table)
+    _finish(settings, client, pending)
+    return d
 
 
 # -- promote / rollback --------------------------------------------------------------------------
@@ -806,15 +911,14 @@ def promote(settings: Settings, version: int | None = None, ds: str | None = Non
                 "promoted" if c is chosen else ("not_reached" if chosen and not c.failed else "refused")
             )
         top = chosen or candidates[0]
-        d = Decision("refused", top.version, champion, champion, top.gates, candidates)
-        if chosen is not None:
-            d.champion_after = move_champion(settings, client, lease, champion, chosen)
-            d.action = "promoted" if d.champion_after == chosen.version else "lost_race"
-            if d.action == "lost_race":
-                chosen.outcome = "lost_race"
-        for c in candidates:
-            tag_candidate(settings, client, c, d, date)
-        write_decisions(settings, date, d)
+        d = carry_out(
+            settings,
+            client,
+            lease,
+            date,
+            Decision("refused", top.version, champion, champion, top.gates, candidates),
+            chosen,
+        )
     log.info(
         "promote",
         ds=date,
@@ -831,7 +935,6 @@ def promote(settings: Settings, version: int | None = None, ds: str | None = Non
 def rollback(settings: Settings) -> Decision:
     """Give ``champion`` back to the version that held it before the current one."""
     client = connect(settings)
-    model = settings.mlflow.registered_model
     with registry_lease(settings, client, owner="rollback"):
         current = alias_version(settings, client, CHAMPION)
         stack = [as_version(v) for v in json.loads(model_tags(settings, client).get(STACK_TAG, "[]"))]
@@ -843,23 +946,23 @@ def rollback(settings: Settings) -> Decision:
             )
         stack.pop()
         previous = stack[-1]
-        call(
-            settings,
-            "set champion",
-            lambda: client.set_registered_model_alias(model, CHAMPION, str(previous)),
-        )
-        after = alias_version(settings, client, CHAMPION)
+        at = _now()
+        pending = {
+            "id": uuid.uuid4().hex,
+            "action": "rollback",
+            "from": current,
+            "to": previous,
+            "history": {"at": at, "action": "rollback", "from": current, "to": previous},
+            "stack": stack,
+            "version_tags": {
+                str(current): {"promotion.decision": "rolled_back", "promotion.rolled_back_at": at}
+            },
+        }
+        pending["history"]["id"] = pending["id"]
+        after = _journalled_move(settings, client, None, pending)
         if after != previous:
             raise PromotionError(f"rollback lost a race: @{CHAMPION} is now {after}, not {previous}")
-        _append_history(
-            settings, client, {"at": _now(), "action": "rollback", "from": current, "to": previous}, stack
-        )
-        for key, value in {"promotion.decision": "rolled_back", "promotion.rolled_back_at": _now()}.items():
-            call(
-                settings,
-                "tag version",
-                lambda k=key, v=value: client.set_model_version_tag(model, str(current), k, v),
-            )
+        _finish(settings, client, pending)
     get_logger("registry").info("rollback", champion_before=current, champion_after=previous)
     return Decision("rolled_back", current, current, previous)
 

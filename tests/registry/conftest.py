@@ -116,3 +116,107 @@ def copy_models(src_settings, dst_settings) -> None:
     src, dst = src_settings.paths.warehouse_root, dst_settings.paths.warehouse_root
     for sub in ("training", "models"):
         shutil.copytree(src / sub, dst / sub, dirs_exist_ok=True)
+
+
+class GoneAway:
+    """A loopback HTTP proxy in front of the test's `mlflow server` that goes away on cue.
+
+    Armed with ``fail_at=n``, at the n-th write request (POST, PATCH, PUT, DELETE) it stops
+    answering: that connection and every later one is closed without a response, as a server that
+    died would, until ``restore()``. With ``applied=True`` the n-th write first reaches the server,
+    so the change is made and only its answer is lost. ``writes`` lists each write it saw, as
+    ``METHOD path key`` (``key`` for tag writes)."""
+
+    def __init__(self, upstream: str):
+        import http.server
+        import threading
+        from urllib.parse import urlsplit
+
+        self.upstream = urlsplit(upstream)
+        self.lock = threading.Lock()
+        self.writes: list[str] = []
+        self.fail_at: int | None = None
+        self.applied = False
+        self.down = False
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def _any(self) -> None:
+                size = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(size) if size else None
+                write = self.command in ("POST", "PATCH", "PUT", "DELETE")
+                with proxy.lock:
+                    if proxy.down:
+                        self.close_connection = True
+                        return
+                    failing = False
+                    if write:
+                        key = ""
+                        if body and b'"key"' in body:
+                            import json
+
+                            key = " " + str(json.loads(body).get("key", ""))
+                        proxy.writes.append(f"{self.command} {self.path.split('?')[0]}{key}")
+                        failing = proxy.fail_at == len(proxy.writes)
+                    if failing:
+                        proxy.down = True
+                if failing:
+                    if proxy.applied:
+                        proxy._forward(self.command, self.path, body, self.headers)
+                    self.close_connection = True
+                    return
+                status, headers, payload = proxy._forward(self.command, self.path, body, self.headers)
+                self.send_response(status)
+                for k, v in headers:
+                    if k.lower() not in (
+                        "transfer-encoding",
+                        "connection",
+                        "content-length",
+                        "server",
+                        "date",
+                    ):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _any
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.uri = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def _forward(self, method: str, path: str, body: bytes | None, headers) -> tuple[int, list, bytes]:
+        import http.client
+
+        conn = http.client.HTTPConnection(self.upstream.hostname, self.upstream.port, timeout=60)
+        try:
+            sent = {k: v for k, v in headers.items() if k.lower() not in ("host", "connection")}
+            conn.request(method, path, body=body, headers=sent)
+            r = conn.getresponse()
+            return r.status, r.getheaders(), r.read()
+        finally:
+            conn.close()
+
+    def arm(self, fail_at: int | None, applied: bool = False) -> None:
+        with self.lock:
+            self.writes, self.fail_at, self.applied, self.down = [], fail_at, applied, False
+
+    def restore(self) -> None:
+        with self.lock:
+            self.down, self.fail_at = False, None
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def gone_away(mlflow_server):
+    proxy = GoneAway(mlflow_server)
+    yield proxy
+    proxy.close()

@@ -577,3 +577,120 @@ def test_retention_prunes_old_nights_and_unserved_artifacts_but_never_the_champi
     # A second run changes nothing.
     again = run_retention(settings, date(2026, 1, 10))
     assert again.removed == [] and again.pruned_versions == []
+
+
+def test_a_registry_that_goes_away_at_any_write_of_a_promotion_or_rollback_is_left_consistent(
+    trained, gone_away, chosen, tmp_path, monkeypatch
+):
+    """The MLflow server goes away at each kind of write of a promotion in turn; the registry is
+    consistent after the failure and the next run settles it. Consistent: ``champion`` is the old or
+    the new version, and if it moved, the move's decision is recorded (the journal, or the finished
+    history and tags).
+
+    The store's state after a failure depends only on which writes reached it, so "write n lost" for
+    every n, plus "the last write applied and its answer lost", covers "write n applied" too (it
+    leaves what "write n+1 lost" leaves)."""
+    from training.registry import HISTORY_TAG, LOCK_TAG, PENDING_TAG, STACK_TAG, model_tags
+
+    monkeypatch.setattr(registry, "SETTLE_SECONDS", 0.02)
+    model_dir = trained.paths.warehouse_root / "models" / f"ds={DS}" / "als_multi"
+    tables = trained.paths.warehouse_root / "training" / f"ds={DS}"
+    source = None
+
+    def fresh(name: str):
+        """A registered model whose champion v1 (of the day before) was promoted first, and a better
+        v2 registered for DS."""
+        nonlocal source
+        mlflow_cfg = {
+            "tracking_uri": gone_away.upstream.geturl(),
+            "registered_model": name,
+            "experiment": "faults",
+            "max_retries": 0,
+            "backoff_seconds": 0,
+            "lock_timeout_seconds": 1,
+        }
+        direct = _with_policy(
+            settings_under(tmp_path / name, {"mlflow": mlflow_cfg}), tmp_path, floor_model=None
+        )
+        via_proxy = direct.model_copy(
+            update={"mlflow": direct.mlflow.model_copy(update={"tracking_uri": gone_away.uri})}
+        )
+        copy_models(trained, direct)
+        v = Versions(direct, model_dir, tables)
+        v.source = source
+        v1 = v.add(ds="2026-01-04")
+        source = v.source
+        v2 = v.add(model="member")
+        chosen[v1], chosen[v2] = measured(), measured(1.05)
+        # What promoting v1 first leaves (tested above), written directly: the alias, stack, history.
+        v.client.set_registered_model_alias(name, CHAMPION, str(v1))
+        v.client.set_registered_model_tag(name, STACK_TAG, json.dumps([v1]))
+        entry = {"at": "2026-01-04T00:00:00+00:00", "action": "promote", "from": None, "to": v1}
+        v.client.set_registered_model_tag(name, HISTORY_TAG, json.dumps([entry]))
+        return direct, via_proxy, v, v1, v2
+
+    def state(settings):
+        tags = model_tags(settings, tracking.connect(settings))
+        return champion(settings), tags, json.loads(tags.get(HISTORY_TAG, "[]"))
+
+    # A clean run through the proxy lists the promotion's writes.
+    direct, via_proxy, v, v1, v2 = fresh("faults_clean")
+    gone_away.arm(None)
+    assert promote(via_proxy, ds=DS).action == "promoted"
+    writes = list(gone_away.writes)
+    assert [w for w in writes if w.endswith("/alias")] == ["POST /api/2.0/mlflow/registered-models/alias"]
+    kinds = [w.rsplit(" ", 1)[0] if "model-versions/set-tag" in w else w for w in writes]
+    picked = [(i, False) for i in range(len(writes)) if i == 0 or kinds[i] != kinds[i - 1]]
+    picked = sorted({*picked, (len(writes) - 2, False), (len(writes) - 1, True)})
+    assert len(picked) >= 9, writes
+
+    for i, applied in picked:
+        direct, via_proxy, v, v1, v2 = fresh(f"faults_{i}_{int(applied)}")
+        gone_away.arm(i + 1, applied)
+        with pytest.raises(tracking.RegistryUnavailable):
+            promote(via_proxy, ds=DS)
+        gone_away.restore()
+        now, tags, history = state(direct)
+        where = f"gone at write {i + 1} ({writes[i]}), applied={applied}"
+        assert now in (v1, v2), where
+        if now == v2:  # moved: its decision is recorded, as the journal or as finished
+            pending = json.loads(tags.get(PENDING_TAG, "null"))
+            finished = history[-1]["to"] == v2 and v.tags(v2).get("promotion.decision") == "promoted"
+            assert (pending and pending["to"] == v2) or finished, where
+        again = promote(direct, ds=DS)  # the next run
+        assert again.action in ("promoted", "already_champion"), where
+        now, tags, history = state(direct)
+        assert now == v2 and PENDING_TAG not in tags and LOCK_TAG not in tags, where
+        assert [(e["action"], e["from"], e["to"]) for e in history] == [
+            ("promote", None, v1),
+            ("promote", v1, v2),
+        ], where
+        assert json.loads(tags[STACK_TAG]) == [v1, v2], where
+        t = v.tags(v2)
+        assert (t["promotion.decision"], t["promotion.champion_before"]) == ("promoted", str(v1)), where
+        rows = pq.read_table(direct.paths.warehouse_root / "decisions" / f"ds={DS}").to_pylist()
+        assert {(r["version"], r["outcome"]) for r in rows} == {(v2, "promoted")}, where
+
+    # A rollback that loses the store at its alias write, the write applied or not, is settled alike.
+    for applied in (False, True):
+        direct, via_proxy, v, v1, v2 = fresh(f"faults_rollback_{int(applied)}")
+        assert promote(direct, ds=DS).champion_after == v2
+        gone_away.arm(3, applied)  # the lease, the journal, then the alias
+        with pytest.raises(tracking.RegistryUnavailable):
+            rollback(via_proxy)
+        rollback_writes = list(gone_away.writes)
+        gone_away.restore()
+        assert rollback_writes[-1].endswith("/alias"), rollback_writes
+        now, tags, history = state(direct)
+        assert now == (v1 if applied else v2) and json.loads(tags[PENDING_TAG])["to"] == v1
+        # The operator runs the rollback again: it settles the interrupted one first, so an applied
+        # rollback is not done twice.
+        if applied:
+            with pytest.raises(PromotionError, match="nothing to roll back"):
+                rollback(direct)
+        else:
+            rollback(direct)
+        now, tags, history = state(direct)
+        assert now == v1 and PENDING_TAG not in tags
+        assert [(e["action"], e["to"]) for e in history][-1] == ("rollback", v1)
+        assert v.tags(v2)["promotion.decision"] == "rolled_back"
