@@ -108,6 +108,22 @@ def publish(settings: Settings, date: date) -> Outcome:
     return Outcome("\n".join(lines), {k: str(v) for k, v in out.items()})
 
 
+def sql(settings: Settings, query: str | None = None, file: str | None = None, limit: int = 100) -> Outcome:
+    """Query the analysts' marts read-only.
+
+    Run --query (or the SQL in --file) on warehouse/analytics/funnelrec.duckdb through the analysts'
+    connection: the file opened read-only, only queries (SELECT, FROM, DESCRIBE, SHOW, SUMMARIZE),
+    files readable only under the published tables; print at most --limit rows as tab-separated
+    text with a header.
+    """
+    from jobs.publish import run_query
+
+    text = query if query is not None else Path(file).read_text()
+    columns, rows = run_query(settings, text, limit if limit > 0 else None)
+    lines = ["\t".join(columns), *("\t".join("" if v is None else str(v) for v in row) for row in rows)]
+    return Outcome("\n".join(lines), {"columns": columns, "rows": len(rows)})
+
+
 def synth(
     settings: Settings,
     events: int,
@@ -225,6 +241,16 @@ STAGES: tuple[Stage, ...] = (
                 dag="scoring",
             ),
         ),
+    ),
+    Stage(
+        "sql",
+        sql,
+        options=(
+            Option("query", str, "the SQL query", metavar="SQL"),
+            Option("file", str, "a file holding the SQL query", metavar="PATH"),
+            Option("limit", int, "rows printed at most (0: all)", default=100),
+        ),
+        one_of=(("query", "file"),),
     ),
     Stage(
         "synth",

@@ -297,8 +297,69 @@ def build_analytics(settings: Settings, run_date: date) -> Path:
             con.execute(f"COMMENT ON {kind} {name} IS '{doc.replace(chr(39), chr(39) * 2)}'")
     finally:
         con.close()
+    # Read-only on disk too: a plain `duckdb FILE` of another user cannot change the marts (the next
+    # publish replaces the file by rename, which the folder's permission governs, not the file's).
+    os.chmod(tmp, 0o444)
     os.replace(tmp, target)
     return target
+
+
+class QueryError(ValueError):
+    """An analyst's query that was refused or failed; the message says why, on one line."""
+
+
+#: Statements an analyst may run: queries only (``DESCRIBE``, ``SHOW``, ``SUMMARIZE`` and ``FROM``
+#: parse as SELECT). ``EXPLAIN ANALYZE`` would execute what it explains, so EXPLAIN is left out.
+ANALYST_STATEMENTS = ("SELECT",)
+
+
+def analyst_connection(settings: Settings) -> duckdb.DuckDBPyConnection:
+    """The analysts' connection to the marts: the DuckDB file opened read-only, files readable only
+    under the published tables the views read (scores, serving, events, decisions, model_runs), no
+    extensions loaded, and the configuration locked so a query cannot lift any of it."""
+    wh = Path(settings.paths.warehouse_root)
+    db = analytics_db(wh)
+    if not db.is_file():
+        raise FileNotFoundError(f"no analysts' database at {db}: run `funnelrec publish` for a date first")
+    readable = [scores_dir(wh), wh / SERVING.name, events_dir(wh), wh / DECISIONS.name, model_runs_dir(wh)]
+    con = duckdb.connect(str(db), read_only=True)
+    allowed = ", ".join("'" + str(p).replace("'", "''") + "/'" for p in readable)
+    con.execute(f"SET allowed_directories = [{allowed}]")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET autoinstall_known_extensions = false")
+    con.execute("SET autoload_known_extensions = false")
+    con.execute("SET lock_configuration = true")
+    return con
+
+
+def run_query(settings: Settings, sql: str, limit: int | None = None) -> tuple[list[str], list[tuple]]:
+    """Run an analyst's query on the marts through ``analyst_connection``: one or more statements,
+    each of which must be a query (``ANALYST_STATEMENTS``); returns the last one's columns and rows
+    (at most ``limit`` rows)."""
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise QueryError(str(exc).splitlines()[0]) from None
+    if not statements:
+        raise ValueError("no SQL statement given")
+    refused = [s.type.name for s in statements if s.type.name not in ANALYST_STATEMENTS]
+    if refused:
+        raise QueryError(
+            f"the analysts' connection is read-only: only queries (SELECT, FROM, DESCRIBE, SHOW, "
+            f"SUMMARIZE) run, not {', '.join(refused)}"
+        )
+    con = analyst_connection(settings)
+    try:
+        for statement in statements[:-1]:
+            con.execute(statement)
+        cur = con.execute(statements[-1])
+        columns = [d[0] for d in cur.description or []]
+        rows = cur.fetchmany(limit) if limit else cur.fetchall()
+    except duckdb.Error as exc:
+        raise QueryError(str(exc).splitlines()[0]) from None
+    finally:
+        con.close()
+    return columns, rows
 
 
 def run_publish(settings: Settings, run_date: date) -> dict[str, Any]:

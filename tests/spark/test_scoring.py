@@ -21,7 +21,7 @@ import yaml
 
 from infra.tables import SCORES, analytics_db, report_path, scores_dir, scores_staged_dir
 from jobs.context import run_context
-from jobs.publish import run_publish
+from jobs.publish import QueryError, analyst_connection, run_publish, run_query
 from tests.conftest import DEMO_DATE, REPO
 from training.registry import promote, register
 from training.score import run_score, serving_inputs
@@ -229,10 +229,9 @@ def test_the_five_readme_queries_run_and_return_rows(published):
     settings, *_ = published
     queries = _readme_queries()
     assert len(queries) == 5
+    for question, sql in queries:  # through the analysts' read-only connection, as `funnelrec sql`
+        assert run_query(settings, sql)[1], question
     with duckdb.connect(str(analytics_db(settings.paths.warehouse_root)), read_only=True) as con:
-        for question, sql in queries:
-            rows = con.sql(sql).fetchall()
-            assert rows, question
         # One catalogue: every recommended item is in dim_items, so coverage cannot pass 100%.
         outside = "select count(*) from recommendations_latest r anti join dim_items d using (item_id)"
         assert con.sql(outside).fetchall() == [(0,)]
@@ -245,6 +244,51 @@ def test_the_five_readme_queries_run_and_return_rows(published):
             "select model, registered_version, aliases from model_runs where registered_version is not null"
         )
         assert runs.fetchall() == [("als_multi", 1, "challenger,champion")]
+
+
+def test_the_analysts_connection_reads_the_marts_and_can_change_nothing(published, capsys):
+    from infra.cli import main
+
+    settings, *_ = published
+    wh = settings.paths.warehouse_root
+    db = analytics_db(wh)
+    assert db.stat().st_mode & 0o222 == 0  # no write bit: a plain `duckdb FILE` of another user reads only
+    before = sorted(str(p.relative_to(wh)) for p in wh.rglob("*"))
+    columns, rows = run_query(settings, "SELECT count(*) AS n FROM fct_recommendations; DESCRIBE dim_users")
+    assert "column_name" in columns and {r[0] for r in rows} >= {"user_id", "scored_latest"}
+    inside = scores_dir(wh) / "copied.parquet"
+    refused = {
+        "CREATE TABLE x AS SELECT 1": "read-only",
+        "INSERT INTO dim_users SELECT * FROM dim_users": "read-only",
+        f"COPY (SELECT 1) TO '{inside}'": "read-only",
+        "SELECT 1; DROP VIEW fct_recommendations": "read-only",
+        "EXPLAIN ANALYZE SELECT 1": "read-only",
+        f"ATTACH '{wh}/other.duckdb'": "read-only",
+        "SELECT * FROM read_csv('/etc/passwd')": "/etc/passwd",
+        f"SELECT * FROM read_parquet('{wh}/quarantine/**/*.parquet')": "quarantine",
+        "SELECT * FROM nonexistent_table": "nonexistent_table",
+    }
+    for sql, why in refused.items():
+        with pytest.raises(QueryError, match=re.escape(why)):
+            run_query(settings, sql)
+    con = analyst_connection(settings)
+    try:
+        for sql in ("SET enable_external_access = true", "SET lock_configuration = false"):
+            with pytest.raises(duckdb.Error):
+                con.execute(sql)
+    finally:
+        con.close()
+    assert sorted(str(p.relative_to(wh)) for p in wh.rglob("*")) == before
+    # The command: one line on a refusal, tab-separated rows otherwise.
+    settings_file = wh.parent / "analyst.yaml"
+    settings_file.write_text(f"paths:\n  warehouse_root: {wh}\n")
+    assert main(["--config", str(settings_file), "sql", "--query", f"COPY dim_users TO '{inside}'"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert (
+        err.startswith("funnelrec sql: QueryError: the analysts' connection is read-only") and "\n" not in err
+    )
+    assert main(["--config", str(settings_file), "sql", "--query", "SELECT 41 + 1 AS answer"]) == 0
+    assert capsys.readouterr().out.splitlines()[-2:] == ["answer", "42"]
 
 
 def test_report_renders_in_headless_chromium_with_every_section(published, tmp_path):
