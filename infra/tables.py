@@ -16,6 +16,7 @@ Layout under ``paths.warehouse_root``:
 - ``model_runs/ds=<d>/run=<run_id>/``         one evaluated training run (``evaluate``, ``register``)
 - ``decisions/ds=<d>/``                       the date's promotion decision (``promote``)
 - ``scores_staged/ds=<d>/``, ``scores/ds=<d>/``  a date's recommendations, staged then published
+- ``forget_requests/``                        users forgotten on request (``forget``), one file per request
 
 A *bundle* (``sessionized``, ``training``) is the set of tables one stage writes for one date; it
 is published as a unit (see ``infra.atomic``), so readers never mix tables of two runs. The JSON
@@ -1003,6 +1004,27 @@ def quarantine_dir(quarantine_root: Path) -> Path:
     return Path(quarantine_root)
 
 
+FORGET_REQUESTS = Table(
+    "forget_requests",
+    (
+        column("request_id", "string", "one `forget` request (its users share it)"),
+        column("user_id", "string", "a user whose rows were removed and whom ingest drops from now on"),
+        column("source", "string", "the source mapping the id belongs to; null: every source", nullable=True),
+        column("requested_at", "timestamp", "when the request was recorded (UTC)"),
+    ),
+    "Users forgotten on request (`forget`), one file per request. `ingest` drops their rows.",
+)
+
+#: A forgotten user's ``user_map`` row keeps its index under this id plus the index, so the indices
+#: stay 0..n-1 (a model's shapes); no id the default ``ids.pattern`` accepts starts with ``!``.
+FORGOTTEN_ID_PREFIX = "!forgotten:"
+
+
+def forget_requests_dir(warehouse_root: Path) -> Path:
+    """``forget_requests/``: one Parquet file per request (``forget``), read by ``ingest``."""
+    return Path(warehouse_root) / FORGET_REQUESTS.name
+
+
 ALL_TABLES: tuple[Table, ...] = (
     EVENTS,
     QUARANTINE,
@@ -1019,6 +1041,7 @@ ALL_TABLES: tuple[Table, ...] = (
     SCORES,
     DECISIONS,
     MODEL_RUNS,
+    FORGET_REQUESTS,
 )
 
 

@@ -1,8 +1,9 @@
 """Ingest: raw logs + a source mapping -> canonical ``events`` and ``quarantine``.
 
 Every input line ends up in exactly one place: the events table, the quarantine (with file, line
-number, raw text and reason), the duplicate count, or, for snapshot sources, the rows dated after
-the run date that a later run will publish (``deferred``). Above ``ingest.max_bad_fraction`` the
+number, raw text and reason), the duplicate count, for snapshot sources the rows dated after the
+run date that a later run will publish (``deferred``), or, for users forgotten on request
+(``forget``), nowhere but a count (``forgotten``). Above ``ingest.max_bad_fraction`` the
 run fails and publishes no events; the quarantine partition is still written so the failure can
 be inspected.
 
@@ -29,6 +30,7 @@ from infra import atomic
 from infra.logs import stage
 from infra.settings import Settings
 from infra.tables import EVENTS, QUARANTINE, events_dir, quarantine_dir
+from jobs.forget import forgotten_users
 from jobs.sources import (
     CANONICAL_FIELDS,
     NOT_IDS,
@@ -61,6 +63,7 @@ REASONS = {
     "truncated_file": "a gzip file ends before its stream does (a cut-off copy); the lines before the cut were read",
 }
 DEFERRED = "deferred"  # snapshot source rows dated after the run date: published by a later run
+FORGOTTEN = "forgotten"  # rows of users forgotten on request: neither published nor quarantined
 
 
 class BadInputError(RuntimeError):
@@ -81,6 +84,7 @@ class IngestResult:
     users: int = 0
     items: int = 0
     empty_files: list[str] = field(default_factory=list)
+    forgotten: int = 0
 
     @property
     def quarantined_total(self) -> int:
@@ -100,6 +104,7 @@ class IngestResult:
             "users": self.users,
             "items": self.items,
             "empty_files": self.empty_files,
+            "forgotten": self.forgotten,
         }
 
 
@@ -135,6 +140,7 @@ def parse_lines(
     run_date: date,
     now: datetime | None = None,
     future_margin: timedelta = timedelta(hours=1),
+    forgotten: list[str] | None = None,
 ) -> DataFrame:
     """Parse raw text lines into canonical columns plus a ``reason`` (null when the row is good).
 
@@ -147,6 +153,8 @@ def parse_lines(
             ``time_in_future`` (a millisecond epoch read as seconds lands in the year 49,000), while
             rows between the run date and then stay ``deferred`` (snapshot sources: backfills).
         future_margin: clock skew allowed between the writer of the log and this machine.
+        forgotten: user ids forgotten on request: their rows get the reason ``forgotten`` (before
+            any other), as do refused lines that hold one of the ids as a whole token.
 
     Returns:
         ``lines``' columns plus the canonical event columns, ``event_date``, ``reason``, ``detail``.
@@ -252,6 +260,14 @@ def parse_lines(
     for cond, name, det in reversed(checks):
         reason = F.when(cond, F.lit(name)).otherwise(reason)
         detail = F.when(cond, det).otherwise(detail)
+    if forgotten:
+        from jobs.forget import token_pattern
+
+        # A refused line may have no readable user field: its raw text is searched instead.
+        gone = F.col("_raw_user_id").isin(forgotten) | F.col("user_id").isin(forgotten)
+        gone = gone | (reason.isNotNull() & F.col("value").rlike(token_pattern(forgotten)))
+        reason = F.when(gone, F.lit(FORGOTTEN)).otherwise(reason)
+        detail = F.when(gone, F.lit(None)).otherwise(detail)
     df = df.withColumn("reason", reason).withColumn("detail", detail)
     return df.drop(*[c for c in df.columns if c.startswith("_raw_") or c == "_n_fields"])
 
@@ -455,13 +471,16 @@ def ingest_source(spark: SparkSession, settings: Settings, source: str, run_date
             header = list(mapping.format.columns or [])
 
         margin = timedelta(minutes=settings.ingest.future_margin_minutes)
+        forgotten = forgotten_users(settings.paths.warehouse_root, mapping.name)
         read = _ReadFiles(files)
         with atomic.scratch_dir(Path(settings.paths.warehouse_root), f"ingest-{mapping.name}") as scratch:
             while True:
                 lines = _read_lines(spark, read.paths(), header_lines, read.names())
                 # Cached: uncached, the filters below are pushed into the parse and the optimised
                 # plan repeats it (bench/README.md, "Measurements behind the jobs' comments").
-                parsed = parse_lines(lines, mapping, header, run_date, future_margin=margin)
+                parsed = parse_lines(
+                    lines, mapping, header, run_date, future_margin=margin, forgotten=forgotten
+                )
                 # Only refused rows need their raw text (for the quarantine); dropping it from the
                 # others halves what the cache holds.
                 parsed = parsed.withColumn("value", F.when(F.col("reason").isNotNull(), F.col("value")))
@@ -482,6 +501,7 @@ def ingest_source(spark: SparkSession, settings: Settings, source: str, run_date
             quarantined=result.quarantined_total,
             duplicates=result.duplicates,
             deferred=result.deferred,
+            forgotten=result.forgotten,
             partitions=len(result.partitions),
             users=result.users,
             items=result.items,
@@ -522,7 +542,7 @@ def _publish(spark, settings, mapping, run_date, read: _ReadFiles, parsed) -> In
     )
     offsets = _line_numbers(chunks)
 
-    bad = parsed.filter(F.col("reason").isNotNull() & (F.col("reason") != DEFERRED) & ~F.col("_is_header"))
+    bad = parsed.filter(~F.col("reason").isin(DEFERRED, FORGOTTEN) & ~F.col("_is_header"))
     unterminated = read.unterminated()
     bad = bad.join(F.broadcast(offsets), ["file", "_block"]).select(
         F.col("file"),
@@ -545,7 +565,7 @@ def _publish(spark, settings, mapping, run_date, read: _ReadFiles, parsed) -> In
         for _, _, _, reason, _ in cut:
             by_reason[reason] = by_reason.get(reason, 0) + 1
     quarantined: dict[str, int] = {}
-    if any(r is not None and r != DEFERRED for r in by_reason):
+    if any(r not in (None, DEFERRED, FORGOTTEN) for r in by_reason):
         qdir = (
             quarantine_dir(settings.paths.quarantine_root) / f"source={mapping.name}" / f"run_date={run_date}"
         )
@@ -556,6 +576,7 @@ def _publish(spark, settings, mapping, run_date, read: _ReadFiles, parsed) -> In
         qdf = spark.read.parquet(str(qdir))
         quarantined = {r["reason"]: r["count"] for r in qdf.groupBy("reason").count().collect()}
     deferred = by_reason.get(DEFERRED, 0)
+    forgotten = by_reason.get(FORGOTTEN, 0)
     good = by_reason.get(None, 0)
     bad_total = sum(quarantined.values())
     fraction = bad_total / rows_in if rows_in else 0.0
@@ -591,7 +612,15 @@ def _publish(spark, settings, mapping, run_date, read: _ReadFiles, parsed) -> In
     )
     if good == 0:  # nothing to publish (empty or all-refused files): no partition is touched
         return IngestResult(
-            mapping.name, run_date, [str(f) for f in files], rows_in, 0, 0, deferred, quarantined
+            mapping.name,
+            run_date,
+            [str(f) for f in files],
+            rows_in,
+            0,
+            0,
+            deferred,
+            quarantined,
+            forgotten=forgotten,
         )
     target = events_dir(settings.paths.warehouse_root) / f"source={mapping.name}"
     with atomic.scratch_dir(target.parent, mapping.name) as staged:
@@ -615,6 +644,7 @@ def _publish(spark, settings, mapping, run_date, read: _ReadFiles, parsed) -> In
         partitions=partitions,
         users=summary["users"],
         items=summary["items"],
+        forgotten=forgotten,
     )
 
 

@@ -108,6 +108,33 @@ def publish(settings: Settings, date: date) -> Outcome:
     return Outcome("\n".join(lines), {k: str(v) for k, v in out.items()})
 
 
+def forget(
+    settings: Settings, user: list[str] | None = None, file: str | None = None, source: str | None = None
+) -> Outcome:
+    """Remove users' rows from every table, on request.
+
+    Record the request (warehouse/forget_requests, so ingest drops the users' rows from now on),
+    then rewrite, each atomically, every partition and bundle holding one of the --user ids (or
+    those in --file, one per line): events, quarantine, sessions, training tables (the user_map row
+    keeps its index under a tombstone id), serving context, scores; rebuild the analysts' DuckDB
+    file. With --source, only that source's ids. Models trained on the old tables age out with
+    retention.
+    """
+    import json
+
+    from jobs.forget import read_user_list, run_forget
+
+    users = list(user or []) if file is None else read_user_list(Path(file))
+    r = run_forget(settings, users, source)
+    removed = ", ".join(f"{k} {v}" for k, v in sorted(r.removed.items())) or "nothing (no table held them)"
+    text = (
+        f"forgot {r.users} users (request {r.request_id}): removed {removed}; "
+        f"{len(r.rewritten)} folders rewritten"
+        + ("; analysts' database rebuilt" if r.analytics_rebuilt else "")
+    )
+    return Outcome(text, json.loads(json.dumps(r.to_dict())))
+
+
 def sql(settings: Settings, query: str | None = None, file: str | None = None, limit: int = 100) -> Outcome:
     """Query the analysts' marts read-only.
 
@@ -241,6 +268,17 @@ STAGES: tuple[Stage, ...] = (
                 dag="scoring",
             ),
         ),
+    ),
+    Stage(
+        "forget",
+        forget,
+        options=(
+            Option("user", list, "a user id to forget (repeatable)", metavar="ID"),
+            Option("file", str, "a file of user ids, one per line (# comments)", metavar="PATH"),
+            Option("source", Name, "only ids of this source mapping (default: every source)"),
+        ),
+        one_of=(("user", "file"),),
+        spark=True,
     ),
     Stage(
         "sql",

@@ -387,3 +387,94 @@ def test_rollback_with_rescore_publishes_the_restored_champions_rows(published, 
     assert after[["user_id", "rank", "item_id"]].equals(local[["user_id", "rank", "item_id"]])
     with duckdb.connect(str(analytics_db(wh)), read_only=True) as con:
         assert con.sql("select distinct model_version from recommendations_latest").fetchall() == [(1,)]
+
+
+def test_a_forgotten_user_leaves_every_table_and_a_later_ingest_keeps_them_out(published, spark, tmp_path):
+    from infra.tables import FORGOTTEN_ID_PREFIX, QUARANTINE, read_manifest
+    from jobs.forget import run_forget
+    from jobs.ingest import run_ingest
+
+    settings, *_ = published
+    src = settings.paths.warehouse_root
+    wh = tmp_path / "warehouse"
+    for sub in ("events", "quarantine", "sessionized", "training", "serving", "scores", "scores_staged"):
+        if (src / sub).is_dir():
+            shutil.copytree(src / sub, wh / sub, ignore=shutil.ignore_patterns(".*"))
+    shutil.copytree(src / "analytics", wh / "analytics")
+    paths = settings.paths.model_copy(update={"warehouse_root": wh, "quarantine_root": wh / "quarantine"})
+    s = settings.model_copy(update={"paths": paths})
+    run_publish(s, RUN_DATE)  # the copy's own analysts' database, views over the copy
+
+    training = wh / "training" / f"ds={DEMO_DATE}"
+    user_map = pq.read_table(training / "user_map").to_pandas()
+    scored = set(pq.read_table(scores_dir(wh)).column("user_id").to_pylist())
+    user = sorted(scored & set(user_map["user_id"]))[0]
+    idx = int(user_map.loc[user_map["user_id"] == user, "user_idx"].iloc[0])
+    # Two refused lines: one holds the id as a field, one only inside a longer token.
+    qpart = next((wh / "quarantine").glob("source=*/run_date=*"), None) or (
+        wh / "quarantine" / "source=retailrocket_mb" / f"run_date={DEMO_DATE}"
+    )
+    qpart.mkdir(parents=True, exist_ok=True)
+    lines = [f"1442004589439,{user},view,1,", f"1442004589439,{user}7,view,1,"]
+    extra = pa.Table.from_pylist(
+        [
+            {
+                "file": "x.csv",
+                "line_number": n,
+                "raw_line": line,
+                "reason": "unknown_behavior",
+                "detail": None,
+            }
+            for n, line in enumerate(lines, 2)
+        ],
+        schema=pa.schema([f for f in QUARANTINE.arrow_schema() if f.name in QUARANTINE.data_columns]),
+    )
+    pq.write_table(extra, qpart / "extra.parquet")
+
+    def rows_of(folder, column="user_id", value=user):
+        t = pq.read_table(folder, columns=[column]) if any(folder.rglob("*.parquet")) else None
+        return 0 if t is None else sum(v == value for v in t.column(column).to_pylist())
+
+    per_user = {
+        "events": wh / "events",
+        "sessions": wh / "sessionized" / f"ds={DEMO_DATE}" / "sessions",
+        "session_events": wh / "sessionized" / f"ds={DEMO_DATE}" / "session_events",
+        "serving_context": wh / "serving" / f"ds={DEMO_DATE}" / "serving_context",
+        "scores": scores_dir(wh),
+        "scores_staged": wh / "scores_staged",
+    }
+    by_idx = ("interactions", "visited", "heldout", "train_events")
+    before = {name: rows_of(p) for name, p in per_user.items()}
+    before.update({t: rows_of(training / t, "user_idx", idx) for t in by_idx})
+    assert all(before[t] > 0 for t in ("events", "sessions", "serving_context", "scores", "interactions"))
+    totals = {t: pq.read_table(training / t).num_rows for t in by_idx}
+    checksums = read_manifest(training).checksums
+
+    result = run_forget(s, [user])
+
+    assert {name: rows_of(p) for name, p in per_user.items()} == dict.fromkeys(per_user, 0)
+    assert {t: rows_of(training / t, "user_idx", idx) for t in by_idx} == dict.fromkeys(by_idx, 0)
+    assert {t: pq.read_table(training / t).num_rows for t in by_idx} == {
+        t: totals[t] - before[t] for t in by_idx
+    }
+    for t in ("events", "sessions", "scores", "interactions", "train_events"):
+        assert result.removed[t] == before[t], t
+    after_map = pq.read_table(training / "user_map").to_pandas()
+    assert len(after_map) == len(user_map) and user not in set(after_map["user_id"])
+    assert after_map.loc[after_map["user_idx"] == idx, "user_id"].item() == f"{FORGOTTEN_ID_PREFIX}{idx}"
+    manifest = read_manifest(training)
+    assert manifest.checksums["interactions"] != checksums["interactions"]
+    assert manifest.checksums["item_map"] == checksums["item_map"]
+    run_validate(spark, s, "training", RUN_DATE)  # the rewritten bundle passes its suites
+    kept = pq.read_table(qpart, columns=["raw_line"]).column("raw_line").to_pylist()
+    assert lines[0] not in kept and lines[1] in kept
+    assert run_query(s, f"SELECT count(*) FROM dim_users WHERE user_id = '{user}'")[1] == [(0,)]
+    assert run_query(s, f"SELECT count(*) FROM fct_recommendations WHERE user_id = '{user}'")[1] == [(0,)]
+    assert run_query(s, "SELECT count(*) FROM dim_users")[1][0][0] > 0
+
+    again = run_forget(s, [user])  # nothing left to remove: nothing rewritten
+    assert again.removed == {} and again.rewritten == []
+
+    # Ingesting the old raw log again drops the user's rows: counted as forgotten, never published.
+    (ingested,) = run_ingest(spark, s, date.fromisoformat(DEMO_DATE))
+    assert ingested.forgotten >= before["events"] and rows_of(wh / "events") == 0  # (raw duplicates)
