@@ -148,7 +148,12 @@ def default_args(settings: Settings) -> dict[str, Any]:
 
 
 def airflow_env(settings: Settings, config: str | None = None) -> dict[str, str]:
-    """Environment for the ``airflow`` CLI: its home, metadata DB and DAGs under the warehouse."""
+    """Environment for the ``airflow`` CLI: its home, metadata DB and DAGs under the warehouse.
+
+    The metadata DB, the API server's host, the execution API's URL and, with a local Spark master,
+    Spark's local address default to SQLite in the home and the loopback interface; a deployment's
+    environment that sets them wins (``infra/deploy/compose.yaml``: Postgres, services reached by
+    name)."""
     home = Path(settings.airflow.home)
     env = dict(os.environ)
     env.update(
@@ -156,14 +161,21 @@ def airflow_env(settings: Settings, config: str | None = None) -> dict[str, str]
             "AIRFLOW_HOME": str(home),
             "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
             "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(home / "logs"),
-            "AIRFLOW__API__HOST": "127.0.0.1",
-            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": "http://127.0.0.1:8080/execution/",
-            "SPARK_LOCAL_IP": "127.0.0.1",
             "GX_ANALYTICS_ENABLED": "false",
         }
     )
+    local = {
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+        "AIRFLOW__API__HOST": "127.0.0.1",
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": "http://127.0.0.1:8080/execution/",
+    }
+    if settings.spark.master.startswith("local"):
+        # On a cluster the driver must be reachable from the executors: the deployment says how
+        # (SPARK_LOCAL_HOSTNAME, spark.driver.host).
+        local["SPARK_LOCAL_IP"] = "127.0.0.1"
+    for key, value in local.items():
+        env.setdefault(key, value)
     if config:
         env["FUNNELREC_CONFIG"] = str(Path(config).resolve())
     # The venv's bin first: Airflow tasks and spark-submit must find this interpreter's tools.
@@ -294,6 +306,8 @@ def _operator(t: Task, settings: Settings, batched: bool):
     kwargs: dict[str, Any] = {"task_id": t.task_id}
     if t.stage.gpu:
         kwargs.update(pool=cfg.gpu_pool, pool_slots=1)
+        if cfg.gpu_queue:
+            kwargs["queue"] = cfg.gpu_queue
     elif t.step.serial:
         # One slot: two dates (a backfill) never run this step at once.
         kwargs.update(pool=cfg.promote_pool, pool_slots=1)

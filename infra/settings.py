@@ -156,6 +156,7 @@ class AirflowSettings(_Section):
     task_timeout_minutes: float = Field(gt=0)
     gpu_pool: str
     gpu_pool_slots: int = Field(gt=0)
+    gpu_queue: str | None = None
     promote_pool: str
     failure_webhook: str | None = None
     spark_submit_conn_id: str | None = None

@@ -71,6 +71,13 @@ def test_the_generated_dags_have_the_task_ids_and_edges_of_the_hand_written_ones
     assert set(dag.task_ids) == {t for edge in NIGHTLY_EDGES for t in edge}
     for model in ("popularity", "als_multi"):
         assert dag.get_task(f"train_eval.train_{model}").pool == "gpu"
+        assert dag.get_task(f"train_eval.train_{model}").queue == "default"  # airflow.gpu_queue unset
+    queued = dagbag(write_config("graph_gpu_queue", airflow={"gpu_queue": "gpu"})).get_dag(NIGHTLY)
+    assert {t.task_id for t in queued.tasks if t.queue == "gpu"} == {
+        "train_eval.train_popularity",
+        "train_eval.train_als_multi",
+        "train_eval.rank",
+    }
     assert [a.name for a in dag.get_task("train_eval.rank").outlets] == [CHAMPION_ASSET]
     assert dag.get_task("train_eval.promote").outlets == []
     assert (
