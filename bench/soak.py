@@ -2,8 +2,9 @@
 nightly DAG over consecutive dates (``--max-active-runs 1``), each night's promotion triggering
 its scoring run through the champion asset, and retention pruning inside the soak.
 
-What it starts (all in their own process groups, stopped at the end): ``airflow scheduler``,
-``airflow dag-processor`` and ``airflow api-server`` on 127.0.0.1 (tasks talk to its execution API),
+What it starts (all in their own process groups, stopped at the end): the components
+``funnelrec airflow standalone`` runs (``infra.orchestration.airflow_components``: the API server
+on 127.0.0.1, which tasks talk to, DAG processor, scheduler and triggerer without log servers),
 with a LocalExecutor on a SQLite metadata DB in a work folder; the warehouse lives there too. The
 nightly DAG gets ``airflow.end_date`` = the last date and the scoring DAG no cron
 (``scoring_schedule: null``), so the only runs are the backfill's and the ones its promotions
@@ -284,7 +285,7 @@ def main() -> int:
         print(markdown(json.loads(Path(args.table).read_text())))
         return 0
 
-    from infra.orchestration import airflow_env, init_airflow
+    from infra.orchestration import airflow_components, airflow_env, init_airflow
     from infra.settings import load_settings
 
     first = date.fromisoformat(args.first)
@@ -306,11 +307,9 @@ def main() -> int:
     per_date: dict[str, dict] = {d: {"ds": d} for d in dates}
     t0 = time.monotonic()
     try:
-        for name, cmd in (
-            ("api-server", [airflow, "api-server", "--host", "127.0.0.1", "--port", "8080"]),
-            ("dag-processor", [airflow, "dag-processor"]),
-            ("scheduler", [airflow, "scheduler"]),
-        ):
+        # The components `funnelrec airflow standalone` runs, on the loopback interface only.
+        for name, args in airflow_components(settings).items():
+            cmd = [airflow, *args]
             with open(logs / f"{name}.log", "w") as log:  # the child keeps its own descriptor
                 procs[name] = subprocess.Popen(
                     cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True

@@ -147,7 +147,9 @@ def _airflow(
     """Run the `airflow` CLI against this project's local Airflow: AIRFLOW_HOME = airflow.home (default
     warehouse/airflow, SQLite), DAGs from dags/, FUNNELREC_CONFIG = --config. Migrates the metadata DB and
     creates the pools first (idempotent). E.g. `funnelrec airflow dags test funnelrec_nightly 2015-09-18
-    -c '{"ds": "2015-09-18"}'`, `funnelrec airflow standalone`."""
+    -c '{"ds": "2015-09-18"}'`. `funnelrec airflow standalone` is funnelrec's own: the API server (UI)
+    on 127.0.0.1:airflow.api_port, DAG processor, scheduler and triggerer, without the log servers
+    Airflow's standalone opens on every interface; Ctrl-C stops them all."""
     import subprocess
 
     from infra.orchestration import airflow_env, init_airflow
@@ -161,8 +163,13 @@ def _airflow(
                 f"Airflow home ready: {settings.airflow.home} (DAGs: dags/, pool {settings.airflow.gpu_pool})"
             )
             return
-        airflow = str(Path(sys.executable).with_name("airflow"))
-        code = subprocess.run([airflow, *args], env=env).returncode
+        if args == ["standalone"]:
+            from infra.orchestration import serve_airflow
+
+            code = serve_airflow(settings, env)
+        else:
+            airflow = str(Path(sys.executable).with_name("airflow"))
+            code = subprocess.run([airflow, *args], env=env).returncode
     raise typer.Exit(code)
 
 

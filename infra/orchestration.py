@@ -22,10 +22,12 @@ each event's date is scored, oldest first, so no date goes unscored. ``dates`` i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import time
 import urllib.request
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -168,7 +170,8 @@ def airflow_env(settings: Settings, config: str | None = None) -> dict[str, str]
     local = {
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
         "AIRFLOW__API__HOST": "127.0.0.1",
-        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": "http://127.0.0.1:8080/execution/",
+        "AIRFLOW__API__PORT": str(settings.airflow.api_port),
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{settings.airflow.api_port}/execution/",
     }
     if settings.spark.master.startswith("local"):
         # On a cluster the driver must be reachable from the executors: the deployment says how
@@ -221,6 +224,85 @@ def init_airflow(settings: Settings, env: dict[str, str]) -> None:
         [airflow, "pools", "import", str(pools_file)], env=env, check=True, stdout=subprocess.DEVNULL
     )
     stamp.write_text(json.dumps(wanted, indent=2) + "\n")
+
+
+def airflow_components(settings: Settings) -> dict[str, list[str]]:
+    """The Airflow components ``serve_airflow`` starts, in order: name -> ``airflow`` arguments.
+
+    What ``airflow standalone`` runs, bound to the loopback interface: the API server (and UI) on
+    127.0.0.1, and the scheduler and triggerer without the log servers they would otherwise open on
+    every interface (ports 8793 and 8794; Airflow hard-codes their host). On one host the API server
+    reads the task logs from ``<home>/logs`` itself."""
+    return {
+        "api-server": ["api-server", "--host", "127.0.0.1", "--port", str(settings.airflow.api_port)],
+        "dag-processor": ["dag-processor"],
+        "scheduler": ["scheduler", "--skip-serve-logs"],
+        "triggerer": ["triggerer", "--skip-serve-logs"],
+    }
+
+
+def serve_airflow(settings: Settings, env: dict[str, str], startup_seconds: float = 300) -> int:
+    """Run a local Airflow (``airflow_components``) until a component exits or this process gets
+    SIGINT or SIGTERM; then stop every component (its process group: SIGTERM, SIGKILL after 30 s).
+
+    Each component logs to ``<home>/logs/components/<name>.log``. Once the API server answers its
+    health check, prints the UI's address and where Airflow's simple auth manager wrote the admin
+    password. Returns 0 after a signal, 1 when a component exited by itself."""
+    import signal
+
+    home = Path(settings.airflow.home)
+    logs = home / "logs" / "components"
+    logs.mkdir(parents=True, exist_ok=True)
+    airflow = str(Path(sys.executable).with_name("airflow"))
+    procs: dict[str, subprocess.Popen] = {}
+    stopping: list[int] = []
+
+    def on_signal(signum, frame) -> None:
+        stopping.append(signum)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    url = f"http://127.0.0.1:{settings.airflow.api_port}"
+    try:
+        for name, args in airflow_components(settings).items():
+            with open(logs / f"{name}.log", "ab") as log:  # the child keeps its own descriptor
+                procs[name] = subprocess.Popen(
+                    [airflow, *args], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                )
+        deadline, announced = time.monotonic() + startup_seconds, False
+        while not stopping:
+            exited = {n: p.returncode for n, p in procs.items() if p.poll() is not None}
+            if exited:
+                name, code = next(iter(exited.items()))
+                print(f"airflow {name} exited ({code}); stopping the others. Log: {logs / name}.log")
+                return 1
+            if not announced:
+                try:
+                    with urllib.request.urlopen(f"{url}/api/v2/monitor/health", timeout=2) as r:
+                        announced = r.status == 200
+                except OSError:
+                    if time.monotonic() > deadline:
+                        print(f"the API server did not answer in {startup_seconds:.0f} s: see {logs}")
+                        return 1
+                if announced:
+                    passwords = home / "simple_auth_manager_passwords.json.generated"
+                    login = f"; admin login in {passwords}" if passwords.is_file() else ""
+                    print(f"Airflow is up on {url} (loopback only){login}; logs in {logs}", flush=True)
+            time.sleep(1)
+        return 0
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGTERM)
+        for p in procs.values():
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 #: The DAGs ``run_dags`` runs by default: the nightly one, then the scoring one its champion asset

@@ -158,6 +158,7 @@ class AirflowSettings(_Section):
     gpu_pool_slots: int = Field(gt=0)
     gpu_queue: str | None = None
     promote_pool: str
+    api_port: int = Field(gt=0, lt=65536)
     failure_webhook: str | None = None
     spark_submit_conn_id: str | None = None
 

@@ -13,6 +13,7 @@ import pytest
 from infra.orchestration import CHAMPION_ASSET
 from infra.tables import TRAINING, scores_dir
 from tests import stage_plugin
+from tests.conftest import REPO
 from tests.dags.conftest import DATE, NEWCOMER, ROOT, dagbag, with_newcomer, write_config
 from training.data import ids
 
@@ -288,3 +289,62 @@ def test_etl_through_spark_submit_gives_the_in_process_tables_and_runs_an_added_
     expected = json.loads((TRAINING.dir(reference, DATE) / "manifest.json").read_text())["checksums"]
     assert submitted == expected
     os.environ.pop("FUNNELREC_CONFIG", None)
+
+
+def test_funnelrec_airflow_standalone_listens_on_loopback_only_and_stops_everything_it_started(airflow_db):
+    """Airflow's own `standalone` opens the scheduler's and triggerer's log servers on every
+    interface; funnelrec's starts the same components with every listening socket on 127.0.0.1."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    import psutil
+
+    from tests.registry.conftest import _free_port
+
+    port = _free_port()
+    config = write_config("standalone", airflow={"api_port": port})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "infra.cli", "--config", str(config), "airflow", "standalone"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline, health = time.monotonic() + 240, {}
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v2/monitor/health", timeout=2) as r:
+                    health = json.load(r)
+            except OSError:
+                pass
+            if all(
+                health.get(c, {}).get("status") == "healthy"
+                for c in ("scheduler", "triggerer", "dag_processor")
+            ):
+                break
+            time.sleep(1)
+        assert proc.poll() is None, proc.stdout.read()
+        assert all(health[c]["status"] == "healthy" for c in ("scheduler", "triggerer", "dag_processor")), (
+            health
+        )
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        listening = {
+            (c.laddr.ip, c.laddr.port)
+            for p in tree
+            for c in p.net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN
+        }
+        assert (("127.0.0.1", port)) in listening
+        assert all(ip in ("127.0.0.1", "::1") for ip, _ in listening), listening
+        started = [p.pid for p in tree[1:]]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=90)
+    assert proc.returncode == 0 and f"127.0.0.1:{port} (loopback only)" in out, out
+    _, alive = psutil.wait_procs([psutil.Process(p) for p in started if psutil.pid_exists(p)], timeout=10)
+    assert alive == [], alive
