@@ -1,0 +1,128 @@
+"""Run by ``tests/spark/test_cluster.py`` in a process of its own (a process has one SparkContext,
+and the test session's is on ``local[2]``): the Spark stages of a date on the standalone cluster
+the settings name, then one job during which a worker is killed. Prints what it saw as JSON.
+
+    python -m tests.spark.cluster_run --config CFG --date D --kill-pgid PID
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+from datetime import date
+from pathlib import Path
+
+from infra.settings import load_settings
+from infra.spark import get_spark
+from infra.tables import events_dir
+
+KILL_GROUP = "killed-worker"
+
+
+def _executors(sc) -> int:
+    return sc._jsc.sc().getExecutorMemoryStatus().size() - 1  # less the driver
+
+
+def killed_worker_job(spark, events: Path, pgid: int) -> dict:
+    """Copy the events through eight slow tasks on the cluster's two one-core workers; once two
+    tasks run, SIGKILL the process group ``pgid`` (a worker and its executor). Returns what the
+    status tracker saw and the row checksums of the input and the output."""
+    import os
+    import signal
+
+    from pyspark.sql import functions as F
+
+    sc = spark.sparkContext
+    tracker = sc.statusTracker()
+    rows = spark.read.parquet(str(events)).repartition(8, "user_id")
+    executors_before = _executors(sc)
+    killed: dict = {}
+
+    def kill_when_running() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            for job in tracker.getJobIdsForGroup(KILL_GROUP):
+                info = tracker.getJobInfo(job)
+                for stage_id in info.stageIds if info else ():
+                    stage = tracker.getStageInfo(stage_id)
+                    if stage and stage.numActiveTasks >= 2:
+                        time.sleep(0.5)  # both slots are inside their tasks' sleep
+                        os.killpg(pgid, signal.SIGKILL)
+                        killed.update(stage=stage_id, at_completed=stage.numCompletedTasks)
+                        return
+            time.sleep(0.1)
+
+    def slow(batch):
+        time.sleep(1.5)
+        yield from batch
+
+    def checksum(df) -> int:
+        h = F.xxhash64(*df.columns)
+        r = df.agg(F.sum(h.bitwiseAND(F.lit(0xFFFFFFFF))), F.sum(F.shiftrightunsigned(h, 32)), F.count("*"))
+        lo, hi, n = r.first()
+        return [(lo + (hi << 32)) % (1 << 64), n]
+
+    expected = checksum(rows)
+    killer = threading.Thread(target=kill_when_running, daemon=True)
+    killer.start()
+    sc.setJobGroup(KILL_GROUP, "a worker is killed during this job")
+    copied = spark.createDataFrame(rows.rdd.mapPartitions(slow), rows.schema)
+    got = checksum(copied)
+    sc.setLocalProperty("spark.jobGroup.id", None)
+    killer.join(timeout=5)
+    stages = [
+        tracker.getStageInfo(s)
+        for job in tracker.getJobIdsForGroup(KILL_GROUP)
+        for s in (tracker.getJobInfo(job).stageIds if tracker.getJobInfo(job) else ())
+    ]
+    return {
+        "killed": killed,
+        "executors_before": executors_before,
+        "executors_after": _executors(sc),
+        "failed_tasks": sum(s.numFailedTasks for s in stages if s),
+        "tasks": sum(s.numTasks for s in stages if s),
+        "expected": expected,
+        "got": got,
+    }
+
+
+def main() -> int:
+    from jobs.context import run_context
+    from jobs.ingest import run_ingest
+    from jobs.sessionize import run_sessionize
+    from jobs.split import run_split
+    from training.score import run_score
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--date", required=True)
+    ap.add_argument("--kill-pgid", type=int, required=True)
+    args = ap.parse_args()
+    settings = load_settings(args.config, environ={})
+    ds = date.fromisoformat(args.date)
+    spark = get_spark(settings)
+    seconds = {}
+    for name, step in (
+        ("ingest", lambda: run_ingest(spark, settings, ds)),
+        ("sessionize", lambda: run_sessionize(spark, settings, ds)),
+        ("split", lambda: run_split(spark, settings, ds)),
+        ("context", lambda: run_context(spark, settings, ds)),
+        ("score", lambda: run_score(settings, ds, path="spark", spark=spark)),
+    ):
+        t = time.monotonic()
+        step()
+        seconds[name] = round(time.monotonic() - t, 1)
+    out = {
+        "master": spark.sparkContext.master,
+        "seconds": seconds,
+        "kill": killed_worker_job(spark, events_dir(settings.paths.warehouse_root), args.kill_pgid),
+    }
+    print(json.dumps(out))
+    spark.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
