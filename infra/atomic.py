@@ -13,6 +13,7 @@ import ctypes
 import errno
 import os
 import shutil
+import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,12 +74,37 @@ def swap_in(staged: Path, target: Path) -> None:
     shutil.rmtree(trash)
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this host (one of another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+#: This host in scratch names: a warehouse shared by several hosts has scratch folders of each.
+_HOST = socket.gethostname().replace(".", "_") or "host"
+
+
+def _remove_orphans(staging_root: Path) -> None:
+    """Delete scratch folders of this host whose process is gone (killed before its clean-up)."""
+    for p in staging_root.iterdir():
+        parts = p.name.rsplit(".", 3)
+        if len(parts) == 4 and parts[1] == _HOST and parts[2].isdigit() and not pid_alive(int(parts[2])):
+            shutil.rmtree(p, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def scratch_dir(parent: Path, name: str) -> Iterator[Path]:
-    """Yield a not-yet-existing path under ``parent/.staging`` (same filesystem); removed on exit."""
+    """Yield a not-yet-existing path under ``parent/.staging`` (same filesystem); removed on exit.
+    Scratch folders that a killed process of this host left there are removed first."""
     staging_root = Path(parent) / STAGING
     staging_root.mkdir(parents=True, exist_ok=True)
-    scratch = staging_root / f"{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    _remove_orphans(staging_root)
+    scratch = staging_root / f"{name}.{_HOST}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
     try:
         yield scratch
     finally:

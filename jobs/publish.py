@@ -229,7 +229,11 @@ def build_analytics(settings: Settings, run_date: date) -> Path:
     target = analytics_db(wh)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
+    for stale in target.parent.glob(f".{target.name}.*.tmp"):
+        # Left by a publish that was killed before its rename (its process is gone): never read.
+        pid = stale.name.rsplit(".", 2)[-2]
+        if stale == tmp or not pid.isdigit() or not atomic.pid_alive(int(pid)):
+            stale.unlink(missing_ok=True)
     scores = scores_dir(wh)
     serving = Path(wh) / SERVING.name
     if not SERVING.dir(wh, run_date).exists():

@@ -478,3 +478,91 @@ def test_a_forgotten_user_leaves_every_table_and_a_later_ingest_keeps_them_out(p
     # Ingesting the old raw log again drops the user's rows: counted as forgotten, never published.
     (ingested,) = run_ingest(spark, s, date.fromisoformat(DEMO_DATE))
     assert ingested.forgotten >= before["events"] and rows_of(wh / "events") == 0  # (raw duplicates)
+
+
+def _killed_midway(cmd: list[str], started, what: str) -> None:
+    """Run ``cmd`` (its own process group) and SIGKILL the group once ``started()`` is true."""
+    import os
+
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.monotonic() + 240
+    while not started() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, f"{what} finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _fingerprint(folder) -> dict[str, str]:
+    import hashlib
+
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_kill_9_of_sessionize_or_publish_leaves_the_published_outputs_and_a_rerun_gives_the_same(
+    published, spark, tmp_path
+):
+    from jobs.sessionize import run_sessionize
+
+    settings, *_ = published
+    wh = settings.paths.warehouse_root
+    cfg = tmp_path / "settings.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "paths": {"warehouse_root": str(wh), "data_root": str(settings.paths.data_root)},
+                "pipeline": {"sources": list(settings.pipeline.sources)},
+                "sessionize": settings.sessionize.model_dump(),
+                "mlflow": {"registered_model": "scoring", "experiment": "scoring"},
+                "spark": {"master": "local[1]"},
+            }
+        )
+    )
+    cli = [sys.executable, "-m", "infra.cli", "--config", str(cfg)]
+
+    # sessionize, killed while it writes its staged bundle
+    bundle = wh / "sessionized" / f"ds={DEMO_DATE}"
+    before = _fingerprint(bundle)
+    rows = {t: _sorted(pq.read_table(bundle / t).to_pandas()) for t in ("sessions", "session_events")}
+    staging = wh / "sessionized" / ".staging"
+    _killed_midway(
+        [*cli, "sessionize", "--date", DEMO_DATE],
+        lambda: staging.exists() and any(p.suffix == ".parquet" for p in staging.rglob("*")),
+        "sessionize",
+    )
+    assert _fingerprint(bundle) == before  # the published bundle: untouched, every file readable
+    assert all(len(pq.read_table(bundle / t)) == len(rows[t]) for t in rows)
+    run_sessionize(spark, settings, RUN_DATE)  # the rerun
+    for t, frame in rows.items():
+        pd.testing.assert_frame_equal(_sorted(pq.read_table(bundle / t).to_pandas()), frame, obj=t)
+    assert list(staging.iterdir()) == []  # the killed run's scratch folder went with the rerun
+
+    # publish, killed while it builds the analysts' database (after the scores' swap)
+    db = analytics_db(wh)
+    query = "select count(*), sum(hash(user_id, item_id, rank)) from fct_recommendations"
+    with duckdb.connect(str(db), read_only=True) as con:
+        marts = con.execute(query).fetchone()
+    scores_before = _fingerprint(scores_dir(wh))
+    _killed_midway(
+        [*cli, "publish", "--date", DEMO_DATE],
+        lambda: any(db.parent.glob(f".{db.name}.*.tmp")),
+        "publish",
+    )
+    with duckdb.connect(str(db), read_only=True) as con:  # the previous database, whole
+        assert con.execute(query).fetchone() == marts
+    assert _fingerprint(scores_dir(wh)) == scores_before
+    run_publish(settings, RUN_DATE)  # the rerun: the same rows, the killed run's temporary file gone
+    with duckdb.connect(str(db), read_only=True) as con:
+        assert con.execute(query).fetchone() == marts
+    assert _fingerprint(scores_dir(wh)) == scores_before
+    assert [p.name for p in db.parent.iterdir()] == [db.name]
+
+
+def _sorted(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.sort_values(list(frame.columns)).reset_index(drop=True)

@@ -129,3 +129,28 @@ def test_outcomes_count_a_hit_exactly_when_the_item_was_bought_in_the_n_days_aft
     assert con.sql("select distinct days_observed, complete from fct_recommendation_outcomes").fetchall() == [
         (8, False)
     ]
+
+
+def test_scratch_folders_of_killed_processes_of_this_host_are_removed_and_no_other(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from infra.atomic import _HOST, STAGING, scratch_dir
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead_pid = int(dead.stdout)
+    staging = tmp_path / STAGING
+    orphan = staging / f"ds=2026-01-01.{_HOST}.{dead_pid}.0badf00d"
+    running = staging / f"ds=2026-01-01.{_HOST}.{os.getpid()}.0badf00d"
+    elsewhere = staging / f"ds=2026-01-01.other_host.{dead_pid}.0badf00d"
+    previous = staging / "ds=2026-01-01.previous"  # a fallback swap's trash: recover() owns it
+    for p in (orphan, running, elsewhere, previous):
+        (p / "part").mkdir(parents=True)
+    with scratch_dir(tmp_path, "ds=2026-01-02") as scratch:
+        scratch.mkdir()
+        assert sorted(p.name for p in staging.iterdir()) == sorted(
+            [running.name, elsewhere.name, previous.name, scratch.name]
+        )
