@@ -166,6 +166,30 @@ def _materialized(df: DataFrame) -> DataFrame:
     return _counted(df)[0]
 
 
+def contiguous_index(df: DataFrame, key: str, name: str, cached: list[DataFrame]) -> DataFrame:
+    """``df`` (one row per distinct ``key``) with ``name`` = 0..n-1 in ``key`` order, without a
+    global window (which orders every row in one task): the rows are range-partitioned and sorted
+    by ``key``, each partition numbers its own rows, and each number is offset by the row counts of
+    the partitions before it (one row per partition reaches the driver). The ranged rows are cached
+    (added to ``cached``) so that the counts and the numbering read the same partitions."""
+    parts = max(int(df.sparkSession.conf.get("spark.sql.shuffle.partitions")), 1)
+    ranged = df.repartitionByRange(parts, key).withColumn("_part", F.spark_partition_id())
+    ranged = _materialized(ranged)
+    cached.append(ranged)
+    counts = sorted((r["_part"], r["count"]) for r in ranged.groupBy("_part").count().collect())
+    offsets, total = [], 0
+    for part, n in counts:
+        offsets.append((part, total))
+        total += n
+    offset = df.sparkSession.createDataFrame(offsets, "_part int, _offset long")
+    within = F.row_number().over(Window.partitionBy("_part").orderBy(key))
+    return (
+        ranged.join(F.broadcast(offset), "_part")
+        .withColumn(name, (F.col("_offset") + within - 1).cast("int"))
+        .drop("_part", "_offset")
+    )
+
+
 @dataclass
 class Split:
     """What ``split_events`` returns.
@@ -291,7 +315,7 @@ def build_training_tables(events: DataFrame, params: SplitParams) -> TrainingTab
     # one large cache.
 
     users = train.select("user_id").distinct()
-    user_map = users.withColumn("user_idx", (F.row_number().over(Window.orderBy("user_id")) - 1).cast("int"))
+    user_map = contiguous_index(users, "user_id", "user_idx", cached)
     # One pass over the events for the items and their categories (a null category counts too, so
     # an item seen only without one still gets an index).
     item_cats = _materialized(train.groupBy("item_id", "category_id").count())
@@ -304,11 +328,8 @@ def build_training_tables(events: DataFrame, params: SplitParams) -> TrainingTab
         .filter("_r = 1")
         .select("item_id", "category_id")
     )
-    item_map = (
-        item_cats.select("item_id")
-        .distinct()
-        .withColumn("item_idx", (F.row_number().over(Window.orderBy("item_id")) - 1).cast("int"))
-        .join(top_cat, "item_id", "left")
+    item_map = contiguous_index(item_cats.select("item_id").distinct(), "item_id", "item_idx", cached).join(
+        top_cat, "item_id", "left"
     )
     user_map, item_map = _materialized(user_map), _materialized(item_map)
     # item_cats stays cached until the bundle is published: unpersisting a frame makes Spark drop

@@ -413,3 +413,19 @@ def test_member_tmall_split_reproduces_the_pair_counts(spark, make_settings):
     # Without the click file most test purchases are unvisited (the notes: visited sets are smaller).
     assert test["unvisited"] > test["visited"] > 0
     assert set(m["leakage"].values()) == {0}
+
+
+def test_the_id_index_is_contiguous_in_id_order_across_partitions_without_a_global_window(spark):
+    from jobs.split import contiguous_index
+
+    ids = [f"u{n:05d}" for n in range(2_000)]
+    shuffled = sorted(ids, key=lambda s: hash(s) % 977)
+    df = spark.createDataFrame([(i,) for i in shuffled], "user_id string").repartition(7)
+    cached: list = []
+    indexed = contiguous_index(df, "user_id", "user_idx", cached)
+    rows = sorted((r["user_idx"], r["user_id"]) for r in indexed.collect())
+    assert rows == list(enumerate(ids))
+    plan = indexed._jdf.queryExecution().executedPlan().toString()
+    assert "SinglePartition" not in plan  # no step orders every row in one task
+    for df_ in cached:
+        df_.unpersist()
