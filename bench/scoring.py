@@ -170,7 +170,9 @@ os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 import pandas as pd
 import mlflow
 from pyspark.sql import SparkSession
+from pyspark.sql import types as T
 from bench.scoring import synthetic
+from infra.tables import CONTEXT_INPUT, SERVING_CONTEXT
 from training.artifacts import save_trained
 from training.data import load_training_data, tables_of, write_training_bundle
 from training.pyfunc import log_pyfunc
@@ -194,9 +196,12 @@ champion = Champion(uri, "bench", 1, run.info.run_id, "als_multi", "bench")
 users = pd.DataFrame({{"user_id": [f"u{{u}}" for u in range({users})]}})
 for column in ("visited", "bought", "history_items", "history_behaviors"):
     users[column] = [[] for _ in range(len(users))]
+users["history_times"] = [[] for _ in range(len(users))]
+schema = T.StructType([f for f in SERVING_CONTEXT.spark_schema() if f.name in CONTEXT_INPUT])
+sdf = spark.createDataFrame(users[list(CONTEXT_INPUT)], schema)
 catalogue = [f"i{{i}}" for i in range({items})]
 t0 = time.perf_counter()
-rows, _, _ = spark_score(spark, champion, users, catalogue, tmp / "scores", {k}, 4096)
+rows, _, _ = spark_score(spark, champion, sdf, catalogue, tmp / "scores", {k}, 4096)
 dt = time.perf_counter() - t0
 print("RESULT " + json.dumps({{"score_seconds": dt, "rows": rows}}))
 """

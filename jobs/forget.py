@@ -335,7 +335,7 @@ def _forget_in_training(settings: Settings, folder: Path, ids: pa.Array) -> dict
             elif p.name != MANIFEST_FILE and not p.name.endswith(".crc"):
                 shutil.copy2(p, staged / p.name)
         write_manifest(staged, _manifest_of(settings, staged, manifest))
-    removed["user_map (ids replaced)"] = hit.num_rows
+    removed["user_map_tombstoned"] = hit.num_rows
     removed.pop(USER_MAP.name, None)
     return removed
 

@@ -7,9 +7,11 @@ never recommends what the user bought in the context window, and gives every use
 cannot score and ranks it leaves short come from the fallback (the catalogue's popularity order,
 ``expert = "fallback"``; see ``training.pyfunc``).
 
-Two paths give the same rows: ``local`` (one process, batched; CUDA when present) and ``spark``
-(``mapInPandas``; the downloaded model is broadcast to the executors as a tarball and loaded once
-per Python worker). Both call ``score_frame``. Output: the ``scores`` table, written to
+Two paths give the same rows: ``local`` (one process, CUDA when present; the serving context read
+and scored ``scoring.batch_size`` users at a time, each batch's rows appended to the output file,
+so memory holds one batch and the catalogue) and ``spark`` (the serving context read by Spark and
+scored with ``mapInPandas``; the downloaded model is broadcast to the executors as a tarball and
+loaded once per Python worker; no user passes through the driver). Both call ``score_frame``. Output: the ``scores`` table, written to
 ``scores_staged/ds=<d>`` for validation; ``publish`` moves it into ``scores/``.
 """
 
@@ -20,6 +22,7 @@ import io
 import json
 import tarfile
 import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -114,21 +117,43 @@ def champion(settings: Settings) -> Champion:
 
 def serving_inputs(settings: Settings, run_date: date) -> tuple[pd.DataFrame, list[str]]:
     """The date's active users with their context (``CONTEXT_INPUT``, sorted by user) and its
-    catalogue (item ids, most popular first)."""
+    catalogue (item ids, most popular first), all in memory: for inspection and tests; scoring
+    reads them in batches (``serving_batches``) or with Spark (``serving_users_spark``)."""
     bundle = SERVING.dir(settings.paths.warehouse_root, run_date)
     if not bundle.exists():
         raise FileNotFoundError(
             f"no serving context for {run_date} at {bundle}: run `funnelrec context --date {run_date}` first"
         )
-    present = set(pq.read_schema(next((bundle / SERVING_CONTEXT.name).glob("*.parquet"))).names)
-    columns = [c for c in CONTEXT_INPUT if c in present or c not in CONTEXT_OPTIONAL]
-    users = pq.read_table(bundle / SERVING_CONTEXT.name, columns=columns).to_pandas()
-    for col in CONTEXT_INPUT[1:]:
-        # A serving bundle built before an optional column existed has none: empty lists.
-        users[col] = users[col].map(list) if col in users else [[] for _ in range(len(users))]
-    users = users.sort_values("user_id").reset_index(drop=True)
-    items = pq.read_table(bundle / CATALOGUE.name, columns=["item_id", "popularity_rank"]).to_pandas()
-    return users, items.sort_values("popularity_rank")["item_id"].tolist()
+    users = pd.concat(list(serving_batches(settings, run_date, 65_536)), ignore_index=True)
+    return users.sort_values("user_id").reset_index(drop=True), serving_catalogue(settings, run_date)
+
+
+def serving_batches(settings: Settings, run_date: date, rows: int) -> Iterator[pd.DataFrame]:
+    """The date's active users with their context (``CONTEXT_INPUT``), at most ``rows`` at a time,
+    file by file of the serving context: what the local path holds at once is one batch."""
+    bundle = SERVING.dir(settings.paths.warehouse_root, run_date)
+    files = sorted((bundle / SERVING_CONTEXT.name).glob("*.parquet"))
+    for f in files:
+        pf = pq.ParquetFile(f)
+        columns = [c for c in CONTEXT_INPUT if c in pf.schema_arrow.names or c not in CONTEXT_OPTIONAL]
+        for batch in pf.iter_batches(batch_size=rows, columns=columns):
+            users = batch.to_pandas()
+            for col in CONTEXT_INPUT[1:]:
+                users[col] = users[col].map(list) if col in users else [[] for _ in range(len(users))]
+            yield users
+
+
+def serving_users_spark(spark, settings: Settings, run_date: date):
+    """The date's active users with their context (``CONTEXT_INPUT``) as a Spark DataFrame: the
+    Spark path reads them on the executors, never through the driver."""
+    from pyspark.sql import functions as F
+
+    bundle = SERVING.dir(settings.paths.warehouse_root, run_date)
+    sdf = SERVING_CONTEXT.read_spark(spark, bundle / SERVING_CONTEXT.name)
+    types = {f.name: f.dataType for f in SERVING_CONTEXT.spark_schema()}
+    # A bundle built before an optional column existed reads it as null: empty lists.
+    return sdf.select(*(F.coalesce(F.col(c), F.array().cast(types[c])).alias(c) if c != "user_id" else c
+                        for c in CONTEXT_INPUT))  # fmt: skip
 
 
 def score_frame(model, users: pd.DataFrame, catalogue: list[str], k: int, batch_size: int) -> pd.DataFrame:
@@ -155,11 +180,32 @@ def _lineage(frame: pd.DataFrame, champ: Champion) -> pd.DataFrame:
     return out.sort_values(["user_id", "rank"]).reset_index(drop=True)
 
 
-def _write_local(frame: pd.DataFrame, target: Path) -> None:
-    table = pa.Table.from_pandas(frame, schema=SCORES.arrow_schema(), preserve_index=False)
+def serving_catalogue(settings: Settings, run_date: date) -> list[str]:
+    """The date's catalogue, most popular first (what may be recommended; the fallback's order)."""
+    bundle = SERVING.dir(settings.paths.warehouse_root, run_date)
+    items = pq.read_table(bundle / CATALOGUE.name, columns=["item_id", "popularity_rank"]).to_pandas()
+    return items.sort_values("popularity_rank")["item_id"].tolist()
+
+
+def _score_local(
+    model, champ: Champion, batches: Iterable[pd.DataFrame], catalogue: list[str], target: Path, cfg
+) -> tuple[int, int, int, int]:
+    """Score batch after batch, appending each batch's rows to one file (staged, then swapped in).
+    Returns (active users, rows, users scored, fallback rows)."""
+    active = rows = scored = fallback = 0
     with atomic.staged_dir(target) as staged:
         staged.mkdir(parents=True)
-        pq.write_table(table, staged / "part-00000.parquet")
+        with pq.ParquetWriter(staged / "part-00000.parquet", SCORES.arrow_schema()) as out:
+            for users in batches:
+                frame = _lineage(score_frame(model, users, catalogue, cfg.k, cfg.batch_size), champ)
+                out.write_table(
+                    pa.Table.from_pandas(frame, schema=SCORES.arrow_schema(), preserve_index=False)
+                )
+                active += len(users)
+                rows += len(frame)
+                scored += frame["user_id"].nunique()
+                fallback += int((frame["expert"] == FALLBACK).sum())
+    return active, rows, scored, fallback
 
 
 def run_score(settings: Settings, run_date: date, path: str | None = None, spark=None) -> dict[str, Any]:
@@ -177,20 +223,26 @@ def run_score(settings: Settings, run_date: date, path: str | None = None, spark
         if path == "spark" and spark is None:
             raise ValueError("the spark scoring path needs a SparkSession")
         model = load_for_scoring(champ.uri)  # refuses a wrong signature before any scoring starts
-        users, catalogue = serving_inputs(settings, run_date)
+        bundle = SERVING.dir(settings.paths.warehouse_root, run_date)
+        if not bundle.exists():
+            raise FileNotFoundError(
+                f"no serving context for {run_date} at {bundle}: run `funnelrec context --date {run_date}` first"
+            )
+        catalogue = serving_catalogue(settings, run_date)
         if path == "local":
-            frame = _lineage(score_frame(model, users, catalogue, cfg.k, cfg.batch_size), champ)
-            _write_local(frame, target)
-            rows, scored = len(frame), frame["user_id"].nunique()
-            fallback = int((frame["expert"] == FALLBACK).sum())
+            active, rows, scored, fallback = _score_local(
+                model, champ, serving_batches(settings, run_date, cfg.batch_size), catalogue, target, cfg
+            )
         else:
+            users = serving_users_spark(spark, settings, run_date)
+            active = users.count()
             rows, scored, fallback = spark_score(
                 spark, champ, users, catalogue, target, cfg.k, cfg.batch_size
             )
         counts.update(
             model=champ.model,
             version=champ.version,
-            active_users=len(users),
+            active_users=active,
             scored_users=scored,
             rows=rows,
             fallback_rows=fallback,
@@ -199,7 +251,7 @@ def run_score(settings: Settings, run_date: date, path: str | None = None, spark
         "path": str(target),
         "champion": champ.__dict__,
         "served": served,
-        "active_users": len(users),
+        "active_users": active,
         "scored_users": scored,
         "rows": rows,
         "fallback_rows": fallback,
@@ -234,10 +286,11 @@ def _executor_model(blob: bytes):
 
 
 def spark_score(
-    spark, champ: Champion, users: pd.DataFrame, catalogue: list[str], target: Path, k: int, batch_size: int
+    spark, champ: Champion, users, catalogue: list[str], target: Path, k: int, batch_size: int
 ) -> tuple[int, int, int]:
-    """Score ``users`` on the executors; write the partition with Spark. Returns (rows, users
-    scored, fallback rows)."""
+    """Score ``users`` (a Spark DataFrame of ``CONTEXT_INPUT``) on the executors; write the
+    partition with Spark. Nothing per user passes through the driver. Returns (rows, users scored,
+    fallback rows)."""
     from pyspark.sql import functions as F
     from pyspark.sql import types as T
 
@@ -253,10 +306,7 @@ def spark_score(
             yield score_frame(model, pdf, items.value, k, batch_size)
 
     parallelism = max(spark.sparkContext.defaultParallelism, 1)
-    context_schema = T.StructType([f for f in SERVING_CONTEXT.spark_schema() if f.name in CONTEXT_INPUT])
-    sdf = spark.createDataFrame(users[list(CONTEXT_INPUT)], context_schema).repartition(
-        parallelism, "user_id"
-    )
+    sdf = users.select(*CONTEXT_INPUT).repartition(parallelism, "user_id")
     out = (
         sdf.mapInPandas(score_partition, schema)
         .withColumn("rank", F.col("rank").cast("int"))

@@ -24,7 +24,7 @@ from jobs.context import run_context
 from jobs.publish import QueryError, analyst_connection, run_publish, run_query
 from tests.conftest import DEMO_DATE, REPO
 from training.registry import promote, register
-from training.score import run_score, serving_inputs
+from training.score import run_score, serving_batches, serving_inputs
 from training.train_evaluate import run_evaluate, run_train
 from validation.runner import ValidationFailed
 from validation.validate import run_validate
@@ -76,6 +76,12 @@ def test_local_and_spark_paths_give_identical_top_k(published, spark):
     run_score(settings, RUN_DATE, path="spark", spark=spark)
     remote = _staged(settings)
     pd.testing.assert_frame_equal(remote[local.columns], local, check_exact=True)
+    # The local path holds one batch of users at a time: any batch size gives the same rows.
+    small = settings.model_copy(update={"scoring": settings.scoring.model_copy(update={"batch_size": 97})})
+    assert max(len(b) for b in serving_batches(small, RUN_DATE, 97)) <= 97
+    again = run_score(small, RUN_DATE, path="local")
+    assert again["active_users"] == result["active_users"] and again["rows"] == result["rows"]
+    pd.testing.assert_frame_equal(_staged(settings)[local.columns], local, check_exact=True)
     shutil.rmtree(scores_staged_dir(settings.paths.warehouse_root, DEMO_DATE))
 
 
