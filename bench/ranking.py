@@ -88,7 +88,9 @@ def run(
             and (previous["users"], previous["items"]) == (full.n_users, full.n_items)
         )
         if not same:
-            raise SystemExit("--resume: the saved run has another benchmark, retriever, variants or epoch cap")
+            raise SystemExit(
+                "--resume: the saved run has another benchmark, retriever, variants or epoch cap"
+            )
         done = set.intersection(*({r["seed"] for r in v["runs"]} for v in previous["variants"].values()))
         for name in variants:
             runs = [r for r in previous["variants"][name]["runs"] if r["seed"] in done and r["seed"] in seeds]
