@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import threading
 import time
 from datetime import date
@@ -27,8 +28,9 @@ def _executors(sc) -> int:
 
 def killed_worker_job(spark, events: Path, pgid: int) -> dict:
     """Copy the events through eight slow tasks on the cluster's two one-core workers; once two
-    tasks run, SIGKILL the process group ``pgid`` (a worker and its executor). Returns what the
-    status tracker saw and the row checksums of the input and the output."""
+    tasks run, SIGKILL the process group ``pgid`` (a worker and its executor). Returns the
+    executors before and after, how many task runs started (each writes a file: a lost task that
+    runs again counts twice), and the row checksums of the input and the output."""
     import os
     import signal
 
@@ -54,7 +56,15 @@ def killed_worker_job(spark, events: Path, pgid: int) -> dict:
                         return
             time.sleep(0.1)
 
+    marks = Path(tempfile.mkdtemp(prefix="funnelrec-task-runs-"))
+
     def slow(batch):
+        import uuid
+
+        from pyspark import TaskContext
+
+        tc = TaskContext.get()  # one file per task run: a re-run of a lost task adds one
+        (marks / f"p{tc.partitionId()}-a{tc.attemptNumber()}-{uuid.uuid4().hex[:6]}").touch()
         time.sleep(1.5)
         yield from batch
 
@@ -82,7 +92,8 @@ def killed_worker_job(spark, events: Path, pgid: int) -> dict:
         "executors_before": executors_before,
         "executors_after": _executors(sc),
         "failed_tasks": sum(s.numFailedTasks for s in stages if s),
-        "tasks": sum(s.numTasks for s in stages if s),
+        "partitions": copied.rdd.getNumPartitions(),
+        "task_runs": len(list(marks.iterdir())),
         "expected": expected,
         "got": got,
     }
