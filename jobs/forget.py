@@ -282,8 +282,7 @@ def run_forget(settings: Settings, users: list[str], source: str | None = None) 
 def _rewrite_bundle(folder: Path, masks: dict[str, Mask]) -> dict[str, int]:
     """Rewrite the bundle ``folder`` (tables in subfolders) without the rows each table's mask
     selects, as one atomic swap; untouched when no table holds any such row."""
-    columns = {"user_id"}
-    found = {t: _count(folder / t, sorted(columns), m) for t, m in masks.items() if (folder / t).is_dir()}
+    found = {t: _count(folder / t, ["user_id"], m) for t, m in masks.items() if (folder / t).is_dir()}
     if not any(found.values()):
         return {}
     removed: dict[str, int] = {}

@@ -169,11 +169,17 @@ def _materialized(df: DataFrame) -> DataFrame:
 def contiguous_index(df: DataFrame, key: str, name: str, cached: list[DataFrame]) -> DataFrame:
     """``df`` (one row per distinct ``key``) with ``name`` = 0..n-1 in ``key`` order, without a
     global window (which orders every row in one task): the rows are range-partitioned and sorted
-    by ``key``, each partition numbers its own rows, and each number is offset by the row counts of
-    the partitions before it (one row per partition reaches the driver). The ranged rows are cached
-    (added to ``cached``) so that the counts and the numbering read the same partitions."""
+    by ``key``; each row's position in its partition comes from ``monotonically_increasing_id``
+    (the partition id in the upper bits, the position in the lower ones) and is offset by the row
+    counts of the partitions before it (one row per partition reaches the driver). The numbered
+    rows are cached (added to ``cached``) so that the counts and the index read the same rows."""
     parts = max(int(df.sparkSession.conf.get("spark.sql.shuffle.partitions")), 1)
-    ranged = df.repartitionByRange(parts, key).withColumn("_part", F.spark_partition_id())
+    ranged = (
+        df.repartitionByRange(parts, key)
+        .sortWithinPartitions(key)
+        .withColumn("_part", F.spark_partition_id())
+        .withColumn("_pos", F.monotonically_increasing_id() - F.shiftleft(F.col("_part").cast("long"), 33))
+    )
     ranged = _materialized(ranged)
     cached.append(ranged)
     counts = sorted((r["_part"], r["count"]) for r in ranged.groupBy("_part").count().collect())
@@ -182,11 +188,10 @@ def contiguous_index(df: DataFrame, key: str, name: str, cached: list[DataFrame]
         offsets.append((part, total))
         total += n
     offset = df.sparkSession.createDataFrame(offsets, "_part int, _offset long")
-    within = F.row_number().over(Window.partitionBy("_part").orderBy(key))
     return (
         ranged.join(F.broadcast(offset), "_part")
-        .withColumn(name, (F.col("_offset") + within - 1).cast("int"))
-        .drop("_part", "_offset")
+        .withColumn(name, (F.col("_offset") + F.col("_pos")).cast("int"))
+        .drop("_part", "_offset", "_pos")
     )
 
 
