@@ -25,7 +25,10 @@ def settings_under(base_dir: Path, overrides: dict | None = None, data_root: Pat
             "warehouse_root": str(base_dir / "warehouse"),
             "quarantine_root": str(base_dir / "warehouse" / "quarantine"),
         },
-        "spark": {"master": "local[2]", "conf": {"spark.sql.shuffle.partitions": "2"}},
+        "spark": {
+            "master": "local[2]",
+            "conf": {"spark.sql.shuffle.partitions": "2", "spark.sql.adaptive.enabled": "false"},
+        },
     }
     return load_settings(environ={}, overrides=[base, overrides or {}])
 
@@ -50,7 +53,12 @@ def spark():
         overrides={
             "spark": {
                 "master": "local[2]",
-                "conf": {"spark.sql.shuffle.partitions": "2", "spark.default.parallelism": "2"},
+                # Tiny tables: adaptive re-planning costs more than it saves (infra/demo.yaml).
+                "conf": {
+                    "spark.sql.shuffle.partitions": "2",
+                    "spark.default.parallelism": "2",
+                    "spark.sql.adaptive.enabled": "false",
+                },
             }
         },
     )

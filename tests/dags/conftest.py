@@ -77,6 +77,8 @@ def write_config(name: str, policy_overrides: dict | None = None, **extra) -> Pa
         "scoring": {"active_days": 10},
         "mlflow": {"promotion_policy": str(ROOT / f"{name}-policy.yaml")},
         "airflow": {"home": str(HOME), "retries": 0},
+        # What a spark-submit task's own driver runs with (in-process tasks use the session's Spark).
+        "spark": {"conf": {"spark.sql.shuffle.partitions": "2", "spark.sql.adaptive.enabled": "false"}},
     }
     for section, values in extra.items():
         cfg.setdefault(section, {}).update(values)

@@ -67,7 +67,11 @@ def test_the_stages_on_a_standalone_cluster_give_the_local_rows_and_survive_a_ki
                     },
                     "spark": {
                         "master": cluster.url,
-                        "conf": {**StandaloneCluster.driver_conf, "spark.sql.shuffle.partitions": "2"},
+                        "conf": {
+                            **StandaloneCluster.driver_conf,
+                            "spark.sql.shuffle.partitions": "2",
+                            "spark.sql.adaptive.enabled": "false",
+                        },
                     },
                     # The local run's registry: the same champion scores both warehouses.
                     "mlflow": {"tracking_uri": local.mlflow_tracking_uri},
