@@ -19,6 +19,13 @@ scoring finished. At the end it checks that no process it started is left.
 
     .venv/bin/python bench/soak.py                      # 2015-09-12 .. 2015-09-18, retention 3 days
     .venv/bin/python bench/soak.py --first 2015-09-10 --nights 5 --models popularity,als_multi
+
+``--kill-task etl.split`` (any task id of either DAG) SIGKILLs that task's process on the first
+night once it has run for ``--kill-after`` seconds (the ``pid`` Airflow records for the running
+task instance), with ``airflow.retries`` 1 and a 6-second retry delay: Airflow marks the try failed
+and runs it again. Each night's figures then carry the training manifest's checksums and a digest
+of the published scores (``scores_digest``), so a killed soak compares row for row with an
+uninterrupted one (``--compare OTHER.json``).
 """
 
 from __future__ import annotations
@@ -63,7 +70,9 @@ def soak_config(work: Path, first: date, last: date, args) -> Path:
             "start_date": first.isoformat(),
             "end_date": last.isoformat(),
             "scoring_schedule": None,
-            "retries": 0,
+            # A killed task is retried once, a few seconds later; otherwise a failure ends the soak.
+            "retries": 1 if args.kill_task else 0,
+            "retry_delay_minutes": 0.1,
         },
     }
     path = work / "soak.yaml"
@@ -95,6 +104,90 @@ def paused(db: Path) -> dict[str, bool]:
         return {}
     finally:
         con.close()
+
+
+def running_task_pid(db: Path, task_id: str) -> tuple[int, int] | None:
+    """``(pid, try_number)`` of ``task_id`` while it runs (any DAG run), else None."""
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        row = con.execute(
+            "SELECT pid, try_number FROM task_instance WHERE task_id = ? AND state = 'running' AND pid IS NOT NULL",
+            (task_id,),
+        ).fetchone()
+    except sqlite3.OperationalError:
+        return None
+    finally:
+        con.close()
+    return (int(row[0]), int(row[1])) if row else None
+
+
+def task_tries(db: Path, task_id: str) -> list[dict]:
+    """Every task instance of ``task_id``: its DAG run, state and how many tries it took."""
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        rows = con.execute(
+            "SELECT run_id, state, try_number FROM task_instance WHERE task_id = ? ORDER BY run_id",
+            (task_id,),
+        ).fetchall()
+    finally:
+        con.close()
+    return [{"run_id": r, "state": s, "try_number": t} for r, s, t in rows]
+
+
+class TaskKiller:
+    """SIGKILLs the process of one task the first time it has run ``after`` seconds."""
+
+    def __init__(self, db: Path, task_id: str, after: float):
+        self.db, self.task_id, self.after = db, task_id, after
+        self.seen_at: float | None = None
+        self.killed: dict | None = None
+
+    def poll(self) -> None:
+        if self.killed is not None:
+            return
+        running = running_task_pid(self.db, self.task_id)
+        if running is None:
+            self.seen_at = None
+            return
+        if self.seen_at is None:
+            self.seen_at = time.monotonic()
+        if time.monotonic() - self.seen_at < self.after:
+            return
+        pid, try_number = running
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        self.killed = {
+            "task_id": self.task_id,
+            "pid": pid,
+            "try_number": try_number,
+            "after_seconds": self.after,
+        }
+        print(f"soak: SIGKILL to {self.task_id} (pid {pid}, try {try_number})", flush=True)
+
+
+def rows_digest(settings, ds: str) -> dict:
+    """The training manifest's checksums and an order-free digest of the published scores of ``ds``
+    (what must not change when a task is killed and retried)."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    from infra.tables import TRAINING, read_manifest
+
+    wh = settings.paths.warehouse_root
+    out: dict = {}
+    bundle = TRAINING.dir(wh, ds)
+    if bundle.exists():
+        out["training_checksums"] = read_manifest(bundle).checksums
+    published = scores_partition_dir(wh, ds)
+    if published.exists():
+        # the MLflow run id and the scoring time differ between two soaks by construction
+        frame = pq.read_table(published).to_pandas().drop(columns=["scored_at", "run_id"], errors="ignore")
+        lines = sorted(frame.astype(str).apply("|".join, axis=1))
+        out["scores_digest"] = hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+    return out
 
 
 def seconds(run: dict) -> float | None:
@@ -280,6 +373,11 @@ def main() -> int:
     p.add_argument("--work", help="work folder (default: a new temporary folder)")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "soak.json"))
     p.add_argument("--table", metavar="JSON", help="print the markdown table of a saved soak and exit")
+    p.add_argument("--kill-task", metavar="TASK_ID", help="SIGKILL this task's process on the first night")
+    p.add_argument("--kill-after", type=float, default=5.0, help="seconds the task runs before the kill")
+    p.add_argument(
+        "--compare", metavar="JSON", help="a saved soak of the same dates whose rows must be equal"
+    )
     args = p.parse_args()
     if args.table:
         print(markdown(json.loads(Path(args.table).read_text())))
@@ -339,6 +437,7 @@ def main() -> int:
         print(f"soak: backfill of {dates[0]}..{dates[-1]} created; work folder {work}", flush=True)
         done: set[str] = set()
         finished = 0
+        killer = TaskKiller(db, args.kill_task, args.kill_after) if args.kill_task else None
         while len(done) < len(dates):
             if time.monotonic() - t0 > args.timeout_minutes * 60:
                 raise TimeoutError(f"soak did not finish in {args.timeout_minutes} minutes")
@@ -353,7 +452,10 @@ def main() -> int:
             if any(r["state"] == "failed" for r in scoring):
                 raise RuntimeError(f"a scoring run failed; task logs under {settings.airflow.home}/logs")
             if len(scoring) == finished:
-                time.sleep(20)
+                for _ in range(20 if killer and killer.killed is None else 1):
+                    if killer:
+                        killer.poll()
+                    time.sleep(1 if killer and killer.killed is None else 20)
                 continue
             finished = len(scoring)  # a scoring run ended (published, then pruned): read its dates
             for ds in dates:
@@ -379,6 +481,8 @@ def main() -> int:
     for ds in dates:
         per_date[ds]["outcome"] = rates.get(ds)
     left = leftovers(work)
+    for ds in dates:
+        per_date[ds].update(rows_digest(settings, ds))
     result = {
         "what": "bench/soak.py: consecutive nightly dates as one Airflow backfill under a real scheduler",
         "dates": dates,
@@ -394,10 +498,24 @@ def main() -> int:
         "leftover_processes": left,
         "work": str(work),
     }
+    if args.kill_task:
+        result["killed"] = killer.killed if killer else None
+        result["killed_task_tries"] = task_tries(db, args.kill_task)
+    if args.compare:
+        other = {n["ds"]: n for n in json.loads(Path(args.compare).read_text())["nights"]}
+        keys = ("training_checksums", "scores_digest")
+        result["compared_with"] = args.compare
+        result["same_rows_as_compared"] = {
+            ds: all(per_date[ds].get(k) == other.get(ds, {}).get(k) for k in keys) for ds in dates
+        }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(markdown(result))
     print(f"leftover processes: {left or 'none'}; warehouse {result['warehouse_mb_end']} MB at the end")
+    if args.kill_task:
+        print(f"killed: {result['killed']}; tries: {result['killed_task_tries']}")
+    if args.compare:
+        print(f"same rows as {args.compare}: {result['same_rows_as_compared']}")
     return 1 if left else 0
 
 

@@ -104,6 +104,7 @@ class TrainingSettings(_Section):
     model_overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
     device: str | None = None
     eval_batch_size: int = Field(gt=0)
+    processes: int = Field(default=1, gt=0)
 
 
 class Seeds(_Section):

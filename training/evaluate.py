@@ -43,10 +43,8 @@ import torch
 from scipy.special import gammaln
 
 from training.data import TrainingData
+from training.metric_names import KS, METRICS, SETTINGS
 
-KS: tuple[int, ...] = (10, 20, 50)
-SETTINGS: tuple[str, ...] = ("standard", "visited", "unvisited", "long_tail", "tail_items")
-METRICS: tuple[str, ...] = ("HR", "NDCG", "Recall")
 #: Share of evaluated users in ``long_tail`` and of items counted as popular for ``tail_items``.
 TAIL_SHARE = 0.2
 

@@ -36,17 +36,20 @@ def train(
     date: date | None = None,
     benchmark: str | None = None,
     epochs: int | None = None,
+    processes: int | None = None,
 ) -> Outcome:
     """Training tables -> a trained model (validation fit, refit).
 
     Train one model on the training tables of --date (warehouse/training/ds=D) or of --benchmark
     NAME (warehouse/training/ds=NAME): a validation fit early-stopped on the validation split, then
     a refit on every training event for its best epoch count; write both state dicts, the config and
-    the history to warehouse/models/ds=D/MODEL.
+    the history to warehouse/models/ds=D/MODEL. With --processes N (or training.processes) above 1
+    a gradient-trained model trains in N data-parallel processes under Spark's TorchDistributor on
+    spark.master (gloo on CPU, NCCL on GPU); rank 0's weights are published.
     """
     from training.train_evaluate import run_train
 
-    meta = run_train(settings, dataset(date, benchmark), model, epochs=epochs)
+    meta = run_train(settings, dataset(date, benchmark), model, epochs=epochs, processes=processes)
     return Outcome(
         f"{model}: best epoch {meta['best_epoch']} of {meta['epochs_run']} "
         f"({meta['seconds_per_epoch']:.1f} s/epoch on {meta['device']}, peak RSS {meta['peak_rss_mb']:.0f} MB) "
@@ -65,7 +68,8 @@ def evaluate(
     each setting (standard, visited, unvisited, long_tail, tail_items) and split, validation with
     the validation fit and test with the refit, to warehouse/models/ds=D/MODEL/metrics.json.
     """
-    from training.train_evaluate import format_metrics, run_evaluate
+    from training.metric_names import format_metrics
+    from training.train_evaluate import run_evaluate
 
     metrics = run_evaluate(settings, dataset(date, benchmark), model)
     text = "\n".join(f"\n{model} on {split}:\n{format_metrics(values)}" for split, values in metrics.items())
@@ -254,7 +258,7 @@ def status(settings: Settings, date: date) -> Outcome:
         scores_partition_dir,
         validation_results_dir,
     )
-    from training.train_evaluate import format_metrics
+    from training.metric_names import format_metrics
 
     wh, ds = settings.paths.warehouse_root, date.isoformat()
     lines: list[str] = []
@@ -305,6 +309,7 @@ STAGES: tuple[Stage, ...] = (
             *_DATASET,
             _MODEL,
             Option("epochs", int, "cap on epochs (default: the model's own setting)"),
+            Option("processes", int, "data-parallel training processes (default: training.processes)"),
         ),
         one_of=(("date", "benchmark"),),
         steps=(_per_model(("training",), (f"models/{MODEL}",)),),

@@ -36,7 +36,7 @@ from infra.tables import (
 from training import tracking
 from training.artifacts import load_trained, save_trained, training_dir
 from training.data import TrainingData, load_training_data
-from training.evaluate import KS, METRICS, SETTINGS, evaluate_scores
+from training.evaluate import evaluate_scores
 from training.models import fitted_closed_form, merged_config, model_class
 from training.trainer import fit_and_refit
 
@@ -58,9 +58,12 @@ def training_overrides(settings: Settings, name: str, epochs: int | None = None)
     return overrides
 
 
-def run_train(settings: Settings, ds: str, name: str, epochs: int | None = None) -> dict[str, Any]:
+def run_train(
+    settings: Settings, ds: str, name: str, epochs: int | None = None, processes: int | None = None
+) -> dict[str, Any]:
     """Train ``name`` on ``training/ds=<ds>`` (validation fit, then refit) and publish it to
-    ``models/ds=<ds>/<name>``."""
+    ``models/ds=<ds>/<name>``; in ``processes`` data-parallel processes (default
+    ``training.processes``) when above 1 and the model is gradient-trained."""
     if model_class(name).ranker:
         raise ValueError(
             f"{name} is a second stage: it re-ranks a retriever's candidates, so it is trained by "
@@ -69,21 +72,27 @@ def run_train(settings: Settings, ds: str, name: str, epochs: int | None = None)
     wh = settings.paths.warehouse_root
     val_data, data = load_views(training_dir(wh, ds))
     overrides = training_overrides(settings, name, epochs)
+    processes = processes or settings.training.processes
     config = {**merged_config(name, overrides), "seed": settings.seeds.train}
     family = model_class(name).name
     with (
         stage("train", ds=ds, model=name) as counts,
         tracking.train_run(settings, ds, name, config, data.manifest, family) as run,
     ):
-        fit = fit_and_refit(
-            name,
-            val_data,
-            data,
-            settings.seeds.train,
-            overrides,
-            checkpoint_dir=checkpoint_dir(wh, ds, name),
-            device=settings.training.device,
-        )
+        if processes > 1 and model_class(name).trainable:
+            from training.distributed import fit_distributed
+
+            fit = fit_distributed(settings, training_dir(wh, ds), name, val_data, data, overrides, processes)
+        else:  # a closed-form fit (popularity, implicit's) has nothing to share out
+            fit = fit_and_refit(
+                name,
+                val_data,
+                data,
+                settings.seeds.train,
+                overrides,
+                checkpoint_dir=checkpoint_dir(wh, ds, name),
+                device=settings.training.device,
+            )
         result = fit.validation
         path = save_trained(wh, ds, fit, data, settings.seeds.train, run_id=run.info.run_id)
         tracking.log_training(run.info.run_id, settings, ds, result.history, document_json(read_meta(path)))
@@ -96,6 +105,7 @@ def run_train(settings: Settings, ds: str, name: str, epochs: int | None = None)
             refit_epochs=fit.final.epochs_run if fit.refitted else "none",
             s_per_epoch=result.seconds_per_epoch,
             peak_rss_mb=result.peak_rss_mb,
+            processes=processes if model_class(name).trainable else 1,
         )
     return {
         "path": str(path),
@@ -253,22 +263,3 @@ def _floor_metrics(
         tmp.write_text(json.dumps({"key": key, "metrics": out}) + "\n")
         os.replace(tmp, path)  # parallel evaluates write the same floor: readers see a whole file
     return out
-
-
-def format_metrics(values: dict[str, dict[str, float | None]], ks: tuple[int, ...] = KS) -> str:
-    """A markdown table: one row per setting, columns metric@K, then chance HR@K beside them."""
-    cols = [f"{m}@{k}" for k in ks for m in METRICS]
-    chance = [f"chance_HR@{k}" for k in ks]
-    head = "| setting | users | candidates | " + " | ".join(cols + chance) + " |"
-    lines = [head, "|---|---:|---:|" + "---:|" * (len(cols) + len(chance))]
-
-    def cell(v: float | None) -> str:
-        return "-" if v is None else f"{v:.4f}"
-
-    for setting in SETTINGS:
-        if setting in values:
-            v = values[setting]
-            cand = "-" if v.get("candidates") is None else f"{v['candidates']:.1f}"
-            row = " | ".join(cell(v.get(c)) for c in cols + chance)
-            lines.append(f"| {setting} | {v['users']} | {cand} | {row} |")
-    return "\n".join(lines)

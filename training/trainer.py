@@ -9,6 +9,12 @@ evaluated the same way, so callers never special-case a model.
 validation view with early stopping on the validation split; the *refit* is trained from the same
 seed on every training event for the validation fit's best number of epochs, without looking at
 any held-out purchase, and is what is tested and served (``training/README.md``).
+
+The same loop runs as one rank of a data-parallel group (``Ranks``; ``training/distributed.py``
+starts the group under Spark's TorchDistributor): every rank draws the epoch's batches from the same
+seed and steps through its share (``batches[rank::world]``, the same count on every rank), the
+gradients are averaged by DistributedDataParallel, and rank 0 alone computes the validation metric
+and tells the others whether to stop. A group of one is the plain loop.
 """
 
 from __future__ import annotations
@@ -33,6 +39,45 @@ from training.models import build_model
 from training.models.base import EVAL_BATCH_SIZE, VALIDATION_METRIC, Recommender, TrainConfig
 
 CHECKPOINT = "best.pt"
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a data-parallel group (``torch.distributed`` initialised)."""
+
+    rank: int = 0
+    world: int = 1
+
+    def share(self, batches: list) -> list:
+        """This rank's batches of an epoch: every ``world``-th from ``rank``, truncated so that every
+        rank steps the same number of times (each step is an all-reduce all ranks join)."""
+        if self.world == 1:
+            return batches
+        return batches[self.rank : len(batches) // self.world * self.world : self.world]
+
+    def decide(self, value):
+        """Rank 0's ``value`` on every rank (the validation metric only rank 0 computes)."""
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+SOLO = Ranks()
+
+
+class _Loss(torch.nn.Module):
+    """``model.loss`` as a module's forward, which DistributedDataParallel wraps."""
+
+    def __init__(self, model: Recommender):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.model.loss(batch)
 
 
 @dataclass
@@ -127,12 +172,21 @@ def fit_model(
     checkpoint_dir: Path | None = None,
     device: str | None = None,
     progress: bool | None = None,
+    ranks: Ranks = SOLO,
 ) -> TrainResult:
     """Seed, build ``name`` with its defaults (+ ``overrides``) and train it on ``data``."""
     seed_everything(seed)
     overrides = {**(overrides or {}), "seed": seed}
     model = build_model(name, data, overrides)
-    return train(model, data, seed, checkpoint_dir, device, progress)
+    return train(model, data, seed, checkpoint_dir, device, progress, ranks)
+
+
+def refit_overrides(first: TrainResult, overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """The refit's overrides: ``overrides`` with the validation fit's best epoch count."""
+    out = dict(overrides or {})
+    if first.model.trainable:
+        out["train"] = {**out.get("train", {}), "epochs": max(first.best_epoch, 1)}
+    return out
 
 
 def fit_and_refit(
@@ -144,16 +198,15 @@ def fit_and_refit(
     checkpoint_dir: Path | None = None,
     device: str | None = None,
     progress: bool | None = None,
+    ranks: Ranks = SOLO,
 ) -> FitResult:
     """The validation fit on ``validation_data``, then (when ``full_data`` is another view) the refit
     on ``full_data`` for the validation fit's best number of epochs, from the same seed."""
-    first = fit_model(name, validation_data, seed, overrides, checkpoint_dir, device, progress)
+    first = fit_model(name, validation_data, seed, overrides, checkpoint_dir, device, progress, ranks)
     if full_data is validation_data:
         return FitResult(first, first)
-    refit_overrides = dict(overrides or {})
-    if first.model.trainable:
-        refit_overrides["train"] = {**refit_overrides.get("train", {}), "epochs": max(first.best_epoch, 1)}
-    final = fit_model(name, full_data, seed, refit_overrides, None, device, progress)
+    refit = refit_overrides(first, overrides)
+    final = fit_model(name, full_data, seed, refit, None, device, progress, ranks)
     return FitResult(first, final)
 
 
@@ -164,8 +217,10 @@ def train(
     checkpoint_dir: Path | None = None,
     device: str | None = None,
     progress: bool | None = None,
+    ranks: Ranks = SOLO,
 ) -> TrainResult:
-    """Train ``model`` with early stopping on the validation split; return it at its best epoch."""
+    """Train ``model`` with early stopping on the validation split; return it at its best epoch.
+    With ``ranks`` of a group, this process trains its share of every epoch's batches (above)."""
     log = get_logger("train")
     dev = pick_device(device)
     model.to(dev)
@@ -192,6 +247,18 @@ def train(
     if checkpoint_dir:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
     opt = _optimizer(model, cfg)
+    step = model.loss
+    if ranks.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Every rank starts from rank 0's weights; find_unused_parameters: a model may leave a
+        # parameter out of a step's graph (a behaviour absent from the batch), which plain
+        # training allows.
+        step = DistributedDataParallel(
+            _Loss(model),
+            device_ids=[dev.index] if dev.type == "cuda" else None,
+            find_unused_parameters=True,
+        )
     amp = dev.type == "cuda"
     best, best_epoch, bad, epoch = None, 0, 0, 0
     best_state: dict[str, torch.Tensor] | None = None
@@ -200,12 +267,12 @@ def train(
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
         model.train()
-        batches = list(model.batches(np.random.default_rng([seed, epoch]), cfg.batch_size))
+        batches = ranks.share(list(model.batches(np.random.default_rng([seed, epoch]), cfg.batch_size)))
         parts: dict[str, float] = {}
         bar = tqdm(batches, desc=f"{model.name} epoch {epoch}", disable=not show, leave=False, unit="step")
         for batch in bar:
             with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
-                losses = model.loss(batch)
+                losses = step(batch)
             opt.zero_grad(set_to_none=True)
             losses["loss"].backward()
             opt.step()
@@ -213,17 +280,25 @@ def train(
             for k, v in losses.items():
                 parts[k] = parts.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
             bar.set_postfix(loss=f"{step_loss:.4f}")
-        row = {"epoch": epoch, **{k: v / max(len(batches), 1) for k, v in parts.items()}}
+        row = {
+            "epoch": epoch,
+            "steps": len(batches),
+            **{k: v / max(len(batches), 1) for k, v in parts.items()},
+        }
         train_seconds = time.perf_counter() - t0
         metric = None
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-            metric = validation_metric(model, data, dev, cfg.metric, cfg.eval_batch_size)
+            metric = ranks.decide(
+                validation_metric(model, data, dev, cfg.metric, cfg.eval_batch_size)
+                if ranks.rank == 0
+                else None
+            )
             if metric is not None:
                 row[f"val_{cfg.metric}"] = metric
                 if best is None or metric > best:
                     best, best_epoch, bad = metric, epoch, 0
                     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                    if checkpoint_dir:
+                    if checkpoint_dir and ranks.rank == 0:
                         torch.save(best_state, checkpoint_dir / CHECKPOINT)
                 else:
                     bad += 1
@@ -239,7 +314,7 @@ def train(
         if best is not None and bad >= cfg.patience:
             break
     if best_state is not None:
-        if checkpoint_dir:
+        if checkpoint_dir and ranks.world == 1:
             best_state = torch.load(checkpoint_dir / CHECKPOINT, map_location=dev, weights_only=True)
         model.load_state_dict(best_state)
     else:

@@ -115,6 +115,13 @@ def _etl(config, ds: str):
     return etl.test(logical_date=datetime.fromisoformat(ds).replace(tzinfo=UTC), run_conf={"ds": ds})
 
 
+def _ingest(config, ds: str):
+    """The nightly's ingest task alone: the events up to ``ds`` arrive (what the scoring DAG reads)."""
+    dag = dagbag(config).get_dag(NIGHTLY)
+    ingest = dag.partial_subset(task_ids=["etl.ingest"], include_upstream=False, include_downstream=False)
+    return ingest.test(logical_date=datetime.fromisoformat(ds).replace(tzinfo=UTC), run_conf={"ds": ds})
+
+
 def _scoring(config, **conf):
     dag = dagbag(config).get_dag(SCORING)
     return dag.test(run_conf=conf)
@@ -194,7 +201,7 @@ def test_nightly_then_scoring_from_each_nights_context_every_date_scored_and_a_r
     assert (wh / "reports" / f"ds={D1}" / "report.html").is_file()
 
     # Two nights later: D2's and D3's events arrive; the D1 champion serves both dates in one run.
-    assert str(_etl(config, DATE).state) == "success"
+    assert str(_ingest(config, DATE).state) == "success"
     run = _scoring(config, dates=[DATE, D2])
     assert str(run.state) == "success", _states(run)
     k = 50
@@ -256,20 +263,16 @@ def test_broken_input_fails_its_validation_task_and_nothing_downstream_runs(airf
 
 
 def test_etl_through_spark_submit_gives_the_in_process_tables_and_runs_an_added_stage(
-    airflow_db, spark, monkeypatch, tmp_path
+    airflow_db, spark, taobao_nightly, monkeypatch, tmp_path
 ):
     """``airflow.spark_submit_conn_id`` runs ingest, sessionize and split with SparkSubmitOperator
     (a real ``spark-submit`` of ``infra/cli.py`` on the connection's master): same tables as the
-    in-process tasks of the end-to-end test. A stage added by an entry point alone (reads
+    session's in-process nightly of the slice (``taobao_nightly``). A stage added by an entry point alone (reads
     ``events``) is a task of the ETL group after the events' validation, and runs in the same run."""
     stage_plugin.install(tmp_path, monkeypatch)
     monkeypatch.setenv("AIRFLOW_CONN_FUNNELREC_SPARK", json.dumps({"conn_type": "spark", "host": "local[1]"}))
     monkeypatch.setenv("PATH", f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}")
-    config = write_config(
-        "submit",
-        airflow={"spark_submit_conn_id": "funnelrec_spark"},
-        paths={"data_root": str(with_newcomer())},
-    )
+    config = write_config("submit", airflow={"spark_submit_conn_id": "funnelrec_spark"})
     dag = dagbag(config).get_dag(NIGHTLY)
     assert type(dag.get_task("etl.ingest")).__name__ == "StageSubmit"
     added = f"etl.{stage_plugin.STAGE}"
@@ -282,11 +285,12 @@ def test_etl_through_spark_submit_gives_the_in_process_tables_and_runs_an_added_
     assert counted["events"] == events.num_rows > 0
     submitted = json.loads((TRAINING.dir(ROOT / "submit", DATE) / "manifest.json").read_text())["checksums"]
 
-    reference = ROOT / "e2e"  # its ETL of DATE ran in process, on the same data
-    if not TRAINING.dir(reference, DATE).exists():
-        run = _etl(write_config("e2e", paths={"data_root": str(with_newcomer())}), DATE)
-        assert str(run.state) == "success", _states(run)
-    expected = json.loads((TRAINING.dir(reference, DATE) / "manifest.json").read_text())["checksums"]
+    # The session's in-process nightly of the same slice, date and settings.
+    reference, code, out = taobao_nightly
+    assert code == 0, out
+    expected = json.loads((TRAINING.dir(reference.parent / "wh", DATE) / "manifest.json").read_text())[
+        "checksums"
+    ]
     assert submitted == expected
     os.environ.pop("FUNNELREC_CONFIG", None)
 

@@ -1,6 +1,7 @@
 """Run by ``tests/spark/test_cluster.py`` in a process of its own (a process has one SparkContext,
 and the test session's is on ``local[2]``): the Spark stages of a date on the standalone cluster
-the settings name, then one job during which a worker is killed. Prints what it saw as JSON.
+the settings name, then one job during which a worker is killed, then a distributed training that
+asks for more processes than the one worker left can run. Prints what it saw as JSON.
 
     python -m tests.spark.cluster_run --config CFG --date D --kill-pgid PID
 """
@@ -99,6 +100,20 @@ def killed_worker_job(spark, events: Path, pgid: int) -> dict:
     }
 
 
+def too_many_processes(settings, ds: date) -> dict:
+    """``train --processes 2`` with one one-core worker left: Spark's barrier check refuses the job.
+    Returns how long the refusal took and its message."""
+    from training.distributed import DistributedTrainingError
+    from training.train_evaluate import run_train
+
+    t = time.monotonic()
+    try:
+        run_train(settings, ds.isoformat(), "member", processes=2)
+    except DistributedTrainingError as exc:
+        return {"error": str(exc), "seconds": round(time.monotonic() - t, 1)}
+    return {"error": None, "seconds": round(time.monotonic() - t, 1)}
+
+
 def main() -> int:
     from jobs.context import run_context
     from jobs.ingest import run_ingest
@@ -129,6 +144,7 @@ def main() -> int:
         "master": spark.sparkContext.master,
         "seconds": seconds,
         "kill": killed_worker_job(spark, events_dir(settings.paths.warehouse_root), args.kill_pgid),
+        "too_many_processes": too_many_processes(settings, ds),
     }
     print(json.dumps(out))
     spark.stop()

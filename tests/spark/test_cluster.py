@@ -7,28 +7,20 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from datetime import date
 
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from infra.pipeline import load_pipeline
+from infra.settings import load_settings
 from infra.spark import StandaloneCluster
 from infra.tables import TRAINING, read_manifest
-from tests.conftest import REPO, settings_under
+from tests.conftest import REPO, TAOBAO_DATE
 
 pytestmark = pytest.mark.spark
 
-DS = "2017-12-03"
-SETTINGS = {
-    "pipeline": {"sources": ["taobao"]},
-    "sessionize": {"history_days": 10},
-    "split": {"observation_days": 10, "test_days": 2, "validation_days": 3},
-    "training": {"models": ["popularity"]},
-    "scoring": {"active_days": 10},
-}
+DS = TAOBAO_DATE
 
 
 def _rows(path, drop=()) -> pd.DataFrame:
@@ -42,16 +34,15 @@ def _rows(path, drop=()) -> pd.DataFrame:
     return frame.sort_values(list(frame.columns)).reset_index(drop=True)
 
 
-def test_the_stages_on_a_standalone_cluster_give_the_local_rows_and_survive_a_killed_worker(spark, tmp_path):
-    # local[2]: the whole chain up to score, with a popularity champion both runs score with (the
-    # policy's floor is popularity itself, and the slice's validation has a handful of users).
-    policy = yaml.safe_load((REPO / "mlflow" / "promotion.yaml").read_text())
-    policy.update(floor_model=None, min_users=3)
-    (tmp_path / "policy.yaml").write_text(yaml.safe_dump(policy))
-    local = settings_under(
-        tmp_path / "local", {**SETTINGS, "mlflow": {"promotion_policy": str(tmp_path / "policy.yaml")}}
-    )
-    load_pipeline().run(local, date.fromisoformat(DS), until="score", checks=False)
+def test_the_stages_on_a_standalone_cluster_give_the_local_rows_and_survive_a_killed_worker(
+    taobao_nightly, tmp_path
+):
+    # The local[2] rows: the session's nightly run of the Taobao slice, whose champion (als_multi)
+    # scores both warehouses.
+    config, code, out = taobao_nightly
+    assert code == 0, out
+    local = load_settings(config, environ={})
+    settings = yaml.safe_load(config.read_text())
 
     with StandaloneCluster(tmp_path / "cluster", workers=2, cores=1, memory="1g") as cluster:
         config = tmp_path / "cluster.yaml"
@@ -59,7 +50,7 @@ def test_the_stages_on_a_standalone_cluster_give_the_local_rows_and_survive_a_ki
         config.write_text(
             yaml.safe_dump(
                 {
-                    **SETTINGS,
+                    **settings,
                     "paths": {
                         "data_root": str(local.paths.data_root),
                         "warehouse_root": str(wh),
@@ -74,7 +65,7 @@ def test_the_stages_on_a_standalone_cluster_give_the_local_rows_and_survive_a_ki
                         },
                     },
                     # The local run's registry: the same champion scores both warehouses.
-                    "mlflow": {"tracking_uri": local.mlflow_tracking_uri},
+                    "mlflow": {**settings["mlflow"], "tracking_uri": local.mlflow_tracking_uri},
                 }
             )
         )
@@ -93,9 +84,10 @@ def test_the_stages_on_a_standalone_cluster_give_the_local_rows_and_survive_a_ki
                   f"serving/ds={DS}/serving_context", f"serving/ds={DS}/catalogue"):  # fmt: skip
         pd.testing.assert_frame_equal(_rows(wh / table), _rows(lw / table), obj=table)
     assert read_manifest(TRAINING.dir(wh, DS)).checksums == read_manifest(TRAINING.dir(lw, DS)).checksums
-    scores = f"scores_staged/ds={DS}"
+    # The cluster's staged scores against the nightly's, which its publish moved into the table.
     pd.testing.assert_frame_equal(
-        _rows(wh / scores, drop=["scored_at"]), _rows(lw / scores, drop=["scored_at"])
+        _rows(wh / f"scores_staged/ds={DS}", drop=["scored_at", "ds"]),
+        _rows(lw / f"scores/ds={DS}", drop=["scored_at", "ds"]),
     )
 
     # The killed worker: its executor was lost, its running tasks failed and ran again on the
@@ -105,3 +97,9 @@ def test_the_stages_on_a_standalone_cluster_give_the_local_rows_and_survive_a_ki
     assert (kill["executors_before"], kill["executors_after"]) == (2, 1), kill
     assert kill["task_runs"] > kill["partitions"] == 8, kill  # the lost executor's tasks ran again
     assert kill["got"] == kill["expected"], kill
+
+    # Distributed training asking for two processes of the one one-core worker left: refused by
+    # Spark's barrier check in seconds (infra/defaults.yaml), with one clear line.
+    refused = seen["too_many_processes"]
+    assert refused["error"] and "fewer free task slots" in refused["error"], refused
+    assert refused["seconds"] < 30, refused

@@ -5,43 +5,19 @@ from __future__ import annotations
 import json
 
 import pytest
-import yaml
 
 from infra.cli import main
 from infra.tables import SESSIONIZED, TRAINING, events_dir
-from tests.conftest import REPO, SAMPLE_DATA
+from tests.conftest import TAOBAO_DATE as DATE
+from tests.conftest import taobao_config
 
 pytestmark = pytest.mark.spark
-DATE = "2017-12-03"
 
 
-def _config(tmp_path, **extra) -> str:
-    policy = yaml.safe_load((REPO / "mlflow" / "promotion.yaml").read_text())
-    policy["min_users"] = 3  # the slice is sparse: its 3-day validation window keeps 4 users
-    (tmp_path / "promotion.yaml").write_text(yaml.safe_dump(policy))
-    cfg = {
-        "paths": {
-            "data_root": str(SAMPLE_DATA),
-            "warehouse_root": str(tmp_path / "wh"),
-            "quarantine_root": str(tmp_path / "wh" / "quarantine"),
-        },
-        "pipeline": {"sources": ["taobao"]},
-        "sessionize": {"history_days": 10},
-        "split": {"observation_days": 10, "test_days": 2, "validation_days": 3},
-        "training": {"models": ["popularity", "als_multi"]},
-        "scoring": {"active_days": 10},
-        "mlflow": {"promotion_policy": str(tmp_path / "promotion.yaml")},
-        **extra,
-    }
-    path = tmp_path / "settings.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return str(path)
-
-
-def test_nightly_runs_every_built_stage(tmp_path, capsys):
-    assert main(["--config", _config(tmp_path), "nightly", "--date", DATE]) == 0
-    wh = tmp_path / "wh"
-    out = capsys.readouterr().out
+def test_nightly_runs_every_built_stage(taobao_nightly):
+    config, code, out = taobao_nightly
+    assert code == 0, out
+    wh = config.parent / "wh"
     assert "popularity on test" in out and "| standard |" in out
     for table in ("events", "sessions", "training"):
         assert json.loads((wh / "validation" / table / f"ds={DATE}" / "result.json").read_text())["success"]
@@ -55,8 +31,8 @@ def test_nightly_runs_every_built_stage(tmp_path, capsys):
 
 
 def test_failed_gate_stops_everything_downstream(tmp_path, capsys):
-    cfg = _config(tmp_path, validation={"events_max_rows": 100})  # the slice has 10,000 events
-    assert main(["--config", cfg, "nightly", "--date", DATE]) == 1
+    cfg = taobao_config(tmp_path, validation={"events_max_rows": 100})  # the slice has 10,000 events
+    assert main(["--config", str(cfg), "nightly", "--date", DATE]) == 1
     err = capsys.readouterr().err
     assert "validation of events" in err and "expect_table_row_count_to_be_between" in err
     wh = tmp_path / "wh"

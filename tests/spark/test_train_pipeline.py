@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
-from infra.tables import model_dir, read_metrics
+from infra.tables import MODEL_HISTORY, model_dir, read_metrics
 from tests.conftest import DEMO_DATE
 from training.artifacts import load_trained
 from training.models import build_model
@@ -60,3 +62,42 @@ def test_member_beats_popularity_on_the_visited_heavy_demo(retailrocket):
         for n in ("popularity", "member")
     }
     assert m["member"]["HR@20"] > m["popularity"]["HR@20"]
+
+
+def test_member_trains_in_two_processes_under_torch_distributor_and_rank_0_publishes(
+    retailrocket, spark, tmp_path
+):
+    """`train --processes 2` on local[2]: two gloo ranks under TorchDistributor, each stepping half
+    of every epoch's batches, end with the same weights, which are the ones published; a request for
+    more processes than the host has cores fails at once with one clear line."""
+    import shutil
+
+    from infra.tables import TRAINING
+    from tests.conftest import settings_under
+    from training.distributed import DistributedTrainingError, weights_digest
+
+    source, *_ = retailrocket
+    settings = settings_under(tmp_path, {"training": {"max_epochs": 2}})
+    shutil.copytree(
+        TRAINING.dir(source.paths.warehouse_root, DEMO_DATE),
+        TRAINING.dir(settings.paths.warehouse_root, DEMO_DATE),
+    )
+    wh = settings.paths.warehouse_root
+    meta = run_train(settings, DEMO_DATE, "member", processes=2)
+    model, data, _ = load_trained(wh, DEMO_DATE, "member")
+    history = json.loads((model_dir(wh, DEMO_DATE, "member") / MODEL_HISTORY.name).read_text())
+    fresh = build_model("member", data, {"seed": settings.seeds.train})
+    assert weights_digest(model) != weights_digest(fresh)  # trained
+    plain = fit_model("member", data, settings.seeds.train, {"train": {"epochs": 1}}, progress=False)
+    shared = [row["steps"] for row in history]
+    assert shared and all(n == plain.history[0]["steps"] // 2 for n in shared), (shared, plain.history)
+    metrics = run_evaluate(settings, DEMO_DATE, "member", splits=("test",))["test"]["standard"]
+    popularity = fit_model("popularity", data, settings.seeds.train, progress=False).model
+    from training.evaluate import evaluate_scores
+
+    floor = evaluate_scores(popularity.context_scorer(data), data, "test", settings=("standard",))["standard"]
+    assert metrics["HR@20"] > floor["HR@20"]  # it learned what one process learns: more than popularity
+    assert meta["device"] == "cpu"
+
+    with pytest.raises(DistributedTrainingError, match="ask for at most"):
+        run_train(settings, DEMO_DATE, "member", processes=512)

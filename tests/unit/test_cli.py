@@ -15,7 +15,7 @@ from tests import stage_plugin
 from tests.conftest import REPO
 
 #: (command, option) pairs of the argparse CLI before the pipeline declaration (1c30b8a), plus the
-#: synth planting options added since (issue #23).
+#: synth planting options added since (issue #23) and `train --processes` (issue #25).
 BEFORE = {
     ("airflow", "args"),
     ("dags-test", "--dag"),
@@ -68,6 +68,7 @@ BEFORE = {
     ("train", "--date"),
     ("train", "--epochs"),
     ("train", "--model"),
+    ("train", "--processes"),
     ("validate", "--date"),
     ("validate", "--table"),
 }
