@@ -106,31 +106,34 @@ def paused(db: Path) -> dict[str, bool]:
         con.close()
 
 
-def running_task_pid(db: Path, task_id: str) -> tuple[int, int] | None:
-    """``(pid, try_number)`` of ``task_id`` while it runs (any DAG run), else None."""
+def _rows(db: Path, sql: str, params: tuple = ()) -> list[tuple]:
+    """Rows of a read-only query of the metadata DB ([] while its tables do not exist yet)."""
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
     try:
-        row = con.execute(
-            "SELECT pid, try_number FROM task_instance WHERE task_id = ? AND state = 'running' AND pid IS NOT NULL",
-            (task_id,),
-        ).fetchone()
+        return con.execute(sql, params).fetchall()
     except sqlite3.OperationalError:
-        return None
+        return []
     finally:
         con.close()
-    return (int(row[0]), int(row[1])) if row else None
+
+
+def running_task_pid(db: Path, task_id: str) -> tuple[int, int] | None:
+    """``(pid, try_number)`` of ``task_id`` while it runs (any DAG run), else None."""
+    rows = _rows(
+        db,
+        "SELECT pid, try_number FROM task_instance WHERE task_id = ? AND state = 'running' AND pid IS NOT NULL",
+        (task_id,),
+    )
+    return (int(rows[0][0]), int(rows[0][1])) if rows else None
 
 
 def task_tries(db: Path, task_id: str) -> list[dict]:
     """Every task instance of ``task_id``: its DAG run, state and how many tries it took."""
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
-    try:
-        rows = con.execute(
-            "SELECT run_id, state, try_number FROM task_instance WHERE task_id = ? ORDER BY run_id",
-            (task_id,),
-        ).fetchall()
-    finally:
-        con.close()
+    rows = _rows(
+        db,
+        "SELECT run_id, state, try_number FROM task_instance WHERE task_id = ? ORDER BY run_id",
+        (task_id,),
+    )
     return [{"run_id": r, "state": s, "try_number": t} for r, s, t in rows]
 
 
