@@ -409,8 +409,8 @@ def main() -> int:
     t0 = time.monotonic()
     try:
         # The components `funnelrec airflow standalone` runs, on the loopback interface only.
-        for name, args in airflow_components(settings).items():
-            cmd = [airflow, *args]
+        for name, component in airflow_components(settings).items():
+            cmd = [airflow, *component]
             with open(logs / f"{name}.log", "w") as log:  # the child keeps its own descriptor
                 procs[name] = subprocess.Popen(
                     cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
