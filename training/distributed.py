@@ -157,7 +157,7 @@ def fit_distributed(
         if not Path(job.out).is_file():
             raise DistributedTrainingError(f"distributed training of {name} returned no model from rank 0")
         payload = torch.load(job.out, map_location="cpu", weights_only=True)
-        payload["rank_digests"] = [Path(f"{job.out}.rank{r}").read_text() for r in range(payload["world"])]
+        digests = {Path(f"{job.out}.rank{r}").read_text() for r in range(payload["world"])}
 
     def rebuilt(split: str, view: TrainingData, ovr: dict[str, Any]) -> TrainResult:
         saved = dict(payload[split])
@@ -168,6 +168,6 @@ def fit_distributed(
 
     first = rebuilt("validation", val_data, overrides)
     final = rebuilt("final", data, refit_overrides(first, overrides)) if payload["refitted"] else first
-    if len(set(payload["rank_digests"])) != 1 or payload["rank_digests"][0] != weights_digest(final.model):
+    if digests != {weights_digest(final.model)}:
         raise DistributedTrainingError(f"the {processes} ranks of {name} ended with different weights")
     return FitResult(first, final)
