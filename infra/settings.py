@@ -94,6 +94,7 @@ class ValidationSettings(_Section):
     scores_max_fallback_share: float = Field(ge=0, le=1)
     scores_min_overlap: float = Field(ge=0, le=1)
     scores_min_coverage_ratio: float = Field(ge=0)
+    pandas_max_rows: int = Field(ge=0)
 
 
 class TrainingSettings(_Section):

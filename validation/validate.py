@@ -172,7 +172,13 @@ def run_validate(spark: SparkSession, settings: Settings, table: str, run_date: 
         ]
     with stage("validate", table=table, date=ds) as counts:
         summary = run_checkpoint(
-            table, ds, pairs, wh / "gx", Path(cfg.data_docs_dir), result_path(settings, table, ds)
+            table,
+            ds,
+            pairs,
+            wh / "gx",
+            Path(cfg.data_docs_dir),
+            result_path(settings, table, ds),
+            pandas_max_rows=cfg.pandas_max_rows,
         )
         counts.update(suites=len(pairs), expectations=sum(len(s.checks) for s, _ in pairs))
     return summary

@@ -81,14 +81,13 @@ def good(spark, tmp_path_factory):
     return settings
 
 
+def _failed_column(failure) -> str:
+    kw = failure.kwargs
+    return str(kw.get("column") or kw.get("column_list") or kw.get("column_A") or "")
+
+
 def _failed(excinfo) -> set[tuple[str, str]]:
-    return {
-        (
-            f.expectation,
-            str(f.kwargs.get("column") or f.kwargs.get("column_list") or f.kwargs.get("column_A") or ""),
-        )
-        for f in excinfo.value.failures
-    }
+    return {(f.expectation, _failed_column(f)) for f in excinfo.value.failures}
 
 
 def test_good_tables_pass_and_results_and_docs_are_written(spark, good):
@@ -108,42 +107,42 @@ def test_good_tables_pass_and_results_and_docs_are_written(spark, good):
         assert f"validations/{suite}/" in index, suite
 
 
-@pytest.mark.parametrize(
-    "family, change, expected",
-    [
-        (
-            "nulls",
-            lambda r: [*r, (None, "A", "view", _t(2, 1), 1.0)],
-            {("expect_column_values_to_not_be_null", "user_id")},
-        ),
-        (
-            "behaviour set",
-            lambda r: [*r, ("u1", "A", "refund", _t(2, 1), 1.0)],
-            {("expect_column_values_to_be_in_set", "behavior")},
-        ),
-        (
-            "after run date",
-            lambda r: [*r, ("u1", "A", "view", _t(3, 23) + timedelta(hours=2), 1.0, RUN)],
-            {("expect_column_values_to_be_between", "event_time")},
-        ),
-        (
-            "duplicates",
-            lambda r: [*r, r[0]],
-            {
-                (
-                    "expect_compound_columns_to_be_unique",
-                    "['event_time', 'user_id', 'item_id', 'behavior', 'category_id', "
-                    "'brand', 'price', 'source_session_id', 'source']",
-                )
-            },
-        ),
-        (
-            "negative price",
-            lambda r: [*r, ("u1", "Z", "view", _t(2, 1), -5.0)],
-            {("expect_column_values_to_be_between", "price")},
-        ),
-    ],
-)
+EVENT_FAULTS = [
+    (
+        "nulls",
+        lambda r: [*r, (None, "A", "view", _t(2, 1), 1.0)],
+        {("expect_column_values_to_not_be_null", "user_id")},
+    ),
+    (
+        "behaviour set",
+        lambda r: [*r, ("u1", "A", "refund", _t(2, 1), 1.0)],
+        {("expect_column_values_to_be_in_set", "behavior")},
+    ),
+    (
+        "after run date",
+        lambda r: [*r, ("u1", "A", "view", _t(3, 23) + timedelta(hours=2), 1.0, RUN)],
+        {("expect_column_values_to_be_between", "event_time")},
+    ),
+    (
+        "duplicates",
+        lambda r: [*r, r[0]],
+        {
+            (
+                "expect_compound_columns_to_be_unique",
+                "['event_time', 'user_id', 'item_id', 'behavior', 'category_id', "
+                "'brand', 'price', 'source_session_id', 'source']",
+            )
+        },
+    ),
+    (
+        "negative price",
+        lambda r: [*r, ("u1", "Z", "view", _t(2, 1), -5.0)],
+        {("expect_column_values_to_be_between", "price")},
+    ),
+]
+
+
+@pytest.mark.parametrize("family, change, expected", EVENT_FAULTS)
 def test_broken_events_fail_on_exactly_their_expectation(spark, tmp_path, family, change, expected):
     settings = settings_under(tmp_path, {"pipeline": {"sources": ["hand"]}})
     _write_events(spark, settings, change(ROWS))
@@ -232,18 +231,8 @@ def test_broken_sessions_fail_on_exactly_their_expectation(spark, copy_of, famil
     assert _failed(exc) == expected
 
 
-@pytest.mark.parametrize(
-    "family, expected",
-    [
-        ("visited label", {("expect_column_pair_values_to_be_equal", "visited")}),
-        ("heldout in training", {("expect_column_values_to_be_in_set", "in_train_purchases")}),
-        ("row after cutoff", {("expect_column_values_to_be_between", "last_time")}),
-        ("id map gap", {("expect_column_values_to_be_between", "user_idx")}),
-    ],
-)
-def test_broken_training_tables_fail_on_exactly_their_expectation(spark, copy_of, family, expected):
-    settings = copy_of()
-    bundle = TRAINING.dir(settings.paths.warehouse_root, RUN)
+def _break_training(spark, bundle, family: str) -> None:
+    """Rewrite one table of the training ``bundle`` with the fault ``family`` names."""
     if family == "visited label":
         h = spark.read.parquet(str(bundle / HELDOUT.name)).cache()
         first = h.orderBy("user_idx", "item_idx").first()
@@ -280,7 +269,7 @@ def test_broken_training_tables_fail_on_exactly_their_expectation(spark, copy_of
             INTERACTIONS,
             inter.withColumn("last_time", F.when(late, F.lit(_t(3, 5))).otherwise(F.col("last_time"))),
         )
-    else:
+    elif family == "id map gap":
         um = spark.read.parquet(str(bundle / USER_MAP.name)).cache()
         last = um.agg(F.max("user_idx")).first()[0]
         _rewrite(
@@ -291,6 +280,59 @@ def test_broken_training_tables_fail_on_exactly_their_expectation(spark, copy_of
                 "user_idx", F.when(F.col("user_idx") == last, F.lit(last + 5)).otherwise(F.col("user_idx"))
             ),
         )
+    else:
+        raise ValueError(family)
+
+
+TRAINING_FAULTS = [
+    ("visited label", {("expect_column_pair_values_to_be_equal", "visited")}),
+    ("heldout in training", {("expect_column_values_to_be_in_set", "in_train_purchases")}),
+    ("row after cutoff", {("expect_column_values_to_be_between", "last_time")}),
+    ("id map gap", {("expect_column_values_to_be_between", "user_idx")}),
+]
+
+
+@pytest.mark.parametrize("family, expected", TRAINING_FAULTS)
+def test_broken_training_tables_fail_on_exactly_their_expectation(spark, copy_of, family, expected):
+    settings = copy_of()
+    _break_training(spark, TRAINING.dir(settings.paths.warehouse_root, RUN), family)
     with pytest.raises(ValidationFailed) as exc:
         run_validate(spark, settings, "training", RUN)
     assert _failed(exc) == expected
+
+
+def _failed_counts(excinfo) -> set[tuple[str, str, int | None]]:
+    return {(f.expectation, _failed_column(f), f.unexpected_count) for f in excinfo.value.failures}
+
+
+def test_the_pandas_and_the_spark_engine_fail_the_same_expectations_on_the_same_rows(
+    spark, copy_of, tmp_path
+):
+    """Tables up to ``validation.pandas_max_rows`` rows are checked by GX's pandas engine, larger
+    ones by its Spark engine: with every fault above at once, both name the same expectations with
+    the same unexpected counts."""
+
+    def both(settings, table: str) -> set:
+        found = []
+        for limit in (settings.validation.pandas_max_rows, 0):
+            engine = settings.model_copy(
+                update={"validation": settings.validation.model_copy(update={"pandas_max_rows": limit})}
+            )
+            with pytest.raises(ValidationFailed) as exc:
+                run_validate(spark, engine, table, RUN)
+            found.append(_failed_counts(exc))
+        assert found[0] == found[1], table
+        return {(e, c) for e, c, _ in found[0]}
+
+    events = settings_under(tmp_path / "events", {"pipeline": {"sources": ["hand"]}})
+    assert events.validation.pandas_max_rows > len(ROWS)
+    rows = ROWS
+    for _, change, _ in EVENT_FAULTS:
+        rows = change(rows)
+    _write_events(spark, events, rows)
+    assert both(events, "events") == set().union(*(expected for *_, expected in EVENT_FAULTS))
+
+    settings = copy_of()
+    for family, _ in TRAINING_FAULTS:
+        _break_training(spark, TRAINING.dir(settings.paths.warehouse_root, RUN), family)
+    assert both(settings, "training") == set().union(*(expected for _, expected in TRAINING_FAULTS))
