@@ -40,6 +40,7 @@ def killed_worker_job(spark, events: Path, pgid: int) -> dict:
     sc = spark.sparkContext
     tracker = sc.statusTracker()
     rows = spark.read.parquet(str(events)).repartition(8, "user_id")
+    partitions = rows.rdd.getNumPartitions()
     executors_before = _executors(sc)
     killed: dict = {}
 
@@ -50,8 +51,12 @@ def killed_worker_job(spark, events: Path, pgid: int) -> dict:
                 info = tracker.getJobInfo(job)
                 for stage_id in info.stageIds if info else ():
                     stage = tracker.getStageInfo(stage_id)
-                    if stage and stage.numActiveTasks >= 2:
-                        time.sleep(0.5)  # both slots are inside their tasks' sleep
+                    # Two unfinished task runs have marked their start: both slots are inside their
+                    # tasks' sleep (a task merely scheduled may not have reached its Python worker
+                    # yet, and a kill then would leave nothing to run again).
+                    started = sum(1 for _ in marks.iterdir())
+                    slow_stage = stage and stage.numTasks == partitions  # the tasks that sleep
+                    if slow_stage and started - stage.numCompletedTasks >= 2:
                         os.killpg(pgid, signal.SIGKILL)
                         killed.update(stage=stage_id, at_completed=stage.numCompletedTasks)
                         return
