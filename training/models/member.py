@@ -25,15 +25,20 @@ Speed: every graph is propagated once per step and shared by all losses of the s
 experts' embeddings on a common graph (union, each behaviour) are propagated together as one
 2d-wide sparse product. Nothing dense in users x items is built during training.
 
-Our one addition, off by default (``funnel_bias``; the model ``member_funnel`` turns it on): the
+Our additions, off by default: ``funnel_bias`` (the model ``member_funnel`` turns it on): the
 visited expert's score of a visited item gets a learned weight per auxiliary behaviour the user
-showed on that item (a few scalars, zero at the start).
+showed on that item (a few scalars, zero at the start); ``item_bias``: a learned scalar per item
+added to the unvisited expert's score. ``reg_experts`` says whose embeddings the L2 term covers:
+both by default, where the reference code covers the visited expert's only (issue #26 measures
+both, ``bench/member_ablation.py``).
 
 Deliberately not copied from the reference code: its 3 passes per epoch with stale embeddings, the
 α-scaled negative in BPR, layer-normalised LightGCN variants, and the dense visited mask.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import numpy as np
 import scipy.sparse as sp
@@ -73,6 +78,8 @@ class MemberConfig(TrainedModelConfig):
     gen_positives: int = Field(gt=0)
     gen_negatives: int = Field(ge=0)
     reg: float = Field(ge=0)
+    reg_experts: list[Literal["visited", "unvisited"]]
+    item_bias: bool
     negatives: int = Field(gt=0)
     visited_negatives: float = Field(ge=0, le=1)
     negative_candidates: int = Field(gt=0)
@@ -139,6 +146,15 @@ class Member(Recommender):
                 for k, b in enumerate(self._funnel_behaviors)
             )
             self._funnel_codes = PairSet(sp.csr_matrix(codes))
+        # Item bias (ours, off = the paper's expert): one learned scalar per item added to the
+        # unvisited expert's score, a popularity term its dot products must otherwise encode.
+        self.item_bias = nn.Parameter(torch.zeros(data.n_items)) if c.item_bias else None
+        self._reg_params = [
+            t
+            for expert, params in (("visited", self.V), ("unvisited", self.U))
+            if expert in c.reg_experts
+            for t in (params.glob, params.loc)
+        ]
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
@@ -193,8 +209,12 @@ class Member(Recommender):
         vu, vi = self.expert_reps(out, "visited")
         uu, ui = self.expert_reps(out, "unvisited")
         s_v = (vu[users] * vi[items]).sum(1) + self.funnel_bias(users, items)
-        s_u = (uu[users] * ui[items]).sum(1)
+        s_u = (uu[users] * ui[items]).sum(1) + self.unvisited_bias(items)
         return torch.where(self.is_visited(users, items), s_v, s_u)
+
+    def unvisited_bias(self, items: torch.Tensor) -> torch.Tensor | float:
+        """The unvisited expert's item bias of ``items`` (0 without ``item_bias``)."""
+        return 0.0 if self.item_bias is None else self.item_bias[items]
 
     def funnel_bias(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor | float:
         """(P,) the visited expert's funnel bias of each pair: the sum of the learned weights of the
@@ -280,11 +300,9 @@ class Member(Recommender):
         l_gen = self._generative(out, c.gen_positives)
 
         rows = torch.cat([u, p + self.n_users, n.reshape(-1) + self.n_users])
-        reg = (
-            sum(t[rows].pow(2).sum() for t in (self.V.glob, self.V.loc, self.U.glob, self.U.loc))
-            * c.reg
-            / len(u)
-        )
+        reg = sum(t[rows].pow(2).sum() for t in self._reg_params) * c.reg / len(u)
+        if self.item_bias is not None and "unvisited" in c.reg_experts:
+            reg = reg + self.item_bias[rows[len(u) :] - self.n_users].pow(2).sum() * c.reg / len(u)
         total = rank + c.gamma_visited_cl * l_v_cl + c.gamma_unvisited_cl * l_u_cl
         total = total + c.gamma_generative * l_gen + reg
         return {
@@ -322,7 +340,10 @@ class Member(Recommender):
             rows, cols = self._visited_entries(context, visited.device)
             with torch.no_grad():
                 visited[rows, cols] += self.funnel_bias(users[rows], cols).to(visited.dtype)
-        return {"visited": visited, "unvisited": uu[users] @ ui.T}
+        unvisited = uu[users] @ ui.T
+        if self.item_bias is not None:
+            unvisited = unvisited + self.item_bias.detach()
+        return {"visited": visited, "unvisited": unvisited}
 
     def scores(self, context: Context) -> torch.Tensor:
         """The unvisited expert everywhere, then the visited expert's dot products written over the
@@ -334,6 +355,8 @@ class Member(Recommender):
         vu, vi, uu, ui = self._reps()
         users = context.users.clamp(min=0)
         out = uu[users] @ ui.T
+        if self.item_bias is not None:
+            out = out + self.item_bias.detach()
         rows, cols = self._visited_entries(context, out.device)
         if len(rows):
             with torch.no_grad():
