@@ -346,3 +346,36 @@ def test_per_model_overrides_reach_only_their_model_and_the_epoch_cap_still_hold
     assert training_overrides(settings, "fame") == {"train": {"epochs": 5}}
     with pytest.raises(UnknownSettingError, match=r"dimm.*from overrides"):
         merged_config("sasrec", {"dimm": 32})
+
+
+def test_member_item_bias_moves_unvisited_scores_only_and_reg_covers_the_experts_it_names(tiny):
+    from training.models import build_model
+
+    plain = build_model("member", tiny, {"seed": 4})
+    model = build_model("member", tiny, {"seed": 4, "item_bias": True})
+    bias = torch.linspace(-1.0, 1.0, tiny.n_items)
+    model.load_state_dict({**plain.state_dict(), "item_bias": bias}, strict=True)
+    plain.eval()
+    model.eval()
+    ctx = Context.of_training(tiny, torch.arange(tiny.n_users))
+    got, want = model.scores(ctx), plain.scores(ctx)
+    visited = torch.from_numpy(tiny.visited.toarray() > 0)
+    assert visited.any() and (~visited).any()
+    torch.testing.assert_close(got[visited], want[visited])
+    torch.testing.assert_close(got - want, torch.where(visited, 0.0, bias.expand_as(got)))
+    torch.testing.assert_close(
+        model.expert_scores(ctx)["unvisited"], plain.expert_scores(ctx)["unvisited"] + bias
+    )
+
+    # Trained, the bias moves; with the L2 term on the visited expert only, the unvisited
+    # expert's embeddings and the bias get no gradient from it.
+    r = fit_model("member", tiny, seed=3, overrides={**FAST, "item_bias": True}, progress=False)
+    assert r.model.item_bias.abs().sum() > 0
+    only_visited = build_model(
+        "member", tiny, {"seed": 4, "item_bias": True, "reg_experts": ["visited"], "reg": 1.0}
+    )
+    batch = next(iter(only_visited.batches(np.random.default_rng(0), 32)))
+    only_visited.train()
+    only_visited.loss(batch)["reg"].backward()
+    assert only_visited.V.glob.grad.abs().sum() > 0
+    assert only_visited.U.glob.grad is None and only_visited.item_bias.grad is None
