@@ -68,7 +68,7 @@ def unvisited_top_items(model, data, batch_size: int = 2048) -> dict[str, float]
     visited_pairs = np.asarray(visited_pairs, bool)
     users = np.unique(users_with[~visited_pairs])
     popularity = np.asarray((data.union > 0).sum(0)).ravel().astype(np.float64)
-    # percentile: share of items strictly less popular, ties at their mean
+    # percentile: the item's rank by popularity over n - 1 (0 least, 1 most popular), ties at their mean
     order = np.argsort(popularity, kind="stable")
     pct = np.empty(len(popularity))
     pct[order] = np.arange(len(popularity)) / max(len(popularity) - 1, 1)
@@ -119,7 +119,7 @@ def _losses(history: list[dict]) -> dict:
     return {k: {"first": history[0][k], "last": history[-1][k]} for k in keys}
 
 
-def run_variant(name: str, overrides: dict, val_data, seed: int, max_epochs: int | None) -> dict:
+def run_variant(overrides: dict, val_data, seed: int, max_epochs: int | None) -> dict:
     overrides = json.loads(json.dumps(overrides))
     if max_epochs:
         overrides.setdefault("train", {})["epochs"] = max_epochs
@@ -218,7 +218,7 @@ def main() -> int:
         if prev and not args.rerun and prev["seed"] == args.seed and prev["max_epochs"] == args.max_epochs:
             print(f"{name}: kept from {out_path.name}", flush=True)
             continue
-        row = run_variant(name, VARIANTS[name], val_data, args.seed, args.max_epochs)
+        row = run_variant(VARIANTS[name], val_data, args.seed, args.max_epochs)
         results["variants"][name] = row
         log_mlflow(args.work / "mlflow.db", args.benchmark, name, row)
         v = row["validation"]
