@@ -180,10 +180,9 @@ def _validate_suites(
     failures: list[Failure] = []
     documented: list = []
     for suite, df in suites:
-        engine, batch = source, df
         # Counting up to the bound first: a large table is not collected only to be dropped.
-        if pandas_max_rows > 0 and df.limit(pandas_max_rows + 1).count() <= pandas_max_rows:
-            engine, batch = small, df.toPandas()
+        to_pandas = pandas_max_rows > 0 and df.limit(pandas_max_rows + 1).count() <= pandas_max_rows
+        engine = small if to_pandas else source
         gx_suite = gx.ExpectationSuite(name=suite.name)
         guards = {}
         for check in suite.checks:
@@ -212,7 +211,7 @@ def _validate_suites(
             )
         )
         try:
-            run = checkpoint.run(batch_parameters={"dataframe": batch})
+            run = checkpoint.run(batch_parameters={"dataframe": df.toPandas() if to_pandas else df})
         finally:
             # Views are cached for the checkpoint; Spark's cache is keyed by plan, so a later read
             # of the same path (the table re-validated after a rewrite) would get stale rows.
