@@ -86,6 +86,12 @@ def _context(root: Path, docs_dir: Path):
 
     root.mkdir(parents=True, exist_ok=True)
     ctx = gx.get_context(mode="file", project_root_dir=str(root))
+    if ctx.variables.config_variables_file_path:
+        # No suite of ours uses config variables, and while the project names a variables file GX
+        # reads and parses it at every access to a store (about 70 times per validated table).
+        ctx.variables.config_variables_file_path = None
+        ctx.variables.save()
+        ctx = gx.get_context(mode="file", project_root_dir=str(root))
     bars = ctx.variables.progress_bars  # a config object when set here, a dict once reloaded from YAML
     if bars is None or (bars.get("globally", True) if isinstance(bars, dict) else bars.globally):
         # Progress bars would interleave with the one-line-per-stage logs of unattended runs.
@@ -183,12 +189,15 @@ def _validate_suites(
         # Counting up to the bound first: a large table is not collected only to be dropped.
         to_pandas = pandas_max_rows > 0 and df.limit(pandas_max_rows + 1).count() <= pandas_max_rows
         engine = small if to_pandas else source
-        gx_suite = gx.ExpectationSuite(name=suite.name)
         guards = {}
         for check in suite.checks:
             check.expectation.notes = check.guards
-            gx_suite.add_expectation(check.expectation)
             guards[_key(check.expectation)] = check.guards
+        # Given whole to the constructor and stored once: ``add_expectation`` on a suite whose name
+        # the project already holds rewrites the suite's file once per expectation.
+        gx_suite = gx.ExpectationSuite(name=suite.name, expectations=[c.expectation for c in suite.checks])
+        if len(gx_suite.expectations) != len(suite.checks):  # the constructor logs and drops invalid ones
+            raise ValueError(f"suite {suite.name}: an expectation GX cannot build")
         gx_suite = ctx.suites.add_or_update(gx_suite)
         try:
             asset = engine.get_asset(suite.name)

@@ -235,6 +235,11 @@ def first_champion(settings, versions, chosen, ds: str) -> int:
     return v
 
 
+#: For tests of the gates' decisions: they make the same store calls as the promotion and rollback test,
+#: which runs on both stores (with the alias, no-challenger and goes-away tests on the server).
+ON_SQLITE = pytest.mark.parametrize("store", ["sqlite"], indirect=True)
+
+
 def champion(settings) -> int | None:
     return aliases(settings, tracking.connect(settings)).get(CHAMPION)
 
@@ -270,6 +275,7 @@ def test_better_challenger_is_promoted_and_rollback_restores_the_previous_champi
     assert champion(store) == v1
 
 
+@ON_SQLITE
 def test_the_best_version_that_passes_is_promoted_and_the_decisions_table_says_why(
     store, versions, chosen, tmp_path
 ):
@@ -305,6 +311,7 @@ def test_the_best_version_that_passes_is_promoted_and_the_decisions_table_says_w
     assert promote(settings, ds=DS).action == "already_champion" and champion(store) == second
 
 
+@ON_SQLITE
 def test_a_refresh_replaces_the_champion_unless_shown_worse_and_a_champion_that_cannot_be_read_refuses(
     store, versions, chosen, tmp_path
 ):
@@ -322,6 +329,7 @@ def test_a_refresh_replaces_the_champion_unless_shown_worse_and_a_champion_that_
     assert versions.tags(challenger)["promotion.failed_gates"] == "champion_measured"
 
 
+@ON_SQLITE
 def test_a_date_older_than_the_champions_never_replaces_it(store, versions, chosen, tmp_path):
     settings = _with_policy(store, tmp_path, floor_model=None)
     newer = first_champion(settings, versions, chosen, "2026-01-09")
@@ -331,6 +339,7 @@ def test_a_date_older_than_the_champions_never_replaces_it(store, versions, chos
     assert d.action == "refused" and [g.name for g in d.failed] == ["date_order"] and champion(store) == newer
 
 
+@ON_SQLITE
 def test_first_champion_must_beat_the_floor_and_cover_enough_users(store, versions, chosen):
     below_floor = versions.add()
     chosen[below_floor] = measured(0.0)  # the real popularity floor, fitted on the tiny bundle, is above 0
