@@ -19,12 +19,23 @@ from training.trainer import fit_model
 pytestmark = pytest.mark.spark
 
 
+@pytest.fixture(scope="module")
+def trained(retailrocket) -> dict[str, tuple[dict, dict]]:
+    """``popularity`` and ``member`` trained and evaluated on the demo's split once for the module:
+    name -> (the training's metadata, the evaluation's metrics)."""
+    settings, *_ = retailrocket
+    out = {}
+    for name in ("popularity", "member"):
+        meta = run_train(settings, DEMO_DATE, name)
+        out[name] = meta, run_evaluate(settings, DEMO_DATE, name)
+    return out
+
+
 @pytest.mark.parametrize("name", ["popularity", "member"])
-def test_train_evaluate_and_reload(retailrocket, name):
+def test_train_evaluate_and_reload(retailrocket, trained, name):
     settings, _, manifest = retailrocket
-    meta = run_train(settings, DEMO_DATE, name)
+    meta, metrics = trained[name]
     assert meta["epochs_run"] <= 2
-    metrics = run_evaluate(settings, DEMO_DATE, name)
     test = metrics["test"]
     assert test["standard"]["users"] == manifest["stats"]["heldout"]["test"]["users"]
     assert test["visited"]["users"] + test["unvisited"]["users"] >= test["standard"]["users"]
@@ -54,14 +65,8 @@ def test_train_evaluate_and_reload(retailrocket, name):
         assert not torch.equal(model.scores(ctx), fresh.scores(ctx))
 
 
-def test_member_beats_popularity_on_the_visited_heavy_demo(retailrocket):
-    settings, *_ = retailrocket
-    for name in ("popularity", "member"):
-        run_train(settings, DEMO_DATE, name)
-    m = {
-        n: run_evaluate(settings, DEMO_DATE, n, splits=("test",))["test"]["standard"]
-        for n in ("popularity", "member")
-    }
+def test_member_beats_popularity_on_the_visited_heavy_demo(trained):
+    m = {name: metrics["test"]["standard"] for name, (_, metrics) in trained.items()}
     assert m["member"]["HR@20"] > m["popularity"]["HR@20"]
 
 
