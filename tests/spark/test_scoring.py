@@ -27,7 +27,7 @@ from training.registry import promote, register
 from training.score import run_score, serving_batches, serving_inputs
 from training.train_evaluate import run_evaluate, run_train
 from validation.runner import ValidationFailed
-from validation.validate import run_validate
+from validation.validate import result_path, run_validate
 
 pytestmark = pytest.mark.spark
 RUN_DATE = date.fromisoformat(DEMO_DATE)
@@ -106,6 +106,7 @@ def test_scored_table_passes_its_suite_and_a_broken_one_fails_naming_what_broke(
     settings, _, local = published
     summary = run_validate(spark, settings, "scores", RUN_DATE)  # the published partition
     assert summary["success"]
+    passed = result_path(settings, "scores", DEMO_DATE).read_bytes()  # the report reads it
     broken = local.copy()
     broken.loc[0, "rank"] = broken.loc[1, "rank"]  # two items at one rank
     users, _ = serving_inputs(settings, RUN_DATE)
@@ -129,6 +130,7 @@ def test_scored_table_passes_its_suite_and_a_broken_one_fails_naming_what_broke(
         assert "catalogue" not in text and "other than K=" not in text  # what was not broken passes
     finally:
         shutil.rmtree(target)
+        result_path(settings, "scores", DEMO_DATE).write_bytes(passed)
 
 
 def test_a_collapse_against_the_previous_night_fails_the_scores_suite_with_the_reason(published, spark):
@@ -136,6 +138,8 @@ def test_a_collapse_against_the_previous_night_fails_the_scores_suite_with_the_r
     1); a table giving everyone the same 50 other items collapses both overlap and coverage."""
     settings, _, local = published
     wh = settings.paths.warehouse_root
+    result = result_path(settings, "scores", DEMO_DATE)
+    published_result = result.read_bytes()  # the published scores' result, which the report reads
     previous = scores_dir(wh) / "ds=2015-09-17"
     shutil.copytree(scores_dir(wh) / f"ds={DEMO_DATE}", previous)
     target = scores_staged_dir(wh, DEMO_DATE)
@@ -163,9 +167,7 @@ def test_a_collapse_against_the_previous_night_fails_the_scores_suite_with_the_r
     finally:
         shutil.rmtree(previous)
         shutil.rmtree(target, ignore_errors=True)
-    # The date's result file is the published scores' again (the broken table of an earlier test
-    # left a failed one), which the report reads.
-    run_validate(spark, settings, "scores", RUN_DATE)
+        result.write_bytes(published_result)
 
 
 def test_a_killed_scoring_run_leaves_the_published_date_readable(published, tmp_path):
