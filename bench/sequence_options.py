@@ -48,6 +48,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "fame_no_repeat": ("fame", {"repeat": False}),
     "fame_balanced": ("fame", {"gate_balance": 0.1}),
     "fame_balanced_strong": ("fame", {"gate_balance": 1.0}),
+    # every next event a target (purchases weighted): more facet-consistent examples than purchases
+    "fame_all_targets": ("fame", {"targets": "all"}),
 }
 
 
