@@ -67,6 +67,7 @@ MODELS = [
     "lightgcn",
     "member",
     "member_funnel",
+    "member_no_unvisited_ssl",
     "sasrec",
     "fame",
 ]
@@ -90,7 +91,11 @@ FACET_K = 10
 # were chosen on: bench/README.md, "MEMBER's negatives".
 _RR_NEGATIVES = {"negatives": 1, "negative_candidates": 1, "train": {"lr": 5.0e-3}}
 TUNED: dict[str, dict[str, dict]] = {
-    table: {"member": _RR_NEGATIVES, "member_funnel": {**_RR_NEGATIVES, "visited_negatives": 0.5}}
+    table: {
+        "member": _RR_NEGATIVES,
+        "member_funnel": {**_RR_NEGATIVES, "visited_negatives": 0.5},
+        "member_no_unvisited_ssl": _RR_NEGATIVES,
+    }
     for table in ("retailrocket", "retailrocket_global_cutoff")
 }
 
