@@ -61,11 +61,12 @@ class StandaloneCluster:
         "spark.executor.cores": "1",
     }
 
-    def __init__(self, root, workers: int = 2, cores: int = 1, memory: str = "1g"):
+    def __init__(self, root, workers: int = 2, cores: int = 1, memory: str = "1g", java_opts: str = ""):
         from pathlib import Path
 
         self.root = Path(root)
         self.n_workers, self.cores, self.memory = workers, cores, memory
+        self.java_opts = java_opts  # the master's and workers' JVM options
         self.master = None
         self.workers: list = []
         self.url = ""
@@ -87,6 +88,8 @@ class StandaloneCluster:
                 "PYSPARK_PYTHON": sys.executable,
             }
         )
+        if self.java_opts:
+            env["SPARK_DAEMON_JAVA_OPTS"] = self.java_opts
         return env
 
     def _spawn(self, name: str, args: list[str]):

@@ -14,6 +14,11 @@ FIXTURES = REPO / "tests" / "fixtures"
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
+#: JVM options of the short-lived JVMs the tests start (drivers in subprocesses, a cluster's
+#: executors): the JIT's quick tier only and one GC thread; the optimising tier pays off on long
+#: jobs, not on these, and its compiler threads compete for the two cores.
+QUICK_JVM = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
+
 
 def settings_under(base_dir: Path, overrides: dict | None = None, data_root: Path = SAMPLE_DATA):
     """Settings with every output under ``base_dir``; ``overrides`` is a nested mapping."""

@@ -16,7 +16,7 @@ import yaml
 from infra.settings import load_settings
 from infra.spark import StandaloneCluster
 from infra.tables import TRAINING, read_manifest
-from tests.conftest import REPO, TAOBAO_DATE
+from tests.conftest import QUICK_JVM, REPO, TAOBAO_DATE
 
 pytestmark = pytest.mark.spark
 
@@ -44,7 +44,9 @@ def test_the_stages_on_a_standalone_cluster_give_the_local_rows_and_survive_a_ki
     local = load_settings(config, environ={})
     settings = yaml.safe_load(config.read_text())
 
-    with StandaloneCluster(tmp_path / "cluster", workers=2, cores=1, memory="1g") as cluster:
+    with StandaloneCluster(
+        tmp_path / "cluster", workers=2, cores=1, memory="1g", java_opts=QUICK_JVM
+    ) as cluster:
         config = tmp_path / "cluster.yaml"
         wh = tmp_path / "cluster" / "warehouse"
         config.write_text(
@@ -62,6 +64,9 @@ def test_the_stages_on_a_standalone_cluster_give_the_local_rows_and_survive_a_ki
                             **StandaloneCluster.driver_conf,
                             "spark.sql.shuffle.partitions": "2",
                             "spark.sql.adaptive.enabled": "false",
+                            # Six JVMs share two cores for a few minutes: the JIT's quick tier only
+                            "spark.driver.extraJavaOptions": QUICK_JVM,
+                            "spark.executor.extraJavaOptions": QUICK_JVM,
                         },
                     },
                     # The local run's registry: the same champion scores both warehouses.
