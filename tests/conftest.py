@@ -63,6 +63,7 @@ def spark():
                     "spark.sql.shuffle.partitions": "2",
                     "spark.default.parallelism": "2",
                     "spark.sql.adaptive.enabled": "false",
+                    "spark.ui.enabled": "false",  # no test reads it; its listeners run on every job
                 },
             }
         },

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from infra.orchestration import DAGS_FOLDER
-from tests.conftest import SAMPLE_DATA
+from tests.conftest import QUICK_JVM, SAMPLE_DATA
 
 ROOT = Path(tempfile.mkdtemp(prefix="funnelrec-airflow-"))
 HOME = ROOT / "airflow"
@@ -78,7 +78,13 @@ def write_config(name: str, policy_overrides: dict | None = None, **extra) -> Pa
         "mlflow": {"promotion_policy": str(ROOT / f"{name}-policy.yaml")},
         "airflow": {"home": str(HOME), "retries": 0},
         # What a spark-submit task's own driver runs with (in-process tasks use the session's Spark).
-        "spark": {"conf": {"spark.sql.shuffle.partitions": "2", "spark.sql.adaptive.enabled": "false"}},
+        "spark": {
+            "conf": {
+                "spark.sql.shuffle.partitions": "2",
+                "spark.sql.adaptive.enabled": "false",
+                "spark.driver.extraJavaOptions": QUICK_JVM,
+            }
+        },
     }
     for section, values in extra.items():
         cfg.setdefault(section, {}).update(values)

@@ -22,7 +22,7 @@ import yaml
 from infra.tables import SCORES, analytics_db, report_path, scores_dir, scores_staged_dir
 from jobs.context import run_context
 from jobs.publish import QueryError, analyst_connection, run_publish, run_query
-from tests.conftest import DEMO_DATE, REPO
+from tests.conftest import DEMO_DATE, QUICK_JVM, REPO
 from training.registry import promote, register
 from training.score import run_score, serving_batches, serving_inputs
 from training.train_evaluate import run_evaluate, run_train
@@ -183,7 +183,7 @@ def test_a_killed_scoring_run_leaves_the_published_date_readable(published, tmp_
             {
                 "paths": {"warehouse_root": str(wh), "data_root": str(settings.paths.data_root)},
                 "mlflow": {"registered_model": "scoring", "experiment": "scoring"},
-                "spark": {"master": "local[1]"},
+                "spark": {"master": "local[1]", "conf": {"spark.driver.extraJavaOptions": QUICK_JVM}},
             }
         )
     )
@@ -530,7 +530,7 @@ def test_kill_9_of_sessionize_or_publish_leaves_the_published_outputs_and_a_reru
                 "pipeline": {"sources": list(settings.pipeline.sources)},
                 "sessionize": settings.sessionize.model_dump(),
                 "mlflow": {"registered_model": "scoring", "experiment": "scoring"},
-                "spark": {"master": "local[1]"},
+                "spark": {"master": "local[1]", "conf": {"spark.driver.extraJavaOptions": QUICK_JVM}},
             }
         )
     )
