@@ -320,6 +320,7 @@ def run_dags(
     on a DAG file that does not import or a run that does not succeed (the later DAGs do not run);
     returns one line per run."""
     os.environ.update(env)
+    _start_spark_beside(settings)
     init_airflow(settings, env)
     from airflow.dag_processing.dagbag import DagBag
 
@@ -343,6 +344,31 @@ def run_dags(
                 f"{Path(settings.airflow.home) / 'failures' / dag_id}"
             )
     return lines
+
+
+def _start_spark_beside(settings: Settings) -> None:
+    """Start this process's Spark session in a thread while Airflow sets itself up and parses the
+    DAG files: Spark's JVM is a process of its own, so its start-up (15-30 s on 2 cores) runs beside
+    Airflow's instead of inside the first Spark task. That task's ``get_spark`` finds the session, or
+    waits for it (PySpark's builder holds a lock while it creates one). A start that fails here is
+    left for that task to meet again and report. Not with ``airflow.spark_submit_conn_id``: the ETL's
+    Spark stages then run in spark-submit's own drivers."""
+    if settings.airflow.spark_submit_conn_id:
+        return
+    import threading
+
+    from pyspark.sql import SparkSession  # imported here, not in the thread, beside Airflow's imports
+
+    from infra.spark import get_spark
+
+    if SparkSession.getActiveSession() is not None:
+        return  # this process already has one (the test suite's)
+
+    def start() -> None:
+        with contextlib.suppress(Exception):
+            get_spark(settings)
+
+    threading.Thread(target=start, name="funnelrec-spark-start", daemon=True).start()
 
 
 def asset_name(emits: str) -> str:
