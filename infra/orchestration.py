@@ -321,13 +321,13 @@ def run_dags(
     returns one line per run."""
     os.environ.update(env)
     _start_spark_beside(settings)
-    _import_beside(BESIDE_IMPORTS)
     init_airflow(settings, env)
     from airflow.dag_processing.dagbag import DagBag
 
     bag = DagBag(dag_folder=str(DAGS_FOLDER))
     if bag.import_errors:
         raise RuntimeError(f"DAG files do not import: {bag.import_errors}")
+    _import_beside(BESIDE_IMPORTS)
     logical = datetime(ds.year, ds.month, ds.day, tzinfo=UTC)
     lines = []
     for dag_id in dag_ids:
@@ -372,19 +372,27 @@ def _start_spark_beside(settings: Settings) -> None:
     threading.Thread(target=start, name="funnelrec-spark-start", daemon=True).start()
 
 
-#: The libraries of the DAG's later tasks that take seconds to import (great_expectations about 9 s
-#: on 2 cores, torch and MLflow about 4 s each); ``run_dags`` imports them while Airflow migrates
-#: its DB in subprocesses and the first Spark task waits on Spark's JVM.
-BESIDE_IMPORTS = ("great_expectations", "torch", "mlflow")
+#: The libraries of the DAG's later tasks that take seconds to import on 2 cores: great_expectations
+#: (9 s), torch and MLflow (4 s each), torch's compiler (4 s; ``torch.use_deterministic_algorithms``
+#: imports it) and MLflow's SQL store (3 s). ``run_dags`` imports them while its first Spark task
+#: waits on Spark's JVM.
+BESIDE_IMPORTS = (
+    "great_expectations",
+    "torch",
+    "torch._inductor",
+    "mlflow",
+    "mlflow.store.tracking.sqlalchemy_store",
+)
 
 
 def _import_beside(modules: tuple[str, ...]) -> None:
     """Import ``modules`` in a thread, so that the first task that needs one finds it imported
     instead of paying its import. Importing is mostly Python holding the GIL, so this gains only
-    where the main thread waits: on the ``airflow`` subprocesses of ``init_airflow`` and on Spark's
-    JVM. Python's per-module import locks make a task that imports one of them meanwhile wait for
-    the thread's import to finish. A module that fails to import here is left for its task to
-    import again and report."""
+    while the main thread waits, as it does on Spark's JVM during the first Spark task; started
+    beside Airflow's own set-up instead, it made that set-up 8 s longer on 2 cores. Python's
+    per-module import locks make a task that imports one of them meanwhile wait for the thread's
+    import to finish. A module that fails to import here is left for its task to import again
+    and report."""
     import importlib
     import threading
 
