@@ -4,6 +4,7 @@ validation).
 
     .venv/bin/python bench/quality.py --benchmark tmall --seeds 1
     .venv/bin/python bench/quality.py --benchmark retailrocket --seeds 3
+    .venv/bin/python bench/quality.py --benchmark tmall --seeds 3 --resume   # after an interruption
 
 - ``tmall``: MEMBER's split of the MBGCN Tmall files (``jobs/benchmarks.py``); no click file, so
   most test purchases are unvisited and this mainly tests the unvisited expert.
@@ -155,7 +156,34 @@ def build_tables(benchmark: str, work: Path) -> dict[str, Path]:
     return out
 
 
-def run(benchmark: str, seeds: list[int], models: list[str], work: Path, max_epochs: int | None) -> dict:
+def _commit() -> str | None:
+    import subprocess
+
+    out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return out.stdout.strip() or None
+
+
+def _save_done(path: Path, done: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(done, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def run(
+    benchmark: str,
+    seeds: list[int],
+    models: list[str],
+    work: Path,
+    max_epochs: int | None,
+    resume: bool = False,
+) -> dict:
+    """Fit and test every model on every seed. Each finished (table, model, seed) run is saved at
+    once to ``<work>/runs_<benchmark>.json`` with its overrides and the commit it ran at; with
+    ``resume`` a run found there with the same overrides is taken from it instead of rerun (a long
+    benchmark can span sessions), and the commits of the runs taken are printed."""
+    done_path = work / f"runs_{benchmark}.json"
+    done: dict = json.loads(done_path.read_text()) if resume and done_path.exists() else {}
+    commit = _commit()
     results: dict = {
         "benchmark": benchmark,
         "machine": {
@@ -196,6 +224,11 @@ def run(benchmark: str, seeds: list[int], models: list[str], work: Path, max_epo
                 overrides = copy.deepcopy(TUNED.get(table_name, {}).get(name, {}))
                 if max_epochs:
                     overrides.setdefault("train", {})["epochs"] = max_epochs
+                key = f"{table_name}/{name}/{seed}"
+                if key in done and done[key]["overrides"] == overrides:
+                    runs.append(done[key])
+                    print(f"  {name} seed {seed}: resumed (ran at {done[key].get('commit')})", flush=True)
+                    continue
                 t = time.perf_counter()
                 fit = fit_and_refit(name, val_data, data, seed, overrides, progress=False)
                 r, chosen = fit.final, fit.validation  # tested: the refit; chosen on validation
@@ -230,8 +263,11 @@ def run(benchmark: str, seeds: list[int], models: list[str], work: Path, max_epo
                         "seconds_per_epoch": chosen.seconds_per_epoch,
                         "peak_rss_mb": r.peak_rss_mb,
                         "device": r.device,
+                        "commit": commit,
                     }
                 )
+                done[key] = runs[-1]
+                _save_done(done_path, done)
                 print(
                     f"  {name} seed {seed}: {chosen.epochs_run} epochs (best {chosen.best_epoch}), "
                     f"{chosen.seconds_per_epoch:.1f} s/epoch, train {train_s:.0f} s, peak RSS {r.peak_rss_mb:.0f} MB, "
@@ -362,6 +398,12 @@ def main() -> int:
     ap.add_argument("--max-epochs", type=int, help="cap on every model's epochs")
     ap.add_argument("--work", default=str(REPO / "bench" / "results" / "tmp" / "quality"))
     ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="take the runs already finished with the same overrides from <work>/runs_<benchmark>.json "
+        "instead of rerunning them (each run is saved there as it finishes)",
+    )
+    ap.add_argument(
         "--update",
         action="store_true",
         help="replace only the models run in the saved JSON, keeping the other models' results "
@@ -375,6 +417,7 @@ def main() -> int:
         args.models.split(","),
         Path(args.work),
         args.max_epochs,
+        args.resume,
     )
     out = REPO / "bench" / "results" / f"quality_{args.benchmark}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
