@@ -222,6 +222,8 @@ def init_airflow(settings: Settings, env: dict[str, str], *, in_process: bool = 
     except (OSError, ValueError):
         pass
     if in_process:
+        if os.environ.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN") != db:
+            raise RuntimeError(f"init_airflow(in_process=True): this process's environment is not {db}'s")
         from airflow.models.pool import Pool
         from airflow.utils.db import upgradedb
 
@@ -388,16 +390,9 @@ def _start_spark_beside(settings: Settings) -> None:
 
 
 #: The libraries of the DAG's later tasks that take seconds to import on 2 cores: great_expectations
-#: (9 s), torch and MLflow (4 s each), torch's compiler (4 s; ``torch.use_deterministic_algorithms``
-#: imports it) and MLflow's SQL store (3 s). ``run_dags`` imports them while its first Spark task
-#: waits on Spark's JVM.
-BESIDE_IMPORTS = (
-    "great_expectations",
-    "torch",
-    "torch._inductor",
-    "mlflow",
-    "mlflow.store.tracking.sqlalchemy_store",
-)
+#: (9 s), torch and MLflow (4 s each) and MLflow's SQL store (3 s). ``run_dags`` imports them while
+#: its first Spark task waits on Spark's JVM.
+BESIDE_IMPORTS = ("great_expectations", "torch", "mlflow", "mlflow.store.tracking.sqlalchemy_store")
 
 
 def _import_beside(modules: tuple[str, ...]) -> None:

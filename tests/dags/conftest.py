@@ -95,13 +95,15 @@ def write_config(name: str, policy_overrides: dict | None = None, **extra) -> Pa
 
 @pytest.fixture(scope="session")
 def airflow_db():
-    """`airflow db migrate` and the GPU pool, through the same helper `funnelrec airflow` uses."""
+    """The metadata DB migrated and the pools created in this process (the environment above is
+    the config's), as `funnelrec dags-test` does; the setup test reruns it as `funnelrec airflow`
+    does, through the `airflow` CLI."""
     from infra.orchestration import airflow_env, init_airflow
     from infra.settings import load_settings
 
     config = write_config("init")
     settings = load_settings(config, environ={})
-    init_airflow(settings, airflow_env(settings, str(config)))
+    init_airflow(settings, airflow_env(settings, str(config)), in_process=True)
     return HOME
 
 
