@@ -390,9 +390,16 @@ def _start_spark_beside(settings: Settings) -> None:
 
 
 #: The libraries of the DAG's later tasks that take seconds to import on 2 cores: great_expectations
-#: (9 s), torch and MLflow (4 s each) and MLflow's SQL store (3 s). ``run_dags`` imports them while
-#: its first Spark task waits on Spark's JVM.
-BESIDE_IMPORTS = ("great_expectations", "torch", "mlflow", "mlflow.store.tracking.sqlalchemy_store")
+#: (9 s), torch and MLflow (4 s each), torch's compiler (4 s; the optimisers' constructors and
+#: ``torch.use_deterministic_algorithms`` import it though no model compiles) and MLflow's SQL store
+#: (3 s). ``run_dags`` imports them while its first Spark task waits on Spark's JVM.
+BESIDE_IMPORTS = (
+    "great_expectations",
+    "torch",
+    "torch._inductor",
+    "mlflow",
+    "mlflow.store.tracking.sqlalchemy_store",
+)
 
 
 def _import_beside(modules: tuple[str, ...]) -> None:

@@ -106,21 +106,12 @@ def seed_everything(seed: int) -> None:
 
     Without the latter, multi-threaded CPU scatter-adds (embedding gradients with repeated indices)
     differ in the last bits from run to run, and so do the trained weights.
-
-    The kernels' flag is set as ``torch.use_deterministic_algorithms(True, warn_only=True)`` sets
-    it, without the compiler's copy of it: that function imports ``torch._inductor`` (and with it
-    ``torch._dynamo``) to set ``torch._inductor.config.deterministic``, 4 s of a training process
-    on 2 cores, for a flag that only ``torch.compile`` reads and no model here compiles. When the
-    compiler is loaded anyway, its flag is set too.
     """
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
-    torch._C._set_deterministic_algorithms(True, warn_only=True)
-    inductor = sys.modules.get("torch._inductor.config")
-    if inductor is not None:
-        inductor.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
 
