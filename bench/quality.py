@@ -36,9 +36,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from datetime import date
@@ -156,16 +158,34 @@ def build_tables(benchmark: str, work: Path) -> dict[str, Path]:
     return out
 
 
-def _commit() -> str | None:
-    import subprocess
+#: What decides a run's metrics besides its overrides and seed: the models, trainer and evaluator,
+#: and the training defaults. A saved run is reused only when these are at its commit what they are
+#: in the working tree.
+RESULT_PATHS = ("training", "infra/defaults.yaml")
 
+
+def _commit() -> str | None:
     out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
     return out.stdout.strip() or None
 
 
+@functools.cache
+def _same_code(commit: str | None) -> bool:
+    """Whether ``RESULT_PATHS`` in the working tree are as they were at ``commit``."""
+    if not commit:
+        return False
+    diff = subprocess.run(
+        ["git", "-C", str(REPO), "diff", "--quiet", commit, "--", *RESULT_PATHS], capture_output=True
+    )
+    return diff.returncode == 0
+
+
 def _save_done(path: Path, done: dict) -> None:
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(done, indent=2) + "\n")
+    with open(tmp, "w") as fh:
+        fh.write(json.dumps(done, indent=2) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
     tmp.replace(path)
 
 
@@ -178,11 +198,12 @@ def run(
     resume: bool = False,
 ) -> dict:
     """Fit and test every model on every seed. Each finished (table, model, seed) run is saved at
-    once to ``<work>/runs_<benchmark>.json`` with its overrides and the commit it ran at; with
-    ``resume`` a run found there with the same overrides is taken from it instead of rerun (a long
-    benchmark can span sessions), and the commits of the runs taken are printed."""
+    once to ``<work>/runs_<benchmark>.json`` with its overrides and the commit it ran at (runs saved
+    before are kept). With ``resume`` a run found there is taken instead of rerun (a long benchmark
+    can span sessions) when its overrides are this run's and ``RESULT_PATHS`` have not changed
+    since its commit; each run taken, or refused and why, is printed."""
     done_path = work / f"runs_{benchmark}.json"
-    done: dict = json.loads(done_path.read_text()) if resume and done_path.exists() else {}
+    done: dict = json.loads(done_path.read_text()) if done_path.exists() else {}
     commit = _commit()
     results: dict = {
         "benchmark": benchmark,
@@ -225,10 +246,20 @@ def run(
                 if max_epochs:
                     overrides.setdefault("train", {})["epochs"] = max_epochs
                 key = f"{table_name}/{name}/{seed}"
-                if key in done and done[key]["overrides"] == overrides:
-                    runs.append(done[key])
-                    print(f"  {name} seed {seed}: resumed (ran at {done[key].get('commit')})", flush=True)
-                    continue
+                saved = done.get(key) if resume else None
+                if saved is not None:
+                    if saved["overrides"] != overrides:
+                        print(f"  {name} seed {seed}: saved run has other overrides; rerun", flush=True)
+                    elif not _same_code(saved.get("commit")):
+                        print(
+                            f"  {name} seed {seed}: {', '.join(RESULT_PATHS)} changed since the saved "
+                            f"run's commit {saved.get('commit')}; rerun",
+                            flush=True,
+                        )
+                    else:
+                        runs.append(saved)
+                        print(f"  {name} seed {seed}: resumed (ran at {saved['commit']})", flush=True)
+                        continue
                 t = time.perf_counter()
                 fit = fit_and_refit(name, val_data, data, seed, overrides, progress=False)
                 r, chosen = fit.final, fit.validation  # tested: the refit; chosen on validation
@@ -400,8 +431,9 @@ def main() -> int:
     ap.add_argument(
         "--resume",
         action="store_true",
-        help="take the runs already finished with the same overrides from <work>/runs_<benchmark>.json "
-        "instead of rerunning them (each run is saved there as it finishes)",
+        help="take the runs already finished from <work>/runs_<benchmark>.json (each run is saved there "
+        "as it finishes) instead of rerunning them, when their overrides are the same and training/ and "
+        "infra/defaults.yaml have not changed since their commit",
     )
     ap.add_argument(
         "--update",

@@ -279,12 +279,13 @@ def run() -> NoReturn:
     """The ``funnelrec`` command: ``main``, then exit without Python's last garbage collections.
 
     A process that ran the DAGs holds the objects of Airflow, Spark, GX and torch; the full
-    collections the interpreter runs while it finalises its modules walked them for 7-8 s of CPU
-    after the last task (gdb: ``finalize_modules`` -> ``gc_collect_main``), to free memory the
-    OS takes back at exit anyway. ``gc.freeze()`` puts every object out of their reach: the exit
-    takes under a second. The atexit handlers (Spark's, logging's flush) still run; the stages
-    close every file they write before they return, so nothing waits on a collection to reach
-    disk. Not in ``main``: the tests call it in a process that goes on."""
+    collections the interpreter runs while it finalises its modules walk all of them after the
+    last task (``finalize_modules`` -> ``gc_collect_main``, seconds of CPU: bench/README.md, "The
+    demo's time") to free memory the OS takes back at exit anyway. ``gc.freeze()`` puts every
+    object out of their reach. The atexit handlers (Spark's, logging's flush) still run; what
+    is lost is ``__del__`` of objects caught in reference cycles, and the stages close every file
+    they write before they return, so nothing waits on one to reach disk. Not in ``main``: the
+    tests call it in a process that goes on."""
     code = main()
     gc.freeze()
     sys.exit(code)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -196,8 +197,9 @@ def init_airflow(settings: Settings, env: dict[str, str], *, in_process: bool = 
 
     ``in_process``: migrate and create the pools through Airflow's own functions in this process
     (what ``airflow db migrate`` and ``airflow pools import`` call), for a process that runs DAGs
-    itself with ``env`` already in its environment: it imports Airflow anyway, and two ``airflow``
-    processes less save their start (about 4 s each on 2 cores)."""
+    itself with ``env`` already in its environment: it imports Airflow anyway, and does not start
+    two more Airflow processes (bench/README.md, "The demo's time"). Refused when this process's
+    Airflow is configured for another metadata DB."""
     from importlib.metadata import version
 
     home = Path(settings.airflow.home)
@@ -222,12 +224,29 @@ def init_airflow(settings: Settings, env: dict[str, str], *, in_process: bool = 
     except (OSError, ValueError):
         pass
     if in_process:
-        if os.environ.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN") != db:
-            raise RuntimeError(f"init_airflow(in_process=True): this process's environment is not {db}'s")
+        # Airflow reads its DB once, when first imported: the environment now and what the
+        # process's Airflow was configured with must both be ``db``.
+        from airflow import settings as airflow_settings
+
+        configured = {
+            os.environ.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"),
+            airflow_settings.SQL_ALCHEMY_CONN,
+        }
+        if configured != {db}:
+            raise RuntimeError(
+                f"init_airflow(in_process=True): this process's Airflow is configured for "
+                f"{sorted(map(str, configured))}, not {db}"
+            )
         from airflow.models.pool import Pool
         from airflow.utils.db import upgradedb
 
+        # A new DB's initdb times itself with SIGALRM and disarms the process's real-time timer
+        # when done; re-arm whatever timer was set (a caller's own timeout).
+        timer, started = signal.getitimer(signal.ITIMER_REAL), time.monotonic()
         upgradedb()
+        if timer[0] > 0:
+            left = max(timer[0] - (time.monotonic() - started), 0.001)
+            signal.setitimer(signal.ITIMER_REAL, left, timer[1])
         for name, pool in pools.items():
             Pool.create_or_update_pool(
                 name=name, slots=pool["slots"], description=pool["description"], include_deferred=False
@@ -265,8 +284,6 @@ def serve_airflow(settings: Settings, env: dict[str, str], startup_seconds: floa
     Each component logs to ``<home>/logs/components/<name>.log``. Once the API server answers its
     health check, prints the UI's address and where Airflow's simple auth manager wrote the admin
     password. Returns 0 after a signal, 1 when a component exited by itself."""
-    import signal
-
     home = Path(settings.airflow.home)
     logs = home / "logs" / "components"
     logs.mkdir(parents=True, exist_ok=True)
@@ -389,10 +406,10 @@ def _start_spark_beside(settings: Settings) -> None:
     threading.Thread(target=start, name="funnelrec-spark-start", daemon=True).start()
 
 
-#: The libraries of the DAG's later tasks that take seconds to import on 2 cores: great_expectations
-#: (9 s), torch and MLflow (4 s each), torch's compiler (4 s; the optimisers' constructors and
-#: ``torch.use_deterministic_algorithms`` import it though no model compiles) and MLflow's SQL store
-#: (3 s). ``run_dags`` imports them while its first Spark task waits on Spark's JVM.
+#: The libraries of the DAG's later tasks that take seconds each to import (bench/README.md, "The
+#: demo's time"): great_expectations, torch, torch's compiler (the optimisers' constructors and
+#: ``torch.use_deterministic_algorithms`` import it though no model compiles), MLflow and its SQL
+#: store. ``run_dags`` imports them while its first Spark task waits on Spark's JVM.
 BESIDE_IMPORTS = (
     "great_expectations",
     "torch",
@@ -405,17 +422,23 @@ BESIDE_IMPORTS = (
 def _import_beside(modules: tuple[str, ...]) -> None:
     """Import ``modules`` in a thread, so that the first task that needs one finds it imported
     instead of paying its import. Importing is mostly Python holding the GIL, so this gains only
-    while the main thread waits, as it does on Spark's JVM during the first Spark task; started
-    beside Airflow's own set-up instead, it made that set-up 8 s longer on 2 cores. Python's
-    per-module import locks make a task that imports one of them meanwhile wait for the thread's
-    import to finish. A module that fails to import here is left for its task to import again
-    and report."""
+    while the main thread waits, as it does on Spark's JVM during the first Spark task (started
+    beside Airflow's own set-up instead, it made that set-up longer).
+
+    Python's per-module import locks make a task that imports one of these meanwhile wait for the
+    thread's import to finish. They hand out a half-initialised module only when two threads import
+    the same modules in opposite orders; the libraries these have in common with what the main
+    thread imports meanwhile (numpy, pandas, pyarrow) are imported here first, in the calling
+    thread, so that the two threads share no module still being imported. A module that fails to
+    import in the thread is left for its task to import again and report."""
     import importlib
     import threading
 
     missing = [m for m in modules if m not in sys.modules]
     if not missing:
         return  # the test suite's process has them all
+    for shared in ("numpy", "pandas", "pyarrow"):
+        importlib.import_module(shared)
 
     def run() -> None:
         for name in missing:
