@@ -33,6 +33,7 @@ the validation fit after its user's validation purchase is a bug: the job fails
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, time
 
@@ -172,7 +173,8 @@ def contiguous_index(df: DataFrame, key: str, name: str, cached: list[DataFrame]
     by ``key``; each row's position in its partition comes from ``monotonically_increasing_id``
     (the partition id in the upper bits, the position in the lower ones) and is offset by the row
     counts of the partitions before it (one row per partition reaches the driver). The numbered
-    rows are cached (added to ``cached``) so that the counts and the index read the same rows."""
+    rows are cached (added to ``cached``) so that the counts and the index read the same rows; the
+    counts' job fills the cache."""
     parts = max(int(df.sparkSession.conf.get("spark.sql.shuffle.partitions")), 1)
     ranged = (
         df.repartitionByRange(parts, key)
@@ -180,7 +182,7 @@ def contiguous_index(df: DataFrame, key: str, name: str, cached: list[DataFrame]
         .withColumn("_part", F.spark_partition_id())
         .withColumn("_pos", F.monotonically_increasing_id() - F.shiftleft(F.col("_part").cast("long"), 33))
     )
-    ranged = _materialized(ranged)
+    ranged = ranged.persist()
     cached.append(ranged)
     counts = sorted((r["_part"], r["count"]) for r in ranged.groupBy("_part").count().collect())
     offsets, total = [], 0
@@ -219,21 +221,27 @@ def split_events(events: DataFrame, params: SplitParams, cached: list[DataFrame]
     """
     # Purchases are a few percent of the events: everything about held-out pairs is derived from
     # one cached scan of them, and only ``train`` reads all the events again.
-    purchases = _materialized(
-        _with_order(events.filter(F.col("behavior") == PURCHASE)).select(
-            "user_id", "item_id", "behavior", "event_time", "_rank", "_hash"
-        )
+    purchases = (
+        _with_order(events.filter(F.col("behavior") == PURCHASE))
+        .select("user_id", "item_id", "behavior", "event_time", "_rank", "_hash")
+        .persist()  # filled by the first count below
     )
     cached.append(purchases)
+    pair = ["user_id", "item_id"]
     if params.protocol == "global_time":
         cutoff = F.lit(params.cutoff)
 
         def training(df: DataFrame) -> DataFrame:
             return df.filter(F.col("event_time") < cutoff)
 
-        test = purchases.filter(F.col("event_time") >= cutoff)
+        test, n_test = _counted(
+            purchases.filter(F.col("event_time") >= cutoff)
+            .groupBy(*pair)
+            .agg(F.min("event_time").alias("event_time"))
+        )
+        cached.append(test)
     elif params.protocol == "leave_last_purchase":
-        last = _materialized(_last_per_user(purchases, "_t_"))
+        last, n_test = _counted(_last_per_user(purchases, "_t_"))
         cached.append(last)
 
         def training(df: DataFrame) -> DataFrame:
@@ -241,13 +249,15 @@ def split_events(events: DataFrame, params: SplitParams, cached: list[DataFrame]
             kept = joined.filter(F.col("_t_time").isNull() | _before("_t_"))
             return kept.drop("_t_time", "_t_rank", "_t_hash")
 
+        # One row per user, so one per pair.
         test = last.select("user_id", F.col("_t_item").alias("item_id"), F.col("_t_time").alias("event_time"))
     else:
         raise ValueError(f"unknown split protocol {params.protocol!r}")
 
-    test = test.groupBy("user_id", "item_id").agg(F.min("event_time").alias("event_time"))
-    train_buys = training(purchases)
-    pair = ["user_id", "item_id"]
+    # Cached as it is first computed: the four frames below read it, and each rebuild would also
+    # broadcast ``last`` again (a Spark job of its own).
+    train_buys = training(purchases).persist()
+    cached.append(train_buys)
 
     # Validation candidates, and which training events the validation fit sees (``validation_fit``).
     if params.protocol == "global_time":
@@ -257,8 +267,8 @@ def split_events(events: DataFrame, params: SplitParams, cached: list[DataFrame]
         candidates, n_candidates = _counted(
             in_window.groupBy(*pair).agg(F.min("event_time").alias("event_time"))
         )
-        cached.append(candidates)
-        validation = candidates.join(earlier, pair, "left_anti")
+        validation, n_validation = _counted(candidates.join(earlier, pair, "left_anti"))
+        cached += [candidates, validation]
 
         def with_fit_flag(df: DataFrame) -> DataFrame:
             return df.withColumn("validation_fit", F.col("event_time") < start)
@@ -277,7 +287,7 @@ def split_events(events: DataFrame, params: SplitParams, cached: list[DataFrame]
         # The last purchase is a repeat when the user bought the item before.
         times = train_buys.groupBy(*pair).agg(F.count("*").alias("_buys"))
         repeats = times.filter("_buys > 1").select("user_id", F.col("item_id").alias("_v_item"))
-        cut = _materialized(candidates.join(repeats, ["user_id", "_v_item"], "left_anti"))
+        cut, n_validation = _counted(candidates.join(repeats, ["user_id", "_v_item"], "left_anti"))
         cached += [candidates, cut]
         validation = cut.select(
             "user_id", F.col("_v_item").alias("item_id"), F.col("_v_time").alias("event_time")
@@ -289,15 +299,12 @@ def split_events(events: DataFrame, params: SplitParams, cached: list[DataFrame]
                 "_v_time", "_v_rank", "_v_hash"
             )
 
-    validation, n_validation = _counted(validation)
-    cached.append(validation)
     # The order keys stay: build_training_tables orders the training events by them (event_seq).
     train = with_fit_flag(training(events))
 
     known_before_test = train_buys.select(*pair).distinct()
-    test, n_test = _counted(test)
     kept, n_kept = _counted(test.join(known_before_test, pair, "left_anti"))
-    cached += [test, kept]  # test stays cached while kept is (see build_training_tables on item_cats)
+    cached.append(kept)
     dropped = {
         "test_repeat_purchase": n_test - n_kept,
         "validation_repeat_purchase": n_candidates - n_validation,
@@ -323,7 +330,7 @@ def build_training_tables(events: DataFrame, params: SplitParams) -> TrainingTab
     user_map = contiguous_index(users, "user_id", "user_idx", cached)
     # One pass over the events for the items and their categories (a null category counts too, so
     # an item seen only without one still gets an index).
-    item_cats = _materialized(train.groupBy("item_id", "category_id").count())
+    item_cats = train.groupBy("item_id", "category_id").count().persist()  # filled by the item index's job
     top_cat = (
         item_cats.filter(F.col("category_id").isNotNull())
         .withColumn(
@@ -508,8 +515,14 @@ def inspect_tables(tables: dict[str, DataFrame], cutoff: datetime | None) -> Ins
         HELDOUT.name: _checksum(list(by_split.values())),
         TRAIN_EVENTS.name: _checksum([events_row]),
     }
-    for name in (VISITED.name, USER_MAP.name, ITEM_MAP.name):
-        checksums[name] = _checksum([tables[name].agg(*_hash_sums(tables[name])).first()])
+    # The three small tables' sums in one job instead of three.
+    small = (VISITED.name, USER_MAP.name, ITEM_MAP.name)
+    sums = functools.reduce(
+        DataFrame.unionByName,
+        [tables[n].agg(*_hash_sums(tables[n])).withColumn("_table", F.lit(n)) for n in small],
+    )
+    for r in sums.collect():
+        checksums[r["_table"]] = _checksum([r])
 
     leaks = {"heldout_in_train_purchases": sum(r["_held"] for r in by_behavior if r["behavior"] == PURCHASE)}
     if cutoff is not None:
