@@ -18,6 +18,13 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 #: executors): the JIT's quick tier only and one GC thread; the optimising tier pays off on long
 #: jobs, not on these, and its compiler threads compete for the two cores.
 QUICK_JVM = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
+#: Spark SQL settings for the tests' tiny tables (infra/demo.yaml says why each): few shuffle
+#: partitions, no adaptive re-planning, partition directories listed by the driver, not by a job.
+TINY_TABLES_CONF = {
+    "spark.sql.shuffle.partitions": "2",
+    "spark.sql.adaptive.enabled": "false",
+    "spark.sql.sources.parallelPartitionDiscovery.threshold": "100000",
+}
 
 
 def settings_under(base_dir: Path, overrides: dict | None = None, data_root: Path = SAMPLE_DATA):
@@ -32,7 +39,7 @@ def settings_under(base_dir: Path, overrides: dict | None = None, data_root: Pat
         },
         "spark": {
             "master": "local[2]",
-            "conf": {"spark.sql.shuffle.partitions": "2", "spark.sql.adaptive.enabled": "false"},
+            "conf": TINY_TABLES_CONF,
         },
     }
     return load_settings(environ={}, overrides=[base, overrides or {}])
@@ -58,11 +65,9 @@ def spark():
         overrides={
             "spark": {
                 "master": "local[2]",
-                # Tiny tables: adaptive re-planning costs more than it saves (infra/demo.yaml).
                 "conf": {
-                    "spark.sql.shuffle.partitions": "2",
+                    **TINY_TABLES_CONF,
                     "spark.default.parallelism": "2",
-                    "spark.sql.adaptive.enabled": "false",
                     "spark.ui.enabled": "false",  # no test reads it; its listeners run on every job
                 },
             }

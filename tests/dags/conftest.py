@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from infra.orchestration import DAGS_FOLDER
-from tests.conftest import QUICK_JVM, SAMPLE_DATA
+from tests.conftest import QUICK_JVM, SAMPLE_DATA, TINY_TABLES_CONF
 
 ROOT = Path(tempfile.mkdtemp(prefix="funnelrec-airflow-"))
 HOME = ROOT / "airflow"
@@ -80,8 +80,7 @@ def write_config(name: str, policy_overrides: dict | None = None, **extra) -> Pa
         # What a spark-submit task's own driver runs with (in-process tasks use the session's Spark).
         "spark": {
             "conf": {
-                "spark.sql.shuffle.partitions": "2",
-                "spark.sql.adaptive.enabled": "false",
+                **TINY_TABLES_CONF,
                 "spark.driver.extraJavaOptions": QUICK_JVM,
             }
         },

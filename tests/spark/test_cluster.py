@@ -16,7 +16,7 @@ import yaml
 from infra.settings import load_settings
 from infra.spark import StandaloneCluster
 from infra.tables import TRAINING, read_manifest
-from tests.conftest import QUICK_JVM, REPO, TAOBAO_DATE
+from tests.conftest import QUICK_JVM, REPO, TAOBAO_DATE, TINY_TABLES_CONF
 
 pytestmark = pytest.mark.spark
 
@@ -62,8 +62,7 @@ def test_the_stages_on_a_standalone_cluster_give_the_local_rows_and_survive_a_ki
                         "master": cluster.url,
                         "conf": {
                             **StandaloneCluster.driver_conf,
-                            "spark.sql.shuffle.partitions": "2",
-                            "spark.sql.adaptive.enabled": "false",
+                            **TINY_TABLES_CONF,
                             # Six JVMs share two cores for a few minutes: the JIT's quick tier only
                             "spark.driver.extraJavaOptions": QUICK_JVM,
                             "spark.executor.extraJavaOptions": QUICK_JVM,
