@@ -113,8 +113,8 @@ def taobao_config(base: Path, **extra) -> Path:
 
 @pytest.fixture(scope="session")
 def retailrocket(spark, tmp_path_factory):
-    """The demo's chain on the bundled RetailRocket slice, the pipeline's steps up to ``split``
-    without their validations, built once.
+    """The demo's chain on the bundled RetailRocket slice (its last 90 days, as ``infra/demo.yaml``
+    reads it), the pipeline's steps up to ``split`` without their validations, built once.
 
     Returns ``(settings, ingest summary of the source, split manifest)``.
     """
@@ -126,8 +126,8 @@ def retailrocket(spark, tmp_path_factory):
         tmp_path_factory.mktemp("retailrocket"),
         {
             "pipeline": {"sources": ["retailrocket_mb"]},
-            "sessionize": {"history_days": 140},
-            "split": {"protocol": "leave_last_purchase", "observation_days": 140, "val_user_fraction": 1.0},
+            "sessionize": {"history_days": 90},
+            "split": {"protocol": "leave_last_purchase", "observation_days": 90, "val_user_fraction": 1.0},
             "training": {"max_epochs": 2},
         },
     )

@@ -382,11 +382,12 @@ def test_leakage_is_detected_and_stops_publishing(spark, hand_tables):
 
 
 def test_leave_last_purchase_on_retailrocket(retailrocket):
-    """The demo protocol on the bundled RetailRocket slice evaluates thousands of users, mostly visited."""
+    """The demo protocol on the demo's window of the bundled RetailRocket slice evaluates over a
+    thousand users (1,371), mostly visited."""
     _, r, m = retailrocket
-    assert (r["rows_in"], r["rows_out"], r["users"]) == (97_381, 97_381, 2_174)
+    assert (r["rows_in"], r["rows_out"], r["users"]) == (97_381, 97_381, 2_174)  # ingest reads every day
     test = m["stats"]["heldout"]["test"]
-    assert test["users"] >= 2_000
+    assert test["users"] >= 1_300
     assert test["visited"] / test["pairs"] > 0.9  # SOURCE.md: 93.7% of last purchases were viewed or carted
     assert m["stats"]["heldout"]["validation"]["users"] >= 200
     assert set(m["leakage"].values()) == {0}
