@@ -30,7 +30,7 @@ import platform
 import subprocess
 import sys
 import time
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import psutil
@@ -99,7 +99,7 @@ def write_shoppers(spark, settings, users: int, per_user: int, seed: int = 0) ->
     item_ids = pq.read_table(TRAINING.dir(settings.paths.warehouse_root, TRAIN_DATE) / ITEM_MAP.name,
                              columns=["item_id"]).column("item_id").to_pylist()  # fmt: skip
     items = spark.createDataFrame(list(enumerate(item_ids)), "_idx long, item_id string")
-    day = int(datetime(SCORE_DATE.year, SCORE_DATE.month, SCORE_DATE.day).timestamp())
+    day = int(datetime(SCORE_DATE.year, SCORE_DATE.month, SCORE_DATE.day, tzinfo=UTC).timestamp())
     u = (F.col("id") / per_user).cast("long")
     n = F.col("id") % per_user
     skew = F.pow((F.abs(F.xxhash64("id", F.lit(seed))) % 1_000_000) / 1e6, 3)
