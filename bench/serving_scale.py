@@ -12,12 +12,15 @@ N synthetic shoppers with ``--events-per-user`` events each on the day after the
 as ingest would; then the two stages the scoring DAG runs on them through the real code,
 ``context`` (Spark) and ``score --path spark`` (``training.score.run_score``: the champion
 broadcast to the Python workers, ``mapInPandas`` over every active user). Sampled every 0.25 s
-over those two stages: the driver's Python RSS, the JVM's used heap and its RSS. On ``local[N]``
-the JVM is the driver *and* the executors, so its heap holds the tasks' buffers too: Spark's
-memory manager bounds them, and spills beyond.
+over those two stages: the driver's Python RSS, the JVM's RSS, its used heap (garbage included,
+so it says how fast the JVM allocates more than what it keeps) and its old generation as the last
+collection left it (what the JVM keeps live), with the collectors' time. On ``local[N]`` the JVM is
+the driver *and* the executors, so its heap holds the tasks' buffers too: Spark's memory manager
+bounds them, and spills beyond. The Python workers (the JVM's children, holding the model and
+one Arrow batch each) are not sampled.
 
-The targets: the driver's Python memory flat from 1M to 10M users (nothing per user reaches it);
-the JVM's heap within its maximum (``spark.driver.memory``). Prints a table and saves
+The targets: the driver's Python memory and the JVM's old generation after collections flat from
+1M to 10M users (nothing per user reaches the driver). Prints a table and saves
 ``bench/results/serving_scale_<model>.json``.
 """
 
@@ -49,13 +52,14 @@ SCORE_DATE = TRAIN_DATE + timedelta(days=1)
 SOURCE = "retailrocket_mb"
 
 
-def settings_for(work: Path, cores: int, k: int, model: str = "sasrec"):
+def settings_for(work: Path, cores: int, k: int, model: str):
     """The demo's settings under ``work``, ``model`` alone and one stage, with Spark set for real
     volumes (``infra/defaults.yaml``'s adaptive execution, 4 GB of driver heap) instead of the
     demo's tiny tables."""
     return load_settings(
         REPO / "infra" / "demo.yaml",
         environ={},
+        cwd=REPO,  # the bundled data's relative paths
         overrides={
             "paths": {"warehouse_root": str(work / "wh"), "quarantine_root": str(work / "wh" / "q")},
             "training": {"models": [model]},
@@ -75,12 +79,19 @@ def settings_for(work: Path, cores: int, k: int, model: str = "sasrec"):
 
 
 def prepare(settings) -> dict:
-    """The slice up to ``promote`` (validations left out: the scored tables are what is measured)."""
+    """The slice up to ``promote`` (validations left out: the scored tables are what is measured);
+    stops this process's Spark session after it, so that no second JVM holds memory while the
+    measured runs go."""
+    from pyspark.sql import SparkSession
+
     from infra.pipeline import load_pipeline
 
     t = time.perf_counter()
     done = load_pipeline().run(settings, TRAIN_DATE, until="promote", checks=False)
     decision = done["promote"].data
+    session = SparkSession.getActiveSession()
+    if session is not None:
+        session.stop()
     if not decision.get("champion"):
         raise SystemExit(f"the promotion gates refused {settings.training.models[0]}: {decision}")
     return {"seconds": time.perf_counter() - t, "promote": decision}
@@ -100,6 +111,11 @@ def write_shoppers(spark, settings, users: int, per_user: int, seed: int = 0) ->
                              columns=["item_id"]).column("item_id").to_pylist()  # fmt: skip
     items = spark.createDataFrame(list(enumerate(item_ids)), "_idx long, item_id string")
     day = int(datetime(SCORE_DATE.year, SCORE_DATE.month, SCORE_DATE.day, tzinfo=UTC).timestamp())
+    # Shoppers start within the day's first ``spread`` seconds, so that their last event (a minute
+    # after the one before) is still on the partition's UTC date.
+    spread = 86_400 - 60 * per_user
+    if spread <= 0:
+        raise SystemExit(f"--events-per-user {per_user}: a minute apart they do not fit in one day")
     u = (F.col("id") / per_user).cast("long")
     n = F.col("id") % per_user
     skew = F.pow((F.abs(F.xxhash64("id", F.lit(seed))) % 1_000_000) / 1e6, 3)
@@ -109,7 +125,7 @@ def write_shoppers(spark, settings, users: int, per_user: int, seed: int = 0) ->
         .join(F.broadcast(items), "_idx")
         .select(
             # Each shopper's events a minute apart, shoppers spread over the day.
-            F.timestamp_seconds(F.lit(day) + (u % 80_000) + n * 60).alias("event_time"),
+            F.timestamp_seconds(F.lit(day) + (u % spread) + n * 60).alias("event_time"),
             F.concat(F.lit("synth"), u.cast("string")).alias("user_id"),
             "item_id",
             F.when(n == per_user - 1, F.lit("cart")).otherwise(F.lit("view")).alias("behavior"),
@@ -125,23 +141,32 @@ def write_shoppers(spark, settings, users: int, per_user: int, seed: int = 0) ->
     return users * per_user
 
 
-def measure(work: Path, users: int, per_user: int, cores: int, k: int) -> dict:
+def measure(work: Path, users: int, per_user: int, cores: int, k: int, model: str) -> dict:
     """In this process (the driver): write the shoppers, then time and sample ``context`` and
     ``score --path spark`` of ``SCORE_DATE``."""
     from infra.spark import get_spark
     from jobs.context import run_context
     from training.score import run_score
 
-    settings = settings_for(work, cores, k)
+    settings = settings_for(work, cores, k, model)
     spark = get_spark(settings)
     t = time.perf_counter()
     events = write_shoppers(spark, settings, users, per_user)
     out: dict = {"users": users, "events": events, "write_seconds": time.perf_counter() - t}
-    heap = spark.sparkContext._jvm.java.lang.management.ManagementFactory.getMemoryMXBean()
+    mx = spark.sparkContext._jvm.java.lang.management.ManagementFactory
+    heap = mx.getMemoryMXBean()
+    old = next(p for p in mx.getMemoryPoolMXBeans() if any(g in p.getName() for g in ("Old Gen", "Tenured")))
+    collectors = list(mx.getGarbageCollectorMXBeans())
+
+    def gc_seconds() -> float:
+        return sum(c.getCollectionTime() for c in collectors) / 1000
+
     me = psutil.Process()
     java = [p for p in me.children(recursive=True) if "java" in p.name()]
     out["python_rss_before_bytes"] = me.memory_info().rss
+    gc_before = gc_seconds()
     with (
+        Sampler(lambda: old.getCollectionUsage().getUsed()) as old_peak,
         Sampler(lambda: me.memory_info().rss) as py_peak,
         Sampler(lambda: heap.getHeapMemoryUsage().getUsed()) as heap_peak,
         Sampler(lambda: sum(p.memory_info().rss for p in java)) as jvm_rss_peak,
@@ -162,6 +187,8 @@ def measure(work: Path, users: int, per_user: int, cores: int, k: int) -> dict:
         jvm_heap_peak_bytes=heap_peak.peak,
         jvm_heap_max_bytes=heap.getHeapMemoryUsage().getMax(),
         jvm_rss_peak_bytes=jvm_rss_peak.peak,
+        jvm_old_gen_after_gc_peak_bytes=old_peak.peak,
+        jvm_gc_seconds=gc_seconds() - gc_before,
     )
     spark.stop()
     return out
@@ -179,7 +206,11 @@ def main() -> int:
     ap.add_argument("--measure", type=int, help=argparse.SUPPRESS)  # one user count, in this process
     args = ap.parse_args()
     if args.measure:  # --work is the model's own folder here
-        print(json.dumps(measure(Path(args.work), args.measure, args.events_per_user, args.cores, args.k)))
+        print(
+            json.dumps(
+                measure(Path(args.work), args.measure, args.events_per_user, args.cores, args.k, args.model)
+            )
+        )
         return 0
     # A folder per model: another model trained into the same registry would not take the
     # champion from the first (the promotion gates), so it would never be measured.
@@ -217,6 +248,8 @@ def main() -> int:
                 str(args.cores),
                 "--k",
                 str(args.k),
+                "--model",
+                args.model,
             ],
             capture_output=True,
             text=True,
@@ -229,7 +262,9 @@ def main() -> int:
             f"{users:>11,} users: context {r['context_seconds']:.0f} s, score {r['score_seconds']:.0f} s "
             f"({r['scored_users'] / r['score_seconds']:,.0f} users/s), driver Python RSS peak "
             f"{r['python_rss_peak_bytes'] / 2**20:,.0f} MiB, JVM heap peak {r['jvm_heap_peak_bytes'] / 2**30:.2f} "
-            f"of {r['jvm_heap_max_bytes'] / 2**30:.2f} GiB, JVM RSS peak {r['jvm_rss_peak_bytes'] / 2**30:.2f} GiB",
+            f"of {r['jvm_heap_max_bytes'] / 2**30:.2f} GiB (old generation after GC "
+            f"{r['jvm_old_gen_after_gc_peak_bytes'] / 2**30:.2f} GiB, GC {r['jvm_gc_seconds']:.0f} s), "
+            f"JVM RSS peak {r['jvm_rss_peak_bytes'] / 2**30:.2f} GiB",
             flush=True,
         )
     path = REPO / "bench" / "results" / f"serving_scale_{args.model}.json"

@@ -216,8 +216,8 @@ class Split:
 def split_events(events: DataFrame, params: SplitParams, cached: list[DataFrame]) -> Split:
     """Split events into training events, validation pairs and test pairs (by source ids).
 
-    The frames this caches (``validation`` and ``test`` among them, counted so that joins with them
-    broadcast them) are appended to ``cached``.
+    The frames this caches (the held-out pairs among them, or the cached frames they are projections
+    of, counted so that joins with them broadcast them) are appended to ``cached``.
     """
     # Purchases are a few percent of the events: everything about held-out pairs is derived from
     # one cached scan of them, and only ``train`` reads all the events again.
@@ -254,8 +254,8 @@ def split_events(events: DataFrame, params: SplitParams, cached: list[DataFrame]
     else:
         raise ValueError(f"unknown split protocol {params.protocol!r}")
 
-    # Cached as it is first computed: the four frames below read it, and each rebuild would also
-    # broadcast ``last`` again (a Spark job of its own).
+    # Cached as it is first computed: the frames below read it three or four times, and under
+    # leave-last each rebuild would also broadcast ``last`` again (a Spark job of its own).
     train_buys = training(purchases).persist()
     cached.append(train_buys)
 
