@@ -6,6 +6,14 @@ logic written as DuckDB SQL over the same files, in the same run.
 With ``--validate``, also runs each table's Great Expectations suite after its Spark stage and
 reports validation time as a share of the jobs' time (issue: GX gates; target <= 25% at 10M).
 
+With ``--cluster-workers N``, the same Spark stages then run again on the same files on a standalone
+cluster of N one-core workers started on 127.0.0.1 from the pip wheel (``infra.spark.StandaloneCluster``),
+and every table of both runs is compared by a digest of its rows (count and summed row hashes,
+computed by DuckDB over the Parquet files; the training tables by their manifests' checksums).
+``--no-peer`` skips DuckDB (for sizes where only Spark's own scaling is asked for).
+
+    .venv/bin/python bench/etl.py --events 10000000 --cluster-workers 2 --out bench/results/etl_cluster.json
+
 Prints events/s per stage for both engines, the Spark/DuckDB time ratio, the JVM's peak heap and
 RSS, and DuckDB's peak RSS; saves everything to ``bench/results/etl.json``. Targets (issue: Spark
 jobs): Spark within 3x of DuckDB at 10M events, time growing no faster than linearly from 1M to
@@ -32,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from infra.settings import load_settings  # noqa: E402
-from infra.tables import TRAINING  # noqa: E402
+from infra.tables import SESSIONIZED, TRAINING, events_dir, read_manifest  # noqa: E402
 from jobs.synth import SynthParams, generate  # noqa: E402
 
 END = date(2017, 12, 3)
@@ -63,7 +71,14 @@ class Sampler:
         self._t.join()
 
 
-def run_spark(data_root: Path, work: Path, master: str, cores: int, validate: bool = False) -> dict:
+def run_spark(
+    data_root: Path,
+    wh: Path,
+    master: str,
+    cores: int,
+    validate: bool = False,
+    extra_conf: dict | None = None,
+) -> dict:
     from infra.pipeline import load_pipeline
     from infra.spark import get_spark
 
@@ -72,14 +87,18 @@ def run_spark(data_root: Path, work: Path, master: str, cores: int, validate: bo
         overrides={
             "paths": {
                 "data_root": str(data_root),
-                "warehouse_root": str(work / "wh"),
-                "quarantine_root": str(work / "wh" / "q"),
+                "warehouse_root": str(wh),
+                "quarantine_root": str(wh / "q"),
             },
             "pipeline": {"sources": ["synthetic"]},
             "spark": {
                 "master": master,
                 # Two shuffle partitions per core: faster than the defaults' 8 on local[2] (bench/README.md).
-                "conf": {"spark.driver.memory": "4g", "spark.sql.shuffle.partitions": str(2 * cores)},
+                "conf": {
+                    "spark.driver.memory": "4g",
+                    "spark.sql.shuffle.partitions": str(2 * cores),
+                    **(extra_conf or {}),
+                },
             },
             "sessionize": {"history_days": DAYS},
             "split": {"protocol": "global_time", "observation_days": DAYS, "test_days": 1},
@@ -114,7 +133,45 @@ def run_spark(data_root: Path, work: Path, master: str, cores: int, validate: bo
     out["jvm_heap_peak_bytes"] = heap_peak.peak
     out["jvm_rss_peak_bytes"] = rss_peak.peak
     out["jvm_heap_max_bytes"] = heap.getHeapMemoryUsage().getMax()
+    # What the heap held after its last collection: used heap also counts garbage not yet collected.
+    old = [
+        p for p in jvm.java.lang.management.ManagementFactory.getMemoryPoolMXBeans() if "Old" in p.getName()
+    ]
+    out["jvm_old_gen_after_gc_bytes"] = old[0].getCollectionUsage().getUsed() if old else None
     spark.stop()
+    return out
+
+
+def run_cluster(data_root: Path, wh: Path, workers: int, work: Path) -> dict:
+    """The Spark stages on a standalone cluster of ``workers`` one-core workers on this machine."""
+    from infra.spark import StandaloneCluster
+
+    with StandaloneCluster(work / "cluster", workers=workers, cores=1, memory="5g") as cluster:
+        conf = {**StandaloneCluster.driver_conf, "spark.executor.memory": "4g"}
+        out = run_spark(data_root, wh, cluster.url, workers, extra_conf=conf)
+        out["master"] = cluster.url
+        out["completed_apps"] = len(cluster.status()["completedapps"])
+    return out
+
+
+def table_digests(wh: Path) -> dict:
+    """Each published table of the date as (rows, summed row hashes): equal digests, equal rows."""
+    import duckdb
+
+    paths = {
+        "events": events_dir(wh),
+        **{t.name: SESSIONIZED.table_dir(wh, END, t) for t in SESSIONIZED.tables},
+    }
+    con = duckdb.connect()
+    out = {}
+    for name, path in paths.items():
+        n, h = con.execute(
+            f"select count(*), sum(hash(t)::hugeint) % 18446744073709551616 "
+            f"from read_parquet('{path}/**/*.parquet', hive_partitioning = true) t"
+        ).fetchone()
+        out[name] = [n, str(h)]
+    con.close()
+    out.update({f"training/{k}": v for k, v in read_manifest(TRAINING.dir(wh, END)).checksums.items()})
     return out
 
 
@@ -310,6 +367,14 @@ def main() -> int:
         action="store_true",
         help="also run the GX suite after each Spark stage and report its time as a share of the stage's",
     )
+    ap.add_argument(
+        "--cluster-workers",
+        type=int,
+        default=0,
+        help="also run the Spark stages on a standalone cluster of this many one-core workers and "
+        "compare every table's rows with the --master run's",
+    )
+    ap.add_argument("--no-peer", action="store_true", help="skip the DuckDB peer")
     args = ap.parse_args()
     threads = (
         int(args.master[len("local[") : -1])
@@ -335,32 +400,38 @@ def main() -> int:
             data_root / "synthetic", SynthParams(events=n, seed=args.seed, end_date=END, days=DAYS)
         )
         synth_s = time.perf_counter() - t
-        duck = run_duckdb(data_root, work, threads)
-        spark = run_spark(data_root, work, args.master, threads, args.validate)
+        duck = None if args.no_peer else run_duckdb(data_root, work, threads)
+        spark = run_spark(data_root, work / "wh", args.master, threads, args.validate)
         spark_total = sum(s["seconds"] for s in spark["stages"].values())
-        duck_total = sum(s["seconds"] for s in duck["stages"].values())
         run = {
             "events": n,
             "users": synth.users,
             "synth_seconds": synth_s,
             "spark": spark,
-            "duckdb": duck,
             "spark_total_s": spark_total,
-            "duckdb_total_s": duck_total,
             "spark_events_per_s": n / spark_total,
-            "duckdb_events_per_s": n / duck_total,
-            "ratio_spark_over_duckdb": spark_total / duck_total,
+            "spark_stage_events_per_s": {k: n / v["seconds"] for k, v in spark["stages"].items()},
         }
         results["runs"].append(run)
         print(f"\n== {n:,} events ({synth.users:,} users)")
         print(f"{'stage':<12}{'spark s':>10}{'duckdb s':>10}{'ratio':>8}")
         for stage in ("ingest", "sessionize", "split"):
-            s, d = spark["stages"][stage]["seconds"], duck["stages"][stage]["seconds"]
+            s = spark["stages"][stage]["seconds"]
+            d = duck["stages"][stage]["seconds"] if duck else float("nan")
             print(f"{stage:<12}{s:>10.1f}{d:>10.1f}{s / d:>8.2f}")
-        print(f"{'total':<12}{spark_total:>10.1f}{duck_total:>10.1f}{spark_total / duck_total:>8.2f}")
+        if duck:
+            duck_total = sum(s["seconds"] for s in duck["stages"].values())
+            run.update(
+                duckdb=duck,
+                duckdb_total_s=duck_total,
+                duckdb_events_per_s=n / duck_total,
+                ratio_spark_over_duckdb=spark_total / duck_total,
+            )
+            print(f"{'total':<12}{spark_total:>10.1f}{duck_total:>10.1f}{spark_total / duck_total:>8.2f}")
         print(
-            f"events/s: spark {n / spark_total:,.0f}  duckdb {n / duck_total:,.0f}  "
-            f"(spark start-up {spark['startup_s']:.1f} s not counted)"
+            f"events/s: spark {n / spark_total:,.0f}"
+            + (f"  duckdb {n / run['duckdb_total_s']:,.0f}" if duck else "")
+            + f"  (spark start-up {spark['startup_s']:.1f} s not counted)"
         )
         if args.validate:
             v_total = sum(v["seconds"] for v in spark["validation"].values())
@@ -372,20 +443,48 @@ def main() -> int:
             )
         print(
             f"peak memory: JVM heap {spark['jvm_heap_peak_bytes'] / 2**30:.2f} GiB "
-            f"(max {spark['jvm_heap_max_bytes'] / 2**30:.2f}), JVM RSS {spark['jvm_rss_peak_bytes'] / 2**30:.2f} GiB, "
-            f"DuckDB process RSS {duck['rss_peak_bytes'] / 2**30:.2f} GiB"
+            f"(max {spark['jvm_heap_max_bytes'] / 2**30:.2f}), JVM RSS {spark['jvm_rss_peak_bytes'] / 2**30:.2f} GiB"
+            + (f", DuckDB process RSS {duck['rss_peak_bytes'] / 2**30:.2f} GiB" if duck else "")
         )
+        if args.cluster_workers:
+            cluster = run_cluster(data_root, work / "wh_cluster", args.cluster_workers, work)
+            local_rows, cluster_rows = table_digests(work / "wh"), table_digests(work / "wh_cluster")
+            cluster_total = sum(s["seconds"] for s in cluster["stages"].values())
+            run["cluster"] = {
+                "workers": args.cluster_workers,
+                "spark": cluster,
+                "spark_total_s": cluster_total,
+                "digests": cluster_rows,
+                "local_digests": local_rows,
+                "same_rows": cluster_rows == local_rows,
+            }
+            differ = sorted(k for k in local_rows if local_rows[k] != cluster_rows.get(k))
+            print(
+                f"standalone cluster ({args.cluster_workers} one-core workers): "
+                + ", ".join(f"{k} {v['seconds']:.1f} s" for k, v in cluster["stages"].items())
+                + f"; total {cluster_total:.1f} s against {spark_total:.1f} s on {args.master}; "
+                + ("every table's rows the same" if not differ else f"rows DIFFER in {', '.join(differ)}")
+            )
         shutil.rmtree(work, ignore_errors=True)
     if len(results["runs"]) >= 2:
         a, b = results["runs"][0], results["runs"][-1]
-        results["scaling"] = {
+        scaling = results["scaling"] = {
             "events_ratio": b["events"] / a["events"],
             "spark_time_ratio": b["spark_total_s"] / a["spark_total_s"],
-            "duckdb_time_ratio": b["duckdb_total_s"] / a["duckdb_total_s"],
+            # Each stage's events per second at the largest size as a share of its rate at the smallest.
+            "spark_stage_rate_kept": {
+                k: b["spark_stage_events_per_s"][k] / a["spark_stage_events_per_s"][k]
+                for k in b["spark_stage_events_per_s"]
+            },
         }
+        if "duckdb_total_s" in a and "duckdb_total_s" in b:
+            scaling["duckdb_time_ratio"] = b["duckdb_total_s"] / a["duckdb_total_s"]
         print(
-            f"\nscaling {a['events']:,} -> {b['events']:,}: spark time x{results['scaling']['spark_time_ratio']:.2f}, "
-            f"duckdb time x{results['scaling']['duckdb_time_ratio']:.2f} (events x{results['scaling']['events_ratio']:.0f})"
+            f"\nscaling {a['events']:,} -> {b['events']:,} (events x{scaling['events_ratio']:.0f}): "
+            f"spark time x{scaling['spark_time_ratio']:.2f}"
+            + (f", duckdb time x{scaling['duckdb_time_ratio']:.2f}" if "duckdb_time_ratio" in scaling else "")
+            + "; events/s kept per stage: "
+            + ", ".join(f"{k} {v:.0%}" for k, v in scaling["spark_stage_rate_kept"].items())
         )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
