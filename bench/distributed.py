@@ -10,6 +10,12 @@ trainer's: same loop, same seed, no gradient averaging) and with 2 processes (gl
 rank steps half of every epoch's batches, gradients averaged, so an epoch is half as many steps of
 twice the batch). Reports test metrics (standard, visited, unvisited), the weights' digest, seconds
 per epoch and wall time, and saves ``bench/results/distributed_<benchmark>.json``.
+
+``--runs`` picks which fits run (``plain``, ``x1``, ``x2``); for example the 2-process fit alone, to its
+early stop, to set beside the single-process runs of ``bench/quality.py`` on the same tables:
+
+    .venv/bin/python bench/distributed.py --benchmark tmall --max-epochs 40 --seeds 1 --runs x2 \
+        --out bench/results/distributed_tmall_early_stop.json
 """
 
 from __future__ import annotations
@@ -77,11 +83,19 @@ def main() -> int:
     ap.add_argument("--model", default="member")
     ap.add_argument("--max-epochs", type=int, default=8)
     ap.add_argument("--seeds", default="0,1", help="comma-separated; the first is also run distributed")
+    ap.add_argument(
+        "--runs",
+        default="plain,x1,x2",
+        help="comma-separated, of plain (every seed), x1 and x2 (the first seed)",
+    )
     ap.add_argument("--work", type=Path, default=REPO / "bench" / "results" / "tmp" / "quality")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     configure()
     seeds = [int(s) for s in args.seeds.split(",")]
+    runs = set(args.runs.split(","))
+    if not runs <= {"plain", "x1", "x2"}:
+        ap.error(f"--runs: unknown {sorted(runs - {'plain', 'x1', 'x2'})}")
     tables = build_tables(args.benchmark, args.work)
     table, root = next(iter(tables.items()))
     val_data, data = load_views(root)
@@ -90,11 +104,11 @@ def main() -> int:
     print(
         f"## {table}: {data.n_users:,} users, {data.n_items:,} items; {args.model}, at most {args.max_epochs} epochs"
     )
-    for seed in seeds:
+    for seed in seeds if "plain" in runs else ():
         t = time.perf_counter()
         fit = fit_and_refit(args.model, val_data, data, seed, overrides, progress=False)
         rows.append(_row("plain", seed, fit, data, time.perf_counter() - t))
-    for processes in (1, 2):
+    for processes in [p for p in (1, 2) if f"x{p}" in runs]:
         settings = load_settings(
             environ={},
             overrides={
@@ -106,8 +120,11 @@ def main() -> int:
         t = time.perf_counter()
         fit = fit_distributed(settings, root, args.model, val_data, data, overrides, processes)
         rows.append(_row(f"distributor x{processes}", seeds[0], fit, data, time.perf_counter() - t))
-    same = rows[0]["digest"] == next(r for r in rows if r["how"] == "distributor x1")["digest"]
-    print(f"  distributor x1 weights == plain trainer's (seed {seeds[0]}): {same}")
+    plain = next((r for r in rows if r["how"] == "plain" and r["seed"] == seeds[0]), None)
+    one = next((r for r in rows if r["how"] == "distributor x1"), None)
+    same = plain["digest"] == one["digest"] if plain and one else None
+    if same is not None:
+        print(f"  distributor x1 weights == plain trainer's (seed {seeds[0]}): {same}")
     out = args.out or REPO / "bench" / "results" / f"distributed_{args.benchmark}.json"
     out.write_text(
         json.dumps(
