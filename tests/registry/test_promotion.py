@@ -616,7 +616,7 @@ def test_a_registry_that_goes_away_at_any_write_of_a_promotion_or_rollback_is_le
             "experiment": "faults",
             "max_retries": 0,
             "backoff_seconds": 0,
-            "lock_timeout_seconds": 1,
+            "lock_timeout_seconds": 0.3,  # the lease a failed run leaves is stale this soon
         }
         direct = _with_policy(
             settings_under(tmp_path / name, {"mlflow": mlflow_cfg}), tmp_path, floor_model=None

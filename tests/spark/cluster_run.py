@@ -28,7 +28,7 @@ def _executors(sc) -> int:
 
 
 def killed_worker_job(spark, events: Path, pgid: int) -> dict:
-    """Copy the events through eight slow tasks on the cluster's two one-core workers; once two
+    """Copy the events through four slow tasks on the cluster's two one-core workers; once two
     tasks run, SIGKILL the process group ``pgid`` (a worker and its executor). Returns the
     executors before and after, how many task runs started (each writes a file: a lost task that
     runs again counts twice), and the row checksums of the input and the output."""
@@ -39,7 +39,7 @@ def killed_worker_job(spark, events: Path, pgid: int) -> dict:
 
     sc = spark.sparkContext
     tracker = sc.statusTracker()
-    rows = spark.read.parquet(str(events)).repartition(8, "user_id")
+    rows = spark.read.parquet(str(events)).repartition(4, "user_id")
     partitions = rows.rdd.getNumPartitions()
     executors_before = _executors(sc)
     killed: dict = {}
@@ -71,7 +71,7 @@ def killed_worker_job(spark, events: Path, pgid: int) -> dict:
 
         tc = TaskContext.get()  # one file per task run: a re-run of a lost task adds one
         (marks / f"p{tc.partitionId()}-a{tc.attemptNumber()}-{uuid.uuid4().hex[:6]}").touch()
-        time.sleep(1.5)
+        time.sleep(1.0)
         yield from batch
 
     def checksum(df) -> int:
