@@ -1,7 +1,7 @@
 """Benchmark: the scoring driver's memory as the active users grow (issue: drivers that do not hold
 the world).
 
-    .venv/bin/python bench/serving_scale.py --users 1000000 10000000 [--model sasrec]
+    .venv/bin/python bench/serving_scale.py --users 1000000 10000000 [--model sasrec] [--path local]
 
 Once: the bundled RetailRocket slice through the nightly pipeline up to ``promote`` with one model
 (the demo's settings; SASRec by default, a champion that scores shoppers it never saw from their
@@ -11,7 +11,9 @@ N synthetic shoppers with ``--events-per-user`` events each on the day after the
 (items drawn from the champion's catalogue, skewed towards a few), written into the events table
 as ingest would; then the two stages the scoring DAG runs on them through the real code,
 ``context`` (Spark) and ``score --path spark`` (``training.score.run_score``: the champion
-broadcast to the Python workers, ``mapInPandas`` over every active user). Sampled every 0.25 s
+broadcast to the Python workers, ``mapInPandas`` over every active user), or with ``--path local``
+``score --path local`` (the driver's own process reads the serving context in bounded batches and
+scores them with the champion it loaded). Sampled every 0.25 s
 over those two stages: the driver's Python RSS, the JVM's RSS, its used heap (garbage included,
 so it says how fast the JVM allocates more than what it keeps) and its old generation as the last
 collection left it (what the JVM keeps live), with the collectors' time. On ``local[N]`` the JVM is
@@ -21,7 +23,7 @@ one Arrow batch each) are not sampled.
 
 The targets: the driver's Python memory and the JVM's old generation after collections flat from
 1M to 10M users (nothing per user reaches the driver). Prints a table and saves
-``bench/results/serving_scale_<model>.json``.
+``bench/results/serving_scale_<model>.json`` (``serving_scale_<model>_local.json`` for the local path).
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ SCORE_DATE = TRAIN_DATE + timedelta(days=1)
 SOURCE = "retailrocket_mb"
 
 
-def settings_for(work: Path, cores: int, k: int, model: str):
+def settings_for(work: Path, cores: int, k: int, model: str, path: str = "spark"):
     """The demo's settings under ``work``, ``model`` alone and one stage, with Spark set for real
     volumes (``infra/defaults.yaml``'s adaptive execution, 4 GB of driver heap) instead of the
     demo's tiny tables."""
@@ -64,7 +66,7 @@ def settings_for(work: Path, cores: int, k: int, model: str):
             "paths": {"warehouse_root": str(work / "wh"), "quarantine_root": str(work / "wh" / "q")},
             "training": {"models": [model]},
             "ranking": {"model": None},
-            "scoring": {"k": k, "path": "spark"},
+            "scoring": {"k": k, "path": path},
             "spark": {
                 "master": f"local[{cores}]",
                 "conf": {
@@ -141,14 +143,14 @@ def write_shoppers(spark, settings, users: int, per_user: int, seed: int = 0) ->
     return users * per_user
 
 
-def measure(work: Path, users: int, per_user: int, cores: int, k: int, model: str) -> dict:
+def measure(work: Path, users: int, per_user: int, cores: int, k: int, model: str, path: str) -> dict:
     """In this process (the driver): write the shoppers, then time and sample ``context`` and
-    ``score --path spark`` of ``SCORE_DATE``."""
+    ``score --path <path>`` of ``SCORE_DATE``."""
     from infra.spark import get_spark
     from jobs.context import run_context
     from training.score import run_score
 
-    settings = settings_for(work, cores, k, model)
+    settings = settings_for(work, cores, k, model, path)
     spark = get_spark(settings)
     t = time.perf_counter()
     events = write_shoppers(spark, settings, users, per_user)
@@ -175,7 +177,7 @@ def measure(work: Path, users: int, per_user: int, cores: int, k: int, model: st
         ctx = run_context(spark, settings, SCORE_DATE)
         out["context_seconds"] = time.perf_counter() - t
         t = time.perf_counter()
-        scored = run_score(settings, SCORE_DATE, path="spark", spark=spark)
+        scored = run_score(settings, SCORE_DATE, path=path, spark=spark)
         out["score_seconds"] = time.perf_counter() - t
     out.update(
         active_users=ctx.users,
@@ -201,6 +203,7 @@ def main() -> int:
     ap.add_argument("--cores", type=int, default=2, help="local[N]")
     ap.add_argument("--k", type=int, default=10, help="rows per shopper")
     ap.add_argument("--model", default="sasrec", help="the champion's model (training/models/<name>.yaml)")
+    ap.add_argument("--path", default="spark", choices=["spark", "local"], help="the scoring path measured")
     ap.add_argument("--work", default=str(REPO / "bench" / "results" / "tmp" / "serving_scale"),
                     help="working folder (a subfolder per model)")  # fmt: skip
     ap.add_argument("--measure", type=int, help=argparse.SUPPRESS)  # one user count, in this process
@@ -208,7 +211,15 @@ def main() -> int:
     if args.measure:  # --work is the model's own folder here
         print(
             json.dumps(
-                measure(Path(args.work), args.measure, args.events_per_user, args.cores, args.k, args.model)
+                measure(
+                    Path(args.work),
+                    args.measure,
+                    args.events_per_user,
+                    args.cores,
+                    args.k,
+                    args.model,
+                    args.path,
+                )
             )
         )
         return 0
@@ -221,6 +232,7 @@ def main() -> int:
     configure("WARNING")
     out = {
         "model": args.model,
+        "path": args.path,
         "machine": {
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
@@ -250,6 +262,8 @@ def main() -> int:
                 str(args.k),
                 "--model",
                 args.model,
+                "--path",
+                args.path,
             ],
             capture_output=True,
             text=True,
@@ -267,9 +281,10 @@ def main() -> int:
             f"JVM RSS peak {r['jvm_rss_peak_bytes'] / 2**30:.2f} GiB",
             flush=True,
         )
-    path = REPO / "bench" / "results" / f"serving_scale_{args.model}.json"
-    path.write_text(json.dumps(out, indent=1) + "\n")
-    print(f"saved {path}")
+    suffix = "" if args.path == "spark" else f"_{args.path}"
+    saved = REPO / "bench" / "results" / f"serving_scale_{args.model}{suffix}.json"
+    saved.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"saved {saved}")
     return 0
 
 
