@@ -391,7 +391,9 @@ def test_member_unvisited_bpr_trains_the_unvisited_expert_alone_on_every_purchas
     model = build_model("member", tiny, {"seed": 4, "gamma_unvisited_bpr": 1.0})
     model.train()
     out = model.propagate_all()
-    model._unvisited_bpr(out, 64).backward()
+    loss, rows = model._unvisited_bpr(out, 64)
+    loss.backward()
+    assert len(rows) == 64 * (2 + model.cfg.negative_candidates)
     assert model.U.glob.grad.abs().sum() > 0 and model.U.loc.grad.abs().sum() > 0
     assert model.V.glob.grad is None or model.V.glob.grad.abs().sum() == 0
     assert model.V.loc.grad is None or model.V.loc.grad.abs().sum() == 0

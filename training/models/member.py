@@ -292,10 +292,11 @@ class Member(Recommender):
             losses.append(F.binary_cross_entropy_with_logits(logits, labels))
         return torch.stack(losses).mean() if losses else torch.zeros((), device=self.device)
 
-    def _unvisited_bpr(self, out: dict[str, torch.Tensor], n_pos: int) -> torch.Tensor:
+    def _unvisited_bpr(self, out: dict[str, torch.Tensor], n_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
         """BPR on the unvisited expert's own scores: ``n_pos`` edges of ``unvisited_bpr_behaviors``
-        drawn uniformly, each against the highest-scored of ``negative_candidates`` items drawn
-        uniformly among those the user has no such edge with."""
+        drawn uniformly, each against the highest-scored of ``negative_candidates`` uniform items (a
+        draw that hits one of the user's edges is drawn again, once). Returns the loss and the rows
+        of the layer-0 embeddings it read, for the L2 term."""
         coo, known = self._u_bpr
         rng = self._gen_rng
         pick = rng.integers(0, coo.nnz, n_pos)
@@ -313,7 +314,8 @@ class Member(Recommender):
         if k > 1:
             s_neg = s_neg.gather(1, s_neg.detach().argmax(1, keepdim=True))
         s_pos = (uu[u] * ui[p]).sum(1) + self.unvisited_bias(p)
-        return bpr_loss(s_pos, s_neg.squeeze(1))
+        rows = torch.cat([u, p + self.n_users, n.reshape(-1) + self.n_users])
+        return bpr_loss(s_pos, s_neg.squeeze(1)), rows
 
     def _cl_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """At most ``cl_rows`` of the batch's users or items for InfoNCE (its cost is quadratic in rows)."""
@@ -357,8 +359,14 @@ class Member(Recommender):
             "reg": reg,
         }
         if self._u_bpr is not None:
-            losses["unvisited_bpr"] = self._unvisited_bpr(out, len(u))
+            losses["unvisited_bpr"], aux_rows = self._unvisited_bpr(out, len(u))
             total = total + c.gamma_unvisited_bpr * losses["unvisited_bpr"]
+            if "unvisited" in c.reg_experts:  # its rows get the L2 term the batch's rows get
+                aux_reg = (
+                    (self.U.glob[aux_rows].pow(2).sum() + self.U.loc[aux_rows].pow(2).sum()) * c.reg / len(u)
+                )
+                losses["reg"] = reg = reg + aux_reg
+                total = total + aux_reg
         return {"loss": total, **losses}
 
     # -- scoring -------------------------------------------------------------------------------
