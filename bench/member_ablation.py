@@ -54,15 +54,6 @@ VARIANTS: dict[str, dict] = {
     "no_unvisited_ssl": {"gamma_unvisited_cl": 0.0, "gamma_generative": 0.0},
     "item_bias": {"item_bias": True},
     "item_bias_reg_visited": {"item_bias": True, "reg_experts": ["visited"]},
-    # the chosen variant plus the unvisited expert's own BPR (every purchase a positive for it), and
-    # the same over every behaviour's edges (a view of an item is a positive too)
-    "unvisited_bpr": {"gamma_unvisited_cl": 0.0, "gamma_generative": 0.0, "gamma_unvisited_bpr": 1.0},
-    "unvisited_bpr_all": {
-        "gamma_unvisited_cl": 0.0,
-        "gamma_generative": 0.0,
-        "gamma_unvisited_bpr": 1.0,
-        "unvisited_bpr_behaviors": ["view", "fav", "cart", "remove_from_cart", "purchase"],
-    },
     # the reference code's negatives: one uniform item per purchase
     "uniform_negatives": {"negatives": 1, "negative_candidates": 1, "train": {"lr": 5.0e-3}},
 }

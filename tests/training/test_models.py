@@ -379,32 +379,3 @@ def test_member_item_bias_moves_unvisited_scores_only_and_reg_covers_the_experts
     only_visited.loss(batch)["reg"].backward()
     assert only_visited.V.glob.grad.abs().sum() > 0
     assert only_visited.U.glob.grad is None and only_visited.item_bias.grad is None
-
-
-def test_member_unvisited_bpr_trains_the_unvisited_expert_alone_on_every_purchase(tiny):
-    from training.models import build_model
-
-    # Every purchase of the fixture is of a visited item: the gated BPR gives the unvisited expert
-    # no positive at all, its own BPR gives it one per purchase.
-    bought, visited = tiny.purchases, tiny.visited
-    assert bought.multiply(visited).nnz == bought.nnz > 0
-    model = build_model("member", tiny, {"seed": 4, "gamma_unvisited_bpr": 1.0})
-    model.train()
-    out = model.propagate_all()
-    loss, rows = model._unvisited_bpr(out, 64)
-    loss.backward()
-    assert len(rows) == 64 * (2 + model.cfg.negative_candidates)
-    assert model.U.glob.grad.abs().sum() > 0 and model.U.loc.grad.abs().sum() > 0
-    assert model.V.glob.grad is None or model.V.glob.grad.abs().sum() == 0
-    assert model.V.loc.grad is None or model.V.loc.grad.abs().sum() == 0
-
-    # Trained, its loss falls; the paper's model (weight 0) does not compute it.
-    r = fit_model("member", tiny, seed=3, overrides={**FAST, "gamma_unvisited_bpr": 1.0}, progress=False)
-    first, last = r.history[0]["unvisited_bpr"], r.history[-1]["unvisited_bpr"]
-    assert last < first, (first, last)
-    plain = build_model("member", tiny, {"seed": 4})
-    plain.train()
-    assert "unvisited_bpr" not in plain.loss(next(iter(plain.batches(np.random.default_rng(0), 32))))
-
-    with pytest.raises(ValueError, match=r"unvisited_bpr_behaviors: none of \['fav'\] is in this data"):
-        build_model("member", tiny, {"gamma_unvisited_bpr": 1.0, "unvisited_bpr_behaviors": ["fav"]})

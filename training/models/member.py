@@ -28,10 +28,7 @@ experts' embeddings on a common graph (union, each behaviour) are propagated tog
 Our additions, off by default: ``funnel_bias`` (the model ``member_funnel`` turns it on): the
 visited expert's score of a visited item gets a learned weight per auxiliary behaviour the user
 showed on that item (a few scalars, zero at the start); ``item_bias``: a learned scalar per item
-added to the unvisited expert's score; ``gamma_unvisited_bpr``: a BPR loss on the unvisited expert's
-own scores over every edge of ``unvisited_bpr_behaviors`` (purchases by default), visited items
-included, so the expert learns from every purchase and not only from the few whose item was new to
-the shopper. ``reg_experts`` says whose embeddings the L2 term covers:
+added to the unvisited expert's score. ``reg_experts`` says whose embeddings the L2 term covers:
 both by default, where the reference code covers the visited expert's only (issue #26 measures
 both, ``bench/member_ablation.py``).
 
@@ -87,10 +84,6 @@ class MemberConfig(TrainedModelConfig):
     visited_negatives: float = Field(ge=0, le=1)
     negative_candidates: int = Field(gt=0)
     funnel_bias: bool
-    gamma_unvisited_bpr: float = Field(ge=0)
-    unvisited_bpr_behaviors: list[Literal["view", "fav", "cart", "remove_from_cart", "purchase"]] = Field(
-        min_length=1
-    )
 
 
 class ExpertParams(nn.Module):
@@ -156,20 +149,6 @@ class Member(Recommender):
         # Item bias (ours, off = the paper's expert): one learned scalar per item added to the
         # unvisited expert's score, a popularity term its dot products must otherwise encode.
         self.item_bias = nn.Parameter(torch.zeros(data.n_items)) if c.item_bias else None
-        # The unvisited expert's own BPR (ours, off = the paper's expert). Under hard gating the
-        # gated BPR gives the unvisited expert a positive only when the bought item was new to the
-        # shopper: 236 of RetailRocket's 7,377 training purchases (bench/README.md, issue #26).
-        self._u_bpr = None
-        if c.gamma_unvisited_bpr > 0:
-            listed = [b for b in self.behaviors if b in c.unvisited_bpr_behaviors]
-            if not listed:
-                raise ValueError(
-                    f"unvisited_bpr_behaviors: none of {c.unvisited_bpr_behaviors} is in this data "
-                    f"(it has {self.behaviors})"
-                )
-            edges = sum(data.matrices[b] for b in listed).tocsr()
-            edges.data[:] = 1.0
-            self._u_bpr = (edges.tocoo(), PairSet(edges))
         self._reg_params = [
             t
             for expert, params in (("visited", self.V), ("unvisited", self.U))
@@ -292,31 +271,6 @@ class Member(Recommender):
             losses.append(F.binary_cross_entropy_with_logits(logits, labels))
         return torch.stack(losses).mean() if losses else torch.zeros((), device=self.device)
 
-    def _unvisited_bpr(self, out: dict[str, torch.Tensor], n_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """BPR on the unvisited expert's own scores: ``n_pos`` edges of ``unvisited_bpr_behaviors``
-        drawn uniformly, each against the highest-scored of ``negative_candidates`` uniform items (a
-        draw that hits one of the user's edges is drawn again, once). Returns the loss and the rows
-        of the layer-0 embeddings it read, for the L2 term."""
-        coo, known = self._u_bpr
-        rng = self._gen_rng
-        pick = rng.integers(0, coo.nnz, n_pos)
-        users, pos = coo.row[pick].astype(np.int64), coo.col[pick].astype(np.int64)
-        k = self.cfg.negative_candidates
-        nu = np.repeat(users, k)
-        neg = rng.integers(0, self.n_items, len(nu))
-        clash = known.contains(nu, neg)
-        neg[clash] = rng.integers(0, self.n_items, int(clash.sum()))  # one redraw: rare, and harmless
-        uu, ui = self.expert_reps(out, "unvisited")
-        u = torch.from_numpy(users).to(self.device)
-        p = torch.from_numpy(pos).to(self.device)
-        n = torch.from_numpy(neg).to(self.device).view(n_pos, k)
-        s_neg = (uu[u].unsqueeze(1) * ui[n]).sum(-1) + self.unvisited_bias(n)
-        if k > 1:
-            s_neg = s_neg.gather(1, s_neg.detach().argmax(1, keepdim=True))
-        s_pos = (uu[u] * ui[p]).sum(1) + self.unvisited_bias(p)
-        rows = torch.cat([u, p + self.n_users, n.reshape(-1) + self.n_users])
-        return bpr_loss(s_pos, s_neg.squeeze(1)), rows
-
     def _cl_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """At most ``cl_rows`` of the batch's users or items for InfoNCE (its cost is quadratic in rows)."""
         k = self.cfg.cl_rows
@@ -351,23 +305,14 @@ class Member(Recommender):
             reg = reg + self.item_bias[rows[len(u) :] - self.n_users].pow(2).sum() * c.reg / len(u)
         total = rank + c.gamma_visited_cl * l_v_cl + c.gamma_unvisited_cl * l_u_cl
         total = total + c.gamma_generative * l_gen + reg
-        losses = {
+        return {
+            "loss": total,
             "bpr": rank,
             "visited_cl": l_v_cl,
             "unvisited_cl": l_u_cl,
             "generative": l_gen,
             "reg": reg,
         }
-        if self._u_bpr is not None:
-            losses["unvisited_bpr"], aux_rows = self._unvisited_bpr(out, len(u))
-            total = total + c.gamma_unvisited_bpr * losses["unvisited_bpr"]
-            if "unvisited" in c.reg_experts:  # its rows get the L2 term the batch's rows get
-                aux_reg = (
-                    (self.U.glob[aux_rows].pow(2).sum() + self.U.loc[aux_rows].pow(2).sum()) * c.reg / len(u)
-                )
-                losses["reg"] = reg = reg + aux_reg
-                total = total + aux_reg
-        return {"loss": total, **losses}
 
     # -- scoring -------------------------------------------------------------------------------
     def _reps(self):
