@@ -47,6 +47,17 @@ END = date(2017, 12, 3)
 DAYS = 9
 
 
+#: A table's rows as one number: summed 64-bit row hashes, modulo 2**64 (DuckDB SQL over ``t``).
+ROW_DIGEST = "sum(hash(t)::hugeint) % 18446744073709551616"
+
+
+def old_generation(jvm):
+    """The JVM's old-generation memory pool (the parallel, G1 or serial collector's): its usage after
+    the last collection is what the heap keeps live, where used heap also counts garbage."""
+    pools = jvm.java.lang.management.ManagementFactory.getMemoryPoolMXBeans()
+    return next(p for p in pools if any(g in p.getName() for g in ("Old Gen", "Tenured")))
+
+
 class Sampler:
     """Samples a value in a background thread and keeps the peak."""
 
@@ -133,11 +144,7 @@ def run_spark(
     out["jvm_heap_peak_bytes"] = heap_peak.peak
     out["jvm_rss_peak_bytes"] = rss_peak.peak
     out["jvm_heap_max_bytes"] = heap.getHeapMemoryUsage().getMax()
-    # What the heap held after its last collection: used heap also counts garbage not yet collected.
-    old = [
-        p for p in jvm.java.lang.management.ManagementFactory.getMemoryPoolMXBeans() if "Old" in p.getName()
-    ]
-    out["jvm_old_gen_after_gc_bytes"] = old[0].getCollectionUsage().getUsed() if old else None
+    out["jvm_old_gen_after_gc_bytes"] = old_generation(jvm).getCollectionUsage().getUsed()
     spark.stop()
     return out
 
@@ -166,8 +173,7 @@ def table_digests(wh: Path) -> dict:
     out = {}
     for name, path in paths.items():
         n, h = con.execute(
-            f"select count(*), sum(hash(t)::hugeint) % 18446744073709551616 "
-            f"from read_parquet('{path}/**/*.parquet', hive_partitioning = true) t"
+            f"select count(*), {ROW_DIGEST} from read_parquet('{path}/**/*.parquet', hive_partitioning = true) t"
         ).fetchone()
         out[name] = [n, str(h)]
     con.close()
@@ -336,7 +342,7 @@ def run_duckdb(data_root: Path, work: Path, threads: int) -> dict:
         "cutoff": END.isoformat(),
         "vstart": (END - timedelta(days=1)).isoformat(),  # split.validation_days = 1 (the default)
         "checksums": " union all ".join(
-            f"select '{t}' as name, sum(hash(t)::hugeint) % 18446744073709551616 as h, count(*) as n "
+            f"select '{t}' as name, {ROW_DIGEST} as h, count(*) as n "
             f"from read_parquet('{out_dir}/{t}.parquet') t"
             for t in (table.name for table in TRAINING.tables)
         ),

@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from etl import Sampler  # noqa: E402
+from etl import Sampler, old_generation  # noqa: E402
 
 from infra.settings import load_settings  # noqa: E402
 
@@ -157,7 +157,7 @@ def measure(work: Path, users: int, per_user: int, cores: int, k: int, model: st
     out: dict = {"users": users, "events": events, "write_seconds": time.perf_counter() - t}
     mx = spark.sparkContext._jvm.java.lang.management.ManagementFactory
     heap = mx.getMemoryMXBean()
-    old = next(p for p in mx.getMemoryPoolMXBeans() if any(g in p.getName() for g in ("Old Gen", "Tenured")))
+    old = old_generation(spark.sparkContext._jvm)
     collectors = list(mx.getGarbageCollectorMXBeans())
 
     def gc_seconds() -> float:
