@@ -56,6 +56,14 @@ VARIANTS: dict[str, dict] = {
     "item_bias_reg_visited": {"item_bias": True, "reg_experts": ["visited"]},
     # the reference code's negatives: one uniform item per purchase
     "uniform_negatives": {"negatives": 1, "negative_candidates": 1, "train": {"lr": 5.0e-3}},
+    # the chosen variant's capacity and regularisation (it peaks at epoch 7 of 17, then overfits)
+    "no_unvisited_ssl_reg1e-3": {"gamma_unvisited_cl": 0.0, "gamma_generative": 0.0, "reg": 1.0e-3},
+    "no_unvisited_ssl_dim64": {"gamma_unvisited_cl": 0.0, "gamma_generative": 0.0, "dim": 64},
+    "no_unvisited_ssl_lambda0.8": {
+        "gamma_unvisited_cl": 0.0,
+        "gamma_generative": 0.0,
+        "lambda_unvisited": 0.8,
+    },
 }
 SETTINGS = ("standard", "visited", "unvisited")
 TOP = 10
