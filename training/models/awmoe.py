@@ -309,8 +309,12 @@ class AWMoE(Recommender):
         result["scores"] = self.out(mixed).squeeze(-1)
         return result
 
-    def _rerank(self, context: Context) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
-        base, cands, retr = self.candidates(context)
+    def rank_candidates(
+        self, context: Context, cands: torch.Tensor, retr: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """``forward_candidates`` of the rows' windows over their candidates ``cands`` (B, N) with
+        the retriever's scores ``retr``, ``CHUNK_ROWS`` rows at a time; every output but the
+        attention weights."""
         f = self._events(context)
         parts = [
             self.forward_candidates(
@@ -323,8 +327,11 @@ class AWMoE(Recommender):
             )
             for i in range(0, len(cands), CHUNK_ROWS)
         ]
-        out = {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k != "attention"}
-        return base, cands, retr, out
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k != "attention"}
+
+    def _rerank(self, context: Context) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+        base, cands, retr = self.candidates(context)
+        return base, cands, retr, self.rank_candidates(context, cands, retr)
 
     def scores(self, context: Context) -> torch.Tensor:
         base, cands, _, out = self._rerank(context)
