@@ -5,8 +5,8 @@ beside a bare activation unit of the same shapes, in one process on one device.
     .venv/bin/python bench/ranking_speed.py [--users 20000] [--candidates 100] [--events 50] [--device cuda]
 
 The phases, each over the U shoppers in scoring batches (``scoring.batch_size`` of the defaults),
-each timed after one warm-up batch, with the process's peak RSS while it ran (on CUDA also the
-device's peak allocation):
+each timed after one warm-up batch, with the process's RSS before it and its peak while it ran (on
+CUDA also the device's peak allocation):
 
 - **retrieval**: ``AWMoE.candidates``: the retriever's scores over the whole catalogue from the
   shopper's window, and its top-N (what the shopper bought skipped);
@@ -113,6 +113,7 @@ class Phase:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+        self.rss_before = self.me.memory_info().rss
         self.rss = Sampler(lambda: self.me.memory_info().rss, every=0.05).__enter__()
         self.t = time.perf_counter()
         return self
@@ -161,13 +162,14 @@ def measure(args) -> dict:
             "seconds": phase.seconds,
             "pairs_per_second": pairs / phase.seconds,
             "peak_rss_mib": phase.rss.peak / 2**20,
+            "rss_before_mib": phase.rss_before / 2**20,
         }
         if phase.cuda_peak is not None:
             row["cuda_peak_mib"] = phase.cuda_peak / 2**20
         out["phases"][name] = row
         print(
             f"{name}: {phase.seconds:.1f} s, {row['pairs_per_second']:,.0f} (user, candidate) pairs/s, "
-            f"peak RSS {row['peak_rss_mib']:,.0f} MiB",
+            f"peak RSS {row['peak_rss_mib']:,.0f} MiB ({row['rss_before_mib']:,.0f} before)",
             flush=True,
         )
 
