@@ -59,6 +59,14 @@ VARIANTS: dict[str, dict] = {
     # the chosen variant's capacity and regularisation (it peaks at epoch 7 of 17, then overfits)
     "no_unvisited_ssl_reg1e-3": {"gamma_unvisited_cl": 0.0, "gamma_generative": 0.0, "reg": 1.0e-3},
     "no_unvisited_ssl_dim64": {"gamma_unvisited_cl": 0.0, "gamma_generative": 0.0, "dim": 64},
+    # a sampled softmax over 1,024 shared uniform negatives in place of BPR
+    "no_unvisited_ssl_softmax": {"gamma_unvisited_cl": 0.0, "gamma_generative": 0.0, "rank_loss": "softmax"},
+    "no_unvisited_ssl_softmax_t0.5": {
+        "gamma_unvisited_cl": 0.0,
+        "gamma_generative": 0.0,
+        "rank_loss": "softmax",
+        "softmax_temperature": 0.5,
+    },
     "no_unvisited_ssl_lambda0.8": {
         "gamma_unvisited_cl": 0.0,
         "gamma_generative": 0.0,

@@ -379,3 +379,52 @@ def test_member_item_bias_moves_unvisited_scores_only_and_reg_covers_the_experts
     only_visited.loss(batch)["reg"].backward()
     assert only_visited.V.glob.grad.abs().sum() > 0
     assert only_visited.U.glob.grad is None and only_visited.item_bias.grad is None
+
+
+@pytest.mark.parametrize("name", ["member", "member_funnel"])
+def test_member_softmax_loss_scores_its_shared_negatives_as_the_model_scores_pairs_and_learns(name, tiny):
+    from training.models import build_model
+    from training.models.member import pair_block
+
+    model = build_model(name, tiny, {"seed": 4, "rank_loss": "softmax", "softmax_negatives": 7})
+    if model.funnel is not None:
+        model.load_state_dict({**model.state_dict(), "funnel": torch.tensor([0.5, 2.0])})
+    users = torch.arange(tiny.n_users)
+    items = torch.from_numpy(np.random.default_rng(1).choice(tiny.n_items, 7, replace=False))
+    with torch.no_grad():
+        out = model.propagate_all()
+        block = model._gated_block_scores(out, users, items)
+        pairs = model._gated_pair_scores(out, users.repeat_interleave(7), items.repeat(tiny.n_users))
+    # Both experts score the block, the gate picks per pair: visited pairs are in it.
+    assert pair_block(tiny.visited, users.numpy(), items.numpy()).any()
+    torch.testing.assert_close(block.reshape(-1), pairs)
+    np.testing.assert_array_equal(
+        pair_block(tiny.visited, np.array([2, 0]), items.numpy()),
+        tiny.visited.toarray()[[2, 0]][:, items.numpy()],
+    )
+
+    # With every item drawn, each purchase is in the draw: masked there, it is counted once, so the
+    # loss is the full softmax over the catalogue.
+    batch = next(iter(model.batches(np.random.default_rng(0), 32)))
+    every = build_model(name, tiny, {"seed": 4, "rank_loss": "softmax", "softmax_negatives": tiny.n_items})
+    every.load_state_dict(model.state_dict())
+    u, p = batch["users"], batch["pos"]
+    with torch.no_grad():
+        loss, drawn = every._softmax_rank_loss(out, u, p)
+        full = every._gated_block_scores(out, u, torch.arange(tiny.n_items))
+    assert sorted(drawn.tolist()) == list(range(tiny.n_items))
+    want = (torch.logsumexp(full, 1) - full[torch.arange(len(u)), p]).mean()
+    torch.testing.assert_close(loss, want)
+    model.train()
+    losses = model.loss(batch)
+    assert "softmax" in losses and "bpr" not in losses and torch.isfinite(losses["softmax"])
+    # The loss falls over training.
+    r = fit_model(
+        name,
+        tiny,
+        seed=3,
+        overrides={**FAST, "rank_loss": "softmax", "softmax_negatives": 16},
+        progress=False,
+    )
+    softmax = [row["softmax"] for row in r.history]
+    assert len(softmax) == 2 and softmax[1] < softmax[0], softmax

@@ -28,9 +28,10 @@ experts' embeddings on a common graph (union, each behaviour) are propagated tog
 Our additions, off by default: ``funnel_bias`` (the model ``member_funnel`` turns it on): the
 visited expert's score of a visited item gets a learned weight per auxiliary behaviour the user
 showed on that item (a few scalars, zero at the start); ``item_bias``: a learned scalar per item
-added to the unvisited expert's score. ``reg_experts`` says whose embeddings the L2 term covers:
-both by default, where the reference code covers the visited expert's only (issue #26 measures
-both, ``bench/member_ablation.py``).
+added to the unvisited expert's score; ``rank_loss: softmax``: a sampled softmax over each purchase
+and a shared uniform draw of items in place of BPR. ``reg_experts`` says whose embeddings the L2
+term covers: both by default, where the reference code covers the visited expert's only (issue #26
+measures these options on validation, ``bench/member_ablation.py``).
 
 Deliberately not copied from the reference code: its 3 passes per epoch with stale embeddings, the
 α-scaled negative in BPR, layer-normalised LightGCN variants, and the dense visited mask.
@@ -83,6 +84,9 @@ class MemberConfig(TrainedModelConfig):
     negatives: int = Field(gt=0)
     visited_negatives: float = Field(ge=0, le=1)
     negative_candidates: int = Field(gt=0)
+    rank_loss: Literal["bpr", "softmax"]
+    softmax_negatives: int = Field(gt=0)
+    softmax_temperature: float = Field(gt=0)
     funnel_bias: bool
 
 
@@ -93,6 +97,20 @@ class ExpertParams(nn.Module):
         super().__init__()
         self.glob = nn.Parameter(torch.randn(n_users + n_items, dim) * init_std)
         self.loc = nn.Parameter(torch.randn(n_users + n_items, dim) * init_std)
+
+
+def pair_block(m: sp.csr_matrix, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """(len(users), len(items)) dense: ``m``'s value at every (user, item) pair of the two lists
+    (``items`` distinct); read from the users' rows only, never a dense users x items matrix."""
+    column = np.full(m.shape[1], -1, np.int64)
+    column[items] = np.arange(len(items))
+    rows = m[users]
+    pos = column[rows.indices]
+    row = np.repeat(np.arange(len(users)), np.diff(rows.indptr))
+    keep = pos >= 0
+    out = np.zeros((len(users), len(items)), m.dtype)
+    out[row[keep], pos[keep]] = rows.data[keep]
+    return out
 
 
 def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -132,6 +150,7 @@ class Member(Recommender):
         }
         self._gen_pairs = [(m, n) for i, m in enumerate(self.behaviors) for n in self.behaviors[i + 1 :]]
         self._gen_rng = np.random.default_rng(c.seed)
+        self._softmax_rng = np.random.default_rng([c.seed, 2])
         self._cache = None
         # Funnel bias (ours, off = the paper's expert): the visited expert's score of a visited item
         # gets a learned weight per auxiliary behaviour the user showed on it. Its embeddings are an
@@ -145,7 +164,8 @@ class Member(Recommender):
                 (data.matrices[b] > 0).astype(np.int64) * (1 << k)
                 for k, b in enumerate(self._funnel_behaviors)
             )
-            self._funnel_codes = PairSet(sp.csr_matrix(codes))
+            self._funnel_csr = sp.csr_matrix(codes)
+            self._funnel_codes = PairSet(self._funnel_csr)
         # Item bias (ours, off = the paper's expert): one learned scalar per item added to the
         # unvisited expert's score, a popularity term its dot products must otherwise encode.
         self.item_bias = nn.Parameter(torch.zeros(data.n_items)) if c.item_bias else None
@@ -194,15 +214,18 @@ class Member(Recommender):
 
     # -- training ------------------------------------------------------------------------------
     def batches(self, rng: np.random.Generator, batch_size: int):
+        # The softmax loss draws its own shared negatives: one plain negative per row keeps the
+        # epoch's purchases and order, for the L2 rows only.
+        softmax = self.cfg.rank_loss == "softmax"
         return bpr_triplets(
             self._purchases,
             rng,
             batch_size,
             self.device,
             hard=self._visited,
-            hard_fraction=self.cfg.visited_negatives,
-            negatives=self.cfg.negatives,
-            candidates=self.cfg.negative_candidates,
+            hard_fraction=0.0 if softmax else self.cfg.visited_negatives,
+            negatives=1 if softmax else self.cfg.negatives,
+            candidates=1 if softmax else self.cfg.negative_candidates,
         )
 
     def _gated_pair_scores(self, out, users, items) -> torch.Tensor:
@@ -211,6 +234,38 @@ class Member(Recommender):
         s_v = (vu[users] * vi[items]).sum(1) + self.funnel_bias(users, items)
         s_u = (uu[users] * ui[items]).sum(1) + self.unvisited_bias(items)
         return torch.where(self.is_visited(users, items), s_v, s_u)
+
+    def _gated_block_scores(self, out, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """(B, M) gated scores of every user of ``users`` against every item of ``items`` (distinct):
+        the visited expert where the pair is in the user's visited set, else the unvisited one."""
+        vu, vi = self.expert_reps(out, "visited")
+        uu, ui = self.expert_reps(out, "unvisited")
+        u_np, i_np = users.cpu().numpy(), items.cpu().numpy()
+        s_v = vu[users] @ vi[items].T
+        if self.funnel is not None:
+            codes = pair_block(self._funnel_csr, u_np, i_np)
+            bits = (codes[..., None] >> np.arange(len(self._funnel_behaviors))) & 1
+            s_v = s_v + torch.from_numpy(bits.astype(np.float32)).to(s_v.device) @ self.funnel
+        s_u = uu[users] @ ui[items].T + self.unvisited_bias(items)
+        visited = torch.from_numpy(pair_block(self._visited, u_np, i_np) > 0).to(s_v.device)
+        return torch.where(visited, s_v, s_u)
+
+    def _softmax_rank_loss(
+        self, out, users: torch.Tensor, pos: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sampled softmax over each purchase and ``softmax_negatives`` items drawn uniformly once
+        per step and shared by the batch (a draw equal to the row's purchase is masked); returns
+        the loss and the drawn items."""
+        c = self.cfg
+        m = min(c.softmax_negatives, self.n_items)
+        drawn = torch.from_numpy(self._softmax_rng.choice(self.n_items, m, replace=False)).to(pos.device)
+        neg = self._gated_block_scores(out, users, drawn)
+        neg = neg.masked_fill(drawn.unsqueeze(0) == pos.unsqueeze(1), float("-inf"))
+        logits = (
+            torch.cat([self._gated_pair_scores(out, users, pos).unsqueeze(1), neg], 1) / c.softmax_temperature
+        )
+        target = torch.zeros(len(users), dtype=torch.long, device=pos.device)
+        return F.cross_entropy(logits, target), drawn
 
     def unvisited_bias(self, items: torch.Tensor) -> torch.Tensor | float:
         """The unvisited expert's item bias of ``items`` (0 without ``item_bias``)."""
@@ -282,8 +337,11 @@ class Member(Recommender):
         c = self.cfg
         out = self.propagate_all()
         u, p, n = batch["users"], batch["pos"], batch["neg"]
-        n = self.pick_negatives(out, u, n)
-        rank = bpr_loss(self._gated_pair_scores(out, u, p), self._pair_scores(out, u, n))
+        if c.rank_loss == "softmax":
+            rank, n = self._softmax_rank_loss(out, u, p)
+        else:
+            n = self.pick_negatives(out, u, n)
+            rank = bpr_loss(self._gated_pair_scores(out, u, p), self._pair_scores(out, u, n))
 
         cl_users = self._cl_rows(torch.unique(u))
         cl_items = self._cl_rows(torch.unique(p)) + self.n_users
@@ -307,7 +365,7 @@ class Member(Recommender):
         total = total + c.gamma_generative * l_gen + reg
         return {
             "loss": total,
-            "bpr": rank,
+            c.rank_loss: rank,
             "visited_cl": l_v_cl,
             "unvisited_cl": l_u_cl,
             "generative": l_gen,
