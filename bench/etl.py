@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -82,11 +83,21 @@ class Sampler:
         self._t.join()
 
 
+#: Events per shuffle partition. Two partitions per core ran 10M events fastest on local[2] (four of
+#: 2.5M); the same four at 100M ran the split's aggregations out of execution memory (bench/README.md,
+#: "The Spark jobs at 100M events"), so past 10M the count grows with the log.
+EVENTS_PER_PARTITION = 2_500_000
+
+
+def shuffle_partitions(events: int, cores: int) -> int:
+    return max(2 * cores, math.ceil(events / EVENTS_PER_PARTITION))
+
+
 def run_spark(
     data_root: Path,
     wh: Path,
     master: str,
-    cores: int,
+    partitions: int,
     validate: bool = False,
     extra_conf: dict | None = None,
 ) -> dict:
@@ -104,10 +115,9 @@ def run_spark(
             "pipeline": {"sources": ["synthetic"]},
             "spark": {
                 "master": master,
-                # Two shuffle partitions per core: faster than the defaults' 8 on local[2] (bench/README.md).
                 "conf": {
                     "spark.driver.memory": "4g",
-                    "spark.sql.shuffle.partitions": str(2 * cores),
+                    "spark.sql.shuffle.partitions": str(partitions),
                     **(extra_conf or {}),
                 },
             },
@@ -149,13 +159,13 @@ def run_spark(
     return out
 
 
-def run_cluster(data_root: Path, wh: Path, workers: int, work: Path) -> dict:
+def run_cluster(data_root: Path, wh: Path, workers: int, work: Path, events: int) -> dict:
     """The Spark stages on a standalone cluster of ``workers`` one-core workers on this machine."""
     from infra.spark import StandaloneCluster
 
     with StandaloneCluster(work / "cluster", workers=workers, cores=1, memory="5g") as cluster:
         conf = {**StandaloneCluster.driver_conf, "spark.executor.memory": "4g"}
-        out = run_spark(data_root, wh, cluster.url, workers, extra_conf=conf)
+        out = run_spark(data_root, wh, cluster.url, shuffle_partitions(events, workers), extra_conf=conf)
         out["master"] = cluster.url
         out["completed_apps"] = len(cluster.status()["completedapps"])
     return out
@@ -407,11 +417,12 @@ def main() -> int:
         )
         synth_s = time.perf_counter() - t
         duck = None if args.no_peer else run_duckdb(data_root, work, threads)
-        spark = run_spark(data_root, work / "wh", args.master, threads, args.validate)
+        spark = run_spark(data_root, work / "wh", args.master, shuffle_partitions(n, threads), args.validate)
         spark_total = sum(s["seconds"] for s in spark["stages"].values())
         run = {
             "events": n,
             "users": synth.users,
+            "shuffle_partitions": shuffle_partitions(n, threads),
             "synth_seconds": synth_s,
             "spark": spark,
             "spark_total_s": spark_total,
@@ -453,7 +464,7 @@ def main() -> int:
             + (f", DuckDB process RSS {duck['rss_peak_bytes'] / 2**30:.2f} GiB" if duck else "")
         )
         if args.cluster_workers:
-            cluster = run_cluster(data_root, work / "wh_cluster", args.cluster_workers, work)
+            cluster = run_cluster(data_root, work / "wh_cluster", args.cluster_workers, work, n)
             local_rows, cluster_rows = table_digests(work / "wh"), table_digests(work / "wh_cluster")
             cluster_total = sum(s["seconds"] for s in cluster["stages"].values())
             run["cluster"] = {
