@@ -58,6 +58,7 @@ VARIANTS: dict[str, dict] = {
     "uniform_negatives": {"negatives": 1, "negative_candidates": 1, "train": {"lr": 5.0e-3}},
     # the chosen variant's capacity and regularisation (it peaks at epoch 7 of 17, then overfits)
     "no_unvisited_ssl_reg1e-3": {"gamma_unvisited_cl": 0.0, "gamma_generative": 0.0, "reg": 1.0e-3},
+    "no_unvisited_ssl_reg3e-3": {"gamma_unvisited_cl": 0.0, "gamma_generative": 0.0, "reg": 3.0e-3},
     "no_unvisited_ssl_dim64": {"gamma_unvisited_cl": 0.0, "gamma_generative": 0.0, "dim": 64},
     # a sampled softmax over 1,024 shared uniform negatives in place of BPR
     "no_unvisited_ssl_softmax": {"gamma_unvisited_cl": 0.0, "gamma_generative": 0.0, "rank_loss": "softmax"},
