@@ -243,9 +243,7 @@ class Member(Recommender):
         u_np, i_np = users.cpu().numpy(), items.cpu().numpy()
         s_v = vu[users] @ vi[items].T
         if self.funnel is not None:
-            codes = pair_block(self._funnel_csr, u_np, i_np)
-            bits = (codes[..., None] >> np.arange(len(self._funnel_behaviors))) & 1
-            s_v = s_v + torch.from_numpy(bits.astype(np.float32)).to(s_v.device) @ self.funnel
+            s_v = s_v + self._funnel_weights(pair_block(self._funnel_csr, u_np, i_np))
         s_u = uu[users] @ ui[items].T + self.unvisited_bias(items)
         visited = torch.from_numpy(pair_block(self._visited, u_np, i_np) > 0).to(s_v.device)
         return torch.where(visited, s_v, s_u)
@@ -276,8 +274,11 @@ class Member(Recommender):
         auxiliary behaviours the user showed on the item (0 for an item the user never touched)."""
         if self.funnel is None:
             return 0.0
-        codes = self._funnel_codes.lookup(users.cpu().numpy(), items.cpu().numpy())
-        bits = (codes[:, None] >> np.arange(len(self._funnel_behaviors))) & 1
+        return self._funnel_weights(self._funnel_codes.lookup(users.cpu().numpy(), items.cpu().numpy()))
+
+    def _funnel_weights(self, codes: np.ndarray) -> torch.Tensor:
+        """Behaviour-bit codes (any shape) -> the sum of the learned weights of their set bits."""
+        bits = (codes[..., None] >> np.arange(len(self._funnel_behaviors))) & 1
         return torch.from_numpy(bits.astype(np.float32)).to(self.funnel.device) @ self.funnel
 
     def pick_negatives(
