@@ -417,12 +417,13 @@ def main() -> int:
         )
         synth_s = time.perf_counter() - t
         duck = None if args.no_peer else run_duckdb(data_root, work, threads)
-        spark = run_spark(data_root, work / "wh", args.master, shuffle_partitions(n, threads), args.validate)
+        partitions = shuffle_partitions(n, threads)
+        spark = run_spark(data_root, work / "wh", args.master, partitions, args.validate)
         spark_total = sum(s["seconds"] for s in spark["stages"].values())
         run = {
             "events": n,
             "users": synth.users,
-            "shuffle_partitions": shuffle_partitions(n, threads),
+            "shuffle_partitions": partitions,
             "synth_seconds": synth_s,
             "spark": spark,
             "spark_total_s": spark_total,

@@ -44,6 +44,8 @@ from training.evaluate import evaluate_scores  # noqa: E402
 from training.train_evaluate import load_views  # noqa: E402
 from training.trainer import fit_model  # noqa: E402
 
+#: The chosen variant's change (``member_no_unvisited_ssl``): both self-supervised losses off.
+SSL_OFF = {"gamma_unvisited_cl": 0.0, "gamma_generative": 0.0}
 #: name -> overrides of ``member.yaml``.
 VARIANTS: dict[str, dict] = {
     "member": {},
@@ -51,28 +53,19 @@ VARIANTS: dict[str, dict] = {
     "reg_visited": {"reg_experts": ["visited"]},
     "no_unvisited_cl": {"gamma_unvisited_cl": 0.0},
     "no_generative": {"gamma_generative": 0.0},
-    "no_unvisited_ssl": {"gamma_unvisited_cl": 0.0, "gamma_generative": 0.0},
+    "no_unvisited_ssl": SSL_OFF,
     "item_bias": {"item_bias": True},
     "item_bias_reg_visited": {"item_bias": True, "reg_experts": ["visited"]},
     # the reference code's negatives: one uniform item per purchase
     "uniform_negatives": {"negatives": 1, "negative_candidates": 1, "train": {"lr": 5.0e-3}},
     # the chosen variant's capacity and regularisation (it peaks at epoch 7 of 17, then overfits)
-    "no_unvisited_ssl_reg1e-3": {"gamma_unvisited_cl": 0.0, "gamma_generative": 0.0, "reg": 1.0e-3},
-    "no_unvisited_ssl_reg3e-3": {"gamma_unvisited_cl": 0.0, "gamma_generative": 0.0, "reg": 3.0e-3},
-    "no_unvisited_ssl_dim64": {"gamma_unvisited_cl": 0.0, "gamma_generative": 0.0, "dim": 64},
+    "no_unvisited_ssl_reg1e-3": {**SSL_OFF, "reg": 1.0e-3},
+    "no_unvisited_ssl_reg3e-3": {**SSL_OFF, "reg": 3.0e-3},
+    "no_unvisited_ssl_dim64": {**SSL_OFF, "dim": 64},
     # a sampled softmax over 1,024 shared uniform negatives in place of BPR
-    "no_unvisited_ssl_softmax": {"gamma_unvisited_cl": 0.0, "gamma_generative": 0.0, "rank_loss": "softmax"},
-    "no_unvisited_ssl_softmax_t0.5": {
-        "gamma_unvisited_cl": 0.0,
-        "gamma_generative": 0.0,
-        "rank_loss": "softmax",
-        "softmax_temperature": 0.5,
-    },
-    "no_unvisited_ssl_lambda0.8": {
-        "gamma_unvisited_cl": 0.0,
-        "gamma_generative": 0.0,
-        "lambda_unvisited": 0.8,
-    },
+    "no_unvisited_ssl_softmax": {**SSL_OFF, "rank_loss": "softmax"},
+    "no_unvisited_ssl_softmax_t0.5": {**SSL_OFF, "rank_loss": "softmax", "softmax_temperature": 0.5},
+    "no_unvisited_ssl_lambda0.8": {**SSL_OFF, "lambda_unvisited": 0.8},
 }
 SETTINGS = ("standard", "visited", "unvisited")
 TOP = 10

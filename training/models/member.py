@@ -214,8 +214,8 @@ class Member(Recommender):
 
     # -- training ------------------------------------------------------------------------------
     def batches(self, rng: np.random.Generator, batch_size: int):
-        # The softmax loss draws its own shared negatives: one plain negative per row keeps the
-        # epoch's purchases and order, for the L2 rows only.
+        # The softmax loss draws its own shared negatives and ignores the batch's: the generator
+        # always draws some, so the softmax asks it for the cheapest (one uniform per purchase).
         softmax = self.cfg.rank_loss == "softmax"
         return bpr_triplets(
             self._purchases,
