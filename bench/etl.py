@@ -84,8 +84,8 @@ class Sampler:
 
 
 #: Events per shuffle partition. Two partitions per core ran 10M events fastest on local[2] (four of
-#: 2.5M); the same four at 100M ran the split's aggregations out of execution memory (bench/README.md,
-#: "The Spark jobs at 100M events"), so past 10M the count grows with the log.
+#: 2.5M); the same four at 100M ran the split's aggregations out of execution memory, and 40 ran
+#: (bench/README.md, "The Spark jobs at 100M events"), so past 10M the count grows with the log.
 EVENTS_PER_PARTITION = 2_500_000
 
 
