@@ -71,6 +71,7 @@ MODELS = [
     "member",
     "member_funnel",
     "member_no_unvisited_ssl",
+    "member_no_unvisited_ssl_dim64",
     "sasrec",
     "fame",
 ]
@@ -98,6 +99,7 @@ TUNED: dict[str, dict[str, dict]] = {
         "member": _RR_NEGATIVES,
         "member_funnel": {**_RR_NEGATIVES, "visited_negatives": 0.5},
         "member_no_unvisited_ssl": _RR_NEGATIVES,
+        "member_no_unvisited_ssl_dim64": _RR_NEGATIVES,
     }
     for table in ("retailrocket", "retailrocket_global_cutoff")
 }
