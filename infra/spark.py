@@ -167,7 +167,9 @@ class StandaloneCluster:
             try:
                 if self.status().get("aliveworkers") == self.n_workers:
                     return self.url
-            except OSError:
+            # Not up yet: refused, or (seen once under load, as the UI was starting) its HTML page
+            # served for /json/.
+            except (OSError, ValueError):
                 pass
             dead = [p for p in (self.master, *self.workers) if p.poll() is not None]
             if dead or time.monotonic() > deadline:
