@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -13,6 +14,14 @@ FIXTURES = REPO / "tests" / "fixtures"
 
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+
+
+def pytest_unconfigure(config):
+    # py4j closes its gateway connections from __del__ as the interpreter exits, logging each at
+    # INFO through a handler holding one of pytest's capture streams, closed by then: the
+    # run would end in a "--- Logging error ---" traceback after its summary.
+    logging.getLogger("py4j").setLevel(logging.WARNING)
+
 
 #: JVM options of the short-lived JVMs the tests start (drivers in subprocesses, a cluster's
 #: executors): the JIT's quick tier only and one GC thread; the optimising tier pays off on long
