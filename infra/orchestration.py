@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -288,6 +289,11 @@ def serve_airflow(settings: Settings, env: dict[str, str], startup_seconds: floa
     logs = home / "logs" / "components"
     logs.mkdir(parents=True, exist_ok=True)
     airflow = str(Path(sys.executable).with_name("airflow"))
+    # The scheduler signs each task's token for the execution API and the API server checks it:
+    # without a shared secret each component draws its own and every task fails "Invalid auth
+    # token". One per start, held only in the components' environment; a deployment's wins.
+    env = {**env}
+    env.setdefault("AIRFLOW__API_AUTH__JWT_SECRET", secrets.token_urlsafe(32))
     procs: dict[str, subprocess.Popen] = {}
     stopping: list[int] = []
 

@@ -289,9 +289,16 @@ def test_etl_through_spark_submit_gives_the_in_process_tables_and_runs_an_added_
     os.environ.pop("FUNNELREC_CONFIG", None)
 
 
-def test_funnelrec_airflow_standalone_listens_on_loopback_only_and_stops_everything_it_started(airflow_db):
+def test_funnelrec_airflow_standalone_listens_on_loopback_only_retries_a_killed_task_and_stops_everything(
+    airflow_db, taobao_nightly
+):
     """Airflow's own `standalone` opens the scheduler's and triggerer's log servers on every
-    interface; funnelrec's starts the same components with every listening socket on 127.0.0.1."""
+    interface; funnelrec's starts the same components with every listening socket on 127.0.0.1.
+
+    Its scheduler runs a nightly of the Taobao slice from its split (the sessions before it are the
+    session's uninterrupted nightly's, ``taobao_nightly``), whose task is SIGKILLed once its Spark
+    driver is up: Airflow records the try as failed, runs it again, and the date's training tables
+    are those of the uninterrupted nightly."""
     import json
     import signal
     import subprocess
@@ -303,8 +310,15 @@ def test_funnelrec_airflow_standalone_listens_on_loopback_only_and_stops_everyth
 
     from tests.registry.conftest import _free_port
 
+    reference = taobao_nightly[0].parent / "wh"
+    assert taobao_nightly[1] == 0, taobao_nightly[2]
     port = _free_port()
-    config = write_config("standalone", airflow={"api_port": port})
+    config = write_config(
+        "standalone",
+        # end_date: the scheduler makes no run by itself, only the one the test triggers.
+        airflow={"api_port": port, "retries": 1, "retry_delay_minutes": 0.05, "end_date": DATE},
+        training={"models": ["popularity"], "max_epochs": 3},
+    )
     proc = subprocess.Popen(
         [sys.executable, "-m", "infra.cli", "--config", str(config), "airflow", "standalone"],
         cwd=REPO,
@@ -340,9 +354,101 @@ def test_funnelrec_airflow_standalone_listens_on_loopback_only_and_stops_everyth
         assert (("127.0.0.1", port)) in listening
         assert all(ip in ("127.0.0.1", "::1") for ip, _ in listening), listening
         started = [p.pid for p in tree[1:]]
+        killed = _kill_split_and_wait(config, reference / "sessionized")
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=90)
     assert proc.returncode == 0 and f"127.0.0.1:{port} (loopback only)" in out, out
     _, alive = psutil.wait_procs([psutil.Process(p) for p in started if psutil.pid_exists(p)], timeout=10)
     assert alive == [], alive
+
+    # The killed try is the first and is recorded failed; Airflow ran a second, which succeeded.
+    assert killed["killed_try"] == 1 and killed["tries"] == {1: "failed", 2: "success"}, killed
+    manifest = json.loads((TRAINING.dir(ROOT / "standalone", DATE) / "manifest.json").read_text())
+    expected = json.loads((TRAINING.dir(reference, DATE) / "manifest.json").read_text())
+    assert manifest["checksums"] == expected["checksums"]
+
+
+def _kill_split_and_wait(config, sessionized, timeout: float = 240) -> dict:
+    """Through the running scheduler: a nightly run for DATE that starts at ``etl.split``, as after
+    an operator marked the ETL before it successful (its input, ``sessionized``, copied in);
+    SIGKILL the split's task process two seconds after its Spark driver (a JVM child) started;
+    wait until the split has succeeded or failed for good. Returns the killed try's number and
+    the state of each of the split's tries."""
+    import shutil
+    import signal
+    import time
+
+    from airflow.api.common.trigger_dag import trigger_dag
+    from airflow.models.dag import DagModel
+    from airflow.models.serialized_dag import SerializedDagModel
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.models.taskinstancehistory import TaskInstanceHistory
+    from airflow.utils.session import create_session
+    from airflow.utils.state import TaskInstanceState
+    from airflow.utils.types import DagRunTriggeredByType
+
+    deadline = time.monotonic() + timeout
+    # Other tests' dag.test() calls stored this DAG as their settings made it: wait for the
+    # dag-processor's parse with this config (one training task: popularity's).
+    while True:
+        with create_session() as session:
+            latest = SerializedDagModel.get(NIGHTLY, session=session)
+            trains = [t for t in latest.dag.task_ids if t.startswith("train_eval.train_")] if latest else []
+        if trains == ["train_eval.train_popularity"]:
+            break
+        assert time.monotonic() < deadline, f"the dag-processor did not parse {config}: {trains}"
+        time.sleep(1)
+    shutil.copytree(sessionized, ROOT / "standalone" / sessionized.name, dirs_exist_ok=True)
+    before = ("etl.ingest", "etl.validate_events", "etl.sessionize", "etl.validate_sessions")
+    with create_session() as session:  # one transaction: the run exists only with the ETL marked
+        run_id = trigger_dag(
+            NIGHTLY, triggered_by=DagRunTriggeredByType.TEST, conf={"ds": DATE}, session=session
+        ).run_id
+        marked = (
+            session.query(TaskInstance)
+            .filter(
+                TaskInstance.dag_id == NIGHTLY,
+                TaskInstance.run_id == run_id,
+                TaskInstance.task_id.in_(before),
+            )
+            .update({"state": TaskInstanceState.SUCCESS}, synchronize_session=False)
+        )
+        assert marked == len(before), marked
+        session.query(DagModel).filter(DagModel.dag_id == NIGHTLY).update({"is_paused": False})
+    killed_try, jvm_seen = None, None
+    while time.monotonic() < deadline:
+        with create_session() as session:
+            split = (
+                session.query(TaskInstance)
+                .filter_by(dag_id=NIGHTLY, run_id=run_id, task_id="etl.split")
+                .one()
+            )
+            state, pid, try_number = str(split.state), split.pid, split.try_number
+        if state in ("success", "failed", "upstream_failed"):
+            break
+        if killed_try is None and state == "running" and pid and _has_jvm_child(pid):
+            jvm_seen = jvm_seen or time.monotonic()
+            if time.monotonic() - jvm_seen >= 2:
+                os.kill(pid, signal.SIGKILL)
+                killed_try = try_number
+        time.sleep(0.2)
+    else:
+        raise AssertionError(f"etl.split of {run_id} did not end in {timeout} s")
+    assert killed_try is not None, f"etl.split ended ({state}) before it could be killed"
+    with create_session() as session:  # every try of the split: the earlier ones are history rows
+        tries = {
+            t.try_number: str(t.state)
+            for model in (TaskInstanceHistory, TaskInstance)
+            for t in session.query(model).filter_by(dag_id=NIGHTLY, run_id=run_id, task_id="etl.split")
+        }
+    return {"killed_try": killed_try, "tries": tries}
+
+
+def _has_jvm_child(pid: int) -> bool:
+    import psutil
+
+    try:
+        return any("java" in c.name() for c in psutil.Process(pid).children(recursive=True))
+    except psutil.NoSuchProcess:
+        return False
