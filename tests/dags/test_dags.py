@@ -6,7 +6,9 @@ import json
 import os
 import sys
 from datetime import UTC, date, datetime
+from pathlib import Path
 
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
@@ -295,10 +297,10 @@ def test_funnelrec_airflow_standalone_listens_on_loopback_only_retries_a_killed_
     """Airflow's own `standalone` opens the scheduler's and triggerer's log servers on every
     interface; funnelrec's starts the same components with every listening socket on 127.0.0.1.
 
-    Its scheduler runs a nightly of the Taobao slice from its split (the sessions before it are the
-    session's uninterrupted nightly's, ``taobao_nightly``), whose task is SIGKILLed once its Spark
-    driver is up: Airflow records the try as failed, runs it again, and the date's training tables
-    are those of the uninterrupted nightly."""
+    Its scheduler runs a nightly of the Taobao slice from its sessionize task (the events before it
+    are the session's uninterrupted nightly's, ``taobao_nightly``), whose process is SIGKILLed once
+    its Spark driver is up: Airflow records the try as failed, runs it again, and the date's
+    sessions are those of the uninterrupted nightly."""
     import json
     import signal
     import subprocess
@@ -354,7 +356,9 @@ def test_funnelrec_airflow_standalone_listens_on_loopback_only_retries_a_killed_
         assert (("127.0.0.1", port)) in listening
         assert all(ip in ("127.0.0.1", "::1") for ip, _ in listening), listening
         started = [p.pid for p in tree[1:]]
-        killed = _kill_split_and_wait(config, reference / "sessionized")
+        killed = _kill_task_and_wait(
+            config, "etl.sessionize", ("etl.ingest", "etl.validate_events"), reference / "events"
+        )
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=90)
@@ -362,19 +366,27 @@ def test_funnelrec_airflow_standalone_listens_on_loopback_only_retries_a_killed_
     _, alive = psutil.wait_procs([psutil.Process(p) for p in started if psutil.pid_exists(p)], timeout=10)
     assert alive == [], alive
 
-    # The killed try is the first and is recorded failed; Airflow ran a second, which succeeded.
+    # The killed try is the first and is recorded failed; Airflow ran a second, which succeeded
+    # and wrote the uninterrupted nightly's sessions.
     assert killed["killed_try"] == 1 and killed["tries"] == {1: "failed", 2: "success"}, killed
-    manifest = json.loads((TRAINING.dir(ROOT / "standalone", DATE) / "manifest.json").read_text())
-    expected = json.loads((TRAINING.dir(reference, DATE) / "manifest.json").read_text())
-    assert manifest["checksums"] == expected["checksums"]
+    for table in ("sessions", "session_events"):
+        got, expected = (
+            pq.read_table(wh / "sessionized" / f"ds={DATE}" / table).to_pandas()
+            for wh in (ROOT / "standalone", reference)
+        )
+        pd.testing.assert_frame_equal(_sorted(got), _sorted(expected), obj=table)
 
 
-def _kill_split_and_wait(config, sessionized, timeout: float = 240) -> dict:
-    """Through the running scheduler: a nightly run for DATE that starts at ``etl.split``, as after
-    an operator marked the ETL before it successful (its input, ``sessionized``, copied in);
-    SIGKILL the split's task process two seconds after its Spark driver (a JVM child) started;
-    wait until the split has succeeded or failed for good. Returns the killed try's number and
-    the state of each of the split's tries."""
+def _sorted(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.sort_values(list(frame.columns)).reset_index(drop=True)
+
+
+def _kill_task_and_wait(config, task: str, done: tuple[str, ...], inputs: Path, timeout: float = 240) -> dict:
+    """Through the running scheduler: a nightly run for DATE that starts at ``task``, as after an
+    operator marked the tasks before it (``done``) successful, their output (``inputs``) copied in;
+    SIGKILL the task's process 1.5 s after its Spark driver (a JVM child) started; wait until the
+    task has succeeded or failed for good. Returns the killed try's number and the state of each
+    of the task's tries."""
     import shutil
     import signal
     import time
@@ -399,8 +411,7 @@ def _kill_split_and_wait(config, sessionized, timeout: float = 240) -> dict:
             break
         assert time.monotonic() < deadline, f"the dag-processor did not parse {config}: {trains}"
         time.sleep(1)
-    shutil.copytree(sessionized, ROOT / "standalone" / sessionized.name, dirs_exist_ok=True)
-    before = ("etl.ingest", "etl.validate_events", "etl.sessionize", "etl.validate_sessions")
+    shutil.copytree(inputs, ROOT / "standalone" / inputs.name, dirs_exist_ok=True)
     with create_session() as session:  # one transaction: the run exists only with the ETL marked
         run_id = trigger_dag(
             NIGHTLY, triggered_by=DagRunTriggeredByType.TEST, conf={"ds": DATE}, session=session
@@ -410,37 +421,33 @@ def _kill_split_and_wait(config, sessionized, timeout: float = 240) -> dict:
             .filter(
                 TaskInstance.dag_id == NIGHTLY,
                 TaskInstance.run_id == run_id,
-                TaskInstance.task_id.in_(before),
+                TaskInstance.task_id.in_(done),
             )
             .update({"state": TaskInstanceState.SUCCESS}, synchronize_session=False)
         )
-        assert marked == len(before), marked
+        assert marked == len(done), marked
         session.query(DagModel).filter(DagModel.dag_id == NIGHTLY).update({"is_paused": False})
     killed_try, jvm_seen = None, None
     while time.monotonic() < deadline:
         with create_session() as session:
-            split = (
-                session.query(TaskInstance)
-                .filter_by(dag_id=NIGHTLY, run_id=run_id, task_id="etl.split")
-                .one()
-            )
-            state, pid, try_number = str(split.state), split.pid, split.try_number
+            ti = session.query(TaskInstance).filter_by(dag_id=NIGHTLY, run_id=run_id, task_id=task).one()
+            state, pid, try_number = str(ti.state), ti.pid, ti.try_number
         if state in ("success", "failed", "upstream_failed"):
             break
         if killed_try is None and state == "running" and pid and _has_jvm_child(pid):
             jvm_seen = jvm_seen or time.monotonic()
-            if time.monotonic() - jvm_seen >= 2:
+            if time.monotonic() - jvm_seen >= 1.5:
                 os.kill(pid, signal.SIGKILL)
                 killed_try = try_number
         time.sleep(0.2)
     else:
-        raise AssertionError(f"etl.split of {run_id} did not end in {timeout} s")
-    assert killed_try is not None, f"etl.split ended ({state}) before it could be killed"
-    with create_session() as session:  # every try of the split: the earlier ones are history rows
+        raise AssertionError(f"{task} of {run_id} did not end in {timeout} s")
+    assert killed_try is not None, f"{task} ended ({state}) before it could be killed"
+    with create_session() as session:  # every try of the task: the earlier ones are history rows
         tries = {
             t.try_number: str(t.state)
             for model in (TaskInstanceHistory, TaskInstance)
-            for t in session.query(model).filter_by(dag_id=NIGHTLY, run_id=run_id, task_id="etl.split")
+            for t in session.query(model).filter_by(dag_id=NIGHTLY, run_id=run_id, task_id=task)
         }
     return {"killed_try": killed_try, "tries": tries}
 
