@@ -386,7 +386,7 @@ def main() -> int:
         print(markdown(json.loads(Path(args.table).read_text())))
         return 0
 
-    from infra.orchestration import airflow_components, airflow_env, init_airflow
+    from infra.orchestration import airflow_components, airflow_env, components_env, init_airflow
     from infra.settings import load_settings
 
     first = date.fromisoformat(args.first)
@@ -396,7 +396,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     config = soak_config(work, first, last, args)
     settings = load_settings(config, environ={})
-    env = airflow_env(settings, str(config))
+    env = components_env(settings, airflow_env(settings, str(config)))
     env["AIRFLOW__CORE__PARALLELISM"] = "4"  # two cores: a few task processes at a time
     env["AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION"] = "False"
     signal.signal(signal.SIGTERM, _interrupt)  # a killed soak still stops what it started

@@ -278,6 +278,21 @@ def airflow_components(settings: Settings) -> dict[str, list[str]]:
     }
 
 
+def components_env(settings: Settings, env: dict[str, str]) -> dict[str, str]:
+    """``env`` for the components of ``airflow_components``, which run together on this host: the
+    tasks reach the execution API of the API server started beside them (whatever URL the calling
+    environment carries), and the scheduler, which signs each task's token for that API, and the
+    API server, which checks it, share one secret. Without it each component draws its own and
+    every task fails "Invalid auth token". One secret per start, held only in the components'
+    environment; a deployment's own wins."""
+    env = {**env}
+    env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] = (
+        f"http://127.0.0.1:{settings.airflow.api_port}/execution/"
+    )
+    env.setdefault("AIRFLOW__API_AUTH__JWT_SECRET", secrets.token_urlsafe(32))
+    return env
+
+
 def serve_airflow(settings: Settings, env: dict[str, str], startup_seconds: float = 300) -> int:
     """Run a local Airflow (``airflow_components``) until a component exits or this process gets
     SIGINT or SIGTERM; then stop every component (its process group: SIGTERM, SIGKILL after 30 s).
@@ -289,11 +304,7 @@ def serve_airflow(settings: Settings, env: dict[str, str], startup_seconds: floa
     logs = home / "logs" / "components"
     logs.mkdir(parents=True, exist_ok=True)
     airflow = str(Path(sys.executable).with_name("airflow"))
-    # The scheduler signs each task's token for the execution API and the API server checks it:
-    # without a shared secret each component draws its own and every task fails "Invalid auth
-    # token". One per start, held only in the components' environment; a deployment's wins.
-    env = {**env}
-    env.setdefault("AIRFLOW__API_AUTH__JWT_SECRET", secrets.token_urlsafe(32))
+    env = components_env(settings, env)
     procs: dict[str, subprocess.Popen] = {}
     stopping: list[int] = []
 

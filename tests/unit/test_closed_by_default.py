@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import subprocess
 
-from infra.orchestration import airflow_env
+from infra.orchestration import airflow_env, components_env
 from infra.settings import load_settings
 from tests.conftest import REPO
 
@@ -60,3 +60,17 @@ def test_airflow_and_spark_are_pointed_at_the_loopback_interface(tmp_path):
     assert env["AIRFLOW__API__HOST"] == "127.0.0.1"
     assert env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"].startswith("http://127.0.0.1:")
     assert env["SPARK_LOCAL_IP"] == "127.0.0.1"
+
+
+def test_the_standalone_components_reach_their_own_api_server_with_one_token_secret(tmp_path, monkeypatch):
+    """What an earlier `dags-test` in the same shell (or another Airflow) left in the environment
+    does not send the tasks to another port; scheduler and API server get the same JWT secret."""
+    monkeypatch.setenv("AIRFLOW__CORE__EXECUTION_API_SERVER_URL", "http://127.0.0.1:8080/execution/")
+    overrides = {"paths": {"warehouse_root": str(tmp_path)}, "airflow": {"api_port": 18081}}
+    settings = load_settings(None, environ={}, overrides=overrides)
+    env = components_env(settings, airflow_env(settings))
+    assert env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == "http://127.0.0.1:18081/execution/"
+    assert len(env["AIRFLOW__API_AUTH__JWT_SECRET"]) >= 32
+    assert components_env(settings, airflow_env(settings)) != env  # a fresh secret per start
+    given = {**airflow_env(settings), "AIRFLOW__API_AUTH__JWT_SECRET": "from-the-deployment"}
+    assert components_env(settings, given)["AIRFLOW__API_AUTH__JWT_SECRET"] == "from-the-deployment"
