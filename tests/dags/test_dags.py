@@ -297,7 +297,7 @@ def test_funnelrec_airflow_standalone_listens_on_loopback_only_retries_a_killed_
     """Airflow's own `standalone` opens the scheduler's and triggerer's log servers on every
     interface; funnelrec's starts the same components with every listening socket on 127.0.0.1.
 
-    Its scheduler runs a nightly of the Taobao slice from its sessionize task (the events before it
+    Its scheduler runs a nightly of the Taobao slice of its sessionize task alone (the events before it
     are the session's uninterrupted nightly's, ``taobao_nightly``), whose process is SIGKILLed once
     its Spark driver is up: Airflow records the try as failed, runs it again, and the date's
     sessions are those of the uninterrupted nightly."""
@@ -382,11 +382,11 @@ def _sorted(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _kill_task_and_wait(config, task: str, done: tuple[str, ...], inputs: Path, timeout: float = 240) -> dict:
-    """Through the running scheduler: a nightly run for DATE that starts at ``task``, as after an
-    operator marked the tasks before it (``done``) successful, their output (``inputs``) copied in;
-    SIGKILL the task's process 1.5 s after its Spark driver (a JVM child) started; wait until the
-    task has succeeded or failed for good. Returns the killed try's number and the state of each
-    of the task's tries."""
+    """Through the running scheduler: a nightly run for DATE of ``task`` alone, as after an operator
+    marked the tasks before it (``done``) successful, their output (``inputs``) copied in, and
+    those after it skipped; SIGKILL the task's process 1.5 s after its Spark driver (a JVM child)
+    started; wait until the task has succeeded or failed for good. Returns the killed try's number
+    and the state of each of the task's tries."""
     import shutil
     import signal
     import time
@@ -425,6 +425,13 @@ def _kill_task_and_wait(config, task: str, done: tuple[str, ...], inputs: Path, 
             )
             .update({"state": TaskInstanceState.SUCCESS}, synchronize_session=False)
         )
+        # The tasks after it are not what is tested: skipped, so that no task is left running
+        # when the components stop (the scheduler's executor waits for its running tasks).
+        session.query(TaskInstance).filter(
+            TaskInstance.dag_id == NIGHTLY,
+            TaskInstance.run_id == run_id,
+            TaskInstance.task_id.not_in((*done, task)),
+        ).update({"state": TaskInstanceState.SKIPPED}, synchronize_session=False)
         assert marked == len(done), marked
         session.query(DagModel).filter(DagModel.dag_id == NIGHTLY).update({"is_paused": False})
     killed_try, jvm_seen = None, None
