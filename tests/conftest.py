@@ -36,6 +36,11 @@ TINY_TABLES_CONF = {
 }
 
 
+def sorted_rows(frame):
+    """``frame`` sorted by every column, its index reset: tables compared as sets of rows."""
+    return frame.sort_values(list(frame.columns)).reset_index(drop=True)
+
+
 def settings_under(base_dir: Path, overrides: dict | None = None, data_root: Path = SAMPLE_DATA):
     """Settings with every output under ``base_dir``; ``overrides`` is a nested mapping."""
     from infra.settings import load_settings

@@ -15,7 +15,7 @@ import pytest
 from infra.orchestration import CHAMPION_ASSET
 from infra.tables import TRAINING, scores_dir
 from tests import stage_plugin
-from tests.conftest import REPO
+from tests.conftest import REPO, sorted_rows
 from tests.dags.conftest import DATE, NEWCOMER, ROOT, dagbag, with_newcomer, write_config
 from training.data import ids
 
@@ -374,11 +374,7 @@ def test_funnelrec_airflow_standalone_listens_on_loopback_only_retries_a_killed_
             pq.read_table(wh / "sessionized" / f"ds={DATE}" / table).to_pandas()
             for wh in (ROOT / "standalone", reference)
         )
-        pd.testing.assert_frame_equal(_sorted(got), _sorted(expected), obj=table)
-
-
-def _sorted(frame: pd.DataFrame) -> pd.DataFrame:
-    return frame.sort_values(list(frame.columns)).reset_index(drop=True)
+        pd.testing.assert_frame_equal(sorted_rows(got), sorted_rows(expected), obj=table)
 
 
 def _kill_task_and_wait(config, task: str, done: tuple[str, ...], inputs: Path, timeout: float = 240) -> dict:

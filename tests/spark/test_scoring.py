@@ -22,7 +22,7 @@ import yaml
 from infra.tables import SCORES, analytics_db, report_path, scores_dir, scores_staged_dir
 from jobs.context import run_context
 from jobs.publish import QueryError, analyst_connection, run_publish, run_query
-from tests.conftest import DEMO_DATE, QUICK_JVM, REPO
+from tests.conftest import DEMO_DATE, QUICK_JVM, REPO, sorted_rows
 from training.registry import promote, register
 from training.score import run_score, serving_batches, serving_inputs
 from training.train_evaluate import run_evaluate, run_train
@@ -539,7 +539,7 @@ def test_kill_9_of_sessionize_or_publish_leaves_the_published_outputs_and_a_reru
     # sessionize, killed while it writes its staged bundle
     bundle = wh / "sessionized" / f"ds={DEMO_DATE}"
     before = _fingerprint(bundle)
-    rows = {t: _sorted(pq.read_table(bundle / t).to_pandas()) for t in ("sessions", "session_events")}
+    rows = {t: sorted_rows(pq.read_table(bundle / t).to_pandas()) for t in ("sessions", "session_events")}
     staging = wh / "sessionized" / ".staging"
     _killed_midway(
         [*cli, "sessionize", "--date", DEMO_DATE],
@@ -550,7 +550,7 @@ def test_kill_9_of_sessionize_or_publish_leaves_the_published_outputs_and_a_reru
     assert all(len(pq.read_table(bundle / t)) == len(rows[t]) for t in rows)
     run_sessionize(spark, settings, RUN_DATE)  # the rerun
     for t, frame in rows.items():
-        pd.testing.assert_frame_equal(_sorted(pq.read_table(bundle / t).to_pandas()), frame, obj=t)
+        pd.testing.assert_frame_equal(sorted_rows(pq.read_table(bundle / t).to_pandas()), frame, obj=t)
     assert list(staging.iterdir()) == []  # the killed run's scratch folder went with the rerun
 
     # publish, killed while it builds the analysts' database (after the scores' swap)
@@ -572,7 +572,3 @@ def test_kill_9_of_sessionize_or_publish_leaves_the_published_outputs_and_a_reru
         assert con.execute(query).fetchone() == marts
     assert _fingerprint(scores_dir(wh)) == scores_before
     assert [p.name for p in db.parent.iterdir()] == [db.name]
-
-
-def _sorted(frame: pd.DataFrame) -> pd.DataFrame:
-    return frame.sort_values(list(frame.columns)).reset_index(drop=True)

@@ -63,7 +63,7 @@ def test_airflow_and_spark_are_pointed_at_the_loopback_interface(tmp_path):
 
 
 def test_the_standalone_components_reach_their_own_api_server_with_one_token_secret(tmp_path, monkeypatch):
-    """What an earlier `dags-test` in the same shell (or another Airflow) left in the environment
+    """What an earlier `dags-test` in the same process (or another Airflow) left in the environment
     does not send the tasks to another port; scheduler and API server get the same JWT secret."""
     monkeypatch.setenv("AIRFLOW__CORE__EXECUTION_API_SERVER_URL", "http://127.0.0.1:8080/execution/")
     overrides = {"paths": {"warehouse_root": str(tmp_path)}, "airflow": {"api_port": 18081}}
