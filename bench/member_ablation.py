@@ -63,6 +63,8 @@ VARIANTS: dict[str, dict] = {
     "no_unvisited_ssl_reg3e-3": {**SSL_OFF, "reg": 3.0e-3},
     "no_unvisited_ssl_dim64": {**SSL_OFF, "dim": 64},
     "no_unvisited_ssl_dim64_reg1e-3": {**SSL_OFF, "dim": 64, "reg": 1.0e-3},
+    # the chosen variant with one learned weight on log(1 + purchases) in the unvisited expert
+    "no_unvisited_ssl_dim64_reg1e-3_pop": {**SSL_OFF, "dim": 64, "reg": 1.0e-3, "popularity_prior": True},
     # a sampled softmax over 1,024 shared uniform negatives in place of BPR
     "no_unvisited_ssl_softmax": {**SSL_OFF, "rank_loss": "softmax"},
     "no_unvisited_ssl_softmax_t0.5": {**SSL_OFF, "rank_loss": "softmax", "softmax_temperature": 0.5},

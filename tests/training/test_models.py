@@ -381,6 +381,27 @@ def test_member_item_bias_moves_unvisited_scores_only_and_reg_covers_the_experts
     assert only_visited.U.glob.grad is None and only_visited.item_bias.grad is None
 
 
+def test_member_popularity_prior_adds_its_weight_times_log_purchases_to_unvisited_scores_and_learns(tiny):
+    from training.models import build_model
+
+    plain = build_model("member", tiny, {"seed": 4})
+    model = build_model("member", tiny, {"seed": 4, "popularity_prior": True})
+    log_pop = torch.from_numpy(np.log1p(np.asarray(tiny.purchases.sum(0)).ravel())).float()
+    assert log_pop.max() > log_pop.min()
+    model.load_state_dict({**model.state_dict(), **plain.state_dict(), "pop_weight": torch.tensor(0.5)})
+    plain.eval()
+    model.eval()
+    ctx = Context.of_training(tiny, torch.arange(tiny.n_users))
+    got, want = model.scores(ctx), plain.scores(ctx)
+    visited = torch.from_numpy(tiny.visited.toarray() > 0)
+    torch.testing.assert_close(got - want, torch.where(visited, 0.0, 0.5 * log_pop.expand_as(got)))
+    torch.testing.assert_close(
+        model.expert_scores(ctx)["unvisited"], plain.expert_scores(ctx)["unvisited"] + 0.5 * log_pop
+    )
+    r = fit_model("member", tiny, seed=3, overrides={**FAST, "popularity_prior": True}, progress=False)
+    assert r.model.pop_weight.item() != 0.0
+
+
 @pytest.mark.parametrize("name", ["member", "member_funnel"])
 def test_member_softmax_loss_scores_its_shared_negatives_as_the_model_scores_pairs_and_learns(name, tiny):
     from training.models import build_model

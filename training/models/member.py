@@ -28,7 +28,8 @@ experts' embeddings on a common graph (union, each behaviour) are propagated tog
 Our additions, off by default: ``funnel_bias`` (the model ``member_funnel`` turns it on): the
 visited expert's score of a visited item gets a learned weight per auxiliary behaviour the user
 showed on that item (a few scalars, zero at the start); ``item_bias``: a learned scalar per item
-added to the unvisited expert's score; ``rank_loss: softmax``: a sampled softmax over each purchase
+added to the unvisited expert's score; ``popularity_prior``: one learned weight on the log of each
+item's training purchases, added to the unvisited expert's score; ``rank_loss: softmax``: a sampled softmax over each purchase
 and a shared uniform draw of items in place of BPR. ``reg_experts`` says whose embeddings the L2
 term covers: both by default, where the reference code covers the visited expert's only (issue #26
 measures these options on validation, ``bench/member_ablation.py``).
@@ -81,6 +82,7 @@ class MemberConfig(TrainedModelConfig):
     reg: float = Field(ge=0)
     reg_experts: list[Literal["visited", "unvisited"]]
     item_bias: bool
+    popularity_prior: bool
     negatives: int = Field(gt=0)
     visited_negatives: float = Field(ge=0, le=1)
     negative_candidates: int = Field(gt=0)
@@ -169,6 +171,15 @@ class Member(Recommender):
         # Item bias (ours, off = the paper's expert): one learned scalar per item added to the
         # unvisited expert's score, a popularity term its dot products must otherwise encode.
         self.item_bias = nn.Parameter(torch.zeros(data.n_items)) if c.item_bias else None
+        # Popularity prior (ours, off = the paper's expert): the unvisited expert's score gets
+        # w * log(1 + the item's training purchases), one learned scalar w (zero at the start). The
+        # gated BPR gives this expert only purchases of items new to the shopper (236 of
+        # RetailRocket's 7,377): too few to learn a bias per item, enough for one weight.
+        self.pop_weight = None
+        if c.popularity_prior:
+            counts = np.asarray(purchases.sum(0)).ravel()
+            self.register_buffer("log_popularity", torch.from_numpy(np.log1p(counts)).float())
+            self.pop_weight = nn.Parameter(torch.zeros(()))
         self._reg_params = [
             t
             for expert, params in (("visited", self.V), ("unvisited", self.U))
@@ -266,8 +277,19 @@ class Member(Recommender):
         return F.cross_entropy(logits, target), drawn
 
     def unvisited_bias(self, items: torch.Tensor) -> torch.Tensor | float:
-        """The unvisited expert's item bias of ``items`` (0 without ``item_bias``)."""
-        return 0.0 if self.item_bias is None else self.item_bias[items]
+        """The unvisited expert's item terms of ``items``: its item bias and popularity prior (0
+        with neither)."""
+        out = 0.0 if self.item_bias is None else self.item_bias[items]
+        if self.pop_weight is not None:
+            out = out + self.pop_weight * self.log_popularity[items]
+        return out
+
+    def _unvisited_item_terms(self) -> torch.Tensor | None:
+        """(n_items,) the unvisited expert's item terms of every item, for scoring (None with neither)."""
+        if self.item_bias is None and self.pop_weight is None:
+            return None
+        with torch.no_grad():
+            return self.unvisited_bias(torch.arange(self.n_items, device=self.U.glob.device))
 
     def funnel_bias(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor | float:
         """(P,) the visited expert's funnel bias of each pair: the sum of the learned weights of the
@@ -400,8 +422,8 @@ class Member(Recommender):
             with torch.no_grad():
                 visited[rows, cols] += self.funnel_bias(users[rows], cols).to(visited.dtype)
         unvisited = uu[users] @ ui.T
-        if self.item_bias is not None:
-            unvisited = unvisited + self.item_bias.detach()
+        if (terms := self._unvisited_item_terms()) is not None:
+            unvisited = unvisited + terms
         return {"visited": visited, "unvisited": unvisited}
 
     def scores(self, context: Context) -> torch.Tensor:
@@ -414,8 +436,8 @@ class Member(Recommender):
         vu, vi, uu, ui = self._reps()
         users = context.users.clamp(min=0)
         out = uu[users] @ ui.T
-        if self.item_bias is not None:
-            out = out + self.item_bias.detach()
+        if (terms := self._unvisited_item_terms()) is not None:
+            out = out + terms
         rows, cols = self._visited_entries(context, out.device)
         if len(rows):
             with torch.no_grad():
