@@ -72,6 +72,7 @@ MODELS = [
     "member_funnel",
     "member_no_unvisited_ssl",
     "member_no_unvisited_ssl_dim64",
+    "member_no_unvisited_ssl_dim64_pop",
     "sasrec",
     "fame",
 ]
@@ -100,6 +101,7 @@ TUNED: dict[str, dict[str, dict]] = {
         "member_funnel": {**_RR_NEGATIVES, "visited_negatives": 0.5},
         "member_no_unvisited_ssl": _RR_NEGATIVES,
         "member_no_unvisited_ssl_dim64": _RR_NEGATIVES,
+        "member_no_unvisited_ssl_dim64_pop": _RR_NEGATIVES,
     }
     for table in ("retailrocket", "retailrocket_global_cutoff")
 }
