@@ -398,8 +398,28 @@ def test_member_popularity_prior_adds_its_weight_times_log_purchases_to_unvisite
     torch.testing.assert_close(
         model.expert_scores(ctx)["unvisited"], plain.expert_scores(ctx)["unvisited"] + 0.5 * log_pop
     )
+
+    # Its weight learns from purchases of items new to the shopper against new negatives only: a
+    # batch of visited purchases gives it no gradient; one of new purchases of the most bought
+    # items, against the least bought, a positive weight.
+    model.train()
+    lp = model.log_popularity
+    new_u = np.nonzero(~visited.numpy())[0]
+    top, low = torch.argsort(lp, descending=True), torch.argsort(lp)
+    vis_u, vis_i = np.nonzero(visited.numpy())
+    out = model.propagate_all()
+    loss_visited = model._prior_loss(out, torch.from_numpy(vis_u[:8]), torch.from_numpy(vis_i[:8]), low[:8])
+    grad = torch.autograd.grad(loss_visited, model.pop_weight, allow_unused=True)[0]
+    assert grad is None or grad == 0
+    users = torch.from_numpy(new_u)
+    pos = top[0].expand(len(users))
+    neg = low[0].expand(len(users))
+    keep = ~model.is_visited(users, pos) & ~model.is_visited(users, neg)
+    assert keep.any()
+    grad = torch.autograd.grad(model._prior_loss(out, users[keep], pos[keep], neg[keep]), model.pop_weight)[0]
+    assert grad < 0  # descent raises w
     r = fit_model("member", tiny, seed=3, overrides={**FAST, "popularity_prior": True}, progress=False)
-    assert r.model.pop_weight.item() != 0.0
+    assert "popularity_prior" in r.history[-1]  # the trainer logs its loss
 
 
 @pytest.mark.parametrize("name", ["member", "member_funnel"])

@@ -174,7 +174,10 @@ class Member(Recommender):
         # Popularity prior (ours, off = the paper's expert): the unvisited expert's score gets
         # w * log(1 + the item's training purchases), one learned scalar w (zero at the start). The
         # gated BPR gives this expert only purchases of items new to the shopper (236 of
-        # RetailRocket's 7,377): too few to learn a bias per item, enough for one weight.
+        # RetailRocket's 7,377): too few to learn a bias per item, enough for one weight. w learns
+        # only from those purchases against new negatives (``_prior_loss``): under the gated BPR
+        # every visited purchase pushes its negatives' unvisited scores down, popular ones most, and
+        # there w came out negative (bench/README.md).
         self.pop_weight = None
         if c.popularity_prior:
             counts = np.asarray(purchases.sum(0)).ravel()
@@ -281,8 +284,28 @@ class Member(Recommender):
         with neither)."""
         out = 0.0 if self.item_bias is None else self.item_bias[items]
         if self.pop_weight is not None:
-            out = out + self.pop_weight * self.log_popularity[items]
+            out = out + self.pop_weight.detach() * self.log_popularity[items]
         return out
+
+    def _prior_loss(self, out, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+        """BPR of the unvisited expert's score over the batch's purchases of items new to the
+        shopper against its negatives new to them too, the ranking the expert does at serving; only
+        the prior's weight learns from it (the dot products are held fixed)."""
+        # (B,) or (B, slots) per purchase; the softmax loss's (M,) draw is shared by every row
+        shared = len(neg) != len(users)
+        negs = neg.unsqueeze(0).expand(len(users), -1) if shared else neg.reshape(len(users), -1)
+        k = negs.shape[1]
+        keep = (~self.is_visited(users, pos)).unsqueeze(1) & ~self.is_visited(
+            users.repeat_interleave(k), negs.reshape(-1)
+        ).view(len(users), k)
+        if not keep.any():
+            return self.pop_weight * 0.0
+        uu, ui = self.expert_reps(out, "unvisited")
+        with torch.no_grad():
+            d_pos = (uu[users] * ui[pos]).sum(1, keepdim=True)
+            d_neg = (uu[users].unsqueeze(1) * ui[negs]).sum(2)
+        lp, w = self.log_popularity, self.pop_weight
+        return -F.logsigmoid((d_pos + w * lp[pos].unsqueeze(1)) - (d_neg + w * lp[negs]))[keep].mean()
 
     def _unvisited_item_terms(self) -> torch.Tensor | None:
         """(n_items,) the unvisited expert's item terms of every item, for scoring (None with neither)."""
@@ -386,7 +409,12 @@ class Member(Recommender):
             reg = reg + self.item_bias[rows[len(u) :] - self.n_users].pow(2).sum() * c.reg / len(u)
         total = rank + c.gamma_visited_cl * l_v_cl + c.gamma_unvisited_cl * l_u_cl
         total = total + c.gamma_generative * l_gen + reg
+        extra = {}
+        if self.pop_weight is not None:
+            extra["popularity_prior"] = self._prior_loss(out, u, p, n)
+            total = total + extra["popularity_prior"]
         return {
+            **extra,
             "loss": total,
             c.rank_loss: rank,
             "visited_cl": l_v_cl,
