@@ -29,8 +29,9 @@ Our additions, off by default: ``funnel_bias`` (the model ``member_funnel`` turn
 visited expert's score of a visited item gets a learned weight per auxiliary behaviour the user
 showed on that item (a few scalars, zero at the start); ``item_bias``: a learned scalar per item
 added to the unvisited expert's score; ``popularity_prior``: one learned weight on the log of each
-item's training purchases, added to the unvisited expert's score; ``rank_loss: softmax``: a sampled softmax over each purchase
-and a shared uniform draw of items in place of BPR. ``reg_experts`` says whose embeddings the L2
+item's training purchases, added to the unvisited expert's score and fitted on purchases of items
+new to the shopper; ``rank_loss: softmax``: a sampled softmax over each purchase and a shared
+uniform draw of items in place of BPR. ``reg_experts`` says whose embeddings the L2
 term covers: both by default, where the reference code covers the visited expert's only (issue #26
 measures these options on validation, ``bench/member_ablation.py``).
 
